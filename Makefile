@@ -1,0 +1,25 @@
+# The two set-up commands: `make demo` and `make test`. Both bootstrap a fresh machine first.
+VENV ?= .venv
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: setup demo test lint bench
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml infra/bootstrap.sh
+	VENV=$(VENV) bash infra/bootstrap.sh
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sluice demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collects no test; that is not a failure of the code.
+test: lint
+	$(VENV)/bin/pytest; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
+
+bench: setup
+	$(VENV)/bin/python -m bench.produce_ingest

@@ -1,0 +1,1 @@
+"""Spark batch engine: backfills, offline store, point-in-time training sets (issue 3)."""

@@ -1,0 +1,1 @@
+"""The Feast repository: feature_store.yaml and the features/ -> Feast translation (issue 3)."""

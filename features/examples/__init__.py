@@ -1,0 +1,1 @@
+"""Example domains built with the definition language (kept apart from the language itself)."""

@@ -1,0 +1,1 @@
+"""Operations: settings, the local stack (broker, Redis), Kafka plumbing and the `sluice` CLI."""

@@ -1,0 +1,227 @@
+"""`sluice`: one command line for the stack, events, features and engines.
+
+Heavy engines (Spark, Flink, Feast) are imported inside the commands that need them, so that
+`sluice --help` answers at once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from features.errors import SluiceFeaturesError
+from infra.errors import SluiceInfraError
+from infra.ingest import IngestCounts
+from infra.logs import configure_logging
+from infra.settings import Settings, load_settings
+from infra.stack import ComponentStatus
+
+app = typer.Typer(
+    help="Sluice: define features once, compute them with Spark and Flink, serve them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+_state: dict[str, Settings] = {}
+
+
+def settings() -> Settings:
+    return _state["settings"]
+
+
+@app.callback()
+def _main(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML settings file (else SLUICE_CONFIG).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Structured log level on stderr.")] = "WARNING",
+) -> None:
+    configure_logging(log_level)
+    _state["settings"] = load_settings(config)
+
+
+def _stack_table(rows: list[ComponentStatus]) -> Table:
+    table = Table("component", "state", "address", "pid", "uptime", "log")
+    for row in rows:
+        table.add_row(
+            row.name,
+            row.state,
+            row.address,
+            str(row.pid or "-"),
+            f"{row.uptime_s:.0f} s" if row.uptime_s is not None else "-",
+            str(row.log_path or "-"),
+        )
+    return table
+
+
+@app.command()
+def up() -> None:
+    """Start the local broker and Redis on loopback (idempotent); wait until both answer."""
+    from infra.stack import stack_up
+
+    console.print(_stack_table(stack_up(settings())))
+
+
+@app.command()
+def down() -> None:
+    """Stop the broker and Redis that `sluice up` started (only their recorded pids)."""
+    from infra.stack import stack_down
+
+    stopped = [c.name for c in stack_down(settings())]
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Show what runs, where, and the topics on the broker."""
+    from infra.kafka import topic_summary
+    from infra.stack import stack_status
+
+    console.print(_stack_table(stack_status(settings())))
+    topics = topic_summary(settings())
+    if topics is None:
+        console.print("broker: not answering")
+        return
+    table = Table("topic", "partitions", "records (approx.)")
+    for name, partitions, records in topics:
+        table.add_row(name, str(partitions), str(records))
+    console.print(table)
+
+
+def _progress(total: int | None, label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+
+
+def _parse_time(value: str) -> int:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO date or date-time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+@app.command()
+def produce(
+    events: Annotated[int, typer.Option(min=1, help="How many events to generate.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same events.")] = 7,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Live mode: events/s, event time = now. Default: max speed."),
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="Simulated start (ISO, UTC if no zone). Default: yesterday 00:00."),
+    ] = None,
+    corrupt_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of events published malformed.")
+    ] = 0.0,
+    history: Annotated[
+        Path | None, typer.Option(help="Also write the events to this parquet history folder.")
+    ] = None,
+    kafka: Annotated[bool, typer.Option(help="Publish to the raw topics.")] = True,
+) -> None:
+    """Generate synthetic food-delivery traffic (orders, courier pings, deliveries)."""
+    from infra.produce import produce_synthetic
+
+    if rate and start:
+        raise typer.BadParameter("--start and --rate exclude each other (live runs start now)")
+    with _progress(events, "producing") as progress:
+        task = progress.add_task("produce", total=events)
+        report = produce_synthetic(
+            settings(),
+            events,
+            seed=seed,
+            rate=rate,
+            start_ms=_parse_time(start) if start else None,
+            corrupt_fraction=corrupt_fraction,
+            to_kafka=kafka,
+            history_dir=history,
+            on_progress=lambda n: progress.update(task, completed=n),
+        )
+    table = Table("source", "events", "history rows")
+    for name, count in sorted(report.by_source.items()):
+        table.add_row(name, str(count), str(report.history_rows.get(name, "-")))
+    console.print(table)
+    span = (report.last_event_ms - report.first_event_ms) / 60_000
+    console.print(
+        f"produced {report.events} events ({report.corrupted} malformed on purpose) in "
+        f"{report.seconds:.2f} s: {report.rate:,.0f} events/s; simulated span {span:.1f} min"
+    )
+
+
+@app.command()
+def ingest(
+    idle_timeout: Annotated[
+        float, typer.Option(help="Stop after this many seconds without a new record.")
+    ] = 5.0,
+    max_events: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
+    group: Annotated[str, typer.Option(help="Consumer group (offsets resume).")] = "sluice-ingest",
+) -> None:
+    """Validate raw events: valid ones to the event topics, the rest to the dead-letter topic."""
+    from features.examples.delivery import SOURCES
+    from infra.ingest import run_ingest
+
+    with _progress(None, "ingesting") as progress:
+        task = progress.add_task("ingest", total=None)
+        counts = run_ingest(
+            settings(),
+            SOURCES,
+            group_id=group,
+            idle_timeout_s=idle_timeout,
+            max_events=max_events,
+            on_progress=lambda c: progress.update(task, completed=c.received),
+        )
+    print_ingest_counts(counts)
+    if not counts.balanced():
+        raise typer.Exit(5)
+
+
+def print_ingest_counts(counts: IngestCounts) -> None:
+    table = Table("outcome", "records")
+    table.add_row("received", str(counts.received))
+    table.add_row("valid", str(counts.valid))
+    table.add_row("dead-lettered", str(counts.dead_lettered))
+    for reason, n in sorted(counts.by_reason.items()):
+        table.add_row(f"  reason {reason}", str(n))
+    console.print(table)
+    verdict = "balanced" if counts.balanced() else "NOT BALANCED"
+    console.print(
+        f"{counts.received} in = {counts.valid} valid + {counts.dead_lettered} dead-lettered "
+        f"({verdict})"
+    )
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=1, help="Events to generate.")] = 20_000,
+    keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+) -> None:
+    """Run the pipeline end to end on the local stack and say what happened."""
+    from infra.demo import run_demo
+
+    run_demo(settings(), console, events=events, keep_up=keep_up)
+
+
+def main() -> None:
+    try:
+        app()
+    except (SluiceInfraError, SluiceFeaturesError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None

@@ -1,0 +1,102 @@
+"""Settings from environment variables (prefix SLUICE_) or a YAML file (SLUICE_CONFIG).
+
+Defaults describe the local stack; pointing at a real Kafka cluster and Redis is a matter of
+setting SLUICE_KAFKA_BOOTSTRAP and SLUICE_REDIS_URL. Precedence: env > YAML file > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.errors import SettingsError
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sluice"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="forbid")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Extra librdkafka settings (security.protocol, sasl.*) for real clusters.
+    kafka_config: dict[str, str] = Field(default_factory=dict)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    dead_letter_topic: str = "sluice.dead-letter"
+    topic_partitions: int = Field(default=4, ge=1, le=1024)
+    # Where `sluice produce --history` writes parquet event history.
+    history_dir: Path = Path("data/history")
+    # Seconds a `sluice up` waits for each component to answer.
+    startup_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+            raise ValueError(f"{value!r} is not a redis:// URL")
+        return value
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        host, _, port = self.kafka_bootstrap.split(",")[0].strip().rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def redis_address(self) -> tuple[str, int]:
+        parsed = urlparse(self.redis_url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 6379
+
+    def kafka_client_config(self, **overrides: Any) -> dict[str, Any]:
+        """librdkafka config for any client: bootstrap, extra settings, then overrides."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_config, **overrides}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from env, the YAML file (argument or SLUICE_CONFIG) and explicit overrides."""
+    path = config_file or (Path(p) if (p := os.environ.get("SLUICE_CONFIG")) else None)
+    from_file: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"config file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"config file {path}: expected a mapping of settings")
+        from_file = loaded
+    env_names = {name for name in Settings.model_fields if f"SLUICE_{name.upper()}" in os.environ}
+    # Env beats the file: drop file keys that the environment sets.
+    init = {k: v for k, v in from_file.items() if k not in env_names} | overrides
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

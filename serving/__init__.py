@@ -1,0 +1,1 @@
+"""FastAPI predictor: online features, adaptive batching, models, prediction log (issue 5)."""

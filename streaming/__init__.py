@@ -1,0 +1,1 @@
+"""Flink streaming engine: sliding windows over Kafka into the online store (issue 4)."""
