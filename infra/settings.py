@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from infra.errors import SettingsError
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# Data paths default under the checkout, so `sluice` and `feast` (run in feature_repo/) agree.
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def _default_state_dir() -> Path:
@@ -37,7 +39,15 @@ class Settings(BaseSettings):
     dead_letter_topic: str = "sluice.dead-letter"
     topic_partitions: int = Field(default=4, ge=1, le=1024)
     # Where `sluice produce --history` writes parquet event history.
-    history_dir: Path = Path("data/history")
+    history_dir: Path = DATA_DIR / "history"
+    # Feature store: the Feast project, its registry and the parquet offline store.
+    feast_project: str = "sluice"
+    offline_store_dir: Path = DATA_DIR / "offline"
+    feast_registry: Path = DATA_DIR / "registry.db"
+    # Module whose top-level definitions (views, services, ...) make up the registry.
+    definitions_module: str = "features.examples.delivery_features"
+    # Spark master: local[*] here, spark://host:7077 or yarn on a cluster.
+    spark_master: str = "local[*]"
     # Seconds a `sluice up` waits for each component to answer.
     startup_timeout_s: float = Field(default=30.0, gt=0)
 
