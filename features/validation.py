@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -54,6 +54,10 @@ class ValidEvent:
         return orjson.dumps(self.values)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
 class _FieldError(Exception):
     """Internal signal from a field checker; turned into a Rejection, never escapes."""
 
@@ -77,7 +81,8 @@ def parse_timestamp_ms(value: Any) -> int:
             ) from None
         if parsed.tzinfo is None:
             raise _FieldError(RejectReason.WRONG_TYPE, "timestamp has no timezone")
-        return int(parsed.timestamp() * 1000)
+        # Integer arithmetic: float seconds * 1000 rounds some instants 1 ms low.
+        return (parsed - _EPOCH) // _ONE_MS
     raise _FieldError(
         RejectReason.WRONG_TYPE,
         f"expected epoch milliseconds or ISO-8601 string, got {type(value).__name__}",

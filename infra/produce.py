@@ -18,7 +18,7 @@ from features.examples.delivery import SOURCES, SOURCES_BY_NAME
 from infra.history import write_history
 from infra.kafka import CountingProducer, ensure_topics
 from infra.settings import Settings
-from infra.simulate import DeliverySimulator, SimEvent, corrupt
+from infra.simulate import DEFAULT_CITY, DeliverySimulator, SimEvent, corrupt, realtime_intensity
 
 log = logging.getLogger("sluice.produce")
 
@@ -51,25 +51,31 @@ def _live(events: Iterator[SimEvent]) -> Iterator[SimEvent]:
 def calibrated_intensity(seed: int, start_ms: int, target_per_s: float) -> float:
     """Intensity that makes the simulated city emit ~target_per_s events around start_ms.
 
-    Measured over ten simulated minutes from the start rather than a daily mean, so that a
-    live run at night is as fast as one at noon.
+    Measured over the ten simulated minutes before the start, after an hour of warm-up (so
+    deliveries are flowing), rather than as a daily mean: a live run at night is then as
+    fast as one at noon.
     """
-    window_ms = 600_000
-    simulator = DeliverySimulator(seed=seed, start_ms=start_ms)
-    natural = sum(
-        1
-        for _ in itertools.takewhile(
-            lambda e: e.event_time_ms < start_ms + window_ms, simulator.events()
-        )
-    )
+    window_ms, warmup_ms = 600_000, 3_600_000
+    simulator = DeliverySimulator(seed=seed, start_ms=start_ms - warmup_ms - window_ms)
+    natural = 0
+    for event in simulator.events():
+        if event.event_time_ms >= start_ms:
+            break
+        natural += event.event_time_ms >= start_ms - window_ms
     return target_per_s / max(natural / (window_ms / 1000), 1e-9)
 
 
-def default_history_start_ms(now_s: float | None = None) -> int:
-    """Yesterday 00:00 UTC: a whole simulated day lies before now, so events are never future."""
+def default_history_start_ms(n_events: int = 0, now_s: float | None = None) -> int:
+    """A midnight (UTC) early enough that n_events of simulated history all lie in the past.
+
+    At least yesterday 00:00; earlier when the events span more than that at the city's daily
+    mean rate (with a margin for busy days), so the validator never sees future events.
+    """
     now = datetime.fromtimestamp(time.time() if now_s is None else now_s, UTC)
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    return int((midnight - timedelta(days=1)).timestamp() * 1000)
+    mean_rate = 1.0 / realtime_intensity(DEFAULT_CITY, 1.0)
+    span = timedelta(seconds=1.3 * n_events / mean_rate)
+    earliest = (now - span - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return int(earliest.timestamp() * 1000)
 
 
 def produce_synthetic(
@@ -99,7 +105,7 @@ def produce_synthetic(
         start_ms = int(time.time() * 1000)
         intensity = calibrated_intensity(seed, start_ms, rate)
     elif start_ms is None:
-        start_ms = default_history_start_ms()
+        start_ms = default_history_start_ms(n_events)
     simulator = DeliverySimulator(seed=seed, start_ms=start_ms, intensity=intensity)
     rng = random.Random(seed + 1)
     report = ProduceReport()

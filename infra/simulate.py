@@ -190,8 +190,9 @@ def _grid(start: float, extent: float) -> tuple[float, ...]:
 
 # Kinds of scheduled work in the simulator's heap.
 _TICK, _ORDER, _PING, _DELIVERY = 0, 1, 2, 3
-# restaurant, zone, courier, distance (10 m), prep and delivery (0.1 s), placed at (epoch ms)
-_PENDING_DELIVERY = struct.Struct("<IHIIIIq")
+# A delivery waiting in the heap: restaurant, zone, courier (indexes), distance (10 m units), prep
+# and delivery time (0.1 s units), placed at (epoch ms). Integers keep the rounded values exact.
+_PENDING = struct.Struct("<IHIIIIq")
 
 
 class DeliverySimulator:
@@ -200,7 +201,7 @@ class DeliverySimulator:
     ``intensity`` scales the city rather than per-entity rates: restaurants, couriers and orders
     all grow by the factor, so a restaurant's load and a zone's speed look the same at any
     intensity (there are just more keys). The layout (zones, restaurants) depends on the seed.
-    The stream starts cold: no orders in flight, so deliveries begin some 15 minutes in.
+    The stream starts cold: no orders in flight, so deliveries begin about 10 minutes in.
     """
 
     def __init__(
@@ -328,7 +329,7 @@ class DeliverySimulator:
             recent.append(t)
             zone = restaurant_zone[restaurant]
             items = min(100, 1 + int(expovariate(0.6)))
-            distance_10m = round(min(1500, max(30, 300 * exp(0.5 * gauss()))))
+            distance_10m = round(min(1500, max(30, 300 * exp(0.5 * gauss()))))  # 10-metre units
             # A kitchen slows down with its recent orders relative to its size; capped because
             # past that point a real app pauses the restaurant.
             utilization = min(2.0, len(recent) / kitchen_capacity[restaurant])
@@ -342,7 +343,7 @@ class DeliverySimulator:
             courier_zone[courier] = zone  # dispatch sends the courier to the restaurant
             order_number = next(order_numbers)
             # Pending deliveries are many (orders/s x ~45 min): packed, one takes ~250 bytes.
-            pending = _PENDING_DELIVERY.pack(
+            pending = _PENDING.pack(
                 restaurant, zone, courier, distance_10m, round(prep_s * 10), delivery_tenths_s, t
             )
             entry = (t + delivery_tenths_s * 100, next(sequence), _DELIVERY, order_number, pending)
@@ -396,15 +397,7 @@ class DeliverySimulator:
                 yield SimEvent(orders, order["restaurant_id"], t, order)
             elif kind == _DELIVERY:  # a: order number, b: packed by place_order
                 heappop(heap)
-                (
-                    restaurant,
-                    zone,
-                    courier,
-                    distance_10m,
-                    prep_tenths_s,
-                    delivery_tenths_s,
-                    placed_ms,
-                ) = _PENDING_DELIVERY.unpack(b)
+                restaurant, zone, courier, distance, prep, duration, placed_ms = _PENDING.unpack(b)
                 order_id = f"{order_prefix}{a}"
                 yield SimEvent(
                     deliveries,
@@ -415,9 +408,9 @@ class DeliverySimulator:
                         "restaurant_id": restaurant_ids[restaurant],
                         "zone_id": zone_ids[zone],
                         "courier_id": courier_ids[courier],
-                        "distance_km": distance_10m / 100,
-                        "prep_seconds": prep_tenths_s / 10,
-                        "delivery_seconds": delivery_tenths_s / 10,
+                        "distance_km": distance / 100,
+                        "prep_seconds": prep / 10,
+                        "delivery_seconds": duration / 10,
                         "placed_at": iso_utc_ms(placed_ms),
                         "delivered_at": iso_utc_ms(t),
                     },
