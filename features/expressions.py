@@ -98,8 +98,10 @@ class _Parser:
         return self.tokens[self.i - 1]
 
     def expect(self, value: str) -> None:
-        if self.take()[1] != value:
-            raise ExpressionError(f"expected {value!r}")
+        found = self.peek()
+        if found != value:
+            raise ExpressionError(f"expected {value!r}, found {found or 'the end'!r}")
+        self.take()
 
     def expression(self) -> Expr:
         return self.binary_level(0)

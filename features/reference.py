@@ -37,7 +37,11 @@ def aggregate(function: AggregationFunction, values: Sequence[tuple[int, Any]]) 
     present = [(t, v) for t, v in values if v is not None]
     if not present:
         return empty_value(function)
-    numbers = [float(v) for _, v in present] if function is not AggregationFunction.LAST else []
+    if function is AggregationFunction.COUNT_DISTINCT:
+        return len({v for _, v in present})
+    if function is AggregationFunction.LAST:
+        return max(present, key=lambda tv: (tv[0], tv[1]))[1]
+    numbers = [float(v) for _, v in present]
     match function:
         case AggregationFunction.SUM:
             return math.fsum(numbers)
@@ -52,10 +56,6 @@ def aggregate(function: AggregationFunction, values: Sequence[tuple[int, Any]]) 
                 return None
             mean = math.fsum(numbers) / len(numbers)
             return math.sqrt(math.fsum((x - mean) ** 2 for x in numbers) / (len(numbers) - 1))
-        case AggregationFunction.COUNT_DISTINCT:
-            return len({v for _, v in present})
-        case AggregationFunction.LAST:
-            return max(present, key=lambda tv: (tv[0], tv[1]))[1]
     raise AssertionError(f"unhandled aggregation {function}")
 
 
