@@ -193,7 +193,7 @@ def test_failed_start_is_cleaned_up(tmp_path, probes, monkeypatch, script, messa
         stack.stack_up(settings)
     assert str(failure.value).endswith("log-line")  # the log tail ends the message
     assert stack.load_records(tmp_path) == {}
-    assert stack._CHILDREN == children_before  # ours killed and reaped
+    assert children_before == stack._CHILDREN  # ours killed and reaped
 
 
 def test_unexecutable_binary_is_a_stack_error(tmp_path, probes, monkeypatch):
