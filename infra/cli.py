@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from features.errors import SluiceFeaturesError
+from infra.cli_features import features_app
 from infra.errors import SluiceInfraError
 from infra.ingest import IngestCounts
 from infra.logs import configure_logging
@@ -28,6 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(features_app, name="features")
 console = Console()
 _state: dict[str, Settings] = {}
 

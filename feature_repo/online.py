@@ -1,0 +1,226 @@
+"""The one helper that writes and reads feature rows in Feast's Redis online-store layout.
+
+Spark backfills, the Flink job and the predictor all go through OnlineStore, so the layout lives
+in one place (see codec.py). What it adds to Feast's layout is one integer field per entity and
+view, "_sluice_end_ms:<view>", the window end of the stored row. A Lua script compares it and
+writes the row in one atomic step, so concurrent writers (a backfill and the stream) can never
+put an older window over a newer one; Feast's own write path compares timestamps in Python
+between two round trips and can. Rows written by other tools (Feast's write_to_online_store)
+are read correctly; a write over them is not ordered against them, since they carry no end.
+
+Feast does not apply a view's ttl to online reads (nor does read() here): callers compare
+OnlineRow.window_end_ms with the current window end to judge freshness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import redis
+
+from feature_repo import codec
+from feature_repo.errors import OnlineStoreError
+from features.definitions import FeatureView
+from features.schema import FieldType
+
+# KEYS[1]: the entity's hash. ARGV[1]: the end field, ARGV[2]: Feast's _ts field, ARGV[3]: the
+# row's window end (ms), ARGV[4..]: field/value pairs (_ts and every feature).
+# Returns 0 when a newer row is stored (nothing written), 1 when written, 2 when the same window
+# end was rewritten. The stored end counts only next to its _ts field: when Feast deletes a view's
+# fields (apply after removing the view) the stale end must not block the view's next life.
+_WRITE_IF_NOT_OLDER = """
+local stored = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2])
+local result = 1
+if stored[1] and stored[2] then
+  local old, new = tonumber(stored[1]), tonumber(ARGV[3])
+  if old > new then return 0 end
+  if old == new then result = 2 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
+return result
+"""
+DEFAULT_BATCH_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class OnlineRow:
+    """The features of one entity for the window ending at window_end_ms (epoch ms)."""
+
+    entity_key: str
+    window_end_ms: int
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    rows: int
+    written: int  # rows stored, including same-end rewrites
+    rewritten: int  # of those, rows whose window end equalled the stored one (idempotent)
+    skipped_older: int  # rows older than the stored window end, refused
+    pipelines: int
+
+    def __add__(self, other: WriteReport) -> WriteReport:
+        return WriteReport(
+            self.rows + other.rows,
+            self.written + other.written,
+            self.rewritten + other.rewritten,
+            self.skipped_older + other.skipped_older,
+            self.pipelines + other.pipelines,
+        )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a view's values live, computed once per view (murmur3 hashes, key prefix)."""
+
+    view: FeatureView
+    names: tuple[str, ...]
+    dtypes: tuple[FieldType, ...]
+    fields: tuple[bytes, ...]
+    ts_field: bytes
+    end_field: bytes
+    key_prefix: bytes
+
+
+def end_field(view_name: str) -> bytes:
+    return f"_sluice_end_ms:{view_name}".encode()
+
+
+class OnlineStore:
+    """Batched, ordered writes and one-round-trip reads of a project's online feature rows."""
+
+    def __init__(
+        self, redis_url: str, project: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
+    ) -> None:
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be at least 1")
+        self.project = project
+        self.batch_rows = batch_rows
+        self._client = redis.Redis.from_url(redis_url)
+        self._script = self._client.register_script(_WRITE_IF_NOT_OLDER)
+        self._layouts: dict[str, _Layout] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _layout(self, view: FeatureView) -> _Layout:
+        cached = self._layouts.get(view.name)
+        if cached is not None and (cached.view is view or cached.view == view):
+            return cached
+        if not view.online:
+            # Feast registers such a view with online=False and will not serve it.
+            raise OnlineStoreError(f"view {view.name!r} is not served online (online=False)")
+        specs = view.features()
+        layout = _Layout(
+            view=view,
+            names=tuple(s.name for s in specs),
+            dtypes=tuple(s.dtype for s in specs),
+            fields=tuple(codec.feature_field(view.name, s.name) for s in specs),
+            ts_field=codec.timestamp_field(view.name),
+            end_field=end_field(view.name),
+            key_prefix=codec.entity_key_prefix(view.entity.join_key),
+        )
+        self._layouts[view.name] = layout
+        return layout
+
+    def _args(self, layout: _Layout, row: OnlineRow) -> list[bytes | int]:
+        unknown = set(row.values) - set(layout.names)
+        if unknown:
+            raise OnlineStoreError(
+                f"view {layout.view.name!r}, entity {row.entity_key!r}: "
+                f"unknown features {sorted(unknown)}"
+            )
+        args: list[bytes | int] = [
+            layout.end_field,
+            layout.ts_field,
+            row.window_end_ms,
+            layout.ts_field,
+            codec.encode_timestamp_ms(row.window_end_ms),
+        ]
+        for name, dtype, field in zip(layout.names, layout.dtypes, layout.fields, strict=True):
+            if name not in row.values:
+                # Every feature is written each time: a partial row would leave the previous
+                # window's values of the missing features next to the new ones.
+                raise OnlineStoreError(
+                    f"view {layout.view.name!r}, entity {row.entity_key!r}: "
+                    f"feature {name!r} is missing"
+                )
+            try:
+                args += [field, codec.encode_value(row.values[name], dtype)]
+            except TypeError as exc:
+                raise OnlineStoreError(
+                    f"view {layout.view.name!r}, entity {row.entity_key!r}: feature {name!r}: {exc}"
+                ) from None
+        return args
+
+    def write(self, view: FeatureView, rows: Iterable[OnlineRow]) -> WriteReport:
+        """Store rows, one pipeline per batch_rows rows; never an older window over a newer one.
+
+        Rows are validated before their batch is sent; a bad row raises OnlineStoreError and
+        earlier batches stay written (each row is atomic and rewriting is idempotent, so a
+        retry of the whole input is safe).
+        """
+        layout = self._layout(view)
+        report = WriteReport(0, 0, 0, 0, 0)
+        iterator = iter(rows)
+        while batch := list(islice(iterator, self.batch_rows)):
+            args = [self._args(layout, row) for row in batch]
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for row, row_args in zip(batch, args, strict=True):
+                        key = codec.entity_hash_key(layout.key_prefix, row.entity_key, self.project)
+                        self._script(keys=[key], args=row_args, client=pipe)
+                    results = pipe.execute()
+            except redis.RedisError as exc:
+                raise OnlineStoreError(f"view {view.name!r}: Redis write failed: {exc}") from exc
+            report += WriteReport(
+                rows=len(batch),
+                written=sum(1 for r in results if r != 0),
+                rewritten=sum(1 for r in results if r == 2),
+                skipped_older=sum(1 for r in results if r == 0),
+                pipelines=1,
+            )
+        return report
+
+    def read(self, view: FeatureView, entity_keys: Sequence[str]) -> list[OnlineRow | None]:
+        """The stored row of each entity (None when it has none), in one round trip."""
+        layout = self._layout(view)
+        fields = [*layout.fields, layout.ts_field, layout.end_field]
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for key in entity_keys:
+                    hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
+                    # redis-py annotates names as str, but sends bytes keys (Feast's) unchanged.
+                    pipe.hmget(hash_key, fields)  # type: ignore[arg-type]
+                replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise OnlineStoreError(f"view {view.name!r}: Redis read failed: {exc}") from exc
+        n = len(layout.fields)
+        out: list[OnlineRow | None] = []
+        for key, reply in zip(entity_keys, replies, strict=True):
+            ts, end = reply[n], reply[n + 1]
+            if ts is None:
+                out.append(None)
+                continue
+            try:
+                values = {
+                    name: codec.decode_value(data)
+                    for name, data in zip(layout.names, reply[:n], strict=True)
+                }
+            except (ValueError, IndexError, UnicodeDecodeError) as exc:
+                raise OnlineStoreError(
+                    f"view {view.name!r}, entity {key!r}: undecodable value: {exc}"
+                ) from None
+            # Rows written by Feast itself have no end field; their _ts is the window end.
+            end_ms = int(end) if end is not None else codec.decode_timestamp_ms(ts)
+            out.append(OnlineRow(key, end_ms, values))
+        return out

@@ -1,0 +1,192 @@
+"""OnlineStore against a real Redis and Feast's own reader: what we write, Feast serves as is."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from feature_repo import codec, registry_ops
+from feature_repo.config import feature_store
+from feature_repo.errors import OnlineStoreError
+from feature_repo.online import OnlineRow, OnlineStore
+from features.definitions import FeatureView
+from features.examples.delivery_features import restaurant_orders, restaurant_prep, zone_couriers
+from features.registry import load_registry
+from infra.settings import Settings
+
+pytestmark = pytest.mark.integration
+END = 1_795_000_000_000 - 1_795_000_000_000 % 60_000  # a minute boundary
+
+
+@pytest.fixture(scope="module")
+def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    tmp: Path = tmp_path_factory.mktemp("online")
+    settings = stack_settings.model_copy(
+        update={
+            "feast_project": "online_test",
+            "feast_registry": tmp / "registry.db",
+            "offline_store_dir": tmp / "offline",
+        }
+    )
+    registry_ops.apply(settings, load_registry(settings.definitions_module))
+    return settings
+
+
+@pytest.fixture(scope="module")
+def store(settings: Settings) -> Any:
+    return feature_store(settings)
+
+
+@pytest.fixture
+def online(settings: Settings) -> Iterator[OnlineStore]:
+    with OnlineStore(settings.redis_url, settings.feast_project, batch_rows=7) as online:
+        yield online
+
+
+def random_values(view: FeatureView, rng: random.Random) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for spec in view.features():
+        if rng.random() < 0.2 and spec.dtype.value == "float":
+            values[spec.name] = None
+        elif spec.dtype.value == "int":
+            values[spec.name] = rng.choice([0, 1, 7, 130, 2**40])
+        else:
+            values[spec.name] = rng.uniform(-1e3, 1e3)
+    return values
+
+
+def feast_read(store: Any, view: FeatureView, keys: list[str]) -> list[dict[str, Any]]:
+    refs = [f"{view.name}:{spec.name}" for spec in view.features()]
+    join_key = view.entity.join_key
+    got = store.get_online_features(
+        features=refs, entity_rows=[{join_key: k} for k in keys]
+    ).to_dict()
+    return [{spec.name: got[spec.name][i] for spec in view.features()} for i in range(len(keys))]
+
+
+@pytest.mark.parametrize("view", [restaurant_orders, zone_couriers, restaurant_prep])
+def test_rows_read_back_identically_through_feast_and_read(store, online, view):
+    rng = random.Random(view.name)
+    keys = [f"{view.name}-{i}" for i in range(25)]
+    rows = [OnlineRow(k, END + 60_000 * i, random_values(view, rng)) for i, k in enumerate(keys)]
+    rows[0] = OnlineRow(keys[0], END, {spec.name: None for spec in view.features()})  # all null
+    report = online.write(view, rows)
+    assert (report.rows, report.written, report.skipped_older, report.pipelines) == (25, 25, 0, 4)
+
+    missing = f"{view.name}-never-written"
+    through_feast = feast_read(store, view, [*keys, missing])
+    ours = online.read(view, [*keys, missing])
+    assert ours[-1] is None
+    assert through_feast[-1] == {spec.name: None for spec in view.features()}
+    for row, feast_values, read_back in zip(rows, through_feast, ours, strict=False):
+        assert feast_values == dict(row.values)
+        assert read_back == row
+        for spec in view.features():  # ints stay ints, floats floats, through both readers
+            value = read_back.values[spec.name]
+            assert value is None or type(value) is type(row.values[spec.name])
+            assert type(feast_values[spec.name]) is type(value)
+
+
+def test_older_rows_are_refused_and_counted_and_same_end_is_idempotent(store, online):
+    view = restaurant_orders
+    names = [spec.name for spec in view.features()]
+
+    def row(end: int, count: int) -> OnlineRow:
+        return OnlineRow("ordered", end, dict.fromkeys(names, None) | {"count_5m": count})
+
+    first = online.write(view, [row(END + 120_000, 2)])
+    assert (first.written, first.rewritten, first.skipped_older) == (1, 0, 0)
+    older = online.write(view, [row(END + 60_000, 1), row(END, 0)])
+    assert (older.written, older.skipped_older) == (0, 2)
+    same = online.write(view, [row(END + 120_000, 2)])
+    assert (same.written, same.rewritten, same.skipped_older) == (1, 1, 0)
+    assert online.read(view, ["ordered"]) == [row(END + 120_000, 2)]
+    # Within one batch, order by window end holds too: newest first, then older ones refused.
+    mixed = online.write(view, [row(END + 240_000, 4), row(END + 180_000, 3), row(END, 0)])
+    assert (mixed.written, mixed.skipped_older) == (1, 2)
+    assert online.read(view, ["ordered"]) == [row(END + 240_000, 4)]
+    assert feast_read(store, view, ["ordered"])[0]["count_5m"] == 4
+    # Equal end with other values: an overwrite (a corrected backfill), read by Feast too.
+    online.write(view, [row(END + 240_000, 5)])
+    assert feast_read(store, view, ["ordered"])[0]["count_5m"] == 5
+
+
+def test_views_of_one_entity_share_a_hash_without_touching_each_other(online, store):
+    # restaurant_orders and restaurant_prep both key on restaurant_id: one Redis hash.
+    orders = random_values(restaurant_orders, random.Random(1))
+    prep = random_values(restaurant_prep, random.Random(2))
+    online.write(restaurant_orders, [OnlineRow("shared", END, orders)])
+    online.write(restaurant_prep, [OnlineRow("shared", END - 86_400_000, prep)])
+    assert online.read(restaurant_orders, ["shared"])[0] == OnlineRow("shared", END, orders)
+    assert feast_read(store, restaurant_prep, ["shared"])[0] == prep
+
+
+def test_feast_does_not_expire_online_values_by_ttl(online, store):
+    # Documented in online.py: freshness is the reader's job (window_end_ms), not Feast's.
+    old_end = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    values = random_values(zone_couriers, random.Random(3))
+    online.write(zone_couriers, [OnlineRow("stale-zone", old_end, values)])
+    assert feast_read(store, zone_couriers, ["stale-zone"])[0] == values
+    assert online.read(zone_couriers, ["stale-zone"])[0] == OnlineRow("stale-zone", old_end, values)
+
+
+def test_rows_written_by_feast_itself_are_read(online, store):
+    end = datetime.fromtimestamp((END + 600_000) / 1000, tz=UTC)
+    frame = pd.DataFrame(
+        {
+            "zone_id": ["feast-written"],
+            "event_timestamp": [end],
+            "created_timestamp": [end],
+            "mean_speed_kmh_5m": [21.5],
+            "stddev_speed_kmh_5m": [2.0],
+            "count_distinct_courier_id_10m": [3],
+        }
+    )
+    store.write_to_online_store("zone_couriers", frame)
+    got = online.read(zone_couriers, ["feast-written"])[0]
+    assert got is not None
+    assert got.window_end_ms == END + 600_000
+    assert got.values == {
+        "mean_speed_kmh_5m": 21.5,
+        "stddev_speed_kmh_5m": 2.0,
+        "count_distinct_courier_id_10m": 3,
+    }
+
+
+def test_bad_rows_name_the_view_entity_and_feature(online):
+    full = random_values(zone_couriers, random.Random(4))
+    cases = [
+        (full | {"count_distinct_courier_id_10m": "three"}, "count_distinct_courier_id_10m"),
+        ({k: v for k, v in full.items() if k != "mean_speed_kmh_5m"}, "mean_speed_kmh_5m"),
+        (full | {"speed": 1.0}, "speed"),
+    ]
+    for values, field in cases:
+        with pytest.raises(OnlineStoreError, match=f"zone_couriers.*'bad'.*{field}"):
+            online.write(zone_couriers, [OnlineRow("bad", END, values)])
+    assert online.read(zone_couriers, ["bad"]) == [None]
+
+
+def test_offline_only_views_are_refused(online):
+    offline_only = zone_couriers.model_copy(update={"online": False, "name": "zones_offline"})
+    with pytest.raises(OnlineStoreError, match=r"zones_offline.*online=False"):
+        online.write(offline_only, [])
+
+
+def test_layout_is_feasts(settings, online):
+    import redis
+
+    online.write(
+        zone_couriers, [OnlineRow("layout", END, random_values(zone_couriers, random.Random(5)))]
+    )
+    client: Any = redis.Redis.from_url(settings.redis_url)
+    key = codec.entity_hash_key(codec.entity_key_prefix("zone_id"), "layout", "online_test")
+    fields = set(client.hkeys(key))
+    expected = {codec.feature_field("zone_couriers", s.name) for s in zone_couriers.features()}
+    assert fields == expected | {b"_ts:zone_couriers", b"_sluice_end_ms:zone_couriers"}
+    assert client.ttl(key) == -1  # no Redis expiry, like Feast's default
