@@ -31,3 +31,15 @@ def kafka_admin(stack_settings: Settings) -> Any:
     from confluent_kafka.admin import AdminClient
 
     return AdminClient(stack_settings.kafka_client_config())
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One local SparkSession for the whole run: starting one costs 6-16 s."""
+    from batch.session import spark_session, stop_session
+
+    session = spark_session(load_settings(spark_master="local[2]"))
+    try:
+        yield session
+    finally:
+        stop_session()
