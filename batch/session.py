@@ -72,6 +72,8 @@ def spark_session(settings: Settings, extra: Mapping[str, str] | None = None) ->
         if settings.spark_master.startswith("local"):
             os.environ["PYSPARK_PYTHON"] = sys.executable
             os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+            # A local session talks to itself only: bind to loopback, not the host's address.
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         else:  # a cluster's workers may have the venv elsewhere: respect what is set
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)

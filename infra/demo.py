@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
 from rich.table import Table
@@ -25,10 +26,11 @@ def run_demo(settings: Settings, console: Console, *, events: int, keep_up: bool
         counts = _ingest(settings, console, report)
         _show_dead_letters(settings, console, limit=5)
         _check(console, report, counts)
+        _backfill_and_serve(settings, console, report)
         console.rule("what comes next")
         console.print(
-            "Not built yet: Spark backfill and Feast (issue 3), Flink streaming (issue 4), "
-            "training and the predictor (issue 5). The demo grows with them."
+            "Not built yet in the demo: Flink streaming (issue 4), training and the predictor "
+            "(issue 5). The demo grows with them."
         )
     finally:
         if keep_up or already_running:
@@ -76,6 +78,44 @@ def _show_dead_letters(settings: Settings, console: Console, limit: int) -> None
     for msg in read_topics(settings, [settings.dead_letter_topic], limit=limit):
         reason = headers_of(msg).get(H_ERROR, "")
         console.print(f"- {reason}\n  original: {(msg.value() or b'')[:90]!r}")
+
+
+def _backfill_and_serve(settings: Settings, console: Console, report: ProduceReport) -> None:
+    """Feast registry, a Spark backfill of the produced history, and online reads."""
+    from batch.backfill import backfill
+    from feature_repo.online import OnlineStore
+    from feature_repo.registry_ops import apply
+    from features.registry import load_registry
+
+    console.rule("6. feast apply: definitions -> Feast registry")
+    registry = load_registry(settings.definitions_module)
+    changes = apply(settings, registry)
+    console.print(f"{len(changes)} registry changes applied to {settings.feast_registry}")
+
+    console.rule("7. Spark backfill of the history -> offline store + online store")
+    first = datetime.fromtimestamp(report.first_event_ms / 1000, UTC).date()
+    last = datetime.fromtimestamp(report.last_event_ms / 1000, UTC).date()
+    views = list(registry.views.values())
+    # One day past the last event: daily windows ending at the next midnight hold it.
+    result = backfill(settings, views, first, last + timedelta(days=2), show_progress=False)
+    for view_report in result.views:
+        console.print(
+            f"{view_report.view}: {view_report.events_read} events -> "
+            f"{view_report.rows_written} offline rows, "
+            f"{view_report.materialized} entities online"
+        )
+    console.print(f"backfill took {result.seconds:.1f} s")
+
+    console.rule("8. online values (Redis, Feast layout)")
+    view = registry.views["restaurant_orders"]
+    with OnlineStore(settings.redis_url, settings.feast_project) as store:
+        keys = [f"r{n:05d}" for n in range(5)]
+        for key, row in zip(keys, store.read(view, keys), strict=True):
+            if row is None:
+                console.print(f"{key}: no value yet")
+                continue
+            end = datetime.fromtimestamp(row.window_end_ms / 1000, UTC).isoformat()
+            console.print(f"{key} @ window end {end}: {dict(row.values)}")
 
 
 def _check(console: Console, report: ProduceReport, counts: IngestCounts) -> None:
