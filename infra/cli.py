@@ -17,11 +17,19 @@ from rich.table import Table
 
 from features.errors import SluiceFeaturesError
 from infra.cli_features import features_app
+from infra.cli_stream import (
+    FreshOption,
+    ReportOption,
+    UntilOption,
+    ViewOption,
+    stream_command,
+)
 from infra.errors import SluiceInfraError
 from infra.ingest import IngestCounts
 from infra.logs import configure_logging
 from infra.settings import Settings, load_settings
 from infra.stack import ComponentStatus
+from streaming.errors import StreamingError
 
 app = typer.Typer(
     help="Sluice: define features once, compute them with Spark and Flink, serve them.",
@@ -266,6 +274,18 @@ def backfill(
 
 
 @app.command()
+def stream(
+    view: ViewOption = None,
+    until: UntilOption = None,
+    fresh: FreshOption = False,
+    report_every: ReportOption = 10.0,
+) -> None:
+    """Run the Flink job of the stream views: Kafka events to Redis and features.<view>."""
+    bounded = _parse_time(until) if until else None
+    stream_command(settings(), console, view, bounded, fresh, report_every)
+
+
+@app.command()
 def demo(
     events: Annotated[int, typer.Option(min=1, help="Events to generate.")] = 20_000,
     keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
@@ -279,6 +299,6 @@ def demo(
 def main() -> None:
     try:
         app()
-    except (SluiceInfraError, SluiceFeaturesError) as exc:
+    except (SluiceInfraError, SluiceFeaturesError, StreamingError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise SystemExit(getattr(exc, "exit_code", 2)) from None

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     definitions_module: str = "features.examples.delivery_features"
     # Spark master: local[*] here, spark://host:7077 or yarn on a cluster.
     spark_master: str = "local[*]"
+    # Flink: empty runs `sluice stream` on a local mini-cluster; "host:port" of a JobManager's
+    # REST endpoint submits it there (the cluster's Python workers need this package installed).
+    flink_jobmanager: str = ""
+    flink_parallelism: int = Field(default=1, ge=1, le=1024)
+    # Seconds between checkpoints: the most a restart re-reads, and how long rows may repeat.
+    flink_checkpoint_interval_s: float = Field(default=10.0, ge=1, le=3600)
     # Seconds a `sluice up` waits for each component to answer.
     startup_timeout_s: float = Field(default=30.0, gt=0)
 
@@ -58,6 +64,14 @@ class Settings(BaseSettings):
             host, _, port = address.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @field_validator("flink_jobmanager")
+    @classmethod
+    def _check_jobmanager(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if value and (not host or not port.isdigit()):
+            raise ValueError(f"{value!r} is not host:port of a Flink JobManager's REST endpoint")
         return value
 
     @field_validator("redis_url")

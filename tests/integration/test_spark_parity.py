@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from batch.backfill import BackfillReport, backfill, source_schema
+from batch.backfill import BackfillReport, backfill
 from batch.compile import compile_view
 from batch.errors import EventSchemaError, UnsupportedAggregationError
 from batch.offline_store import (
@@ -47,13 +47,12 @@ from features.schema import EventSource, Field, FieldType
 from infra.history import write_history
 from infra.settings import Settings, load_settings
 from infra.simulate import CityConfig, DeliverySimulator, SimEvent
+from tests.spark_cases import EPOCH, Rows, canonical, frame, spark_rows, to_datetime, to_ms
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
 Agg = AggregationFunction
-Rows = dict[RowKey, dict[str, Any]]
 SECOND, MINUTE, HOUR, DAY = 1000, 60_000, 3_600_000, 86_400_000
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DAY0 = date(2026, 11, 10)
 DAY0_MS = (datetime.combine(DAY0, datetime.min.time(), UTC) - EPOCH) // timedelta(milliseconds=1)
 # A small city: about 5,000 events a day over the three sources.
@@ -101,64 +100,6 @@ assert {a.function for a in ALL_AGGREGATIONS.aggregations} == set(Agg)
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def to_ms(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(milliseconds=1)
-
-
-def to_datetime(ms: int) -> datetime:
-    return EPOCH + timedelta(milliseconds=ms)
-
-
-def canonical(source: EventSource, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """A simulator payload as canonical events carry it: timestamps in epoch ms (exactly)."""
-    out = dict(payload)
-    for field in source.fields:
-        if field.type is FieldType.TIMESTAMP and isinstance(out[field.name], str):
-            out[field.name] = to_ms(datetime.fromisoformat(out[field.name]))
-    return out
-
-
-def frame(spark, source: EventSource, events: Sequence[Mapping[str, Any]], *, epoch=False):
-    """Events as a Spark DataFrame: timestamp columns as timestamps, or epoch ms longs."""
-    from pyspark.sql.types import LongType, StructField, StructType
-
-    schema = source_schema(source)
-    if epoch:
-        schema = StructType(
-            [
-                StructField(f.name, LongType(), f.nullable)
-                if f.name == source.event_time_field
-                else f
-                for f in schema.fields
-            ]
-        )
-    stamps = {f.name for f in source.fields if f.type is FieldType.TIMESTAMP}
-    if epoch:
-        stamps.discard(source.event_time_field)
-    rows = [
-        tuple(
-            to_datetime(e[f.name]) if f.name in stamps and e[f.name] is not None else e[f.name]
-            for f in source.fields
-        )
-        for e in events
-    ]
-    return spark.createDataFrame(rows, schema)
-
-
-def spark_rows(view: FeatureView, df) -> Rows:
-    from pyspark.sql import functions as sf
-
-    names = [s.name for s in view.features()]
-    key = view.entity.join_key
-    out: Rows = {}
-    ms = sf.unix_millis(sf.col("event_timestamp")).alias("__ms")
-    for row in df.select(key, ms, *names).collect():
-        row_key = (row[key], row["__ms"])
-        assert row_key not in out, f"duplicate row {row_key}"
-        out[row_key] = {n: row[n] for n in names}
-    return out
 
 
 def arrow_rows(view: FeatureView, table: pa.Table) -> Rows:

@@ -1,0 +1,341 @@
+"""Benchmark: the Flink stream job's sustained throughput and its freshness, on this machine.
+
+Starts its own broker and Redis on free loopback ports, then measures:
+  1. throughput: --events canonical events (orders and courier pings from the simulator) are
+     loaded into events.* first; the job of the example stream views (restaurant_orders,
+     zone_couriers) reads them bounded, to the end. Events/s from the first record read to
+     the last operator closing, so the end-of-input flush of every window is included.
+     Baseline in the same run: a PyFlink job with the same Kafka source whose Python
+     function only parses each event: the cost of getting events into Python at all.
+  2. freshness: events are produced live at --rate/s with event time = now into a view of
+     1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
+     time from the window's close (the moment every partition holds a record at or past
+     end + lateness, so the watermark can pass the end) to the row being readable through
+     OnlineStore.read (polled every 10 ms). p50 / p99 / max.
+Run: `python -m bench.stream` (about 3 minutes with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from feature_repo.online import OnlineStore
+from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
+from features.examples.delivery import COURIER_PINGS, ORDERS
+from features.examples.delivery_features import restaurant_orders, zone_couriers
+from features.validation import EventValidator, ValidEvent
+from infra.kafka import PRODUCER_DEFAULTS, ensure_topics
+from infra.settings import Settings, load_settings
+from infra.simulate import DeliverySimulator
+from infra.stack import free_port, stack_down, stack_up
+from streaming.compile import compile_view, features_topic, source_table_sql
+from streaming.job import JobOptions, flink_configuration
+from streaming.monitor import StatsBoard
+from streaming.runner import run as run_stream
+from streaming.sinks import STATS_TOPIC, JobContext, PrepareCounts, StatsReporter, now_ms
+
+START_MS = 1_767_268_800_000  # 2026-01-01 12:00 UTC, the lunch rush
+LIVE_LATENESS = timedelta(seconds=2)
+PARTITIONS = 4
+
+
+def preload(settings: Settings, n: int) -> dict[str, dict[int, int]]:
+    """n canonical events into events.orders / events.courier_pings; stop offsets per topic."""
+    validators = {s.name: EventValidator(s) for s in (ORDERS, COURIER_PINGS)}
+    producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS))
+    ends: dict[str, dict[int, int]] = {s.topic: {} for s in (ORDERS, COURIER_PINGS)}
+
+    def delivered(err: Any, msg: Any) -> None:
+        assert err is None, err
+        topic_ends = ends[msg.topic()]
+        topic_ends[msg.partition()] = max(topic_ends.get(msg.partition(), 0), msg.offset() + 1)
+
+    events = (e for e in DeliverySimulator(seed=5, start_ms=START_MS).events())
+    picked = (e for e in events if e.source in validators)
+    for event in itertools.islice(picked, n):
+        valid = validators[event.source].validate_object(event.payload, START_MS + 86_400_000)
+        assert isinstance(valid, ValidEvent)
+        topic = f"events.{event.source}"
+        while True:
+            try:
+                producer.produce(
+                    topic,
+                    valid.to_json(),
+                    valid.key,
+                    timestamp=valid.event_time_ms,
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+    for topic_ends in ends.values():
+        for p in range(PARTITIONS):
+            topic_ends.setdefault(p, 0)
+    return ends
+
+
+def throughput(
+    settings: Settings, stop: dict[str, dict[int, int]], parallelism: int
+) -> tuple[float, float, int]:
+    """(events/s, seconds, rows) of the real job over the preloaded events."""
+    report = run_stream(
+        settings,
+        [restaurant_orders, zone_couriers],
+        stop_at_offsets=stop,
+        options=JobOptions(parallelism=parallelism),
+        report_every_s=15,
+    )
+    assert report.balanced(), report
+    events = sum(v.events for v in report.views.values())
+    assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
+    first = min(v.first_record_at_ms or 0 for v in report.views.values())
+    last = max(v.last_report_at_ms or 0 for v in report.views.values())
+    seconds = (last - first) / 1000
+    return events / seconds, seconds, sum(v.rows for v in report.views.values())
+
+
+def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
+    """Events/s of the same source into a Python function that only parses each event."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import ProcessFunction, StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    run_id = uuid.uuid4().hex[:12]
+    ctx = JobContext(settings, run_id)
+    conf = Configuration()
+    options = JobOptions(parallelism=parallelism)
+    base = settings.state_dir / "flink" / "bench-baseline"
+    for key, value in flink_configuration(
+        base, "bench-baseline", options, bounded=True, restore_from=None
+    ).items():
+        conf.set_string(key, value)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+
+    class ParseOnly(ProcessFunction):  # type: ignore[misc]
+        def __init__(self, view: str) -> None:
+            self.view = view
+
+        def open(self, runtime_context: Any) -> None:
+            import orjson
+
+            from infra.kafka import CountingProducer
+
+            self.loads = orjson.loads
+            self.counts = PrepareCounts()
+            self.producer = CountingProducer(settings)
+            index = runtime_context.get_index_of_this_subtask()
+            key = {"view": self.view, "op": "prepare", "subtask": index}
+            self.stats = StatsReporter(self.producer, ctx, key)
+
+        def process_element(self, row: Any, context: Any) -> None:
+            self.loads(row[1])
+            self.counts.events += 1
+            self.counts.last_at_ms = now_ms()
+            self.counts.first_at_ms = self.counts.first_at_ms or self.counts.last_at_ms
+
+        def close(self) -> None:
+            self.stats.report(self.counts, final=True)
+            self.producer.flush()
+
+    board = StatsBoard(settings, run_id)
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"baseline_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled, table, settings.kafka_bootstrap, {}, stop[compiled.topic]
+            ).replace("sluice-stream-", "bench-baseline-")
+        )
+        t_env.to_data_stream(t_env.from_path(table)).process(ParseOnly(view.name))
+    env.execute("bench-baseline")
+    deadline = time.monotonic() + 15
+    while board.finals() < 2 * parallelism and time.monotonic() < deadline:
+        board.poll()
+    report = board.report(
+        [restaurant_orders.name, zone_couriers.name],
+        {restaurant_orders.name: ORDERS.topic, zone_couriers.name: COURIER_PINGS.topic},
+    )
+    board.close()
+    events = sum(v.events for v in report.values())
+    first = min(v.first_record_at_ms or 0 for v in report.values())
+    last = max(v.last_report_at_ms or 0 for v in report.values())
+    return events / ((last - first) / 1000)
+
+
+def live_view() -> FeatureView:
+    source = ORDERS.model_copy(
+        update={"topic": "bench.live.orders", "allowed_lateness": LIVE_LATENESS}
+    )
+    every_5s = Window.sliding("1m", every="5s")
+    return FeatureView(
+        name="bench_live_orders",
+        entity=restaurant_orders.entity,
+        source=source,
+        aggregations=(
+            Aggregation(function=AggregationFunction.COUNT, windows=(every_5s,)),
+            Aggregation(function=AggregationFunction.MEAN, column="subtotal", windows=(every_5s,)),
+        ),
+        ttl=timedelta(hours=1),
+    )
+
+
+def freshness(
+    settings: Settings, rate: float, seconds: float, options: JobOptions
+) -> tuple[list[float], list[float]]:
+    """Seconds from window close to (readable online, emitted by the window operator), one
+    sample per (entity, window end)."""
+    view = live_view()
+    ensure_topics(settings, [view.source.topic], partitions=PARTITIONS)
+    validator = EventValidator(view.source)
+    sim = DeliverySimulator(seed=9, start_ms=START_MS)
+    templates = [e.payload for e in itertools.islice(sim.events(), 20_000) if e.source == "orders"]
+    keys = sorted({t["restaurant_id"] for t in templates})
+    stop = threading.Event()
+    stamps: list[list[int]] = [[] for _ in range(PARTITIONS)]  # event times per partition
+    seen: dict[tuple[str, int], int] = {}  # (entity, end) -> wall ms first readable
+
+    def produce() -> None:
+        producer = Producer(settings.kafka_client_config(**(PRODUCER_DEFAULTS | {"linger.ms": 2})))
+        for i, template in enumerate(itertools.cycle(templates)):
+            if stop.is_set():
+                break
+            t = now_ms()
+            valid = validator.validate_object(template | {"placed_at": t}, t + 1000)
+            assert isinstance(valid, ValidEvent)
+            partition = i % PARTITIONS  # known, so the close of a window is known
+            producer.produce(
+                view.source.topic, valid.to_json(), valid.key, partition=partition, timestamp=t
+            )
+            stamps[partition].append(t)
+            producer.poll(0)
+            time.sleep(max(0.0, (i + 1) / rate - (time.monotonic() - began)))
+        producer.flush(10)
+
+    def poll_redis() -> None:
+        with OnlineStore(settings.redis_url, settings.feast_project) as store:
+            while not stop.is_set():
+                wall = now_ms()
+                for key, row in zip(keys, store.read(view, keys), strict=True):
+                    if row is not None:
+                        seen.setdefault((key, row.window_end_ms), wall)
+                time.sleep(0.01)
+
+    began = 0.0
+    threads = [threading.Thread(target=f, daemon=True) for f in (produce, poll_redis)]
+    warm_until_ms = 0
+
+    def should_stop() -> bool:
+        # Called by run() once the job is submitted: traffic starts when the job is up, so
+        # no backlog from the JVM's start-up skews the first windows.
+        nonlocal began, warm_until_ms
+        if not began:
+            began = time.monotonic()
+            warm_until_ms = now_ms() + 10_000
+            for thread in threads:
+                thread.start()
+        return time.monotonic() - began > seconds
+
+    run_stream(
+        settings,
+        [view],
+        restore=False,
+        report_every_s=15,
+        should_stop=should_stop,
+        options=options,
+    )
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    lateness = int(LIVE_LATENESS.total_seconds() * 1000)
+    # Windows that closed in the first 10 s of traffic are left out (warm-up).
+    first_end = warm_until_ms - lateness
+
+    def since_close(end: int, wall: int) -> float | None:
+        if end < first_end:
+            return None
+        closes = []
+        for times in stamps:
+            i = bisect.bisect_left(times, end + lateness)
+            if i == len(times):
+                return None
+            closes.append(times[i])
+        return (wall - max(closes)) / 1000
+
+    readable = [since_close(end, wall) for (_, end), wall in seen.items()]
+    emitted = [
+        since_close(row["window_end_ms"], row["emitted_at_ms"])
+        for row in (orjson.loads(m.value()) for m in read_all(settings, features_topic(view.name)))
+    ]
+    return [x for x in readable if x is not None], [x for x in emitted if x is not None]
+
+
+def read_all(settings: Settings, topic: str) -> list[Any]:
+    consumer = Consumer(settings.kafka_client_config(**{"group.id": f"b-{uuid.uuid4().hex}"}))
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < 2:
+        batch = [m for m in consumer.consume(1000, timeout=0.2) if m.error() is None]
+        if batch:
+            out += batch
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def quantiles_ms(samples: list[float]) -> str:
+    if len(samples) < 2:
+        return "no samples"
+    q = statistics.quantiles(samples, n=100)
+    return f"p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
+    parser.add_argument("--live-seconds", type=float, default=60.0)
+    parser.add_argument("--parallelism", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as state:
+        settings = load_settings(
+            kafka_bootstrap=f"127.0.0.1:{free_port()}",
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            state_dir=Path(state),
+            topic_partitions=PARTITIONS,
+        )
+        stack_up(settings)
+        try:
+            ensure_topics(settings, [STATS_TOPIC], partitions=1)
+            stop = preload(settings, args.events)
+            rate, seconds, rows = throughput(settings, stop, args.parallelism)
+            base = baseline(settings, stop, args.parallelism)
+            readable, emitted = freshness(settings, args.rate, args.live_seconds, JobOptions())
+        finally:
+            stack_down(settings)
+    print(f"\nthroughput: {args.events:,} events, parallelism {args.parallelism}, 2 cores")
+    print(f"{'measure':34} {'sluice':>10} {'baseline':>10} {'ratio':>6}")
+    print(f"{'events/s (incl. window flush)':34} {rate:10,.0f} {base:10,.0f} {rate / base:6.2f}")
+    print(f"  {seconds:.1f} s, {rows:,} rows to Redis and features.*")
+    print(f"freshness, {args.rate:.0f} events/s live, {len(readable):,} rows (window close to):")
+    print(f"  readable in Redis      {quantiles_ms(readable)}")
+    print(f"  emitted by the window  {quantiles_ms(emitted)}")
+
+
+if __name__ == "__main__":
+    main()

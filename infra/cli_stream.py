@@ -1,0 +1,83 @@
+"""`sluice stream`: the Flink job of the stream views, on a local mini-cluster or a cluster."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.settings import Settings
+
+
+def stream_command(
+    settings: Settings,
+    console: Console,
+    view: list[str] | None,
+    until: int | None,
+    fresh: bool,
+    report_every: float,
+) -> None:
+    """Compile the views, run the job until Ctrl-C (or the end of a bounded run), report."""
+    import streaming
+    from features.registry import load_registry
+    from streaming.job import JobOptions
+
+    registry = load_registry(settings.definitions_module)
+    views = streaming.stream_views(registry.views.values())
+    if view:
+        unknown = sorted(set(view) - set(registry.views))
+        if unknown:
+            raise typer.BadParameter(f"unknown view(s): {', '.join(unknown)}", param_hint="--view")
+        # A named batch view is compiled too, so that it fails with the reason it cannot run.
+        views = [registry.views[name] for name in view]
+    options = JobOptions(
+        parallelism=settings.flink_parallelism,
+        checkpoint_interval_s=settings.flink_checkpoint_interval_s,
+        jobmanager=settings.flink_jobmanager,
+    )
+    where = settings.flink_jobmanager or "a local mini-cluster"
+    console.print(
+        f"stream views {', '.join(v.name for v in views)} on {where}; Ctrl-C stops with a savepoint"
+    )
+    report = streaming.run(
+        settings,
+        views,
+        bounded_until_ms=until,
+        options=options,
+        restore=not fresh,
+        report_every_s=report_every,
+        echo=console.print,
+    )
+    table = Table("view", "events", "aggregated", "filtered", "late", "rejected", "rows", "lag")
+    for name, v in report.views.items():
+        table.add_row(
+            name,
+            *(str(n) for n in (v.events, v.aggregated, v.filtered, v.late, v.rejected, v.rows)),
+            "?" if v.lag is None else str(v.lag),
+        )
+    console.print(table)
+    if report.savepoint:
+        console.print(f"savepoint: {report.savepoint} (the next `sluice stream` resumes there)")
+    if not report.balanced():
+        console.print("[red]counts do not balance: events != aggregated + filtered + dead[/red]")
+        raise typer.Exit(5)
+
+
+ViewOption = Annotated[
+    list[str] | None, typer.Option("--view", help="Only these views (repeatable).")
+]
+UntilOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Bounded run: read each partition up to this event time (ISO, UTC), emit every "
+        "window and stop. Default: run until Ctrl-C."
+    ),
+]
+FreshOption = Annotated[
+    bool, typer.Option(help="Ignore the last checkpoint/savepoint; read from the earliest offset.")
+]
+ReportOption = Annotated[
+    float, typer.Option(min=0.5, help="Seconds between throughput and lag lines.")
+]

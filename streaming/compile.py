@@ -1,0 +1,208 @@
+"""Compile a FeatureView to what the Flink job needs: a window plan and the Kafka source table.
+
+Compilation is pure Python and runs before any JVM starts, so a view the engine cannot run
+fails here with UnsupportedViewError naming the view and the field.
+
+Why the DataStream API with a KeyedProcessFunction rather than SQL HOP windows: a HOP window
+emits a row only for windows that hold events, so the smaller empty windows of a busy end and
+the "closing" row after each run (see features/reference.py:with_closing_rows) cannot be
+expressed, and a view with several window sizes would need one HOP per size plus a join. One
+function that keeps per-key tiles (partial aggregates per slide bucket) and fires an event-time
+timer at each window end computes every window of a view from one state and emits exactly the
+reference rows. The source is still declared in SQL: only the SQL Kafka table exposes each
+record's partition and offset (the dead-letter headers need them) next to a WATERMARK on the
+record timestamp that Flink pushes into the source, per partition.
+
+Lateness (one definition, used by the job and documented in streaming/__init__.py):
+  watermark W = min over the source's partitions of (greatest Kafka timestamp read from that
+  partition) - source.allowed_lateness. An event that passes the view's filter is too late
+  when, on arrival, W has reached the end of its slide bucket, floor(t / slide) * slide +
+  slide: the row of that end (its smallest window) was already emitted, and counting the
+  event now would make emitted rows disagree with the events. Too-late events go to the
+  dead-letter topic with reason "late". Consequence: an event at most allowed_lateness behind
+  the newest earlier event of its own partition always counts; a later one counts while its
+  bucket's end is still ahead of W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from features.definitions import AggregationFunction, FeatureView
+from features.schema import FieldType
+from streaming.errors import UnsupportedViewError
+
+# Tiles per key for the largest window: the cost of computing one row grows with it, and a
+# view like 30d every 1s (2.6 million tiles per key) would never keep up.
+MAX_TILES_PER_WINDOW = 4096
+_SUPPORTED = frozenset(AggregationFunction)
+_NUMERIC = (FieldType.INT, FieldType.FLOAT)
+
+
+def features_topic(view_name: str) -> str:
+    """Topic of the rows a view's stream emits, for monitoring (JSON, keyed by entity)."""
+    return f"features.{view_name}"
+
+
+def group_id(view_name: str) -> str:
+    """Kafka consumer group of a view's source reader (offsets committed at checkpoints)."""
+    return f"sluice-stream-{view_name}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One feature: where its input sits in a tile and how a window of tiles becomes a value."""
+
+    name: str
+    function: AggregationFunction
+    column: int | None  # index into CompiledView.columns; None for count
+    window_ms: int
+
+
+@dataclass(frozen=True)
+class ColumnNeeds:
+    numeric: bool  # keep sum, min and max
+    distinct: bool  # keep the set of distinct values
+    values: bool  # keep every value (stddev is computed exactly like the reference)
+
+
+@dataclass(frozen=True)
+class CompiledView:
+    """Everything the job's functions need about one view; small and picklable."""
+
+    view: FeatureView
+    key_column: str
+    time_field: str
+    slide_ms: int
+    max_window_ms: int
+    window_sizes_ms: tuple[int, ...]
+    columns: tuple[str, ...]  # aggregated columns, in tile order
+    needs: tuple[ColumnNeeds, ...]
+    specs: tuple[Spec, ...]
+    derived: tuple[tuple[str, str], ...]  # (name, expression), applied in order
+    filter: str | None
+    topic: str
+    allowed_lateness_ms: int
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    def empty_row(self) -> dict[str, Any]:
+        from features.definitions import empty_value
+
+        return {s.name: empty_value(s.function) for s in self.specs}
+
+
+def compile_view(view: FeatureView) -> CompiledView:
+    """The plan of one view, or UnsupportedViewError."""
+
+    def fail(field: str, reason: str) -> UnsupportedViewError:
+        return UnsupportedViewError(view.name, field, reason)
+
+    if "flink" not in view.engines:
+        raise fail("kind", f"a {view.kind} view runs on {', '.join(view.engines)}, not on Flink")
+    types = view.column_types()
+    largest = view.max_window
+    if largest.size_ms // view.slide_ms > MAX_TILES_PER_WINDOW:
+        raise fail(
+            f"windows.{largest.name}",
+            f"{largest.size_ms // view.slide_ms} slides per window; the stream engine keeps at "
+            f"most {MAX_TILES_PER_WINDOW} (use a longer slide or a batch view)",
+        )
+    columns: list[str] = []
+    specs: list[Spec] = []
+    for feature in view.features():
+        if feature.function not in _SUPPORTED:
+            raise fail(f"features.{feature.name}", f"aggregation {feature.function} is unknown")
+        index = None
+        if feature.function is not AggregationFunction.COUNT:
+            assert feature.column is not None  # the definition checks this
+            if feature.column not in columns:
+                columns.append(feature.column)
+            index = columns.index(feature.column)
+        specs.append(Spec(feature.name, feature.function, index, feature.window.size_ms))
+    needs = []
+    for index, column in enumerate(columns):
+        functions = {s.function for s in specs if s.column == index}
+        numeric = types[column] in _NUMERIC
+        if not numeric and functions & {
+            AggregationFunction.SUM,
+            AggregationFunction.MEAN,
+            AggregationFunction.MIN,
+            AggregationFunction.MAX,
+            AggregationFunction.STDDEV,
+        }:
+            raise fail(f"features.{column}", f"{types[column]} column cannot be aggregated so")
+        needs.append(
+            ColumnNeeds(
+                numeric=numeric,
+                distinct=AggregationFunction.COUNT_DISTINCT in functions,
+                values=AggregationFunction.STDDEV in functions,
+            )
+        )
+    return CompiledView(
+        view=view,
+        key_column=view.key_column,
+        time_field=view.source.event_time_field,
+        slide_ms=view.slide_ms,
+        max_window_ms=largest.size_ms,
+        window_sizes_ms=tuple(w.size_ms for w in view.windows),
+        columns=tuple(columns),
+        needs=tuple(needs),
+        specs=tuple(specs),
+        derived=tuple(view.derived.items()),
+        filter=view.filter,
+        topic=view.source.topic,
+        allowed_lateness_ms=int(view.source.allowed_lateness.total_seconds() * 1000),
+    )
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def source_table_sql(
+    compiled: CompiledView,
+    table: str,
+    bootstrap: str,
+    kafka_properties: dict[str, str],
+    stop_offsets: dict[int, int] | None,
+) -> str:
+    """DDL of the view's Kafka source: key and value bytes, partition, offset, watermarked time.
+
+    Reads from the earliest offset when no checkpoint is restored: a view's windows are state,
+    and starting at committed offsets without that state would publish undercounted windows.
+    """
+    lateness_s = compiled.allowed_lateness_ms / 1000
+    options = {
+        "connector": "kafka",
+        "topic": compiled.topic,
+        "properties.bootstrap.servers": bootstrap,
+        "properties.group.id": group_id(compiled.name),
+        "scan.startup.mode": "earliest-offset",
+        "key.format": "raw",
+        "key.fields": "key",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+    }
+    options |= {f"properties.{k}": str(v) for k, v in kafka_properties.items()}
+    if stop_offsets is not None:
+        # Exclusive: the record at the stopping offset is not read. Every partition is listed,
+        # since a partition left out would stop at once.
+        options["scan.bounded.mode"] = "specific-offsets"
+        options["scan.bounded.specific-offsets"] = ";".join(
+            f"partition:{p},offset:{o}" for p, o in sorted(stop_offsets.items())
+        )
+    with_clause = ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
+    return f"""CREATE TEMPORARY TABLE `{table}` (
+  `key` BYTES,
+  `value` BYTES,
+  `partition` INT METADATA VIRTUAL,
+  `offset` BIGINT METADATA VIRTUAL,
+  `event_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+  WATERMARK FOR `event_ts` AS `event_ts` - INTERVAL '{lateness_s:.3f}' SECOND(3)
+) WITH (
+  {with_clause}
+)"""

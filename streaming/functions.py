@@ -1,0 +1,174 @@
+"""The job's PyFlink functions: thin adapters around prepare.py, windows.py and sinks.py.
+
+PyFlink is imported inside ``flink_functions`` only (importing it costs seconds, and ruff bans
+module-level imports of it), so the classes are built there; cloudpickle ships them to the
+Python workers by value.
+
+Bundle ends. PyFlink feeds Python functions in bundles (python.fn-execution.bundle.size/time)
+and finishes a bundle before a checkpoint barrier passes the operator, but it gives user
+functions no "bundle finished" callback. It does read every registered gauge when a bundle
+finishes (Operation.finish -> _update_gauge), synchronously and before reporting the bundle
+done; a gauge is therefore the hook where the writers flush. An exception there fails the
+bundle, and Flink restarts from the last checkpoint: nothing is acknowledged that was not
+written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from features.validation import Rejection, RejectReason
+from infra.kafka import CountingProducer
+from streaming.compile import CompiledView
+from streaming.prepare import EventPreparer, Filtered
+from streaming.sinks import (
+    DeadLetters,
+    JobContext,
+    PrepareCounts,
+    RowPublisher,
+    StatsReporter,
+    WindowCounts,
+    now_ms,
+)
+from streaming.windows import WindowEngine, new_state
+
+# Field positions of the rows the SQL source hands over (see compile.source_table_sql).
+KEY, VALUE, PARTITION, OFFSET = range(4)
+
+
+def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) -> None:
+    """Call ``callback`` at the end of every bundle (see the module docstring for why a gauge)."""
+    runtime_context.get_metrics_group().gauge(name, callback)
+
+
+def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, Any]:
+    """(prepare, windows, publish) function objects for one view."""
+    from pyflink.datastream import KeyedProcessFunction, ProcessFunction
+
+    class Prepare(ProcessFunction):  # type: ignore[misc]
+        """Parse, apply derived columns and filter, dead-letter late events; emit (key, t, vals)."""
+
+        def open(self, runtime_context: Any) -> None:
+            self.preparer = EventPreparer(compiled)
+            self.producer = CountingProducer(ctx.settings)
+            self.dead = DeadLetters(self.producer, ctx, compiled.view)
+            self.counts = PrepareCounts()
+            index = runtime_context.get_index_of_this_subtask()
+            key = {"view": compiled.name, "op": "prepare", "subtask": index}
+            self.stats = StatsReporter(self.producer, ctx, key)
+            self.late_counter = runtime_context.get_metrics_group().counter("late_events")
+            on_bundle_end(runtime_context, "sluice_prepare_flush", self.flush)
+
+        def process_element(self, row: Any, context: Any) -> Iterator[tuple[str, int, Any]]:
+            counts = self.counts
+            watermark = context.timer_service().current_watermark()
+            counts.events += 1
+            counts.last_at_ms = now_ms()
+            counts.first_at_ms = counts.first_at_ms or counts.last_at_ms
+            counts.watermark = watermark
+            counts.offsets[row[PARTITION]] = row[OFFSET] + 1
+            outcome = self.preparer.prepare(row[VALUE], watermark)
+            if isinstance(outcome, Filtered):
+                counts.filtered += 1
+            elif isinstance(outcome, Rejection):
+                if outcome.reason is RejectReason.LATE:
+                    counts.late += 1
+                    self.late_counter.inc()
+                else:
+                    counts.rejected += 1
+                self.dead.send(outcome, row[VALUE], row[KEY], row[PARTITION], row[OFFSET])
+            else:
+                yield outcome.key, outcome.t, outcome.values
+
+        def flush(self) -> int:
+            self.stats.report(self.counts)
+            self.producer.flush()
+            return self.counts.events
+
+        def close(self) -> None:
+            self.stats.report(self.counts, final=True)
+            self.producer.flush()
+
+    class Windows(KeyedProcessFunction):  # type: ignore[misc]
+        """Tiles per key; a timer at each window end emits (key, end, values) rows."""
+
+        def open(self, runtime_context: Any) -> None:
+            from pyflink.common import Types
+            from pyflink.datastream.state import ValueStateDescriptor
+
+            self.engine = WindowEngine(compiled)
+            descriptor = ValueStateDescriptor("windows", Types.PICKLED_BYTE_ARRAY())
+            self.state = runtime_context.get_state(descriptor)
+            self.producer = CountingProducer(ctx.settings)
+            self.counts = WindowCounts()
+            index = runtime_context.get_index_of_this_subtask()
+            key = {"view": compiled.name, "op": "windows", "subtask": index}
+            self.stats = StatsReporter(self.producer, ctx, key)
+            on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
+
+        def process_element(self, event: tuple[str, int, Any], context: Any) -> None:
+            _key, t, values = event
+            state = self.state.value() or new_state()
+            if self.engine.add(state, t, values):
+                # One timer per new bucket (not per event): its first window end.
+                first_end = self.engine.bucket(t) + compiled.slide_ms
+                context.timer_service().register_event_time_timer(first_end)
+            self.state.update(state)
+            self.counts.aggregated += 1
+
+        def on_timer(self, timestamp: int, context: Any) -> Iterator[tuple[str, int, Any]]:
+            state = self.state.value()
+            if state is None:
+                return
+            key = context.get_current_key()
+            # Every end up to the watermark is final, not only up to this timer: after a jump
+            # of the watermark (end of input, catching up) one firing emits the whole run
+            # instead of one end per Python round trip.
+            upto = max(timestamp, context.timer_service().current_watermark())
+            for end, values in self.engine.fire(state, upto):
+                yield key, end, values
+            following = self.engine.next_timer(state)
+            if following is None:
+                self.state.clear()  # idle keys cost nothing
+            else:
+                context.timer_service().register_event_time_timer(following)
+                self.state.update(state)
+
+        def flush(self) -> int:
+            self.stats.report(self.counts)
+            self.producer.flush()
+            return self.counts.aggregated
+
+        def close(self) -> None:
+            self.stats.report(self.counts, final=True)
+            self.producer.flush()
+
+    class Publish(ProcessFunction):  # type: ignore[misc]
+        """Rows to the online store and the features topic, flushed at every bundle end."""
+
+        def open(self, runtime_context: Any) -> None:
+            self.producer = CountingProducer(ctx.settings)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
+            index = runtime_context.get_index_of_this_subtask()
+            key = {"view": compiled.name, "op": "publish", "subtask": index}
+            self.stats = StatsReporter(self.producer, ctx, key)
+            on_bundle_end(runtime_context, "sluice_publish_flush", self.flush)
+
+        def process_element(self, row: tuple[str, int, Any], context: Any) -> None:
+            self.publisher.counts.watermark = context.timer_service().current_watermark()
+            self.publisher.add(*row)
+
+        def flush(self) -> int:
+            self.publisher.flush()
+            self.stats.report(self.publisher.counts)
+            self.producer.flush()
+            return self.publisher.counts.rows
+
+        def close(self) -> None:
+            self.flush()
+            self.stats.report(self.publisher.counts, final=True)
+            self.producer.flush()
+            self.publisher.close()
+
+    return Prepare(), Windows(), Publish()

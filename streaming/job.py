@@ -1,0 +1,175 @@
+"""Build the Flink job for a set of views: environment, checkpoints, one pipeline per view.
+
+Per view:  Kafka `events.<source>` (SQL table: key, value, partition, offset, WATERMARK on the
+record timestamp) -> to_data_stream -> Prepare -> key_by(entity) -> Windows -> Publish.
+Python operators run in PyFlink's process mode (the default): thread mode would embed the
+interpreter in the JVM and needs PYTHONPATH set for the worker; process mode needs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.settings import Settings
+from streaming.compile import CompiledView, source_table_sql
+from streaming.errors import StreamJobError
+from streaming.sinks import JobContext
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    parallelism: int = 1
+    checkpoint_interval_s: float = 10.0
+    # Python bundles: rows reach Redis at most about two bundle times after the watermark
+    # passed their end. Shorter bundles cost throughput (bench/stream.py measures both).
+    bundle_time_ms: int = 100
+    bundle_size: int = 5000
+    # How often sources emit watermarks, and the longest a record waits in a network buffer
+    # between operators (Flink's default is 100 ms): both add to freshness.
+    watermark_interval_ms: int = 100
+    buffer_timeout_ms: int = 50
+    # The longest a Kafka fetch may wait for data. Apache Kafka answers as soon as a record
+    # arrives; Tansu waits about 200 ms regardless (measured), which lower values cut.
+    fetch_max_wait_ms: int = 50
+    # A partition without records for this long stops holding the watermark back (live runs
+    # only; 0 disables). Events that later arrive on it behind the watermark are late.
+    idle_timeout_s: float = 30.0
+    restart_attempts: int = 3
+    # "host:port" of a Flink JobManager's REST endpoint; empty: a local mini-cluster.
+    jobmanager: str = ""
+
+
+def job_name(views: list[CompiledView]) -> str:
+    return "sluice-stream-" + "-".join(sorted(c.name for c in views))
+
+
+def job_dir(settings: Settings, views: list[CompiledView]) -> Path:
+    """Checkpoints and savepoints of one set of view definitions live here.
+
+    The directory names a hash of the definitions: tiles in a snapshot are laid out for the
+    definitions that wrote them, so a changed view starts afresh (from the earliest offsets)
+    instead of restoring state it would misread.
+    """
+    definitions = b"".join(
+        c.view.model_dump_json().encode() for c in sorted(views, key=lambda c: c.name)
+    )
+    digest = hashlib.sha256(definitions).hexdigest()[:12]
+    return settings.state_dir / "flink" / f"{job_name(views)}-{digest}"
+
+
+def latest_snapshot(directory: Path) -> Path | None:
+    """The newest completed checkpoint or savepoint (its directory holds _metadata)."""
+    found = list(directory.glob("checkpoints/*/chk-*/_metadata"))
+    found += list(directory.glob("savepoints/*/_metadata"))
+    if not found:
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
+def flink_configuration(
+    base: Path,
+    name: str,
+    options: JobOptions,
+    *,
+    bounded: bool,
+    restore_from: Path | None,
+) -> dict[str, str]:
+    """Flink settings of the job; ``base`` holds its checkpoints and savepoints."""
+    conf = {
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
+        "python.fn-execution.bundle.time": str(options.bundle_time_ms),
+        "python.fn-execution.bundle.size": str(options.bundle_size),
+        "python.metric.enabled": "true",  # the bundle-end hook is a gauge (functions.py)
+        "parallelism.default": str(options.parallelism),
+        "pipeline.name": name,
+        "pipeline.auto-watermark-interval": f"{options.watermark_interval_ms} ms",
+        "execution.buffer-timeout.interval": f"{options.buffer_timeout_ms} ms",
+        "state.backend.type": "hashmap",
+        "execution.checkpointing.interval": f"{int(options.checkpoint_interval_s * 1000)} ms",
+        "execution.checkpointing.dir": (base / "checkpoints").resolve().as_uri(),
+        "execution.checkpointing.savepoint-dir": (base / "savepoints").resolve().as_uri(),
+        # A cancelled or stopped live job leaves its last checkpoint for the next start; a
+        # bounded run is finished when it ends and leaves none behind.
+        "execution.checkpointing.externalized-checkpoint-retention": (
+            "DELETE_ON_CANCELLATION" if bounded else "RETAIN_ON_CANCELLATION"
+        ),
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(options.restart_attempts),
+        "restart-strategy.fixed-delay.delay": "5 s",
+    }
+    if options.idle_timeout_s > 0 and not bounded:
+        conf["table.exec.source.idle-timeout"] = f"{int(options.idle_timeout_s * 1000)} ms"
+    if restore_from is not None:
+        conf["execution.state-recovery.path"] = restore_from.resolve().as_uri()
+    if options.jobmanager:
+        host, _, port = options.jobmanager.rpartition(":")
+        if not host or not port.isdigit():
+            raise StreamJobError(f"jobmanager {options.jobmanager!r} is not host:port")
+        conf |= {"execution.target": "remote", "rest.address": host, "rest.port": port}
+    return conf
+
+
+def build_job(
+    settings: Settings,
+    views: list[CompiledView],
+    ctx: JobContext,
+    options: JobOptions,
+    *,
+    stop_offsets: dict[str, dict[int, int]] | None,
+    restore_from: Path | None,
+) -> Any:
+    """A StreamExecutionEnvironment holding the job, ready for execute_async."""
+    from pyflink.common import Configuration, Types
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    from streaming.functions import flink_functions
+
+    name = job_name(views)
+    conf = Configuration()
+    bounded = stop_offsets is not None
+    base = job_dir(settings, views)
+    for key, value in flink_configuration(
+        base, name, options, bounded=bounded, restore_from=restore_from
+    ).items():
+        conf.set_string(key, value)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    for compiled in views:
+        table = f"source_{compiled.name}"
+        offsets = None if stop_offsets is None else stop_offsets[compiled.topic]
+        properties = {"fetch.max.wait.ms": str(options.fetch_max_wait_ms)}
+        t_env.execute_sql(
+            source_table_sql(
+                compiled,
+                table,
+                settings.kafka_bootstrap,
+                properties | settings.kafka_config,
+                offsets,
+            )
+        )
+        prepare, windows, publish = flink_functions(compiled, ctx)
+        records = t_env.to_data_stream(t_env.from_path(table))
+        # uids keep state assignable to operators across restarts from a checkpoint.
+        events = (
+            records.process(prepare, output_type=Types.PICKLED_BYTE_ARRAY())
+            .name(f"prepare {compiled.name}")
+            .uid(f"prepare-{compiled.name}")
+        )
+        rows = (
+            events.key_by(_entity_of, key_type=Types.STRING())
+            .process(windows, output_type=Types.PICKLED_BYTE_ARRAY())
+            .name(f"windows {compiled.name}")
+            .uid(f"windows-{compiled.name}")
+        )
+        rows.process(publish).name(f"publish {compiled.name}").uid(f"publish-{compiled.name}")
+    return env
+
+
+def _entity_of(event: tuple[str, int, Any]) -> str:
+    return event[0]

@@ -1,0 +1,184 @@
+"""The driver's view of a running job: counts from the stats topic, lag from the broker.
+
+Operators report cumulative counters to STATS_TOPIC (sinks.StatsReporter); the newest record
+per operator instance wins. Counts restart with a restart of the job from a checkpoint (the
+counters are not state), so after a failover they cover the replay, not the whole run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+
+from infra.settings import Settings
+from streaming.errors import StreamJobError
+from streaming.sinks import STATS_TOPIC
+
+
+@dataclass
+class ViewReport:
+    """What one view's pipeline did in this run."""
+
+    events: int = 0  # records read from the source topic
+    aggregated: int = 0  # events added to windows
+    filtered: int = 0  # dropped by the view's filter (processed, not lost)
+    late: int = 0  # dead-lettered with reason "late"
+    rejected: int = 0  # dead-lettered for another reason (a producer bypassed ingest)
+    rows: int = 0  # rows emitted (features topic)
+    online_written: int = 0
+    online_skipped_older: int = 0
+    busy_s: float = 0.0  # first to last record read
+    first_record_at_ms: int | None = None  # wall clock, when the first record was read
+    last_report_at_ms: int | None = None  # wall clock, newest operator report (final: closed)
+    watermark: int | None = None  # of the newest rows emitted
+    max_end_ms: int | None = None
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+    lag: int | None = None  # records in the topic not read yet (approximate on Tansu)
+
+    def balanced(self) -> bool:
+        """Every event read was aggregated, filtered or dead-lettered."""
+        return self.events == self.aggregated + self.filtered + self.late + self.rejected
+
+
+@dataclass
+class StreamReport:
+    views: dict[str, ViewReport]
+    status: str  # FINISHED (bounded run), STOPPED (savepoint taken), CANCELED
+    seconds: float
+    savepoint: str | None = None
+
+    def balanced(self) -> bool:
+        return all(v.balanced() for v in self.views.values())
+
+
+class StatsBoard:
+    """Follows STATS_TOPIC for one run and keeps the newest record per operator instance."""
+
+    def __init__(self, settings: Settings, run_id: str) -> None:
+        self.run_id = run_id
+        # assign(), not subscribe(): no group join to wait for, nothing committed.
+        self._consumer = Consumer(
+            settings.kafka_client_config(
+                **{"group.id": f"sluice-stream-monitor-{run_id}", "enable.auto.commit": False}
+            )
+        )
+        metadata = self._consumer.list_topics(STATS_TOPIC, timeout=10)
+        partitions = metadata.topics[STATS_TOPIC].partitions
+        # OFFSET_END may resolve a little early on Tansu; older runs' records are skipped.
+        self._consumer.assign([TopicPartition(STATS_TOPIC, p, OFFSET_END) for p in partitions])
+        self.latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+
+    def poll(self, timeout_s: float = 0.2) -> None:
+        for msg in self._consumer.consume(1000, timeout=timeout_s):
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise StreamJobError(f"reading {STATS_TOPIC}: {error}")
+            record = orjson.loads(msg.value() or b"{}")
+            if record.get("run") != self.run_id:
+                continue
+            key = (record["view"], record["op"], int(record["subtask"]))
+            held = self.latest.get(key)
+            if held is None or (record["final"], record["at_ms"]) >= (held["final"], held["at_ms"]):
+                self.latest[key] = record
+
+    def finals(self) -> int:
+        return sum(1 for r in self.latest.values() if r["final"])
+
+    def report(self, views: list[str], topics: dict[str, str]) -> dict[str, ViewReport]:
+        out = {name: ViewReport() for name in views}
+        for (view, op, _), r in self.latest.items():
+            if view not in out:
+                continue
+            v = out[view]
+            v.last_report_at_ms = _max(v.last_report_at_ms, r["at_ms"])
+            if op == "prepare":
+                v.events += r["events"]
+                v.late += r["late"]
+                v.filtered += r["filtered"]
+                v.rejected += r["rejected"]
+                if r["first_at_ms"]:
+                    v.busy_s = max(v.busy_s, (r["last_at_ms"] - r["first_at_ms"]) / 1000)
+                    v.first_record_at_ms = _min(v.first_record_at_ms, r["first_at_ms"])
+                v.offsets |= {int(p): o for p, o in r["offsets"].items()}
+            elif op == "windows":
+                v.aggregated += r["aggregated"]
+            else:
+                v.rows += r["rows"]
+                v.online_written += r["online_written"]
+                v.online_skipped_older += r["online_skipped_older"]
+                v.max_end_ms = _max(v.max_end_ms, r["max_end_ms"])
+                # The watermark that fired the newest rows. (Prepare sees the watermark only
+                # as it stood at its last event, so it lags whenever input pauses.)
+                v.watermark = _max(v.watermark, r["watermark"])
+        for name, v in out.items():
+            v.lag = self.lag(topics[name], v.offsets)
+        return out
+
+    def lag(self, topic: str, offsets: dict[int, int]) -> int | None:
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=2)
+            total = 0
+            for p in metadata.topics[topic].partitions:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=2, cached=False
+                )
+                total += max(0, high - max(low, offsets.get(p, low)))
+            return total
+        except Exception:  # a monitoring read must never stop the job
+            return None
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _min(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def stop_offsets_before(
+    settings: Settings, topic: str, until_ms: int, idle_s: float = 2.0
+) -> dict[int, int]:
+    """Per partition, the offset of its first record stamped at or after until_ms, or the
+    offset after its last record when it has none: where a run bounded by time stops.
+
+    Scans the topic: offsets_for_times would do it in one request on Apache Kafka, but Tansu
+    answers 0 for every time. The end is found by idleness, since Tansu's high watermark lags.
+    """
+    consumer = Consumer(
+        settings.kafka_client_config(
+            **{"group.id": f"sluice-stream-scan-{time.time_ns()}", "enable.auto.commit": False}
+        )
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        if not partitions:
+            raise StreamJobError(f"topic {topic!r} does not exist")
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        found: dict[int, int] = {}
+        after_last = dict.fromkeys(partitions, 0)
+        last_record = time.monotonic()
+        while len(found) < len(partitions) and time.monotonic() - last_record < idle_s:
+            batch = consumer.consume(5000, timeout=0.2)
+            for msg in batch:
+                p, offset = msg.partition(), msg.offset()
+                if msg.error() is not None or p in found or p is None or offset is None:
+                    continue
+                last_record = time.monotonic()
+                if msg.timestamp()[1] >= until_ms:
+                    found[p] = offset
+                    consumer.pause([TopicPartition(topic, p)])
+                else:
+                    after_last[p] = offset + 1
+        return {p: found.get(p, after_last[p]) for p in partitions}
+    finally:
+        consumer.close()

@@ -1,0 +1,169 @@
+"""The stream engine's per-key window state against the reference, without a JVM.
+
+A small model of Flink's event-time timer service drives streaming.windows exactly as the
+KeyedProcessFunction does, including what PyFlink really does (seen in the job): timers that
+fire in rounds, a timer registered in a firing that is already due fires in a later round,
+the same timestamp may fire twice, and a watermark that jumps fires far ends before near ones.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
+from features.examples.delivery_features import restaurant_orders, restaurant_prep
+from features.reference import compute_view, with_closing_rows
+from features.schema import EventSource
+from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
+from infra.simulate import DeliverySimulator
+from streaming.compile import compile_view
+from streaming.errors import UnsupportedViewError
+from streaming.prepare import EventPreparer, Filtered
+from streaming.windows import WindowEngine, new_state
+from tests.stream_cases import STREAM_VIEWS, row_differences
+
+MIN_WM = -(2**63)
+MAX_WM = 2**63 - 1
+START = 1_767_225_600_000  # 2026-01-01T00:00Z, a whole day
+
+
+class TimerModel:
+    """Drives WindowEngine the way the Flink job does, with PyFlink's timer behaviour."""
+
+    def __init__(self, view: FeatureView, rng: random.Random) -> None:
+        self.compiled = compile_view(view)
+        self.preparer = EventPreparer(self.compiled)
+        self.engine = WindowEngine(self.compiled)
+        self.rng = rng
+        self.states: dict[str, list[Any]] = {}
+        self.timers: set[tuple[int, str]] = set()
+        self.watermark = MIN_WM
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.late: list[dict[str, Any]] = []
+        self.counted: list[dict[str, Any]] = []
+
+    def advance(self, watermark: int) -> None:
+        self.watermark = max(self.watermark, watermark)
+        while due := [t for t in self.timers if t[0] <= self.watermark]:
+            self.timers -= set(due)
+            self.rng.shuffle(due)  # any order, even far ends before near ones
+            registered = []
+            for ts, key in due:
+                state = self.states.get(key)
+                if state is None:
+                    continue
+                upto = max(ts, self.watermark) if self.rng.random() < 0.5 else ts
+                for end, values in self.engine.fire(state, upto):
+                    assert (key, end) not in self.rows, f"row {(key, end)} emitted twice"
+                    self.rows[(key, end)] = values
+                following = self.engine.next_timer(state)
+                if following is None:
+                    del self.states[key]
+                else:
+                    registered.append((following, key))
+            # Registered during the round, they fire in the next one, even if already due.
+            self.timers |= set(registered) | {(ts, k) for ts, k in due if self.rng.random() < 0.1}
+
+    def process(self, event: dict[str, Any]) -> None:
+        outcome = self.preparer.prepare(orjson.dumps(event), self.watermark)
+        if isinstance(outcome, Rejection):
+            assert outcome.reason is RejectReason.LATE
+            self.late.append(event)
+            return
+        self.counted.append(event)
+        if isinstance(outcome, Filtered):
+            return
+        state = self.states.setdefault(outcome.key, new_state())
+        if self.engine.add(state, outcome.t, outcome.values):
+            self.timers.add((self.engine.bucket(outcome.t) + self.compiled.slide_ms, outcome.key))
+
+
+def arrival_order(
+    events: list[dict[str, Any]], rng: random.Random, time_field: str
+) -> list[dict[str, Any]]:
+    """Time order, with some events a little late, some very late, some on slide boundaries."""
+    out = []
+    for event in events:
+        r = rng.random()
+        if r < 0.05:
+            event = event | {time_field: event[time_field] - rng.randrange(1, 90_000)}
+        elif r < 0.07:
+            event = event | {time_field: event[time_field] - rng.randrange(600_000, 3_600_000)}
+        elif r < 0.10:
+            event = event | {time_field: event[time_field] - event[time_field] % 60_000}
+        out.append(event)
+    return out
+
+
+def simulated(n: int, source: EventSource, seed: int) -> list[dict[str, Any]]:
+    """Canonical events (as the ingest path forwards them: event time in epoch ms)."""
+    validator = EventValidator(source)
+    sim = DeliverySimulator(seed=seed, start_ms=START)
+    out = []
+    for event in sim.events():
+        if event.source == source.name:
+            valid = validator.validate_object(event.payload, now_ms=START + 365 * 86_400_000)
+            assert isinstance(valid, ValidEvent)
+            out.append(valid.values)
+            if len(out) == n:
+                return out
+    raise AssertionError("unreachable: the simulator never ends")
+
+
+@pytest.mark.parametrize("view", STREAM_VIEWS, ids=lambda v: v.name)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_rows_equal_reference_over_counted_events(view: FeatureView, seed: int):
+    rng = random.Random(seed)
+    model = TimerModel(view, rng)
+    time_field = view.source.event_time_field
+    lateness = int(view.source.allowed_lateness.total_seconds() * 1000)
+    newest = MIN_WM
+    for event in arrival_order(simulated(2500, view.source, seed), rng, time_field):
+        if rng.random() < 0.3:  # periodic watermark emission, at random moments
+            model.advance(newest - lateness)
+        model.process(event)
+        newest = max(newest, event[time_field])
+    model.advance(MAX_WM)
+
+    assert model.late, "the arrival order should make some events too late"
+    assert not model.states, "every key's state is released after its closing row"
+    want = with_closing_rows(view, compute_view(view, model.counted))
+    assert row_differences(model.rows, want) == []
+
+
+def test_late_means_smallest_window_already_emitted():
+    model = TimerModel(restaurant_orders, random.Random(0))
+    base = START + 10 * 60_000
+
+    def order(t: int) -> dict[str, Any]:
+        return {"restaurant_id": "r1", "items": 1, "subtotal": 1.0, "placed_at": t}
+
+    for t in (base, base + 61_000):
+        model.process(order(t))
+    model.advance(base + 60_000)  # the row ending at base + 1m is out
+    for t in (base + 59_999, base + 60_000, base + 1):
+        model.process(order(t))
+    assert [e["placed_at"] for e in model.late] == [base + 59_999, base + 1]
+    assert model.rows[("r1", base + 60_000)]["count_5m"] == 1
+    model.advance(MAX_WM)
+    assert model.rows[("r1", base + 120_000)]["count_5m"] == 3
+
+
+def test_views_the_engine_cannot_run_fail_at_compile_time():
+    with pytest.raises(UnsupportedViewError, match=r"restaurant_prep.*not on Flink"):
+        compile_view(restaurant_prep)
+    tiny_slide = restaurant_orders.model_copy(
+        update={
+            "aggregations": (
+                Aggregation(
+                    function=AggregationFunction.COUNT, windows=(Window.sliding("2h", "1s"),)
+                ),
+            )
+        }
+    )
+    with pytest.raises(UnsupportedViewError, match="7200 slides per window"):
+        compile_view(tiny_slide)
