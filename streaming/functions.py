@@ -42,8 +42,8 @@ def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) 
     runtime_context.get_metrics_group().gauge(name, callback)
 
 
-def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, Any]:
-    """(prepare, windows, publish) function objects for one view."""
+def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
+    """(prepare, windows) function objects for one view."""
     from pyflink.datastream import KeyedProcessFunction, ProcessFunction
 
     class Prepare(ProcessFunction):  # type: ignore[misc]
@@ -91,7 +91,12 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, 
             self.producer.flush()
 
     class Windows(KeyedProcessFunction):  # type: ignore[misc]
-        """Tiles per key; a timer at each window end emits (key, end, values) rows."""
+        """Tiles per key; a timer at each window end publishes the rows that became final.
+
+        Rows are written from here, not from an operator downstream: a row crossing from
+        Python to the JVM and back costs about as much as an event, and a catching-up job
+        emits a row per key and slide (bench/stream.py).
+        """
 
         def open(self, runtime_context: Any) -> None:
             from pyflink.common import Types
@@ -101,10 +106,12 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, 
             descriptor = ValueStateDescriptor("windows", Types.PICKLED_BYTE_ARRAY())
             self.state = runtime_context.get_state(descriptor)
             self.producer = CountingProducer(ctx.settings)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
             self.counts = WindowCounts()
             index = runtime_context.get_index_of_this_subtask()
             key = {"view": compiled.name, "op": "windows", "subtask": index}
             self.stats = StatsReporter(self.producer, ctx, key)
+            self.publish_stats = StatsReporter(self.producer, ctx, key | {"op": "publish"})
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
 
         def process_element(self, event: tuple[str, int, Any], context: Any) -> None:
@@ -117,17 +124,20 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, 
             self.state.update(state)
             self.counts.aggregated += 1
 
-        def on_timer(self, timestamp: int, context: Any) -> Iterator[tuple[str, int, Any]]:
+        def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
+            # A generator, though it yields nothing: PyFlink iterates what on_timer returns.
+            yield from ()
             state = self.state.value()
             if state is None:
                 return
             key = context.get_current_key()
+            watermark = context.timer_service().current_watermark()
+            self.publisher.counts.watermark = watermark
             # Every end up to the watermark is final, not only up to this timer: after a jump
             # of the watermark (end of input, catching up) one firing emits the whole run
             # instead of one end per Python round trip.
-            upto = max(timestamp, context.timer_service().current_watermark())
-            for end, values in self.engine.fire(state, upto):
-                yield key, end, values
+            for end, values in self.engine.fire(state, max(timestamp, watermark)):
+                self.publisher.add(key, end, values)
             following = self.engine.next_timer(state)
             if following is None:
                 self.state.clear()  # idle keys cost nothing
@@ -136,39 +146,17 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any, 
                 self.state.update(state)
 
         def flush(self) -> int:
+            self.publisher.flush()
             self.stats.report(self.counts)
+            self.publish_stats.report(self.publisher.counts)
             self.producer.flush()
             return self.counts.aggregated
 
         def close(self) -> None:
-            self.stats.report(self.counts, final=True)
-            self.producer.flush()
-
-    class Publish(ProcessFunction):  # type: ignore[misc]
-        """Rows to the online store and the features topic, flushed at every bundle end."""
-
-        def open(self, runtime_context: Any) -> None:
-            self.producer = CountingProducer(ctx.settings)
-            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
-            index = runtime_context.get_index_of_this_subtask()
-            key = {"view": compiled.name, "op": "publish", "subtask": index}
-            self.stats = StatsReporter(self.producer, ctx, key)
-            on_bundle_end(runtime_context, "sluice_publish_flush", self.flush)
-
-        def process_element(self, row: tuple[str, int, Any], context: Any) -> None:
-            self.publisher.counts.watermark = context.timer_service().current_watermark()
-            self.publisher.add(*row)
-
-        def flush(self) -> int:
             self.publisher.flush()
-            self.stats.report(self.publisher.counts)
-            self.producer.flush()
-            return self.publisher.counts.rows
-
-        def close(self) -> None:
-            self.flush()
-            self.stats.report(self.publisher.counts, final=True)
+            self.stats.report(self.counts, final=True)
+            self.publish_stats.report(self.publisher.counts, final=True)
             self.producer.flush()
             self.publisher.close()
 
-    return Prepare(), Windows(), Publish()
+    return Prepare(), Windows()

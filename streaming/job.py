@@ -1,7 +1,8 @@
 """Build the Flink job for a set of views: environment, checkpoints, one pipeline per view.
 
 Per view:  Kafka `events.<source>` (SQL table: key, value, partition, offset, WATERMARK on the
-record timestamp) -> to_data_stream -> Prepare -> key_by(entity) -> Windows -> Publish.
+record timestamp) -> to_data_stream -> Prepare -> key_by(entity) -> Windows, which writes
+the rows to Redis and the features topic.
 Python operators run in PyFlink's process mode (the default): thread mode would embed the
 interpreter in the JVM and needs PYTHONPATH set for the worker; process mode needs nothing.
 """
@@ -153,7 +154,7 @@ def build_job(
                 offsets,
             )
         )
-        prepare, windows, publish = flink_functions(compiled, ctx)
+        prepare, windows = flink_functions(compiled, ctx)
         records = t_env.to_data_stream(t_env.from_path(table))
         # uids keep state assignable to operators across restarts from a checkpoint.
         events = (
@@ -161,13 +162,12 @@ def build_job(
             .name(f"prepare {compiled.name}")
             .uid(f"prepare-{compiled.name}")
         )
-        rows = (
+        (
             events.key_by(_entity_of, key_type=Types.STRING())
-            .process(windows, output_type=Types.PICKLED_BYTE_ARRAY())
+            .process(windows)
             .name(f"windows {compiled.name}")
             .uid(f"windows-{compiled.name}")
         )
-        rows.process(publish).name(f"publish {compiled.name}").uid(f"publish-{compiled.name}")
     return env
 
 
