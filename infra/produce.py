@@ -97,8 +97,9 @@ def produce_synthetic(
     possible over simulated time from start_ms (default: yesterday 00:00 UTC).
     corrupt_fraction replaces that share of the published events with malformed ones (bad
     JSON, missing fields, wrong types, out-of-range values), so the dead-letter path gets
-    exercised; the report says which rejections to expect. History holds every event as
-    simulated (uncorrupted): it is the ground truth the engines are checked against.
+    exercised; the report says which rejections to expect. History holds the events that were
+    published intact, like an archive of the validated event topics: Spark's backfill then
+    reads exactly the events the stream job reads, so their rows can be compared one to one.
     """
     intensity = 1.0
     if rate:
@@ -123,11 +124,13 @@ def produce_synthetic(
             report.last_event_ms = event.event_time_ms
             report.events += 1
             report.by_source[event.source] += 1
+            intact = True
             if producer is not None:
                 if corrupt_fraction and rng.random() < corrupt_fraction:
                     value, reason, _field = corrupt(rng, source, event.payload)
                     report.corrupted += 1
                     report.expected_rejections[reason.value] += 1
+                    intact = False
                 else:
                     value = orjson.dumps(event.payload)
                 producer.produce(source.raw_topic, value, event.key, event.event_time_ms)
@@ -135,7 +138,8 @@ def produce_synthetic(
                     producer.poll(0)
             if on_progress is not None and report.events % 5_000 == 0:
                 on_progress(report.events)
-            yield event
+            if intact:
+                yield event
 
     started = time.monotonic()
     if history_dir is not None:
