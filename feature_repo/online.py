@@ -193,17 +193,42 @@ class OnlineStore:
 
     def read(self, view: FeatureView, entity_keys: Sequence[str]) -> list[OnlineRow | None]:
         """The stored row of each entity (None when it has none), in one round trip."""
-        layout = self._layout(view)
-        fields = [*layout.fields, layout.ts_field, layout.end_field]
+        return self.read_many([(view, entity_keys)])[0]
+
+    def read_many(
+        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+    ) -> list[list[OnlineRow | None]]:
+        """read() of several views at once: one pipeline, so one round trip for all of them.
+
+        The predictor reads every view of a batch of requests this way; results come back in
+        the order of ``requests``, each list in the order of its keys.
+        """
+        layouts = [self._layout(view) for view, _ in requests]
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                for key in entity_keys:
-                    hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
-                    # redis-py annotates names as str, but sends bytes keys (Feast's) unchanged.
-                    pipe.hmget(hash_key, fields)  # type: ignore[arg-type]
+                for layout, (_, keys) in zip(layouts, requests, strict=True):
+                    fields = [*layout.fields, layout.ts_field, layout.end_field]
+                    for key in keys:
+                        hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
+                        # redis-py annotates names as str, but sends bytes keys (Feast's) as is.
+                        pipe.hmget(hash_key, fields)  # type: ignore[arg-type]
                 replies = pipe.execute()
         except redis.RedisError as exc:
-            raise OnlineStoreError(f"view {view.name!r}: Redis read failed: {exc}") from exc
+            names = ", ".join(repr(view.name) for view, _ in requests)
+            raise OnlineStoreError(f"view(s) {names}: Redis read failed: {exc}") from exc
+        out: list[list[OnlineRow | None]] = []
+        position = 0
+        for layout, (_, keys) in zip(layouts, requests, strict=True):
+            chunk = replies[position : position + len(keys)]
+            position += len(keys)
+            out.append(self._decode(layout, keys, chunk))
+        return out
+
+    @staticmethod
+    def _decode(
+        layout: _Layout, entity_keys: Sequence[str], replies: Sequence[Sequence[bytes | None]]
+    ) -> list[OnlineRow | None]:
+        view = layout.view
         n = len(layout.fields)
         out: list[OnlineRow | None] = []
         for key, reply in zip(entity_keys, replies, strict=True):

@@ -29,6 +29,7 @@ from infra.ingest import IngestCounts
 from infra.logs import configure_logging
 from infra.settings import Settings, load_settings
 from infra.stack import ComponentStatus
+from serving.errors import SluiceServingError
 from streaming.errors import StreamingError
 
 app = typer.Typer(
@@ -286,6 +287,65 @@ def stream(
 
 
 @app.command()
+def train(
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="Feature services to train (repeatable). Default: both."),
+    ] = None,
+    eval_fraction: Annotated[
+        float, typer.Option(min=0.01, max=0.9, help="Newest share of label times to evaluate on.")
+    ] = 0.2,
+    rounds: Annotated[int, typer.Option(min=1, help="LightGBM boosting rounds.")] = 200,
+    promote: Annotated[
+        bool | None,
+        typer.Option(
+            "--promote/--no-promote",
+            help="Make the new versions production. Default: only where none is.",
+        ),
+    ] = None,
+) -> None:
+    """Train LightGBM models on point-in-time training sets; store them in the model registry."""
+    from infra.train import DEFAULT_SERVICES, print_train_report, train_models
+
+    report = train_models(
+        settings(),
+        service or DEFAULT_SERVICES,
+        eval_fraction=eval_fraction,
+        rounds=rounds,
+        promote=promote,
+    )
+    print_train_report(console, report, settings().models_dir)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: setting).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: setting).")] = None,
+) -> None:
+    """Run the predictor (FastAPI on uvicorn): /predict, /feedback, /models, /metrics, /docs."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.errors import ModelNotFoundError
+    from serving.model_registry import ModelRegistry
+
+    s = settings()
+    models = ModelRegistry(s.models_dir)
+    for name in s.serve_models:  # fail here with one clear line, not in uvicorn's startup
+        if models.production(name) is None:
+            raise ModelNotFoundError(
+                f"model {name!r} has no production version in {s.models_dir}: run `sluice train`"
+            )
+    uvicorn.run(
+        create_app(s),
+        host=host or s.serve_host,
+        port=port or s.serve_port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command()
 def demo(
     events: Annotated[int, typer.Option(min=1, help="Events to generate.")] = 20_000,
     keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
@@ -299,6 +359,6 @@ def demo(
 def main() -> None:
     try:
         app()
-    except (SluiceInfraError, SluiceFeaturesError, StreamingError) as exc:
+    except (SluiceInfraError, SluiceFeaturesError, SluiceServingError, StreamingError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise SystemExit(getattr(exc, "exit_code", 2)) from None

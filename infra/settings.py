@@ -7,6 +7,7 @@ setting SLUICE_KAFKA_BOOTSTRAP and SLUICE_REDIS_URL. Precedence: env > YAML file
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.errors import SettingsError
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # Data paths default under the checkout, so `sluice` and `feast` (run in feature_repo/) agree.
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -56,6 +58,33 @@ class Settings(BaseSettings):
     flink_checkpoint_interval_s: float = Field(default=10.0, ge=1, le=3600)
     # Seconds a `sluice up` waits for each component to answer.
     startup_timeout_s: float = Field(default=30.0, gt=0)
+    # Model registry: a local directory or an object-store URI (s3://bucket/prefix), read and
+    # written through pyarrow.fs, so one setting moves it to shared storage.
+    models_dir: str = str(DATA_DIR / "models")
+    # Predictor (`sluice serve`).
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=8000, ge=1, le=65535)
+    # Models served: each needs a production version in the registry (see `sluice train`).
+    serve_models: list[str] = Field(default_factory=lambda: ["delivery_eta"])
+    # Adaptive batching (Clipper's AIMD): a batch's feature read + predict must stay within the
+    # objective; the size grows by batch_increase while it does and is multiplied by
+    # batch_backoff when it does not. max_batch_delay_ms waits to fill a batch (0: never wait).
+    latency_objective_ms: float = Field(default=20.0, gt=0, le=60_000)
+    max_batch_delay_ms: float = Field(default=1.0, ge=0, le=1_000)
+    max_batch_size: int = Field(default=256, ge=1, le=100_000)
+    batch_increase: int = Field(default=2, ge=1, le=1_000)
+    batch_backoff: float = Field(default=0.5, gt=0, lt=1)
+    # Prediction log and feedback topics; the in-memory queue in front of the producer is
+    # bounded so that a slow broker never blocks or exhausts a request path.
+    prediction_topic: str = "sluice.predictions"
+    feedback_topic: str = "sluice.feedback"
+    prediction_log_queue: int = Field(default=100_000, ge=1)
+    prediction_log_retries: int = Field(default=5, ge=0, le=1_000)
+    # Model selection among versions: 0 serves the production version only; above 0, an
+    # epsilon-greedy choice among the production version and the bandit_arms - 1 newest other
+    # versions, rewarded by -|error| from /feedback.
+    bandit_epsilon: float = Field(default=0.0, ge=0, le=1)
+    bandit_arms: int = Field(default=2, ge=1, le=20)
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -64,6 +93,33 @@ class Settings(BaseSettings):
             host, _, port = address.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @field_validator("prediction_topic", "feedback_topic", "dead_letter_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not _TOPIC.match(value):
+            raise ValueError(f"{value!r} is not a Kafka topic name (letters, digits, . _ -)")
+        return value
+
+    @field_validator("models_dir")
+    @classmethod
+    def _check_models_dir(cls, value: str) -> str:
+        scheme = urlparse(value).scheme
+        # A one-letter scheme is a Windows drive, not a URI; pyarrow.fs knows these schemes.
+        if len(scheme) > 1 and scheme not in ("file", "s3", "gs", "gcs", "hdfs"):
+            raise ValueError(f"{value!r}: scheme {scheme!r} is not file, s3, gs or hdfs")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("serve_models")
+    @classmethod
+    def _check_serve_models(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one model to serve")
+        if len(set(value)) != len(value):
+            raise ValueError("a model is named twice")
         return value
 
     @field_validator("flink_jobmanager")

@@ -1,0 +1,410 @@
+"""The FastAPI predictor: POST /predict, /feedback, GET /models, promote, /health, /metrics.
+
+Per model, an AdaptiveBatcher queues rows; a batch reads every online feature it needs in one
+Redis round trip (feature_repo.online.OnlineStore.read_many), joins them in the model's order
+with the request features, predicts with LightGBM in a worker thread and answers each row with
+its prediction, model version, prediction id, feature ages and missing/stale flags. Every
+prediction is logged to Kafka without waiting (prediction_log.KafkaLog).
+
+Errors: serving.errors types, mapped to HTTP statuses by one exception handler; request
+validation failures (FastAPI's and the per-model row checks) answer 422 with
+{"error": "invalid_request", "detail": [{"field": ..., "reason": ...}]}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from features.definitions import FeatureService
+from infra.settings import Settings
+from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
+from serving.errors import ModelNotFoundError, OverloadedError, SluiceServingError
+from serving.features import FeatureReader
+from serving.metrics import ServingMetrics
+from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
+from serving.model_registry import ModelRegistry
+from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
+from serving.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    PredictRequest,
+    PredictResponse,
+    PromoteResponse,
+    problems_of,
+    row_model,
+    validate_rows,
+)
+from serving.selection import EpsilonGreedy, ModelSlot, RecentPredictions
+
+log = logging.getLogger("sluice.serving")
+
+
+@dataclass
+class Served:
+    """One served model name: its versions, its row validator and its batcher."""
+
+    slot: ModelSlot
+    rows: type[BaseModel]
+    batcher: AdaptiveBatcher[PredictItem, Prediction]
+
+
+@dataclass
+class Predictor:
+    """Everything the routes share; built by the app's lifespan."""
+
+    settings: Settings
+    registry: ModelRegistry
+    services: Mapping[str, FeatureService]
+    reader: FeatureReader
+    log: KafkaLog
+    metrics: ServingMetrics
+    executor: ThreadPoolExecutor
+    served: dict[str, Served] = field(default_factory=dict)
+    recent: RecentPredictions = field(default_factory=RecentPredictions)
+
+    def get(self, name: str | None) -> Served:
+        name = name or self.settings.serve_models[0]
+        served = self.served.get(name)
+        if served is None:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served here (served: {', '.join(self.served)})"
+            )
+        return served
+
+    def load(self, name: str, version: int) -> LoadedModel:
+        return load_model(self.registry, self.services, name, version)
+
+    def arms(self, name: str, production: int) -> dict[int, LoadedModel]:
+        """Bandit arms besides production: the newest other versions."""
+        if self.settings.bandit_epsilon <= 0:
+            return {}
+        others = [v for v in self.registry.versions(name) if v != production]
+        newest = others[-(self.settings.bandit_arms - 1) :] if self.settings.bandit_arms > 1 else []
+        return {v: self.load(name, v) for v in newest}
+
+    def serve(self, name: str) -> Served:
+        version = self.registry.production(name)
+        if version is None:
+            raise ModelNotFoundError(
+                f"model {name!r} has no production version in {self.registry.root} "
+                "(run `sluice train`, or promote a version)"
+            )
+        production = self.load(name, version)
+        bandit = (
+            EpsilonGreedy(self.settings.bandit_epsilon)
+            if self.settings.bandit_epsilon > 0
+            else None
+        )
+        slot = ModelSlot(production, bandit)
+        slot.swap(production, self.arms(name, version))
+        s = self.settings
+        controller = AimdController(
+            objective_ms=s.latency_objective_ms,
+            max_size=s.max_batch_size,
+            increase=s.batch_increase,
+            backoff=s.batch_backoff,
+        )
+
+        def on_batch(rows: int, latency_ms: float) -> None:
+            self.metrics.batch_rows.labels(name).observe(rows)
+            self.metrics.batch_latency.labels(name).observe(latency_ms / 1000)
+            self.metrics.batch_size.labels(name).set(controller.size)
+
+        batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
+            lambda items: predict_batch(self.reader, items),
+            controller,
+            max_delay_s=s.max_batch_delay_ms / 1000,
+            executor=self.executor,
+            on_batch=on_batch,
+        )
+        self.metrics.batch_size.labels(name).set(controller.size)
+        return Served(slot, row_model(production.plan, name), batcher)
+
+    def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
+        """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
+        joined = prediction.joined
+        m = self.metrics
+        m.predictions.labels(prediction.model, str(prediction.version)).inc()
+        for view, age in joined.ages_ms.items():
+            if age is None:
+                m.missing.labels(view).inc()
+            else:
+                m.feature_age.labels(view).observe(age / 1000)
+        self.recent.add(
+            prediction.prediction_id, prediction.model, prediction.version, prediction.prediction
+        )
+        record = {
+            "prediction_id": prediction.prediction_id,
+            "time_ms": prediction.time_ms,
+            "model": prediction.model,
+            "model_version": prediction.version,
+            "prediction": prediction.prediction,
+            "latency_ms": round(latency_ms, 3),
+            "request": dict(row),
+            "features": joined.values,
+            "feature_ages_ms": joined.ages_ms,
+            "missing": joined.missing,
+            "stale": joined.stale,
+        }
+        self.log.send(
+            self.settings.prediction_topic,
+            prediction.prediction_id.encode(),
+            orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY),
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    reader: FeatureReader | None = None,
+    registry: ModelRegistry | None = None,
+    producer: ProducerLike | None = None,
+    services: Mapping[str, FeatureService] | None = None,
+) -> FastAPI:
+    """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        predictor = await asyncio.to_thread(_build, settings, reader, registry, producer, services)
+        app.state.predictor = predictor
+        for served in predictor.served.values():
+            served.batcher.start()
+        try:
+            yield
+        finally:
+            for served in predictor.served.values():
+                await served.batcher.stop()
+            counts = await asyncio.to_thread(predictor.log.close)
+            predictor.executor.shutdown(wait=True)
+            close = getattr(predictor.reader, "close", None)
+            if reader is None and close is not None:
+                close()
+            log.info("predictor stopped", extra={"log": vars(counts)})
+
+    app = FastAPI(
+        title="Sluice predictor",
+        description="Online predictions from batch, streaming and request features.",
+        version="1",
+        lifespan=lifespan,
+    )
+    _routes(app)
+    return app
+
+
+def _build(
+    settings: Settings,
+    reader: FeatureReader | None,
+    registry: ModelRegistry | None,
+    producer: ProducerLike | None,
+    services: Mapping[str, FeatureService] | None,
+) -> Predictor:
+    from feature_repo.online import OnlineStore
+    from features.registry import load_registry
+
+    if services is None:
+        services = load_registry(settings.definitions_module).services
+    if producer is None:
+        from infra.kafka import ensure_topics
+
+        ensure_topics(settings, [settings.prediction_topic, settings.feedback_topic])
+        producer = kafka_producer(settings)
+    metrics = ServingMetrics()
+    kafka_log = KafkaLog(
+        producer,
+        max_queue=settings.prediction_log_queue,
+        retries=settings.prediction_log_retries,
+        on_outcome=lambda outcome, topic: metrics.log_records.labels(topic, outcome).inc(),
+    )
+    predictor = Predictor(
+        settings=settings,
+        registry=registry or ModelRegistry(settings.models_dir),
+        services=services,
+        reader=reader or OnlineStore(settings.redis_url, settings.feast_project),
+        log=kafka_log,
+        metrics=metrics,
+        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+    )
+    for name in settings.serve_models:
+        predictor.served[name] = predictor.serve(name)
+    kafka_log.start()
+    return predictor
+
+
+class _RequestMetrics:
+    """Count requests by route and status, and time them (pure ASGI: BaseHTTPMiddleware, what
+    @app.middleware builds, costs several times more per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_and_see(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            predictor = getattr(scope["app"].state, "predictor", None)
+            if predictor is not None:
+                path = getattr(scope.get("route"), "path", "unmatched")
+                predictor.metrics.requests.labels(path, str(status[0])).inc()
+                predictor.metrics.request_latency.labels(path).observe(
+                    time.perf_counter() - started
+                )
+
+
+def _predictor(request: Request) -> Predictor:
+    predictor: Predictor = request.app.state.predictor
+    return predictor
+
+
+def _routes(app: FastAPI) -> None:
+    @app.exception_handler(SluiceServingError)
+    async def serving_error(request: Request, exc: SluiceServingError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("request failed", extra={"path": request.url.path, "error": str(exc)})
+        return JSONResponse(jsonable_encoder(exc.body()), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        body = {"error": "invalid_request", "detail": problems_of(exc.errors())}
+        return JSONResponse(jsonable_encoder(body), status_code=422)
+
+    app.add_middleware(_RequestMetrics)
+
+    @app.post(
+        "/predict", response_model=PredictResponse, responses={422: {"description": "invalid"}}
+    )
+    async def predict(body: PredictRequest, request: Request) -> Response:
+        """Predict one or many rows; each row joins whatever batch its model is forming."""
+        started = time.perf_counter()
+        predictor = _predictor(request)
+        served = predictor.get(body.model)
+        rows = validate_rows(served.rows, body.rows)
+        items = [PredictItem(served.slot.choose(), row) for row in rows]
+        predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        try:
+            results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
+        except QueueFullError as exc:
+            raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        out = []
+        for row, prediction in zip(rows, results, strict=True):
+            predictor.record(prediction, latency_ms, row)
+            answer = {
+                "prediction_id": prediction.prediction_id,
+                "prediction": prediction.prediction,
+                "model": prediction.model,
+                "model_version": prediction.version,
+                "feature_ages_ms": prediction.joined.ages_ms,
+                "missing": prediction.joined.missing,
+                "stale": prediction.joined.stale,
+            }
+            if body.return_features:
+                answer["features"] = prediction.joined.values
+            out.append(answer)
+        # Built as PredictResponse documents it; returned as bytes directly, since validating
+        # our own answer again costs more than the prediction on the hot path.
+        return Response(orjson.dumps({"predictions": out}), media_type="application/json")
+
+    @app.post("/feedback", response_model=FeedbackResponse, status_code=202)
+    async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
+        """The observed label of a prediction: to the feedback topic, and to the bandit."""
+        predictor = _predictor(request)
+        known = predictor.recent.pop(body.prediction_id)
+        error = None
+        record: dict[str, Any] = {
+            "prediction_id": body.prediction_id,
+            "label": body.label,
+            "time_ms": int(time.time() * 1000),
+        }
+        if known is not None:
+            model, version, value = known
+            error = body.label - value
+            record |= {"model": model, "model_version": version, "prediction": value}
+            served = predictor.served.get(model)
+            if served is not None and served.slot.bandit is not None:
+                served.slot.bandit.reward(version, -abs(error))
+        predictor.log.send(
+            predictor.settings.feedback_topic, body.prediction_id.encode(), orjson.dumps(record)
+        )
+        return FeedbackResponse(
+            prediction_id=body.prediction_id, matched=known is not None, error=error
+        )
+
+    @app.get("/models")
+    async def models(request: Request) -> dict[str, Any]:
+        """Models in the registry (versions, metrics, production) and what this server runs."""
+        predictor = _predictor(request)
+        registry = await asyncio.to_thread(predictor.registry.describe)
+        serving = {
+            name: {
+                "production": served.slot.state.production.version,
+                "versions": sorted(served.slot.state.arms),
+                "batch_size": served.batcher.controller.size,
+                "queued": served.batcher.queued,
+                "features": list(served.slot.state.production.plan.refs),
+            }
+            for name, served in predictor.served.items()
+        }
+        return {"registry": registry, "serving": serving}
+
+    @app.post("/models/{name}/versions/{version}:promote", response_model=PromoteResponse)
+    async def promote(name: str, version: int, request: Request) -> PromoteResponse:
+        """Make a version production; a served model is swapped without dropping requests.
+
+        The new version is loaded completely first; queued and running batches finish with the
+        model they were given, new requests get the new one.
+        """
+        predictor = _predictor(request)
+        new = await asyncio.to_thread(predictor.load, name, version)
+        previous = await asyncio.to_thread(predictor.registry.production, name)
+        await asyncio.to_thread(predictor.registry.promote, name, version)
+        served = predictor.served.get(name)
+        if served is not None:
+            arms = await asyncio.to_thread(predictor.arms, name, version)
+            served.slot.swap(new, arms)
+            predictor.metrics.model_swaps.labels(name).inc()
+        log.info("promoted", extra={"model": name, "version": version, "previous": previous})
+        return PromoteResponse(
+            model=name, version=version, previous_version=previous, served=served is not None
+        )
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        predictor = _predictor(request)
+        return {
+            "status": "ok",
+            "models": {n: s.slot.state.production.version for n, s in predictor.served.items()},
+            "log": vars(predictor.log.counts) | {"pending": predictor.log.counts.pending},
+        }
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format."""
+        registry = _predictor(request).metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,180 @@
+"""Online features for a batch of prediction rows: one read, then a join in the model's order.
+
+Defaults (the documented contract of the predictor):
+- An entity with no row for a view (never seen, or not materialized yet) gets the view's empty
+  values, exactly what a training row gets for an empty window: count and count_distinct 0,
+  sum 0.0, everything else null. The answer lists the view under ``missing``.
+- A null value (mean, min, max, last or stddev of an empty window) stays null; the model gets
+  NaN, which LightGBM routes down each split's learned missing-value branch, as in training.
+  The answer lists such features as "view:feature" under ``missing`` too.
+- A row older than its view's ttl is still used (Feast does the same online) but its view is
+  listed under ``stale``; ``feature_ages_ms`` gives now minus the row's window end per view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_repo.online import OnlineRow
+from features.definitions import FeatureService, FeatureView, empty_value
+from features.schema import Field, FieldType
+from serving.errors import ModelIncompatibleError
+
+_NUMERIC = (FieldType.INT, FieldType.FLOAT, FieldType.BOOL)
+
+
+class FeatureReader(Protocol):
+    """What the predictor needs of the online store (feature_repo.online.OnlineStore)."""
+
+    def read_many(
+        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+    ) -> list[list[OnlineRow | None]]: ...
+
+
+@dataclass(frozen=True)
+class _Input:
+    ref: str
+    view: FeatureView | None  # None for a request feature
+    name: str  # feature name in the view, or request field name
+    default: Any
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """How to build one model's input vector from online rows and request fields."""
+
+    service: FeatureService
+    inputs: tuple[_Input, ...]
+    views: tuple[FeatureView, ...]
+    request_fields: tuple[Field, ...]
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(i.ref for i in self.inputs)
+
+    @property
+    def entity_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v.entity.join_key for v in self.views))
+
+
+def build_plan(service: FeatureService, refs: Sequence[str]) -> FeaturePlan:
+    """The plan for a model trained on ``refs`` (its metadata) against today's definitions."""
+    views = {v.name: v for v in service.views}
+    requests = {r.name: {f.name: f for f in r.fields} for r in service.request}
+    inputs: list[_Input] = []
+    used_views: dict[str, FeatureView] = {}
+    used_fields: dict[str, Field] = {}
+    for ref in refs:
+        group, _, name = ref.partition(":")
+        if group in views:
+            specs = {s.name: s for s in views[group].features()}
+            if name not in specs:
+                raise ModelIncompatibleError(
+                    f"model reads {ref!r}, but view {group!r} no longer defines {name!r}"
+                )
+            if specs[name].dtype not in _NUMERIC:
+                raise ModelIncompatibleError(f"feature {ref!r} is not numeric")
+            inputs.append(_Input(ref, views[group], name, empty_value(specs[name].function)))
+            used_views[group] = views[group]
+        elif group in requests and name in requests[group]:
+            request_field = requests[group][name]
+            if name in used_fields and used_fields[name] != request_field:
+                raise ModelIncompatibleError(f"two request features are named {name!r}")
+            inputs.append(_Input(ref, None, name, None))
+            used_fields[name] = request_field
+        else:
+            raise ModelIncompatibleError(
+                f"model reads {ref!r}, which service {service.name!r} does not provide"
+            )
+    clash = set(used_fields) & {v.entity.join_key for v in used_views.values()}
+    if clash:
+        raise ModelIncompatibleError(f"request features {sorted(clash)} clash with entity keys")
+    return FeaturePlan(
+        service, tuple(inputs), tuple(used_views.values()), tuple(used_fields.values())
+    )
+
+
+@dataclass
+class JoinedRow:
+    """One row's model input and what the answer says about it."""
+
+    values: dict[str, Any]  # ref -> value used (None for null)
+    ages_ms: dict[str, int | None]  # view -> now - window end (None: no row)
+    missing: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+
+RowLookup = Mapping[tuple[str, str], OnlineRow | None]
+
+
+def read_rows(
+    reader: FeatureReader, needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]]
+) -> dict[tuple[str, str], OnlineRow | None]:
+    """Every (view, entity key) the rows need, deduplicated, read in one round trip."""
+    wanted: dict[str, tuple[FeatureView, dict[str, None]]] = {}
+    for plan, row in needs:
+        for view in plan.views:
+            keys = wanted.setdefault(view.name, (view, {}))[1]
+            keys[str(row[view.entity.join_key])] = None
+    requests = [(view, list(key_set)) for view, key_set in wanted.values()]
+    if not requests:
+        return {}
+    results = reader.read_many(requests)
+    out: dict[tuple[str, str], OnlineRow | None] = {}
+    for (view, view_keys), rows in zip(requests, results, strict=True):
+        for key, online_row in zip(view_keys, rows, strict=True):
+            out[(view.name, key)] = online_row
+    return out
+
+
+def join(plan: FeaturePlan, row: Mapping[str, Any], lookup: RowLookup, now_ms: int) -> JoinedRow:
+    """The model's inputs for one request row, in plan order, with ages and flags."""
+    online: dict[str, OnlineRow | None] = {}
+    joined = JoinedRow(values={}, ages_ms={})
+    for view in plan.views:
+        found = lookup[(view.name, str(row[view.entity.join_key]))]
+        online[view.name] = found
+        if found is None:
+            joined.ages_ms[view.name] = None
+            joined.missing.append(view.name)
+            continue
+        age = now_ms - found.window_end_ms
+        joined.ages_ms[view.name] = age
+        if age > view.ttl.total_seconds() * 1000:
+            joined.stale.append(view.name)
+    for item in plan.inputs:
+        if item.view is None:
+            joined.values[item.ref] = row[item.name]
+            continue
+        found = online[item.view.name]
+        if found is None:
+            joined.values[item.ref] = item.default
+            continue
+        value = found.values.get(item.name)
+        if value is None:
+            joined.missing.append(item.ref)
+        joined.values[item.ref] = value
+    return joined
+
+
+def to_vector(plan: FeaturePlan, joined: JoinedRow) -> list[float]:
+    return [_number(joined.values[ref]) for ref in plan.refs]
+
+
+def to_matrix(plan: FeaturePlan, rows: Sequence[JoinedRow]) -> npt.NDArray[np.float64]:
+    matrix = np.empty((len(rows), len(plan.inputs)), dtype=np.float64)
+    for i, joined in enumerate(rows):
+        matrix[i] = to_vector(plan, joined)
+    return matrix
+
+
+def _number(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)

@@ -1,0 +1,73 @@
+"""Prometheus metrics of one predictor app (own registry, so several apps can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 30 * 86_400)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sluice_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "sluice_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "sluice_predictions",
+            "Rows predicted by model and version",
+            ["model", "version"],
+            registry=r,
+        )
+        self.batch_size = Gauge(
+            "sluice_batch_size", "Current AIMD batch size limit per model", ["model"], registry=r
+        )
+        self.batch_rows = Histogram(
+            "sluice_batch_rows",
+            "Rows per executed batch",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.batch_latency = Histogram(
+            "sluice_batch_latency_seconds",
+            "Feature read + predict time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "sluice_queue_depth", "Requests waiting per model", ["model"], registry=r
+        )
+        self.feature_age = Histogram(
+            "sluice_feature_age_seconds",
+            "Age of the online row used (now - window end) per view",
+            ["view"],
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.missing = Counter(
+            "sluice_features_missing",
+            "Rows served with a view's defaults (no online row)",
+            ["view"],
+            registry=r,
+        )
+        self.log_records = Counter(
+            "sluice_log_records",
+            "Prediction-log and feedback records by topic and outcome "
+            "(produced, delivered, retried, failed, dropped)",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "sluice_model_swaps", "Promotions applied (hot swaps)", ["model"], registry=r
+        )

@@ -1,0 +1,202 @@
+"""Versioned models on a filesystem or an object store (any pyarrow.fs URI).
+
+Layout under the root (settings.models_dir)::
+
+    <name>/<version>/model.txt        LightGBM's native text format
+    <name>/<version>/metadata.json    feature service, feature order, windows, metrics, versions
+    <name>/production                 the production version number, as text
+
+Versions are 1, 2, 3...; a version counts once its metadata.json exists, which is written last,
+so a reader never sees half a model. The production pointer is one small object replaced in one
+step (rename on a local disk, a single PUT on an object store). One trainer at a time per model
+name: two concurrent saves could pick the same version number.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import ModelNotFoundError, ModelRegistryError
+
+MODEL_FILE = "model.txt"
+METADATA_FILE = "metadata.json"
+PRODUCTION_FILE = "production"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Metrics(BaseModel):
+    """Mean absolute errors on the evaluation slice (seconds for the delivery example)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    mae: float
+    mae_mean_baseline: float
+    rows_train: int
+    rows_eval: int
+
+
+class ModelMetadata(BaseModel):
+    """What a served model needs besides its trees: how to build its input vector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: int = 0  # assigned by ModelRegistry.save
+    feature_service: str
+    # "view:feature" or "request:field" references, in the model's input order.
+    features: list[str]
+    label: str
+    # Label times (epoch ms) the model was trained and evaluated on: [start, end).
+    train_window_ms: tuple[int, int]
+    eval_window_ms: tuple[int, int]
+    metrics: Metrics
+    params: dict[str, Any] = Field(default_factory=dict)
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    notes: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRegistry:
+    """Save, list, load and promote model versions under one root URI or directory."""
+
+    def __init__(self, root: str) -> None:
+        try:
+            self._fs, path = pafs.FileSystem.from_uri(root if "://" in root else _abs(root))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise ModelRegistryError(f"models_dir {root!r}: {exc}") from None
+        self.root = root
+        self._path = path.rstrip("/")
+
+    def _p(self, *parts: str | int) -> str:
+        return "/".join([self._path, *(str(p) for p in parts)])
+
+    def _write(self, path: str, data: bytes) -> None:
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            with self._fs.open_output_stream(temporary) as out:
+                out.write(data)
+            self._fs.move(temporary, path)  # a rename locally: readers see old or new
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot write {path}: {exc}") from exc
+
+    def _read(self, path: str) -> bytes | None:
+        try:
+            with self._fs.open_input_stream(path) as stream:
+                data: bytes = stream.read()
+                return data
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot read {path}: {exc}") from exc
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot list {path}: {exc}") from exc
+        return [info.base_name for info in infos if info.type == pafs.FileType.Directory]
+
+    def models(self) -> list[str]:
+        return sorted(n for n in self._children(self._path) if _NAME.match(n) and self.versions(n))
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions (metadata written), oldest first."""
+        _check_name(name)
+        numbers = [int(c) for c in self._children(self._p(name)) if c.isdigit()]
+        complete = []
+        for number in sorted(numbers):
+            info = self._fs.get_file_info(self._p(name, number, METADATA_FILE))
+            if info.type == pafs.FileType.File:
+                complete.append(number)
+        return complete
+
+    def save(self, model_text: str, metadata: ModelMetadata) -> ModelMetadata:
+        """Store a new version of metadata.name; returns the metadata with its version."""
+        _check_name(metadata.name)
+        existing = self._children(self._p(metadata.name))
+        version = max((int(c) for c in existing if c.isdigit()), default=0) + 1
+        stored = metadata.model_copy(update={"version": version})
+        try:
+            self._fs.create_dir(self._p(metadata.name, version), recursive=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot create version {version}: {exc}") from exc
+        self._write(self._p(metadata.name, version, MODEL_FILE), model_text.encode())
+        # Metadata last: its presence is what makes the version complete.
+        self._write(
+            self._p(metadata.name, version, METADATA_FILE),
+            orjson.dumps(stored.model_dump(mode="json"), option=orjson.OPT_INDENT_2),
+        )
+        return stored
+
+    def metadata(self, name: str, version: int) -> ModelMetadata:
+        _check_name(name)
+        data = self._read(self._p(name, version, METADATA_FILE))
+        if data is None:
+            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+        try:
+            return ModelMetadata.model_validate(orjson.loads(data))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            raise ModelRegistryError(
+                f"model {name!r} version {version}: bad metadata: {exc}"
+            ) from None
+
+    def model_text(self, name: str, version: int) -> str:
+        _check_name(name)
+        data = self._read(self._p(name, version, MODEL_FILE))
+        if data is None:
+            raise ModelNotFoundError(f"model {name!r} version {version} has no {MODEL_FILE}")
+        return data.decode()
+
+    def production(self, name: str) -> int | None:
+        """The production version of a model, or None when none was promoted."""
+        _check_name(name)
+        data = self._read(self._p(name, PRODUCTION_FILE))
+        if data is None:
+            return None
+        text = data.decode().strip()
+        if not text.isdigit():
+            raise ModelRegistryError(f"model {name!r}: production pointer {text!r} is no version")
+        return int(text)
+
+    def promote(self, name: str, version: int) -> None:
+        """Point production at a version (which must exist)."""
+        self.metadata(name, version)
+        self._write(self._p(name, PRODUCTION_FILE), f"{version}\n".encode())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every model with its versions, production pointer and metrics (for GET /models)."""
+        out = []
+        for name in self.models():
+            production = self.production(name)
+            versions = []
+            for version in self.versions(name):
+                meta = self.metadata(name, version)
+                versions.append(
+                    {
+                        "version": version,
+                        "feature_service": meta.feature_service,
+                        "created_at": meta.created_at,
+                        "metrics": meta.metrics.model_dump(),
+                        "production": version == production,
+                    }
+                )
+            out.append({"name": name, "production": production, "versions": versions})
+        return out
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise ModelNotFoundError(f"{name!r} is not a model name (lower_snake_case)")
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).expanduser().resolve())

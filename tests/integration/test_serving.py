@@ -1,0 +1,203 @@
+"""The predictor against real Redis, Kafka and Feast: served features equal Feast's
+get_online_features, predictions equal LightGBM's own predict on those rows, and every
+prediction and feedback record arrives in its topic."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from feature_repo import registry_ops
+from feature_repo.config import feature_store
+from feature_repo.online import OnlineRow, OnlineStore
+from features.definitions import FeatureView, empty_value
+from features.examples.delivery_features import (
+    delivery_eta,
+    delivery_eta_batch_only,
+    restaurant_orders,
+    restaurant_prep,
+    zone_couriers,
+)
+from features.registry import load_registry
+from infra.kafka import read_topics
+from infra.settings import Settings
+from serving.app import create_app
+from serving.model_registry import ModelRegistry
+from tests.serving_cases import random_row, trained_registry
+
+pytestmark = pytest.mark.integration
+VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
+NOW_END = int(time.time() * 1000) // 60_000 * 60_000
+RESTAURANTS = [f"r{i:03d}" for i in range(20)]
+ZONES = [f"z{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    tmp: Path = tmp_path_factory.mktemp("serving")
+    run = uuid.uuid4().hex[:8]
+    settings = stack_settings.model_copy(
+        update={
+            "feast_project": "serving_test",
+            "feast_registry": tmp / "registry.db",
+            "offline_store_dir": tmp / "offline",
+            "models_dir": str(tmp / "models"),
+            "serve_models": ["delivery_eta", "delivery_eta_batch_only"],
+            "prediction_topic": f"test.predictions.{run}",
+            "feedback_topic": f"test.feedback.{run}",
+        }
+    )
+    registry_ops.apply(settings, load_registry(settings.definitions_module))
+    rng = random.Random(11)
+    with OnlineStore(settings.redis_url, settings.feast_project) as online:
+        for view in VIEWS:
+            keys = ZONES if view is zone_couriers else RESTAURANTS
+            # Every fifth entity has no row: served with defaults, null through Feast.
+            rows = [
+                OnlineRow(key, NOW_END - 60_000 * rng.randrange(3), random_row(view, rng))
+                for i, key in enumerate(keys)
+                if i % 5 != 4
+            ]
+            online.write(view, rows)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def models(settings: Settings) -> ModelRegistry:
+    registry = trained_registry(Path(settings.models_dir), delivery_eta)
+    trained_registry(Path(settings.models_dir), delivery_eta_batch_only)
+    return registry
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, models: ModelRegistry) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def request_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "restaurant_id": RESTAURANTS[i % len(RESTAURANTS)],
+            "zone_id": ZONES[(i * 3) % len(ZONES)],
+            "distance_km": 0.5 + (i % 9),
+            "hour_of_day": i % 24,
+            "items": 1 + i % 5,
+        }
+        for i in range(n)
+    ]
+
+
+def feast_values(settings: Settings, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    refs = [f"{v.name}:{s.name}" for v in VIEWS for s in v.features()]
+    entity_rows = [{"restaurant_id": r["restaurant_id"], "zone_id": r["zone_id"]} for r in rows]
+    got: dict[str, list[Any]] = (
+        feature_store(settings)
+        .get_online_features(features=refs, entity_rows=entity_rows)
+        .to_dict()
+    )
+    return got
+
+
+def view_of(ref: str) -> FeatureView:
+    return {v.name: v for v in VIEWS}[ref.partition(":")[0]]
+
+
+def test_served_feature_values_equal_feasts(client, settings):
+    rows = request_rows(40)
+    answer = client.post("/predict", json={"rows": rows, "return_features": True})
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    feast = feast_values(settings, rows)
+    compared = defaulted = 0
+    for i, (row, prediction) in enumerate(zip(rows, predictions, strict=True)):
+        for ref, value in prediction["features"].items():
+            group, _, name = ref.partition(":")
+            if group == "order_request":
+                assert value == row[name]
+                continue
+            from_feast = feast[name][i]
+            if group in prediction["missing"]:  # no row: Feast says null, we the empty value
+                assert from_feast is None
+                spec = next(s for s in view_of(ref).features() if s.name == name)
+                assert value == empty_value(spec.function)
+                defaulted += 1
+            else:
+                assert value == from_feast, (ref, row)
+                assert type(value) is type(from_feast)
+                compared += 1
+    assert compared > 300
+    assert defaulted > 20
+
+
+def test_predictions_equal_lightgbm_predict_on_the_same_rows(client, settings, models):
+    rows = request_rows(60)
+    predictions = client.post("/predict", json={"rows": rows}).json()["predictions"]
+    meta = models.metadata("delivery_eta", 1)
+    feast = feast_values(settings, rows)
+    matrix = []
+    for i, row in enumerate(rows):
+        vector = []
+        for ref in meta.features:
+            group, _, name = ref.partition(":")
+            if group == "order_request":
+                vector.append(float(row[name]))
+                continue
+            value = feast[name][i]
+            if value is None and predictions[i]["feature_ages_ms"][group] is None:
+                spec = next(s for s in view_of(ref).features() if s.name == name)
+                value = empty_value(spec.function)  # the documented default for a missing row
+            vector.append(np.nan if value is None else float(value))
+        matrix.append(vector)
+    booster = _booster(models.model_text("delivery_eta", 1))
+    expected = booster.predict(np.array(matrix, dtype=np.float64))
+    got = np.array([p["prediction"] for p in predictions])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
+    run = uuid.uuid4().hex[:8]  # topics of this test alone, so counts are exact
+    settings = settings.model_copy(
+        update={"prediction_topic": f"test.p.{run}", "feedback_topic": f"test.f.{run}"}
+    )
+    app = create_app(settings)
+    ids: list[str] = []
+    with TestClient(app) as client:
+        for start in range(0, 50, 10):
+            answer = client.post("/predict", json={"rows": request_rows(50)[start : start + 10]})
+            ids += [p["prediction_id"] for p in answer.json()["predictions"]]
+        for prediction_id in ids[:5]:
+            fed = client.post("/feedback", json={"prediction_id": prediction_id, "label": 700.0})
+            assert fed.json()["matched"] is True
+        counts = app.state.predictor.log.counts
+    # Leaving the client closed the app, which drains and flushes the log.
+    assert (counts.delivered, counts.failed, counts.dropped, counts.pending) == (55, 0, 0, 0)
+    logged = [
+        orjson.loads(m.value() or b"") for m in read_topics(settings, [settings.prediction_topic])
+    ]
+    assert sorted(r["prediction_id"] for r in logged) == sorted(ids)
+    record = logged[0]
+    assert set(record["features"]) == set(delivery_eta.feature_refs())
+    assert record["model_version"] == 1
+    assert record["latency_ms"] > 0
+    assert set(record["feature_ages_ms"]) == {v.name for v in VIEWS}
+    feedback = [
+        orjson.loads(m.value() or b"") for m in read_topics(settings, [settings.feedback_topic])
+    ]
+    assert sorted(f["prediction_id"] for f in feedback) == sorted(ids[:5])
+    assert all(f["label"] == 700.0 and "prediction" in f for f in feedback)
+
+
+def _booster(model_str: str) -> Any:
+    import lightgbm as lgb
+
+    return lgb.Booster(model_str=model_str)
