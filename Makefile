@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-ingest bench-stream bench-serve
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml infra/bootstrap.sh
@@ -21,5 +21,14 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
 
-bench: setup
+# Every benchmark prints ratios against a baseline measured in the same run (about 6 minutes).
+bench: bench-ingest bench-stream bench-serve
+
+bench-ingest: setup
 	$(VENV)/bin/python -m bench.produce_ingest
+
+bench-stream: setup
+	$(VENV)/bin/python -m bench.stream
+
+bench-serve: setup
+	$(VENV)/bin/python -m bench.serve

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from features.examples.delivery import SOURCES
+from infra.demo_serve import train_serve_and_predict
 from infra.ingest import H_ERROR, IngestCounts, run_ingest
 from infra.kafka import headers_of, read_topics
 from infra.produce import ProduceReport, produce_synthetic
@@ -30,6 +31,7 @@ def run_demo(settings: Settings, console: Console, *, events: int, keep_up: bool
         _check(console, report, counts)
         _backfill_and_serve(settings, console, report)
         _stream(settings, console, report)
+        train_serve_and_predict(settings, console)
     finally:
         if keep_up or already_running:
             console.print("stack left running (`sluice down` stops it)")

@@ -1,0 +1,143 @@
+"""The demo's last steps: train models, serve them, send requests, show the prediction log."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from infra.kafka import read_topics
+from infra.settings import Settings
+from infra.stack import free_port
+
+MODEL = "delivery_eta"
+SINGLE_REQUESTS = 64  # concurrent one-row requests: the batcher groups them
+
+
+def train_serve_and_predict(settings: Settings, console: Console) -> None:
+    from infra.train import build_labels, print_train_report, train_models
+
+    console.rule("11. sluice train: point-in-time training sets (Spark) -> LightGBM -> registry")
+    report = train_models(settings, promote=True)
+    print_train_report(console, report, settings.models_dir)
+
+    labels, _ = build_labels(settings)
+    newest = labels.sort_values("event_timestamp").tail(8)
+    columns = ["restaurant_id", "zone_id", "distance_km", "hour_of_day", "items"]
+    rows: list[dict[str, Any]] = [
+        {c: (v.item() if hasattr(v, "item") else v) for c, v in zip(columns, values, strict=True)}
+        for values in newest[columns].itertuples(index=False)
+    ]
+    actual = [float(v) for v in newest["delivery_seconds"]]
+
+    console.rule("12. sluice serve: the predictor on 127.0.0.1 (uvicorn)")
+    server, thread, base = _start_server(settings)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            answer = client.post("/predict", json={"model": MODEL, "rows": rows})
+            answer.raise_for_status()
+            predictions = answer.json()["predictions"]
+            _show_predictions(console, rows, predictions, actual)
+            bad = client.post("/predict", json={"model": MODEL, "rows": [rows[0] | {"items": 0}]})
+            console.print(f"a bad request: {bad.status_code} {bad.json()['detail']}")
+            for prediction, label in zip(predictions, actual, strict=True):
+                sent = {"prediction_id": prediction["prediction_id"], "label": label}
+                client.post("/feedback", json=sent).raise_for_status()
+        sizes = asyncio.run(_concurrent_singles(base, rows))
+        console.print(
+            f"{SINGLE_REQUESTS} concurrent one-row requests answered; adaptive batches of "
+            f"up to {max(sizes)} rows (batch size gauge after the burst)"
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    console.print("predictor stopped (its prediction log flushed on shutdown)")
+
+    console.rule(f"13. the prediction log ({settings.prediction_topic}) and feedback")
+    logged = read_topics(settings, [settings.prediction_topic], idle_timeout_s=2.0)
+    feedback = read_topics(settings, [settings.feedback_topic], idle_timeout_s=2.0)
+    expected = len(rows) + SINGLE_REQUESTS
+    console.print(
+        f"{len(logged)} prediction records (expected at least {expected} from this run), "
+        f"{len(feedback)} feedback records"
+    )
+    if logged:
+        record = orjson.loads(logged[-1].value() or b"{}")
+        shown = {k: record[k] for k in list(record)[:6]}
+        console.print(f"one record: {shown} ... features: {len(record.get('features', {}))}")
+    if len(logged) < expected or len(feedback) < len(rows):
+        raise SystemExit(1)
+
+
+def _start_server(settings: Settings) -> tuple[Any, threading.Thread, str]:
+    import uvicorn
+
+    from serving.app import create_app
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    # Not the main thread, so uvicorn leaves the signal handlers alone.
+    thread = threading.Thread(target=server.run, name="demo-predictor", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit("the predictor did not start")
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+async def _concurrent_singles(base: str, rows: list[dict[str, Any]]) -> list[int]:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post("/predict", json={"model": MODEL, "rows": [rows[i % len(rows)]]})
+                for i in range(SINGLE_REQUESTS)
+            )
+        )
+        for answer in answers:
+            answer.raise_for_status()
+        metrics = (await client.get("/metrics")).text
+    sizes = [
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in metrics.splitlines()
+        if line.startswith("sluice_batch_size") and not line.startswith("#")
+    ]
+    return sizes or [1]
+
+
+def _show_predictions(
+    console: Console,
+    rows: list[dict[str, Any]],
+    predictions: list[dict[str, Any]],
+    actual: list[float],
+) -> None:
+    table = Table("restaurant", "zone", "km", "items", "predicted min", "actual min", "version")
+    table.add_column("feature ages (min)")
+    table.add_column("missing")
+    for row, answer, label in zip(rows, predictions, actual, strict=True):
+        ages = ", ".join(
+            f"{view}={'-' if age is None else round(age / 60_000)}"
+            for view, age in answer["feature_ages_ms"].items()
+        )
+        table.add_row(
+            row["restaurant_id"],
+            row["zone_id"],
+            f"{row['distance_km']:.1f}",
+            str(row["items"]),
+            f"{answer['prediction'] / 60:.1f}",
+            f"{label / 60:.1f}",
+            str(answer["model_version"]),
+            ages,
+            ", ".join(answer["missing"]) or "-",
+        )
+    console.print(table)
