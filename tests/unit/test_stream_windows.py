@@ -167,3 +167,46 @@ def test_views_the_engine_cannot_run_fail_at_compile_time():
     )
     with pytest.raises(UnsupportedViewError, match="7200 slides per window"):
         compile_view(tiny_slide)
+
+
+def test_job_configuration_local_remote_and_restore(tmp_path):
+    from streaming.errors import StreamJobError
+    from streaming.job import JobOptions, flink_configuration
+
+    local = flink_configuration(tmp_path, "job", JobOptions(), bounded=False, restore_from=None)
+    assert "execution.target" not in local  # a local mini-cluster
+    assert local["execution.checkpointing.interval"] == "10000 ms"
+    assert local["execution.checkpointing.externalized-checkpoint-retention"] == (
+        "RETAIN_ON_CANCELLATION"
+    )
+    assert local["execution.checkpointing.dir"] == (tmp_path / "checkpoints").resolve().as_uri()
+    assert "execution.state-recovery.path" not in local
+
+    remote = flink_configuration(
+        tmp_path,
+        "job",
+        JobOptions(jobmanager="flink.internal:8081"),
+        bounded=True,
+        restore_from=tmp_path / "savepoints" / "sp-1",
+    )
+    assert (remote["execution.target"], remote["rest.address"], remote["rest.port"]) == (
+        "remote",
+        "flink.internal",
+        "8081",
+    )
+    assert remote["execution.checkpointing.externalized-checkpoint-retention"] == (
+        "DELETE_ON_CANCELLATION"
+    )
+    assert remote["execution.state-recovery.path"].endswith("/savepoints/sp-1")
+    with pytest.raises(StreamJobError, match="not host:port"):
+        flink_configuration(
+            tmp_path, "job", JobOptions(jobmanager="nohost"), bounded=False, restore_from=None
+        )
+
+
+def test_jobmanager_setting_names_the_field():
+    from infra.errors import SettingsError
+    from infra.settings import load_settings
+
+    with pytest.raises(SettingsError, match="flink_jobmanager"):
+        load_settings(flink_jobmanager="just-a-host")
