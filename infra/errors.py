@@ -21,6 +21,12 @@ class StackError(SluiceInfraError):
     exit_code = 3
 
 
+class BrokerUnreachableError(SluiceInfraError):
+    """The Kafka broker at settings.kafka_bootstrap did not answer a metadata request."""
+
+    exit_code = 3
+
+
 class KafkaDeliveryError(SluiceInfraError):
     """Records could not be delivered to the broker within the time allowed."""
 

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from infra.errors import KafkaDeliveryError
+from infra.errors import BrokerUnreachableError, KafkaDeliveryError
 from infra.settings import Settings
 
 log = logging.getLogger("sluice.kafka")
@@ -38,7 +38,13 @@ def ensure_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet; return the ones created."""
     admin = AdminClient(settings.kafka_client_config())
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    try:
+        existing = set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:
+        raise BrokerUnreachableError(
+            f"no Kafka broker answers at {settings.kafka_bootstrap} (setting kafka_bootstrap) "
+            f"within {timeout_s:g} s: {exc.args[0].str()}; start one with `sluice up`"
+        ) from None
     wanted = sorted(set(topics) - existing)
     if not wanted:
         return []
