@@ -5,20 +5,19 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from feature_repo import codec, registry_ops
+from feature_repo import codec
 from feature_repo.config import feature_store
 from feature_repo.errors import OnlineStoreError
 from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureView
 from features.examples.delivery_features import restaurant_orders, restaurant_prep, zone_couriers
-from features.registry import load_registry
 from infra.settings import Settings
+from tests.feast_cases import feast_settings
 
 pytestmark = pytest.mark.integration
 END = 1_795_000_000_000 - 1_795_000_000_000 % 60_000  # a minute boundary
@@ -26,16 +25,7 @@ END = 1_795_000_000_000 - 1_795_000_000_000 % 60_000  # a minute boundary
 
 @pytest.fixture(scope="module")
 def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    tmp: Path = tmp_path_factory.mktemp("online")
-    settings = stack_settings.model_copy(
-        update={
-            "feast_project": "online_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-        }
-    )
-    registry_ops.apply(settings, load_registry(settings.definitions_module))
-    return settings
+    return feast_settings(stack_settings, tmp_path_factory.mktemp("online"), "online_test")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_repo import registry_ops
 from feature_repo.config import feature_store
 from features.definitions import FeatureView
 from features.examples.delivery_features import restaurant_orders, restaurant_prep, zone_couriers
 from features.reference import RowKey, compute_view, current_window_end, value_at, with_closing_rows
-from features.registry import load_registry
 from features.schema import FieldType
 from infra.settings import Settings
+from tests.feast_cases import feast_settings
 
 pytestmark = pytest.mark.integration
 MINUTE = 60_000
@@ -122,16 +121,7 @@ def labels(
 
 @pytest.fixture(scope="module")
 def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    tmp = tmp_path_factory.mktemp("pit")
-    settings = stack_settings.model_copy(
-        update={
-            "feast_project": "pit_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-        }
-    )
-    registry_ops.apply(settings, load_registry(settings.definitions_module))
-    return settings
+    return feast_settings(stack_settings, tmp_path_factory.mktemp("pit"), "pit_test")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from feature_repo import registry_ops
 from feature_repo.config import feature_store
 from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureView, empty_value
@@ -27,11 +26,11 @@ from features.examples.delivery_features import (
     restaurant_prep,
     zone_couriers,
 )
-from features.registry import load_registry
 from infra.kafka import read_topics
 from infra.settings import Settings
 from serving.app import create_app
 from serving.model_registry import ModelRegistry
+from tests.feast_cases import feast_settings
 from tests.serving_cases import random_row, trained_registry
 
 pytestmark = pytest.mark.integration
@@ -45,18 +44,15 @@ ZONES = [f"z{i}" for i in range(5)]
 def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp: Path = tmp_path_factory.mktemp("serving")
     run = uuid.uuid4().hex[:8]
-    settings = stack_settings.model_copy(
-        update={
-            "feast_project": "serving_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-            "models_dir": str(tmp / "models"),
-            "serve_models": ["delivery_eta", "delivery_eta_batch_only"],
-            "prediction_topic": f"test.predictions.{run}",
-            "feedback_topic": f"test.feedback.{run}",
-        }
+    settings = feast_settings(
+        stack_settings,
+        tmp,
+        "serving_test",
+        models_dir=str(tmp / "models"),
+        serve_models=["delivery_eta", "delivery_eta_batch_only"],
+        prediction_topic=f"test.predictions.{run}",
+        feedback_topic=f"test.feedback.{run}",
     )
-    registry_ops.apply(settings, load_registry(settings.definitions_module))
     rng = random.Random(11)
     with OnlineStore(settings.redis_url, settings.feast_project) as online:
         for view in VIEWS:
