@@ -23,6 +23,7 @@ def stream_command(
     import streaming
     from features.registry import load_registry
     from streaming.job import JobOptions
+    from streaming.runner import run as run_stream
 
     registry = load_registry(settings.definitions_module)
     views = streaming.stream_views(registry.views.values())
@@ -41,7 +42,7 @@ def stream_command(
     console.print(
         f"stream views {', '.join(v.name for v in views)} on {where}; Ctrl-C stops with a savepoint"
     )
-    report = streaming.run(
+    report = run_stream(
         settings,
         views,
         bounded_until_ms=until,

@@ -127,12 +127,13 @@ def _stream(settings: Settings, console: Console, report: ProduceReport) -> None
     from features.registry import load_registry
     from streaming.compile import features_topic
     from streaming.job import JobOptions
+    from streaming.runner import run as run_stream
 
     console.rule("9. Flink over the same events -> Redis + features.<view> topics")
     registry = load_registry(settings.definitions_module)
     views = streaming.stream_views(registry.views.values())
     started_ms = time.time_ns() // 1_000_000
-    result = streaming.run(
+    result = run_stream(
         settings,
         views,
         bounded_until_ms=report.last_event_ms + 1,
