@@ -58,7 +58,16 @@ def _record(pid: int, command: list[str], port: int = 1) -> ProcessRecord:
 
 
 def _spawn_sleep() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "30"], start_new_session=True)
+    """A `sleep` child, returned once it runs sleep: until the exec, /proc/<pid>/cmdline is
+    still Python's, and the stack (rightly) takes a process with another command line for a
+    recycled pid. Under load that window made these tests flaky."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes().startswith(b"sleep\0"):
+        assert time.monotonic() < deadline, "sleep did not start within 10 s"
+        time.sleep(0.001)
+    return proc
 
 
 # --- stack.json ----------------------------------------------------------------------------
