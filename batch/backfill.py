@@ -27,10 +27,10 @@ from batch.compile import compile_view, spark_type
 from batch.errors import BackfillRangeError
 from batch.offline_store import DAY_MS, load_state, read_offline, save_state, write_offline
 from batch.session import spark_session
+from core.settings import Settings
+from events.history import partition_dir
 from features.definitions import FeatureView
 from features.schema import EventSource
-from infra.history import partition_dir
-from infra.settings import Settings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

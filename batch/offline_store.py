@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from batch.compile import EVENT_TIMESTAMP, spark_type
 from batch.errors import OfflineStoreError
+from core.settings import Settings
 from features.definitions import FeatureView
 from features.schema import FieldType
-from infra.settings import Settings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from infra.settings import Settings
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

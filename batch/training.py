@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from batch.compile import EVENT_TIMESTAMP, epoch_ms
 from batch.errors import EventSchemaError
 from batch.offline_store import read_offline
+from core.settings import Settings
 from features.definitions import FeatureService, empty_value
-from infra.settings import Settings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -24,13 +24,13 @@ from batch.backfill import DEFAULT_CHUNK_DAYS, backfill, read_events, view_chunk
 from batch.compile import BUCKET, END, EVENT_TIMESTAMP, KEY, TIME, prepare_events, spark_type
 from batch.offline_store import write_offline
 from batch.session import spark_session
+from core.settings import Settings, load_settings
+from events.history import write_history
+from examples.delivery.features import VIEWS
+from examples.delivery.simulate import DeliverySimulator
+from examples.delivery.sources import SOURCES
 from features.definitions import AggregationFunction as Agg
 from features.definitions import FeatureView
-from features.examples.delivery import SOURCES
-from features.examples.delivery_features import VIEWS
-from infra.history import write_history
-from infra.settings import Settings, load_settings
-from infra.simulate import DeliverySimulator
 
 DAY_MS = 86_400_000
 START = datetime(2026, 10, 1, tzinfo=UTC)  # history in the past: every window is closed

@@ -22,13 +22,13 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, Producer
 
-from features.examples.delivery import SOURCES, SOURCES_BY_NAME
+from core.kafka import PRODUCER_DEFAULTS, ensure_topics
+from core.settings import Settings, load_settings
+from events.ingest import run_ingest
+from examples.delivery.produce import default_history_start_ms, produce_synthetic
+from examples.delivery.simulate import DeliverySimulator
+from examples.delivery.sources import SOURCES, SOURCES_BY_NAME
 from features.validation import EventValidator
-from infra.ingest import run_ingest
-from infra.kafka import PRODUCER_DEFAULTS, ensure_topics
-from infra.produce import default_history_start_ms, produce_synthetic
-from infra.settings import Settings, load_settings
-from infra.simulate import DeliverySimulator
 from infra.stack import free_port, stack_down, stack_up
 
 

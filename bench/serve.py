@@ -34,17 +34,17 @@ import orjson
 import pandas as pd
 import yaml
 
+from core.settings import Settings, load_settings
+from examples.delivery.features import delivery_eta
 from feature_repo import registry_ops
 from feature_repo.config import feature_store
 from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureService, FeatureView
-from features.examples.delivery_features import delivery_eta
 from features.registry import load_registry
 from features.schema import FieldType
-from infra.settings import Settings, load_settings
 from infra.stack import free_port, stack_down, stack_up
-from serving.model_registry import ModelRegistry
-from serving.training import fit, model_features
+from models.fit import fit, model_features
+from models.registry import ModelRegistry
 
 SERVICE = delivery_eta
 

@@ -33,14 +33,14 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from core.kafka import PRODUCER_DEFAULTS, ensure_topics
+from core.settings import Settings, load_settings
+from examples.delivery.features import restaurant_orders, zone_couriers
+from examples.delivery.simulate import DeliverySimulator
+from examples.delivery.sources import COURIER_PINGS, ORDERS
 from feature_repo.online import OnlineStore
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.examples.delivery import COURIER_PINGS, ORDERS
-from features.examples.delivery_features import restaurant_orders, zone_couriers
 from features.validation import EventValidator, ValidEvent
-from infra.kafka import PRODUCER_DEFAULTS, ensure_topics
-from infra.settings import Settings, load_settings
-from infra.simulate import DeliverySimulator
 from infra.stack import free_port, stack_down, stack_up
 from streaming.compile import compile_view, features_topic, source_table_sql
 from streaming.job import JobOptions, flink_configuration
@@ -134,7 +134,7 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
         def open(self, runtime_context: Any) -> None:
             import orjson
 
-            from infra.kafka import CountingProducer
+            from core.kafka import CountingProducer
 
             self.loads = orjson.loads
             self.counts = PrepareCounts()

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from core.settings import Settings
 from feature_repo.errors import FeatureRepoError
-from infra.settings import Settings
 
 if TYPE_CHECKING:
     from feast import FeatureStore, RepoConfig

@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from core.settings import Settings, load_settings
 from feature_repo.errors import FeastTranslationError
 from features.definitions import FeatureView, RequestFeatures
 from features.registry import Registry, load_registry
 from features.schema import FieldType
-from infra.settings import Settings, load_settings
 
 OFFLINE_SOURCE_SUFFIX = "_offline"
 REQUEST_SOURCES_TAG = "request_sources"

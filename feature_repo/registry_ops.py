@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.settings import Settings
 from feature_repo.config import feature_store
 from feature_repo.definitions import feast_objects
 from feature_repo.errors import FeastRegistryError
 from features.registry import Registry
-from infra.settings import Settings
 
 Change = Literal["added", "changed", "removed"]
 _KINDS = {

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.errors import StackError
-from infra.settings import LOOPBACK_HOSTS, Settings
+from core.errors import StackError
+from core.settings import LOOPBACK_HOSTS, Settings
 
 log = logging.getLogger("sluice.stack")
 

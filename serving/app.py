@@ -31,14 +31,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.settings import Settings
 from features.definitions import FeatureService
-from infra.settings import Settings
+from models.registry import ModelRegistry
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
 from serving.errors import ModelNotFoundError, OverloadedError, SluiceServingError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
-from serving.model_registry import ModelRegistry
 from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
 from serving.schemas import (
     FeedbackRequest,
@@ -220,7 +220,7 @@ def _build(
     if services is None:
         services = load_registry(settings.definitions_module).services
     if producer is None:
-        from infra.kafka import ensure_topics
+        from core.kafka import ensure_topics
 
         ensure_topics(settings, [settings.prediction_topic, settings.feedback_topic])
         producer = kafka_producer(settings)

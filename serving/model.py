@@ -13,10 +13,10 @@ import numpy.typing as npt
 
 from feature_repo.errors import OnlineStoreError
 from features.definitions import FeatureService
+from models.registry import ModelMetadata, ModelRegistry
 from serving.errors import FeatureStoreUnavailableError, ModelIncompatibleError, ModelRegistryError
 from serving.features import FeaturePlan, FeatureReader, JoinedRow, build_plan, join, read_rows
 from serving.features import to_matrix as rows_to_matrix
-from serving.model_registry import ModelMetadata, ModelRegistry
 
 
 @dataclass(frozen=True, eq=False)

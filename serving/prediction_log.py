@@ -198,7 +198,7 @@ def kafka_producer(settings: Any) -> ProducerLike:
     """A confluent-kafka producer for the log, with the project's producer defaults."""
     from confluent_kafka import Producer
 
-    from infra.kafka import PRODUCER_DEFAULTS
+    from core.kafka import PRODUCER_DEFAULTS
 
     # Short linger: log records should reach monitoring within milliseconds, not batch for 20.
     config = settings.kafka_client_config(**(PRODUCER_DEFAULTS | {"linger.ms": 5}))

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from core.kafka import CountingProducer
 from features.validation import Rejection, RejectReason
-from infra.kafka import CountingProducer
 from streaming.compile import CompiledView
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import (

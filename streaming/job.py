@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.settings import Settings
+from core.settings import Settings
 from streaming.compile import CompiledView, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from infra.settings import Settings
+from core.settings import Settings
 from streaming.errors import StreamJobError
 from streaming.sinks import STATS_TOPIC
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import FrameType
 
+from core.kafka import ensure_topics
+from core.settings import Settings
 from features.definitions import FeatureView
-from infra.kafka import ensure_topics
-from infra.settings import Settings
 from streaming.compile import CompiledView, compile_view, features_topic
 from streaming.errors import StreamJobError
 from streaming.job import JobOptions, build_job, job_dir, job_name, latest_snapshot

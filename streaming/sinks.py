@@ -20,11 +20,11 @@ from typing import Any
 
 import orjson
 
+from core.kafka import CountingProducer
+from core.settings import Settings
+from events.ingest import dead_letter_headers
 from features.definitions import FeatureView
 from features.validation import Rejection
-from infra.ingest import dead_letter_headers
-from infra.kafka import CountingProducer
-from infra.settings import Settings
 from streaming.compile import features_topic
 
 # One record per operator instance whenever its counts changed, plus a final one: the driver

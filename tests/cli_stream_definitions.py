@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from examples.delivery import sources as examples
+from examples.delivery.features import restaurant, zone
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.examples import delivery as examples
-from features.examples.delivery_features import restaurant, zone
 
 Agg = AggregationFunction
 EVERY_5S = (Window.sliding("1m", every="5s"),)

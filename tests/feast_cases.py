@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from infra.settings import Settings
+from core.settings import Settings
 
 
 def feast_settings(base: Settings, tmp: Path, project: str, **updates: Any) -> Settings:

@@ -15,8 +15,8 @@ import pandas as pd
 from feature_repo.online import OnlineRow
 from features.definitions import FeatureService, FeatureView
 from features.schema import FieldType
-from serving.model_registry import ModelRegistry
-from serving.training import fit, model_features
+from models.fit import fit, model_features
+from models.registry import ModelRegistry
 
 START_MS = 1_795_000_000_000 - 1_795_000_000_000 % 86_400_000
 

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from core.kafka import PRODUCER_DEFAULTS
+from core.settings import Settings
+from examples.delivery.features import restaurant_orders, zone_couriers
+from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.examples.delivery import ORDERS
-from features.examples.delivery_features import restaurant_orders, zone_couriers
 from features.schema import EventSource
 from features.validation import EventValidator, ValidEvent
-from infra.kafka import PRODUCER_DEFAULTS
-from infra.settings import Settings
 
 if TYPE_CHECKING:
     from confluent_kafka import Message

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from infra.stack import free_port, stack_down, stack_up
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
+from core.kafka import headers_of
+from core.settings import load_settings
 from features.reference import compute_view, with_closing_rows
-from infra.kafka import headers_of
-from infra.settings import load_settings
 from infra.stack import free_port
 from streaming.sinks import H_VIEW
 from tests.cli_stream_definitions import live_restaurant_orders, live_zone_couriers

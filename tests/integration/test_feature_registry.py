@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from feature_repo import registry_ops
 from feature_repo.config import REPO_DIR, feast_env, feature_store
 from features.registry import load_registry
-from infra.cli import app
 
 pytestmark = pytest.mark.integration
 FEAST = str(Path(sys.executable).parent / "feast")
@@ -42,7 +42,7 @@ def write_module(directory: Path, body: str) -> str:
 TTL_CHANGED = """
     from datetime import timedelta
 
-    from features.examples import delivery_features as base
+    from examples.delivery import features as base
 
     restaurant_orders = base.restaurant_orders.model_copy(update={"ttl": timedelta(hours=3)})
     zone_couriers = base.zone_couriers
@@ -53,7 +53,7 @@ TTL_CHANGED = """
     delivery_eta_batch_only = base.delivery_eta_batch_only
 """
 ZONES_DROPPED = """
-    from features.examples import delivery_features as base
+    from examples.delivery import features as base
 
     restaurant_orders = base.restaurant_orders
     restaurant_prep = base.restaurant_prep

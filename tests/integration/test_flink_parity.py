@@ -27,13 +27,13 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from batch.compile import compile_view
+from core.kafka import ensure_topics, headers_of
+from core.settings import Settings
+from events.ingest import H_OFFSET, H_PARTITION, H_REASON, H_SOURCE
+from examples.delivery.simulate import DeliverySimulator
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from features.schema import EventSource
-from infra.ingest import H_OFFSET, H_PARTITION, H_REASON, H_SOURCE
-from infra.kafka import ensure_topics, headers_of
-from infra.settings import Settings
-from infra.simulate import DeliverySimulator
 from streaming.compile import features_topic
 from streaming.monitor import StreamReport
 from streaming.runner import run as run_stream

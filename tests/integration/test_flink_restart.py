@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 import pytest
 
+from core.kafka import ensure_topics
+from core.settings import Settings
+from examples.delivery.features import zone_couriers
+from examples.delivery.simulate import DeliverySimulator
 from feature_repo.online import OnlineStore
 from features.definitions import FeatureView
-from features.examples.delivery_features import zone_couriers
 from features.reference import compute_view, with_closing_rows
-from infra.kafka import ensure_topics
-from infra.settings import Settings
-from infra.simulate import DeliverySimulator
 from streaming.compile import features_topic
 from streaming.runner import run as run_stream
 from tests.stream_cases import (

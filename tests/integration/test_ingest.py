@@ -10,13 +10,13 @@ from collections import Counter
 import orjson
 import pytest
 
-from features.examples.delivery import SOURCES
+from core.kafka import CountingProducer, ensure_topics, headers_of, read_topics
+from core.settings import Settings
+from events.ingest import H_FIELD, H_REASON, H_SOURCE, run_ingest
+from examples.delivery.produce import default_history_start_ms
+from examples.delivery.simulate import DeliverySimulator, corrupt
+from examples.delivery.sources import SOURCES
 from features.schema import EventSource
-from infra.ingest import H_FIELD, H_REASON, H_SOURCE, run_ingest
-from infra.kafka import CountingProducer, ensure_topics, headers_of, read_topics
-from infra.produce import default_history_start_ms
-from infra.settings import Settings
-from infra.simulate import DeliverySimulator, corrupt
 
 pytestmark = pytest.mark.integration
 

@@ -10,13 +10,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from core.settings import Settings
+from examples.delivery.features import restaurant_orders, restaurant_prep, zone_couriers
 from feature_repo import codec
 from feature_repo.config import feature_store
 from feature_repo.errors import OnlineStoreError
 from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureView
-from features.examples.delivery_features import restaurant_orders, restaurant_prep, zone_couriers
-from infra.settings import Settings
 from tests.feast_cases import feast_settings
 
 pytestmark = pytest.mark.integration

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.settings import Settings
+from examples.delivery.features import restaurant_orders, restaurant_prep, zone_couriers
 from feature_repo.config import feature_store
 from features.definitions import FeatureView
-from features.examples.delivery_features import restaurant_orders, restaurant_prep, zone_couriers
 from features.reference import RowKey, compute_view, current_window_end, value_at, with_closing_rows
 from features.schema import FieldType
-from infra.settings import Settings
 from tests.feast_cases import feast_settings
 
 pytestmark = pytest.mark.integration

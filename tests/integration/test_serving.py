@@ -16,20 +16,20 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from feature_repo.config import feature_store
-from feature_repo.online import OnlineRow, OnlineStore
-from features.definitions import FeatureView, empty_value
-from features.examples.delivery_features import (
+from core.kafka import read_topics
+from core.settings import Settings
+from examples.delivery.features import (
     delivery_eta,
     delivery_eta_batch_only,
     restaurant_orders,
     restaurant_prep,
     zone_couriers,
 )
-from infra.kafka import read_topics
-from infra.settings import Settings
+from feature_repo.config import feature_store
+from feature_repo.online import OnlineRow, OnlineStore
+from features.definitions import FeatureView, empty_value
+from models.registry import ModelRegistry
 from serving.app import create_app
-from serving.model_registry import ModelRegistry
 from tests.feast_cases import feast_settings
 from tests.serving_cases import random_row, trained_registry
 

@@ -34,19 +34,19 @@ from batch.offline_store import (
     write_offline,
 )
 from batch.training import feature_column, training_set
-from features.definitions import Aggregation, AggregationFunction, Entity, FeatureView, Window
-from features.examples.delivery import SOURCES
-from features.examples.delivery_features import (
+from core.settings import Settings, load_settings
+from events.history import SourceEvent, write_history
+from examples.delivery.features import (
     VIEWS,
     delivery_eta,
     restaurant_orders,
     zone_couriers,
 )
+from examples.delivery.simulate import CityConfig, DeliverySimulator
+from examples.delivery.sources import SOURCES
+from features.definitions import Aggregation, AggregationFunction, Entity, FeatureView, Window
 from features.reference import RowKey, compute_view, value_at, with_closing_rows
 from features.schema import EventSource, Field, FieldType
-from infra.history import write_history
-from infra.settings import Settings, load_settings
-from infra.simulate import CityConfig, DeliverySimulator, SimEvent
 from tests.spark_cases import EPOCH, Rows, canonical, frame, spark_rows, to_datetime, to_ms
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
@@ -146,8 +146,8 @@ def in_range(rows: Mapping[RowKey, Any], lo: int, hi: int) -> dict[RowKey, Any]:
     return {k: v for k, v in rows.items() if lo <= k[1] < hi}
 
 
-def until(sim: DeliverySimulator, end_ms: int) -> list[SimEvent]:
-    events: list[SimEvent] = []
+def until(sim: DeliverySimulator, end_ms: int) -> list[SourceEvent]:
+    events: list[SourceEvent] = []
     for event in sim.events():
         if event.event_time_ms >= end_ms:
             return events

@@ -12,7 +12,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # stubs omit it
 
-from infra.settings import load_settings
+from core.settings import load_settings
 from infra.stack import free_port, stack_down, stack_status, stack_up
 
 pytestmark = pytest.mark.integration

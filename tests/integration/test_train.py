@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from batch.backfill import backfill
+from batch.train import build_labels, train_models
+from core.settings import Settings
+from examples.delivery.produce import produce_synthetic
 from feature_repo import registry_ops
 from features.registry import load_registry
-from infra.produce import produce_synthetic
-from infra.settings import Settings
-from infra.train import build_labels, train_models
+from models.registry import ModelRegistry
 from serving.app import create_app
-from serving.model_registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.slow]
 START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: many orders

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infra.cli import app
+from cli.main import app
 
 ENV = {"COLUMNS": "200", "SLUICE_CONFIG": ""}
 
@@ -134,8 +134,8 @@ def test_validate_names_definition_and_field_of_a_broken_module(run, module_dir)
         module_dir,
         """
         from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-        from features.examples.delivery import ORDERS
-        from features.examples.delivery_features import restaurant
+        from examples.delivery.sources import ORDERS
+        from examples.delivery.features import restaurant
 
         busy = FeatureView(
             name="busy",

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from examples.delivery import features as ex
+from examples.delivery.sources import COURIER_PINGS, ORDERS
 from features.definitions import (
     Aggregation,
     AggregationFunction,
@@ -21,8 +23,6 @@ from features.definitions import (
     parse_duration,
 )
 from features.errors import FeatureDefinitionError
-from features.examples import delivery_features as ex
-from features.examples.delivery import COURIER_PINGS, ORDERS
 from features.registry import load_registry
 from features.schema import FieldType
 
@@ -196,11 +196,11 @@ def test_service_and_entity_errors():
 
 
 def test_registry_collects_everything():
-    registry = load_registry("features.examples.delivery_features")
+    registry = load_registry("examples.delivery.features")
     assert set(registry.views) == {"restaurant_orders", "zone_couriers", "restaurant_prep"}
     assert set(registry.sources) == {"orders", "courier_pings", "deliveries"}
     assert set(registry.services) == {"delivery_eta", "delivery_eta_batch_only"}
     assert registry.get("zone") == ex.zone
     assert COURIER_PINGS.name in registry.names()
     with pytest.raises(FeatureDefinitionError, match="No module named"):
-        load_registry("features.examples.nope")
+        load_registry("examples.nope")

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings, load_settings
+from examples.delivery.features import restaurant
+from examples.delivery.sources import ORDERS
 from feature_repo import definitions
 from feature_repo.config import REPO_DIR, feast_env, feast_redis_connection, repo_config
 from feature_repo.errors import FeastTranslationError, FeatureRepoError
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.examples.delivery import ORDERS
-from features.examples.delivery_features import restaurant
 from features.registry import Registry, load_registry
-from infra.settings import Settings, load_settings
 
-EXAMPLE = "features.examples.delivery_features"
+EXAMPLE = "examples.delivery.features"
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.examples.delivery import COURIER_PINGS, DELIVERIES, ORDERS, SOURCES
+from events.history import SourceEvent, arrow_schema, read_history, write_history
+from examples.delivery.simulate import CityConfig, DeliverySimulator
+from examples.delivery.sources import COURIER_PINGS, DELIVERIES, ORDERS, SOURCES
 from features.schema import EventSource, Field, FieldType
-from infra.history import arrow_schema, read_history, write_history
-from infra.simulate import CityConfig, DeliverySimulator, SimEvent
 
 # 22:00 on the 23rd: the stream below crosses midnight, so two date partitions per source.
 START_MS = int(datetime(2026, 11, 23, 22, tzinfo=UTC).timestamp() * 1000)
@@ -20,15 +20,15 @@ CITY = CityConfig(n_restaurants=40, n_couriers=30, peak_orders_per_minute=20)
 
 
 @pytest.fixture(scope="module")
-def events() -> list[SimEvent]:
+def events() -> list[SourceEvent]:
     return list(islice(DeliverySimulator(seed=4, start_ms=START_MS, city=CITY).events(), 8_000))
 
 
-def counts(events: list[SimEvent]) -> dict[str, int]:
+def counts(events: list[SourceEvent]) -> dict[str, int]:
     return {s.name: sum(1 for e in events if e.source == s.name) for s in SOURCES}
 
 
-def day_of(event: SimEvent) -> date:
+def day_of(event: SourceEvent) -> date:
     return datetime.fromtimestamp(event.event_time_ms / 1000, tz=UTC).date()
 
 
@@ -111,13 +111,13 @@ def test_nullable_fields_and_epoch_millisecond_timestamps(tmp_path) -> None:
         ),
     )
     rows = [
-        SimEvent(
+        SourceEvent(
             "ratings",
             "o1",
             START_MS,
             {"order_id": "o1", "stars": 5, "tipped": True, "rated_at": START_MS},
         ),
-        SimEvent(
+        SourceEvent(
             "ratings",
             "o2",
             START_MS + 1,
@@ -135,6 +135,6 @@ def test_nullable_fields_and_epoch_millisecond_timestamps(tmp_path) -> None:
 
 
 def test_missing_required_value_is_an_error_naming_the_field(tmp_path) -> None:
-    broken = SimEvent("orders", "r1", START_MS, {"order_id": "o1", "restaurant_id": "r1"})
+    broken = SourceEvent("orders", "r1", START_MS, {"order_id": "o1", "restaurant_id": "r1"})
     with pytest.raises(ValueError, match=r"orders\.zone_id"):
         write_history([broken], tmp_path, [ORDERS])

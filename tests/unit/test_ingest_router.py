@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from features.examples.delivery import COURIER_PINGS, ORDERS, SOURCES
-from infra.ingest import H_FIELD, H_OFFSET, H_REASON, H_SOURCE, IngestRouter
+from events.ingest import H_FIELD, H_OFFSET, H_REASON, H_SOURCE, IngestRouter
+from examples.delivery.sources import COURIER_PINGS, ORDERS, SOURCES
 
 NOW_MS = 1_795_428_000_000
 ORDER = {

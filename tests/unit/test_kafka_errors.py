@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from infra.errors import BrokerUnreachableError
-from infra.kafka import ensure_topics
-from infra.settings import load_settings
+from core.errors import BrokerUnreachableError
+from core.kafka import ensure_topics
+from core.settings import load_settings
 from infra.stack import free_port
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, Entity, FeatureView, Window
-from features.examples.delivery import ORDERS
 from features.reference import (
     aggregate,
     compute_view,

@@ -15,18 +15,18 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from feature_repo.errors import OnlineStoreError
-from features.definitions import FeatureView
-from features.examples.delivery_features import (
+from core.settings import Settings, load_settings
+from examples.delivery.features import (
     delivery_eta,
     delivery_eta_batch_only,
     restaurant_orders,
     restaurant_prep,
     zone_couriers,
 )
-from infra.settings import Settings, load_settings
+from feature_repo.errors import OnlineStoreError
+from features.definitions import FeatureView
+from models.registry import ModelRegistry
 from serving.app import create_app
-from serving.model_registry import ModelRegistry
 from tests.serving_cases import FakeProducer, FakeReader, random_row, trained_registry
 
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from features.examples.delivery_features import delivery_eta, delivery_eta_batch_only
+from examples.delivery.features import delivery_eta, delivery_eta_batch_only
+from models.fit import fit, model_features, time_split, to_matrix
+from models.registry import METADATA_FILE, ModelRegistry
 from serving.errors import ModelNotFoundError, ModelRegistryError, TrainingDataError
 from serving.model import model_from_text
-from serving.model_registry import METADATA_FILE, ModelRegistry
-from serving.training import fit, model_features, time_split, to_matrix
 from tests.serving_cases import synthetic_training_set
 
 
@@ -118,8 +118,8 @@ def test_object_store_uris_go_through_pyarrow(tmp_path):
     ],
 )
 def test_serving_settings_are_validated_with_the_field_named(override, message):
-    from infra.errors import SettingsError
-    from infra.settings import load_settings
+    from core.errors import SettingsError
+    from core.settings import load_settings
 
     with pytest.raises(SettingsError, match=message):
         load_settings(**override)

@@ -11,17 +11,17 @@ import numpy as np
 import orjson
 import pytest
 
-from features.examples.delivery import COURIER_PINGS, DELIVERIES, ORDERS, SOURCES_BY_NAME
-from features.validation import EventValidator, Rejection, ValidEvent
-from infra.simulate import (
+from events.history import SourceEvent
+from examples.delivery.simulate import (
     CityConfig,
     CorruptionKind,
     DeliverySimulator,
-    SimEvent,
     corrupt,
     iso_utc_ms,
     realtime_intensity,
 )
+from examples.delivery.sources import COURIER_PINGS, DELIVERIES, ORDERS, SOURCES_BY_NAME
+from features.validation import EventValidator, Rejection, ValidEvent
 
 MIDNIGHT_MS = int(datetime(2026, 11, 23, tzinfo=UTC).timestamp() * 1000)
 HOUR_MS = 3_600_000
@@ -32,12 +32,12 @@ SMALL_CITY = CityConfig(
 )
 
 
-def take(sim: DeliverySimulator, count: int) -> list[SimEvent]:
+def take(sim: DeliverySimulator, count: int) -> list[SourceEvent]:
     return list(islice(sim.events(), count))
 
 
-def until(sim: DeliverySimulator, end_ms: int) -> list[SimEvent]:
-    events: list[SimEvent] = []
+def until(sim: DeliverySimulator, end_ms: int) -> list[SourceEvent]:
+    events: list[SourceEvent] = []
     for event in sim.events():
         if event.event_time_ms >= end_ms:
             return events
@@ -46,13 +46,13 @@ def until(sim: DeliverySimulator, end_ms: int) -> list[SimEvent]:
 
 
 @pytest.fixture(scope="module")
-def lunch_events() -> list[SimEvent]:
+def lunch_events() -> list[SourceEvent]:
     """Default city from 10:00: rush hour builds up, deliveries complete."""
     return take(DeliverySimulator(seed=LUNCH_SEED, start_ms=MIDNIGHT_MS + 10 * HOUR_MS), 40_000)
 
 
 @pytest.fixture(scope="module")
-def small_city_day() -> list[SimEvent]:
+def small_city_day() -> list[SourceEvent]:
     return until(
         DeliverySimulator(seed=11, start_ms=MIDNIGHT_MS, city=SMALL_CITY),
         MIDNIGHT_MS + 24 * HOUR_MS,
@@ -72,7 +72,7 @@ def test_each_call_to_events_restarts_the_stream() -> None:
     assert take(sim, 500) == take(sim, 500)
 
 
-def test_every_event_is_valid_and_matches_its_envelope(lunch_events: list[SimEvent]) -> None:
+def test_every_event_is_valid_and_matches_its_envelope(lunch_events: list[SourceEvent]) -> None:
     validators = {name: EventValidator(source) for name, source in SOURCES_BY_NAME.items()}
     now_ms = lunch_events[-1].event_time_ms
     for event in lunch_events:
@@ -85,13 +85,13 @@ def test_every_event_is_valid_and_matches_its_envelope(lunch_events: list[SimEve
     assert set(Counter(e.source for e in lunch_events)) == {"orders", "courier_pings", "deliveries"}
 
 
-def test_event_times_never_decrease(lunch_events: list[SimEvent]) -> None:
+def test_event_times_never_decrease(lunch_events: list[SourceEvent]) -> None:
     times = [e.event_time_ms for e in lunch_events]
     assert times == sorted(times)
     assert times[0] >= MIDNIGHT_MS + 10 * HOUR_MS
 
 
-def test_deliveries_follow_their_orders(lunch_events: list[SimEvent]) -> None:
+def test_deliveries_follow_their_orders(lunch_events: list[SourceEvent]) -> None:
     placed = {e.payload["order_id"]: e.payload for e in lunch_events if e.source == "orders"}
     deliveries = [e.payload for e in lunch_events if e.source == "deliveries"]
     assert deliveries
@@ -108,7 +108,7 @@ def test_deliveries_follow_their_orders(lunch_events: list[SimEvent]) -> None:
         assert delivery["delivery_seconds"] > delivery["prep_seconds"]
 
 
-def test_rush_hour_orders_outnumber_night_orders(small_city_day: list[SimEvent]) -> None:
+def test_rush_hour_orders_outnumber_night_orders(small_city_day: list[SourceEvent]) -> None:
     def orders_between(start_hour: int, end_hour: int) -> int:
         lo, hi = MIDNIGHT_MS + start_hour * HOUR_MS, MIDNIGHT_MS + end_hour * HOUR_MS
         return sum(1 for e in small_city_day if e.source == "orders" and lo <= e.event_time_ms < hi)
@@ -118,7 +118,7 @@ def test_rush_hour_orders_outnumber_night_orders(small_city_day: list[SimEvent])
     assert dinner > 3 * max(night, 1)
 
 
-def test_more_couriers_ping_at_rush_hour(small_city_day: list[SimEvent]) -> None:
+def test_more_couriers_ping_at_rush_hour(small_city_day: list[SourceEvent]) -> None:
     def couriers_between(start_hour: int, end_hour: int) -> int:
         lo, hi = MIDNIGHT_MS + start_hour * HOUR_MS, MIDNIGHT_MS + end_hour * HOUR_MS
         pings = (e for e in small_city_day if e.source == "courier_pings")
@@ -127,7 +127,7 @@ def test_more_couriers_ping_at_rush_hour(small_city_day: list[SimEvent]) -> None
     assert couriers_between(19, 20) > 2 * couriers_between(3, 4)
 
 
-def test_prep_time_grows_with_restaurant_load(lunch_events: list[SimEvent]) -> None:
+def test_prep_time_grows_with_restaurant_load(lunch_events: list[SourceEvent]) -> None:
     # Load as a streaming feature sees it: the restaurant's orders in the last 15 minutes.
     recent: dict[str, deque[int]] = defaultdict(deque)
     load_at_order: dict[str, int] = {}
@@ -156,7 +156,7 @@ def test_prep_time_grows_with_restaurant_load(lunch_events: list[SimEvent]) -> N
     assert np.corrcoef(load_deviation, prep_deviation)[0, 1] > 0.2
 
 
-def test_slow_zones_have_slower_pings(lunch_events: list[SimEvent]) -> None:
+def test_slow_zones_have_slower_pings(lunch_events: list[SourceEvent]) -> None:
     sim = DeliverySimulator(seed=LUNCH_SEED, start_ms=0)  # the layout depends on the seed only
     slow = {z.zone_id for z in sim.zones if z.slow}
     assert 0 < len(slow) < len(sim.zones)
@@ -209,7 +209,7 @@ def test_corrupted_events_are_rejected_as_declared(kind, source, lunch_events) -
     assert isinstance(validator.validate(orjson.dumps(good[0]), now_ms=now_ms), ValidEvent)
 
 
-def test_corrupt_without_kind_mixes_kinds(lunch_events: list[SimEvent]) -> None:
+def test_corrupt_without_kind_mixes_kinds(lunch_events: list[SourceEvent]) -> None:
     rng = random.Random(0)
     payload = next(e.payload for e in lunch_events if e.source == "orders")
     reasons = Counter(corrupt(rng, ORDERS, payload)[1] for _ in range(200))

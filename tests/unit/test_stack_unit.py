@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import StackError
+from core.settings import load_settings
 from infra import stack
-from infra.errors import StackError
-from infra.settings import load_settings
 from infra.stack import ComponentStatus, ProcessRecord
 
 EXTERNAL_BROKER = "10.255.255.1:9"

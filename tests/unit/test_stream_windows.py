@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 import pytest
 
+from examples.delivery.features import restaurant_orders, restaurant_prep
+from examples.delivery.simulate import DeliverySimulator
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.examples.delivery_features import restaurant_orders, restaurant_prep
 from features.reference import compute_view, with_closing_rows
 from features.schema import EventSource
 from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
-from infra.simulate import DeliverySimulator
 from streaming.compile import compile_view
 from streaming.errors import UnsupportedViewError
 from streaming.prepare import EventPreparer, Filtered
@@ -205,8 +205,8 @@ def test_job_configuration_local_remote_and_restore(tmp_path):
 
 
 def test_jobmanager_setting_names_the_field():
-    from infra.errors import SettingsError
-    from infra.settings import load_settings
+    from core.errors import SettingsError
+    from core.settings import load_settings
 
     with pytest.raises(SettingsError, match="flink_jobmanager"):
         load_settings(flink_jobmanager="just-a-host")

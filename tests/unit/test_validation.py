@@ -7,8 +7,8 @@ from datetime import timedelta
 import orjson
 import pytest
 
+from examples.delivery.sources import ORDERS
 from features import EventSource, EventValidator, FeatureDefinitionError, Field, FieldType
-from features.examples.delivery import ORDERS
 from features.validation import Rejection, RejectReason, ValidEvent
 
 NOW_MS = 1_795_428_000_000  # 2026-11-23T10:00:00Z

@@ -17,8 +17,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from infra.errors import BrokerUnreachableError, KafkaDeliveryError
-from infra.settings import Settings
+from core.errors import BrokerUnreachableError, KafkaDeliveryError
+from core.settings import Settings
 
 log = logging.getLogger("sluice.kafka")
 

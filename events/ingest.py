@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from core.errors import IngestError
+from core.kafka import CountingProducer, ensure_topics
+from core.settings import Settings
 from features.schema import EventSource
 from features.validation import EventValidator, Rejection, RejectReason
-from infra.errors import IngestError
-from infra.kafka import CountingProducer, ensure_topics
-from infra.settings import Settings
 
 log = logging.getLogger("sluice.ingest")
 JOIN_TIMEOUT_S = 60.0

@@ -17,6 +17,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import SluiceInfraError
+from core.settings import Settings, load_settings
 from features.definitions import (
     Entity,
     FeatureService,
@@ -27,8 +29,6 @@ from features.definitions import (
 from features.errors import FeatureDefinitionError, SluiceFeaturesError
 from features.registry import Registry, load_registry
 from features.schema import EventSource, Field
-from infra.errors import SluiceInfraError
-from infra.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from feature_repo.registry_ops import ObjectChange
@@ -44,8 +44,8 @@ ModuleOption = Annotated[
 
 
 def _settings() -> Settings:
-    # The parent app's callback has read --config; imported late because infra.cli imports us.
-    from infra import cli
+    # The parent app's callback has read --config; imported late because cli.main imports us.
+    from cli import main as cli
 
     try:
         return cli.settings()

@@ -11,17 +11,32 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.schema import EventSource, FieldType
-from infra.simulate import SimEvent
 
 DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEvent:
+    """One event of a source: ``payload`` holds exactly the source's declared fields."""
+
+    source: str
+    key: str
+    event_time_ms: int
+    payload: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.payload)
+
 
 _ARROW_TYPES: dict[FieldType, Any] = {
     FieldType.STRING: pa.string(),
@@ -75,7 +90,7 @@ class _HistoryWriter:
         self.buffered = 0
         self.rows_written = {s.name: 0 for s in sources}
 
-    def add(self, event: SimEvent) -> None:
+    def add(self, event: SourceEvent) -> None:
         key = (event.source, event.event_time_ms // DAY_MS)
         rows = self.pending.get(key)
         if rows is None:
@@ -131,7 +146,7 @@ class _HistoryWriter:
 
 
 def write_history(
-    events: Iterable[SimEvent],
+    events: Iterable[SourceEvent],
     root: Path,
     sources: Sequence[EventSource],
     batch_rows: int = 100_000,

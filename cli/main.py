@@ -15,19 +15,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from features.errors import SluiceFeaturesError
-from infra.cli_features import features_app
-from infra.cli_stream import (
+from cli.features import features_app
+from cli.stream import (
     FreshOption,
     ReportOption,
     UntilOption,
     ViewOption,
     stream_command,
 )
-from infra.errors import SluiceInfraError
-from infra.ingest import IngestCounts
-from infra.logs import configure_logging
-from infra.settings import Settings, load_settings
+from core.errors import SluiceInfraError
+from core.logs import configure_logging
+from core.settings import Settings, load_settings
+from events.ingest import IngestCounts
+from features.errors import SluiceFeaturesError
 from infra.stack import ComponentStatus
 from serving.errors import SluiceServingError
 from streaming.errors import StreamingError
@@ -92,7 +92,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show what runs, where, and the topics on the broker."""
-    from infra.kafka import topic_summary
+    from core.kafka import topic_summary
     from infra.stack import stack_status
 
     console.print(_stack_table(stack_status(settings())))
@@ -149,7 +149,7 @@ def produce(
     kafka: Annotated[bool, typer.Option(help="Publish to the raw topics.")] = True,
 ) -> None:
     """Generate synthetic food-delivery traffic (orders, courier pings, deliveries)."""
-    from infra.produce import produce_synthetic
+    from examples.delivery.produce import produce_synthetic
 
     if rate and start:
         raise typer.BadParameter("--start and --rate exclude each other (live runs start now)")
@@ -186,8 +186,8 @@ def ingest(
     group: Annotated[str, typer.Option(help="Consumer group (offsets resume).")] = "sluice-ingest",
 ) -> None:
     """Validate raw events: valid ones to the event topics, the rest to the dead-letter topic."""
-    from features.examples.delivery import SOURCES
-    from infra.ingest import run_ingest
+    from events.ingest import run_ingest
+    from examples.delivery.sources import SOURCES
 
     with _progress(None, "ingesting") as progress:
         task = progress.add_task("ingest", total=None)
@@ -305,7 +305,7 @@ def train(
     ] = None,
 ) -> None:
     """Train LightGBM models on point-in-time training sets; store them in the model registry."""
-    from infra.train import DEFAULT_SERVICES, print_train_report, train_models
+    from batch.train import DEFAULT_SERVICES, print_train_report, train_models
 
     report = train_models(
         settings(),
@@ -325,9 +325,9 @@ def serve(
     """Run the predictor (FastAPI on uvicorn): /predict, /feedback, /models, /metrics, /docs."""
     import uvicorn
 
+    from models.registry import ModelRegistry
     from serving.app import create_app
     from serving.errors import ModelNotFoundError
-    from serving.model_registry import ModelRegistry
 
     s = settings()
     models = ModelRegistry(s.models_dir)
@@ -351,7 +351,7 @@ def demo(
     keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
 ) -> None:
     """Run the pipeline end to end on the local stack and say what happened."""
-    from infra.demo import run_demo
+    from examples.delivery.demo import run_demo
 
     run_demo(settings(), console, events=events, keep_up=keep_up)
 

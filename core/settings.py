@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infra.errors import SettingsError
+from core.errors import SettingsError
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     offline_store_dir: Path = DATA_DIR / "offline"
     feast_registry: Path = DATA_DIR / "registry.db"
     # Module whose top-level definitions (views, services, ...) make up the registry.
-    definitions_module: str = "features.examples.delivery_features"
+    definitions_module: str = "examples.delivery.features"
     # Spark master: local[*] here, spark://host:7077 or yarn on a cluster.
     spark_master: str = "local[*]"
     # Flink: empty runs `sluice stream` on a local mini-cluster; "host:port" of a JobManager's

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.settings import Settings
+from core.settings import Settings
 
 
 def stream_command(

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import orjson
 
-from features.examples.delivery import SOURCES, SOURCES_BY_NAME
-from infra.history import write_history
-from infra.kafka import CountingProducer, ensure_topics
-from infra.settings import Settings
-from infra.simulate import DEFAULT_CITY, DeliverySimulator, SimEvent, corrupt, realtime_intensity
+from core.kafka import CountingProducer, ensure_topics
+from core.settings import Settings
+from events.history import SourceEvent, write_history
+from examples.delivery.simulate import DEFAULT_CITY, DeliverySimulator, corrupt, realtime_intensity
+from examples.delivery.sources import SOURCES, SOURCES_BY_NAME
 
 log = logging.getLogger("sluice.produce")
 
@@ -39,7 +39,7 @@ class ProduceReport:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
-def _live(events: Iterator[SimEvent]) -> Iterator[SimEvent]:
+def _live(events: Iterator[SourceEvent]) -> Iterator[SourceEvent]:
     """Release each event when the wall clock reaches its event time."""
     for event in events:
         delay = event.event_time_ms / 1000 - time.time()
@@ -114,7 +114,7 @@ def produce_synthetic(
     if producer is not None:
         ensure_topics(settings, [s.raw_topic for s in SOURCES])
 
-    def published() -> Iterator[SimEvent]:
+    def published() -> Iterator[SourceEvent]:
         """The event stream, publishing each event to its raw topic on the way through."""
         events = itertools.islice(simulator.events(), n_events)
         for event in _live(events) if rate else events:

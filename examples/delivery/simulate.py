@@ -34,7 +34,8 @@ from typing import Any
 
 import orjson
 
-from features.examples.delivery import COURIER_PINGS, DELIVERIES, ORDERS
+from events.history import SourceEvent
+from examples.delivery.sources import COURIER_PINGS, DELIVERIES, ORDERS
 from features.schema import EventSource, FieldType
 from features.validation import RejectReason
 
@@ -49,19 +50,6 @@ ZONE_HOP_PER_PING = 0.01  # couriers repositioning on their own, besides being d
 ZONE_DRIFT_KEEP = 0.9  # per-minute persistence of a zone's incident/weather speed factor
 ZONE_DRIFT_NOISE = 0.04
 ZONE_CELL_LAT, ZONE_CELL_LON = 0.03, 0.045  # roughly 3.3 km square cells at 52 degrees north
-
-
-@dataclass(frozen=True, slots=True)
-class SimEvent:
-    """One generated event: ``payload`` holds exactly the source's declared fields."""
-
-    source: str
-    key: str
-    event_time_ms: int
-    payload: dict[str, Any]
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.payload)
 
 
 @dataclass(frozen=True)
@@ -244,7 +232,7 @@ class DeliverySimulator:
         n_couriers = max(1, round(city.n_couriers * intensity))
         self.courier_ids = tuple(f"c{i:05d}" for i in range(n_couriers))
 
-    def events(self) -> Iterator[SimEvent]:
+    def events(self) -> Iterator[SourceEvent]:
         """The endless event stream, non-decreasing in event time. Each call starts afresh."""
         # Hot loop: state lives in local lists indexed by entity number, not in objects.
         city, intensity = self.city, self.intensity
@@ -377,7 +365,7 @@ class DeliverySimulator:
                 next_ping = t + int(ping_interval_ms * (0.9 + 0.2 * rand()))
                 heapreplace(heap, (next_ping, next(sequence), _PING, a, b))
                 courier_id = courier_ids[a]
-                yield SimEvent(
+                yield SourceEvent(
                     pings,
                     courier_id,
                     t,
@@ -394,12 +382,12 @@ class DeliverySimulator:
                 order = place_order(t)  # pushes a later delivery: heap[0] is still this order
                 following = next_order_time(a)
                 heapreplace(heap, (int(following), next(sequence), _ORDER, following, 0))
-                yield SimEvent(orders, order["restaurant_id"], t, order)
+                yield SourceEvent(orders, order["restaurant_id"], t, order)
             elif kind == _DELIVERY:  # a: order number, b: packed by place_order
                 heappop(heap)
                 restaurant, zone, courier, distance, prep, duration, placed_ms = _PENDING.unpack(b)
                 order_id = f"{order_prefix}{a}"
-                yield SimEvent(
+                yield SourceEvent(
                     deliveries,
                     order_id,
                     t,

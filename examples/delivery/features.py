@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from examples.delivery.sources import COURIER_PINGS, DELIVERIES, ORDERS
 from features.definitions import (
     Aggregation,
     AggregationFunction,
@@ -14,7 +15,6 @@ from features.definitions import (
     RequestFeatures,
     Window,
 )
-from features.examples.delivery import COURIER_PINGS, DELIVERIES, ORDERS
 from features.schema import Field, FieldType
 
 Agg = AggregationFunction

@@ -12,8 +12,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from infra.kafka import read_topics
-from infra.settings import Settings
+from core.kafka import read_topics
+from core.settings import Settings
 from infra.stack import free_port
 
 MODEL = "delivery_eta"
@@ -21,7 +21,7 @@ SINGLE_REQUESTS = 64  # concurrent one-row requests: the batcher groups them
 
 
 def train_serve_and_predict(settings: Settings, console: Console) -> None:
-    from infra.train import build_labels, print_train_report, train_models
+    from batch.train import build_labels, print_train_report, train_models
 
     console.rule("11. sluice train: point-in-time training sets (Spark) -> LightGBM -> registry")
     report = train_models(settings, promote=True)

@@ -1,5 +1,5 @@
 """`sluice train`: labels from the event history, point-in-time features from the offline store
-(Spark, batch.training), LightGBM per feature service (serving.training), models to the registry.
+(Spark, batch.training), LightGBM per feature service (models.fit), models to the registry.
 
 Labels: one row per delivery in the history (settings.history_dir): label delivery_seconds,
 event_timestamp = placed_at (features must be those known when the order was placed),
@@ -25,14 +25,14 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import SluiceInfraError
+from core.settings import Settings
+from events.history import read_history
+from examples.delivery.sources import DELIVERIES, ORDERS
 from features.definitions import FeatureService
-from features.examples.delivery import DELIVERIES, ORDERS
-from infra.errors import SluiceInfraError
-from infra.history import read_history
-from infra.settings import Settings
 
 if TYPE_CHECKING:
-    from serving.model_registry import ModelMetadata
+    from models.registry import ModelMetadata
 
 LABEL = "delivery_seconds"
 DEFAULT_SERVICES = ("delivery_eta", "delivery_eta_batch_only")
@@ -101,9 +101,9 @@ def train_models(
     from batch.session import spark_session
     from batch.training import training_set
     from features.registry import load_registry
+    from models.fit import fit
+    from models.registry import ModelRegistry
     from serving.errors import SluiceServingError
-    from serving.model_registry import ModelRegistry
-    from serving.training import fit
 
     registry = load_registry(settings.definitions_module)
     unknown = sorted(set(services) - set(registry.services))

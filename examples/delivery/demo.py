@@ -10,12 +10,12 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from features.examples.delivery import SOURCES
-from infra.demo_serve import train_serve_and_predict
-from infra.ingest import H_ERROR, IngestCounts, run_ingest
-from infra.kafka import headers_of, read_topics
-from infra.produce import ProduceReport, produce_synthetic
-from infra.settings import Settings
+from core.kafka import headers_of, read_topics
+from core.settings import Settings
+from events.ingest import H_ERROR, IngestCounts, run_ingest
+from examples.delivery.demo_serve import train_serve_and_predict
+from examples.delivery.produce import ProduceReport, produce_synthetic
+from examples.delivery.sources import SOURCES
 from infra.stack import stack_down, stack_status, stack_up
 
 

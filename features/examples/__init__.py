@@ -1,1 +1,0 @@
-"""Example domains built with the definition language (kept apart from the language itself)."""
