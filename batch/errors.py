@@ -1,12 +1,15 @@
-"""Typed errors of the batch (Spark) engine, in one place. The CLI maps each to an exit code."""
+"""Typed errors of the batch (Spark) engine, in one place."""
 
 from __future__ import annotations
 
+from core.errors import ExitCode, SluiceError
 
-class SluiceBatchError(Exception):
-    """Base of every error raised by the batch package. ``exit_code`` is what the CLI exits with."""
 
-    exit_code = 1
+class SluiceBatchError(SluiceError):
+    """Base of every error raised by the batch package."""
+
+    exit_code = ExitCode.JOB
+    code = "batch_error"
 
 
 class UnsupportedAggregationError(SluiceBatchError):
@@ -15,7 +18,7 @@ class UnsupportedAggregationError(SluiceBatchError):
     Raised by ``compile_view`` before any Spark job runs, naming the view and the feature.
     """
 
-    exit_code = 7
+    exit_code = ExitCode.DEFINITION
 
     def __init__(self, view: str, feature: str, reason: str) -> None:
         self.view, self.feature, self.reason = view, feature, reason
@@ -25,7 +28,7 @@ class UnsupportedAggregationError(SluiceBatchError):
 class EventSchemaError(SluiceBatchError):
     """The events (or labels) DataFrame lacks a column a view needs, or has the wrong type."""
 
-    exit_code = 7
+    exit_code = ExitCode.DATA
 
     def __init__(self, what: str, column: str, reason: str) -> None:
         self.what, self.column, self.reason = what, column, reason
@@ -35,10 +38,16 @@ class EventSchemaError(SluiceBatchError):
 class BackfillRangeError(SluiceBatchError):
     """A backfill was asked for an empty or inverted date range."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class OfflineStoreError(SluiceBatchError):
     """The offline store or its backfill state file could not be read or written."""
 
-    exit_code = 8
+    exit_code = ExitCode.STORAGE
+
+
+class TrainError(SluiceBatchError):
+    """No labels, unknown services, or a training set that cannot be fitted."""
+
+    exit_code = ExitCode.DATA

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
-from core.errors import SluiceInfraError
+from batch.errors import TrainError
 from core.settings import Settings
 from events.history import read_history
 from examples.delivery.sources import DELIVERIES, ORDERS
@@ -36,12 +36,6 @@ if TYPE_CHECKING:
 
 LABEL = "delivery_seconds"
 DEFAULT_SERVICES = ("delivery_eta", "delivery_eta_batch_only")
-
-
-class TrainError(SluiceInfraError):
-    """No labels, unknown services, or a training set that cannot be fitted."""
-
-    exit_code = 11
 
 
 @dataclass(frozen=True)
@@ -101,9 +95,9 @@ def train_models(
     from batch.session import spark_session
     from batch.training import training_set
     from features.registry import load_registry
+    from models.errors import ModelError
     from models.fit import fit
     from models.registry import ModelRegistry
-    from serving.errors import SluiceServingError
 
     registry = load_registry(settings.definitions_module)
     unknown = sorted(set(services) - set(registry.services))
@@ -131,7 +125,7 @@ def train_models(
                 do_promote = promote if promote is not None else models.production(name) is None
                 if do_promote:
                     models.promote(name, stored.version)
-            except SluiceServingError as exc:
+            except ModelError as exc:
                 raise TrainError(f"service {name!r}: {exc}") from exc
             trained.append(TrainedVersion(stored, do_promote, _rows_with_features(frame, service)))
     finally:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from core.errors import SluiceInfraError
+from core.errors import ExitCode, SluiceError
 from core.settings import Settings, load_settings
 from features.definitions import (
     Entity,
@@ -26,7 +26,7 @@ from features.definitions import (
     RequestFeatures,
     duration_name,
 )
-from features.errors import FeatureDefinitionError, SluiceFeaturesError
+from features.errors import FeatureDefinitionError
 from features.registry import Registry, load_registry
 from features.schema import EventSource, Field
 
@@ -61,9 +61,9 @@ def _console() -> Console:
 def _reporting_errors() -> Iterator[None]:
     try:
         yield
-    except (SluiceFeaturesError, SluiceInfraError) as exc:
+    except SluiceError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        raise typer.Exit(int(exc.exit_code)) from None
 
 
 def load_definitions(module: str) -> Registry:
@@ -192,7 +192,7 @@ def describe(
     except KeyError:
         known = ", ".join(sorted(registry.names()))
         Console(stderr=True).print(f"[red]error:[/red] no definition {name!r}; known: {known}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(int(ExitCode.NOT_FOUND)) from None
     if isinstance(item, FeatureView):
         for line in _describe_view(item, registry, settings):
             console.print(line, highlight=False)

@@ -23,14 +23,11 @@ from cli.stream import (
     ViewOption,
     stream_command,
 )
-from core.errors import SluiceInfraError
+from core.errors import SluiceError
 from core.logs import configure_logging
 from core.settings import Settings, load_settings
 from events.ingest import IngestCounts
-from features.errors import SluiceFeaturesError
 from infra.stack import ComponentStatus
-from serving.errors import SluiceServingError
-from streaming.errors import StreamingError
 
 app = typer.Typer(
     help="Sluice: define features once, compute them with Spark and Flink, serve them.",
@@ -325,9 +322,9 @@ def serve(
     """Run the predictor (FastAPI on uvicorn): /predict, /feedback, /models, /metrics, /docs."""
     import uvicorn
 
+    from models.errors import ModelNotFoundError
     from models.registry import ModelRegistry
     from serving.app import create_app
-    from serving.errors import ModelNotFoundError
 
     s = settings()
     models = ModelRegistry(s.models_dir)
@@ -359,6 +356,6 @@ def demo(
 def main() -> None:
     try:
         app()
-    except (SluiceInfraError, SluiceFeaturesError, SluiceServingError, StreamingError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except SluiceError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(int(exc.exit_code)) from None

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from core.errors import IngestError
 from core.kafka import CountingProducer, ensure_topics
 from core.settings import Settings
+from events.errors import IngestError
 from features.schema import EventSource
 from features.validation import EventValidator, Rejection, RejectReason
 

@@ -1,14 +1,15 @@
-"""Typed errors of the Feast repository package. The CLI prints them and exits with exit_code."""
+"""Typed errors of the Feast repository package, in one place."""
 
 from __future__ import annotations
 
-from features.errors import SluiceFeaturesError
+from core.errors import ExitCode, SluiceError
 
 
-class FeatureRepoError(SluiceFeaturesError):
+class FeatureRepoError(SluiceError):
     """Base of every error raised by feature_repo/."""
 
-    exit_code = 7
+    exit_code = ExitCode.DEFINITION
+    code = "feature_repo_error"
 
 
 class FeastTranslationError(FeatureRepoError):
@@ -18,6 +19,11 @@ class FeastTranslationError(FeatureRepoError):
 class FeastRegistryError(FeatureRepoError):
     """Feast refused to plan or apply the objects, or its registry could not be read."""
 
+    exit_code = ExitCode.STORAGE
+
 
 class OnlineStoreError(FeatureRepoError):
     """A row cannot be written (wrong type, missing feature) or a stored value cannot be read."""
+
+    exit_code = ExitCode.STORAGE
+    code = "online_store_error"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from core.errors import ExitCode, SluiceError
 
-class SluiceFeaturesError(Exception):
+
+class SluiceFeaturesError(SluiceError):
     """Base of every error raised by the features package."""
+
+    exit_code = ExitCode.DEFINITION
+    code = "invalid_definition"
 
 
 class FeatureDefinitionError(SluiceFeaturesError):

@@ -22,8 +22,8 @@ import pandas as pd
 
 from features.definitions import FeatureService
 from features.schema import FieldType
+from models.errors import TrainingDataError
 from models.registry import Metrics, ModelMetadata
-from serving.errors import TrainingDataError
 
 if TYPE_CHECKING:
     import numpy.typing as npt

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.errors import ModelNotFoundError, ModelRegistryError
+from models.errors import ModelNotFoundError, ModelRegistryError
 
 MODEL_FILE = "model.txt"
 METADATA_FILE = "metadata.json"

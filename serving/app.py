@@ -31,11 +31,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.errors import SluiceError, http_status
 from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
-from serving.errors import ModelNotFoundError, OverloadedError, SluiceServingError
+from serving.errors import ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
@@ -283,11 +284,12 @@ def _predictor(request: Request) -> Predictor:
 
 
 def _routes(app: FastAPI) -> None:
-    @app.exception_handler(SluiceServingError)
-    async def serving_error(request: Request, exc: SluiceServingError) -> JSONResponse:
-        if exc.status >= 500:
+    @app.exception_handler(SluiceError)
+    async def sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
+        status = http_status(exc)
+        if status >= 500:
             log.error("request failed", extra={"path": request.url.path, "error": str(exc)})
-        return JSONResponse(jsonable_encoder(exc.body()), status_code=exc.status)
+        return JSONResponse(jsonable_encoder(exc.body()), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

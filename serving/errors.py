@@ -1,54 +1,42 @@
 """Typed errors of the serving package, in one place.
 
-``status`` is the HTTP status the API answers with (one exception handler in app.py maps them);
-``exit_code`` is what `sluice train` / `sluice serve` exit with.
+The HTTP status of each comes from core.errors.http_status (one table for every package); one
+exception handler in app.py answers with it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from core.errors import ExitCode, SluiceError
+from models.errors import ModelNotFoundError, ModelRegistryError
 
-class SluiceServingError(Exception):
+__all__ = [
+    "FeatureStoreUnavailableError",
+    "InvalidRequestError",
+    "ModelIncompatibleError",
+    "ModelNotFoundError",
+    "ModelRegistryError",
+    "OverloadedError",
+    "SluiceServingError",
+]
+
+
+class SluiceServingError(SluiceError):
     """Base of every serving error."""
-
-    status = 500
-    exit_code = 1
-    code = "internal_error"
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.code, "detail": str(self)}
-
-
-class ModelNotFoundError(SluiceServingError):
-    """No such model, version or production pointer in the registry (or not served here)."""
-
-    status = 404
-    exit_code = 9
-    code = "model_not_found"
-
-
-class ModelRegistryError(SluiceServingError):
-    """The registry could not be read or written, or holds an unreadable model."""
-
-    status = 500
-    exit_code = 9
-    code = "model_registry_error"
 
 
 class ModelIncompatibleError(SluiceServingError):
     """A model reads features its feature service (as now defined) does not provide."""
 
-    status = 409
-    exit_code = 9
+    exit_code = ExitCode.CONFLICT
     code = "model_incompatible"
 
 
 class InvalidRequestError(SluiceServingError):
     """A request that fails validation; ``problems`` name each field and the reason."""
 
-    status = 422
-    exit_code = 2
+    exit_code = ExitCode.USAGE
     code = "invalid_request"
 
     def __init__(self, problems: list[dict[str, Any]]) -> None:
@@ -62,22 +50,12 @@ class InvalidRequestError(SluiceServingError):
 class FeatureStoreUnavailableError(SluiceServingError):
     """The online store did not answer; predictions cannot be made without it."""
 
-    status = 503
-    exit_code = 10
+    exit_code = ExitCode.UNAVAILABLE
     code = "feature_store_unavailable"
 
 
 class OverloadedError(SluiceServingError):
     """The model's queue is full: the caller should back off and retry."""
 
-    status = 503
-    exit_code = 10
+    exit_code = ExitCode.UNAVAILABLE
     code = "overloaded"
-
-
-class TrainingDataError(SluiceServingError):
-    """Training data is empty, lacks a column, or leaves nothing to evaluate on."""
-
-    status = 400
-    exit_code = 11
-    code = "training_data_error"

@@ -1,22 +1,24 @@
-"""Typed errors of the streaming (Flink) engine, in one place. The CLI exits with exit_code."""
+"""Typed errors of the streaming (Flink) engine, in one place."""
 
 from __future__ import annotations
 
+from core.errors import ExitCode, SluiceError
 
-class StreamingError(Exception):
+
+class StreamingError(SluiceError):
     """Base of every error raised by streaming/."""
 
-    exit_code = 1
+    exit_code = ExitCode.JOB
+    code = "stream_error"
 
 
 class UnsupportedViewError(StreamingError):
     """A feature view cannot be compiled to a Flink job; the message names the view and why.
 
     Raised at compile time, before any JVM starts, so a bad definition never reaches a cluster.
-    Exit code 7 like the other definition errors (feature_repo, batch).
     """
 
-    exit_code = 7
+    exit_code = ExitCode.DEFINITION
 
     def __init__(self, view: str, field: str, reason: str) -> None:
         self.view = view
@@ -28,10 +30,8 @@ class UnsupportedViewError(StreamingError):
 class StreamJobError(StreamingError):
     """The Flink job failed, or could not be started or stopped; the message says why."""
 
-    exit_code = 9
-
 
 class WindowStateError(StreamingError):
     """An invariant of the per-key window state broke (an engine bug, never bad input)."""
 
-    exit_code = 9
+    exit_code = ExitCode.INTERNAL

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from core.errors import ExitCode
 
 ENV = {"COLUMNS": "200", "SLUICE_CONFIG": ""}
 
@@ -117,7 +118,7 @@ def test_describe_other_definitions(run, name, expected):
 
 def test_describe_an_unknown_name_lists_the_known_ones(run):
     result = run("describe", "nope")
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.NOT_FOUND
     assert "no definition 'nope'" in result.output
     assert "restaurant_orders" in result.output
 
@@ -152,7 +153,7 @@ def test_validate_names_definition_and_field_of_a_broken_module(run, module_dir)
         """,
     )
     result = run("validate", "--module", module, "--no-feast")
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.DEFINITION
     assert "FeatureView 'busy'" in result.output
     assert "aggregations[0].column" in result.output
     assert "unknown column 'no_such_column'" in result.output
@@ -178,7 +179,7 @@ def test_validate_names_definition_and_field_of_a_broken_module(run, module_dir)
 def test_validate_reports_every_kind_of_broken_module(run, module_dir, body, expected):
     module = write_module(module_dir, body)
     result = run("validate", "--module", module, "--no-feast")
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == ExitCode.DEFINITION, result.output
     for text in expected:
         assert text in result.output, (text, result.output)
     assert "Traceback" not in result.output
@@ -186,7 +187,7 @@ def test_validate_reports_every_kind_of_broken_module(run, module_dir, body, exp
 
 def test_validate_a_missing_module(run):
     result = run("validate", "--module", "no.such.module", "--no-feast")
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.DEFINITION
     assert "module 'no.such.module'" in result.output
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from examples.delivery.features import delivery_eta, delivery_eta_batch_only
+from models.errors import ModelNotFoundError, ModelRegistryError, TrainingDataError
 from models.fit import fit, model_features, time_split, to_matrix
 from models.registry import METADATA_FILE, ModelRegistry
-from serving.errors import ModelNotFoundError, ModelRegistryError, TrainingDataError
 from serving.model import model_from_text
 from tests.serving_cases import synthetic_training_set
 
