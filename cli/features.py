@@ -45,7 +45,7 @@ ModuleOption = Annotated[
 
 def _settings() -> Settings:
     # The parent app's callback has read --config; imported late because cli.main imports us.
-    from cli import main as cli
+    from cli import common as cli
 
     try:
         return cli.settings()

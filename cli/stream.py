@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.common import console, parse_time, settings
+from core.errors import ExitCode
 from core.settings import Settings
 
 
@@ -63,7 +65,7 @@ def stream_command(
         console.print(f"savepoint: {report.savepoint} (the next `sluice stream` resumes there)")
     if not report.balanced():
         console.print("[red]counts do not balance: events != aggregated + filtered + dead[/red]")
-        raise typer.Exit(5)
+        raise typer.Exit(int(ExitCode.UNBALANCED))
 
 
 ViewOption = Annotated[
@@ -82,3 +84,14 @@ FreshOption = Annotated[
 ReportOption = Annotated[
     float, typer.Option(min=0.5, help="Seconds between throughput and lag lines.")
 ]
+
+
+def stream(
+    view: ViewOption = None,
+    until: UntilOption = None,
+    fresh: FreshOption = False,
+    report_every: ReportOption = 10.0,
+) -> None:
+    """Run the Flink job of the stream views: Kafka events to Redis and features.<view>."""
+    bounded = parse_time(until) if until else None
+    stream_command(settings(), console, view, bounded, fresh, report_every)

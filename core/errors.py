@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     NOT_FOUND = 9  # a named model, version or definition does not exist
     UNAVAILABLE = 10  # a dependency is down or the server is overloaded: retry later
     CONFLICT = 11  # the request contradicts what exists (a model reads features a service lacks)
+    UNBALANCED = 12  # what went in and what came out do not add up: something was lost
     INTERRUPTED = 130  # Ctrl-C
 
 
