@@ -1,5 +1,5 @@
 """`sluice produce` at a steady rate + `sluice ingest` + `sluice stream`, in subprocesses, on a
-stack of their own, with tests/cli_stream_definitions.py (5 s slides): Redis keeps up with the
+stack of their own, with tests/helpers/stream_definitions.py (5 s slides): Redis keeps up with the
 events, Feast reads the values the reference (and so Spark, see test_flink_parity.py) computes
 from the same events, and Ctrl-C stops the job with a savepoint and balanced counts."""
 
@@ -23,8 +23,8 @@ from core.settings import load_settings
 from features.reference import compute_view, with_closing_rows
 from infra.stack import free_port
 from streaming.sinks import H_VIEW
-from tests.cli_stream_definitions import live_restaurant_orders, live_zone_couriers
-from tests.stream_cases import read_all, row_differences
+from tests.helpers.stream import read_all, row_differences
+from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.slow]
 SLUICE = str(Path(sys.executable).parent / "sluice")
@@ -54,7 +54,7 @@ def test_live_stream_keeps_redis_current_and_feast_agrees(tmp_path: Path) -> Non
         "SLUICE_FEAST_PROJECT": "cli_stream",
         "COLUMNS": "200",
         # Views with 5 s slides and 2 s lateness, so that 20 s of traffic closes windows.
-        "SLUICE_DEFINITIONS_MODULE": "tests.cli_stream_definitions",
+        "SLUICE_DEFINITIONS_MODULE": "tests.helpers.stream_definitions",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     settings = load_settings(
@@ -64,7 +64,7 @@ def test_live_stream_keeps_redis_current_and_feast_agrees(tmp_path: Path) -> Non
         feast_registry=tmp_path / "registry.db",
         offline_store_dir=tmp_path / "offline",
         feast_project="cli_stream",
-        definitions_module="tests.cli_stream_definitions",
+        definitions_module="tests.helpers.stream_definitions",
     )
     stream_log = tmp_path / "stream.log"
     stream: subprocess.Popen[bytes] | None = None

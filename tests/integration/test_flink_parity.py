@@ -38,8 +38,8 @@ from streaming.compile import features_topic
 from streaming.monitor import StreamReport
 from streaming.runner import run as run_stream
 from streaming.sinks import H_VIEW
-from tests.spark_cases import frame, spark_rows
-from tests.stream_cases import (
+from tests.helpers.spark import frame, spark_rows
+from tests.helpers.stream import (
     PARTITIONS,
     START,
     STREAM_VIEWS,

@@ -25,7 +25,7 @@ from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from streaming.compile import features_topic
 from streaming.runner import run as run_stream
-from tests.stream_cases import (
+from tests.helpers.stream import (
     PARTITIONS,
     START,
     Topic,

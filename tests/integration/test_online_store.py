@@ -17,7 +17,7 @@ from feature_repo.config import feature_store
 from feature_repo.errors import OnlineStoreError
 from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureView
-from tests.feast_cases import feast_settings
+from tests.helpers.feast import feast_settings
 
 pytestmark = pytest.mark.integration
 END = 1_795_000_000_000 - 1_795_000_000_000 % 60_000  # a minute boundary

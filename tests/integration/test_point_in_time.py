@@ -28,7 +28,7 @@ from feature_repo.config import feature_store
 from features.definitions import FeatureView
 from features.reference import RowKey, compute_view, current_window_end, value_at, with_closing_rows
 from features.schema import FieldType
-from tests.feast_cases import feast_settings
+from tests.helpers.feast import feast_settings
 
 pytestmark = pytest.mark.integration
 MINUTE = 60_000

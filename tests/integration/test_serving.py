@@ -30,8 +30,8 @@ from feature_repo.online import OnlineRow, OnlineStore
 from features.definitions import FeatureView, empty_value
 from models.registry import ModelRegistry
 from serving.app import create_app
-from tests.feast_cases import feast_settings
-from tests.serving_cases import random_row, trained_registry
+from tests.helpers.feast import feast_settings
+from tests.helpers.serving import random_row, trained_registry
 
 pytestmark = pytest.mark.integration
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)

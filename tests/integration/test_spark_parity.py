@@ -47,7 +47,7 @@ from examples.delivery.sources import SOURCES
 from features.definitions import Aggregation, AggregationFunction, Entity, FeatureView, Window
 from features.reference import RowKey, compute_view, value_at, with_closing_rows
 from features.schema import EventSource, Field, FieldType
-from tests.spark_cases import EPOCH, Rows, canonical, frame, spark_rows, to_datetime, to_ms
+from tests.helpers.spark import EPOCH, Rows, canonical, frame, spark_rows, to_datetime, to_ms
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 

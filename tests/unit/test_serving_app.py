@@ -27,7 +27,7 @@ from feature_repo.errors import OnlineStoreError
 from features.definitions import FeatureView
 from models.registry import ModelRegistry
 from serving.app import create_app
-from tests.serving_cases import FakeProducer, FakeReader, random_row, trained_registry
+from tests.helpers.serving import FakeProducer, FakeReader, random_row, trained_registry
 
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
 END_MS = int(time.time() * 1000) // 60_000 * 60_000 - 60_000

@@ -7,7 +7,7 @@ import time
 
 from serving.prediction_log import KafkaLog
 from serving.selection import EpsilonGreedy, RecentPredictions
-from tests.serving_cases import FakeProducer
+from tests.helpers.serving import FakeProducer
 
 
 def wait_for(condition, timeout_s: float = 5.0) -> None:

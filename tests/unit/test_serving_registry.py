@@ -12,7 +12,7 @@ from models.errors import ModelNotFoundError, ModelRegistryError, TrainingDataEr
 from models.fit import fit, model_features, time_split, to_matrix
 from models.registry import METADATA_FILE, ModelRegistry
 from serving.model import model_from_text
-from tests.serving_cases import synthetic_training_set
+from tests.helpers.serving import synthetic_training_set
 
 
 def test_model_features_follow_the_service_order_and_training_columns():

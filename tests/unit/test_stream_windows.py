@@ -24,7 +24,7 @@ from streaming.compile import compile_view
 from streaming.errors import UnsupportedViewError
 from streaming.prepare import EventPreparer, Filtered
 from streaming.windows import WindowEngine, new_state
-from tests.stream_cases import STREAM_VIEWS, row_differences
+from tests.helpers.stream import STREAM_VIEWS, row_differences
 
 MIN_WM = -(2**63)
 MAX_WM = 2**63 - 1
