@@ -1,4 +1,7 @@
-"""Which loaded version answers a request: production, or an epsilon-greedy bandit among versions.
+"""Which loaded version answers a request: a model-selection policy among the served versions.
+
+A new policy (Exp3, Exp4, contextual...) is one class with ``choose`` and ``reward`` (the
+SelectionPolicy protocol below); the predictor builds one per model name and feeds it rewards.
 
 A slot's state (production model, arms, bandit) is one immutable object replaced by a single
 assignment, so a promote is atomic for readers: a request sees the old state or the new one,
@@ -17,8 +20,28 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from serving.model import LoadedModel
+
+
+class SelectionPolicy(Protocol):
+    """Chooses the version that answers a request and learns from rewards (higher is better)."""
+
+    def choose(self, versions: list[int], default: int) -> int: ...
+
+    def reward(self, version: int, value: float) -> None: ...
+
+
+@dataclass
+class FixedPolicy:
+    """Always the default (production) version; rewards are ignored."""
+
+    def choose(self, versions: list[int], default: int) -> int:
+        return default
+
+    def reward(self, version: int, value: float) -> None:
+        return None
 
 
 @dataclass
@@ -64,16 +87,16 @@ class SlotState:
 class ModelSlot:
     """The served versions of one model name."""
 
-    def __init__(self, production: LoadedModel, bandit: EpsilonGreedy | None = None) -> None:
+    def __init__(self, production: LoadedModel, policy: SelectionPolicy | None = None) -> None:
         self.name = production.name
-        self.bandit = bandit
+        self.policy = policy
         self.state = SlotState(production, {production.version: production})
 
     def choose(self) -> LoadedModel:
         state = self.state  # one read: the whole choice uses one state
-        if self.bandit is None or len(state.arms) == 1:
+        if self.policy is None or len(state.arms) == 1:
             return state.production
-        version = self.bandit.choose(sorted(state.arms), state.production.version)
+        version = self.policy.choose(sorted(state.arms), state.production.version)
         return state.arms[version]
 
     def swap(

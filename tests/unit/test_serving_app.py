@@ -321,6 +321,6 @@ def test_bandit_serves_several_versions_and_learns_from_feedback(
         assert versions == {1, 2}  # epsilon 1: always exploring both arms
         for p in answer["predictions"]:
             client.post("/feedback", json={"prediction_id": p["prediction_id"], "label": 600.0})
-        bandit = app.state.predictor.served["delivery_eta"].slot.bandit
+        bandit = app.state.predictor.served["delivery_eta"].slot.policy
         assert sum(stats.n for stats in bandit.stats.values()) == 40
         assert all(stats.mean <= 0 for stats in bandit.stats.values())  # reward = -|error|

@@ -78,3 +78,11 @@ def test_recent_predictions_forget_the_oldest():
     assert recent.pop("p0") is None
     assert recent.pop("p2") == ("m", 1, 2.0)
     assert recent.pop("p2") is None  # feedback counts once
+
+
+def test_fixed_policy_always_answers_with_the_default_version():
+    from serving.selection import FixedPolicy
+
+    policy = FixedPolicy()
+    policy.reward(2, 100.0)  # rewards never move it
+    assert {policy.choose([1, 2, 3], 1) for _ in range(50)} == {1}
