@@ -176,6 +176,10 @@ class FeatureView(BaseModel):
     derived: dict[str, str] = Field(default_factory=dict)
     # How long an online value may be served after its window closed (Feast TTL).
     ttl: timedelta = timedelta(days=1)
+    # Availability contract (features/contract.py): a window ending at E is servable at
+    # E + lateness, online and in training alike. Must exceed the source's allowed_lateness
+    # (the watermark delay) plus the stream's processing time, so the row is there on time.
+    lateness: timedelta = timedelta(seconds=5)
     online: bool = True
     owner: str = ""
     description: str = ""
@@ -282,6 +286,24 @@ class FeatureView(BaseModel):
             raise fail("aggregations", "all windows of a view must share one slide")
         if self.ttl < self.slide:
             raise fail("ttl", "must be at least the slide, or values expire before the next")
+        if self.lateness.total_seconds() % 1 or self.lateness < timedelta(seconds=1):
+            raise fail("lateness", "must be whole seconds, at least 1 s")
+        if self.lateness > self.ttl:
+            raise fail("lateness", "must not exceed the ttl, or no window is ever servable fresh")
+        if self.kind == "stream" and self.lateness <= self.source.allowed_lateness:
+            raise fail(
+                "lateness",
+                f"must exceed the allowed_lateness of source {self.source.name!r} "
+                f"({self.source.allowed_lateness}): the stream closes a window only once events "
+                "that late have been waited for",
+            )
+        if self.kind == "stream" and self.lateness - self.source.allowed_lateness > self.slide:
+            # The stream may then write two rows that are not servable yet, and the online store
+            # keeps only the newest and the one before it (features/contract.py).
+            raise fail(
+                "lateness",
+                "must not exceed the source's allowed_lateness by more than the slide",
+            )
         return self
 
 

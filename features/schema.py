@@ -56,8 +56,11 @@ class EventSource(BaseModel):
     event_time_field: str
     topic: str = ""
     raw_topic: str = ""
-    # Events older than the newest event time seen minus this count late (streaming only).
-    allowed_lateness: timedelta = timedelta(seconds=60)
+    # How far behind the newest event time of its partition an event may arrive and still
+    # count (the stream's watermark delay); later ones are dead-lettered as "late". Small, so
+    # that windows close early: a view's `lateness` (when its windows become servable) must
+    # exceed it.
+    allowed_lateness: timedelta = timedelta(seconds=2)
     # Event times outside [earliest_event_time, now + max_clock_skew] are rejected as out of range.
     earliest_event_time: datetime = datetime(2000, 1, 1, tzinfo=UTC)
     max_clock_skew: timedelta = timedelta(minutes=5)
