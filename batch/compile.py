@@ -14,11 +14,14 @@ Algorithm (tiles), chosen because sliding windows overlap ``size / slide`` times
   1. derived columns, then the filter, per event (SQL rendered by features.expressions);
   2. tiles: group events by (key, bucket = floor(t / slide)) into mergeable partials (count,
      sum, min, max, the greatest (t, value) for last, the set of distinct values, and for
-     stddev the tile's count, mean and M2, computed two-pass over its values);
+     stddev the tile's count, mean and M2, computed two-pass over its values): the partial
+     states of features/aggregations.py, as Spark columns;
   3. each tile is exploded into the ``n + 1`` window ends ``bucket + 1 .. bucket + n + 1``
      (n = largest size / slide); a tile belongs to the window of size S ending at e iff
      ``bucket >= e - S / slide``;
-  4. group by (key, end) and merge the partials of the tiles that belong to each window.
+  4. group by (key, end) and merge the partials of the tiles that belong to each window;
+  5. each feature's result from its merged columns, then its empty value (from
+     features/aggregations.py) where the window held nothing, cast to the feature's type.
 The extra end ``bucket + n + 1`` is the closing row: there the tile belongs to no window, so
 unless another tile is in range every feature merges nothing and takes its empty value. That is
 exactly with_closing_rows's rule (a row at e + slide iff e has a row and e + slide has none)
@@ -26,6 +29,10 @@ without a window function over the output.
 
 stddev merges per-tile (count, mean, M2) relative to a shift that is a data value, instead of
 sums of squares, which lose every digit when the mean is large against the spread (_stddev).
+
+Per function, ``_BUILDERS`` says how to build these columns (partial, merge, result, and a
+``direct`` aggregate of raw values for baselines without tiles); a function without an entry
+raises UnsupportedAggregationError before anything runs.
 
 Where tiles pay (bench/backfill.py against exploding every event): Spark's map-side partial
 aggregation already collapses the exploded rows of dense keys, so the gain comes from windows
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from batch.errors import EventSchemaError, UnsupportedAggregationError
+from features.aggregations import AGGREGATIONS
 from features.definitions import AggregationFunction, FeatureSpec, FeatureView
 from features.expressions import Binary, Call, Column, Expr, Unary, parse, to_sql
 from features.schema import FieldType
@@ -71,12 +79,21 @@ def spark_type(field_type: FieldType) -> DataType:
 
 @dataclass(frozen=True)
 class _Compiled:
-    """How one feature is computed: tile partials (name -> aggregate), optional per-tile
-    columns computed from them (name -> column; the ``scratch`` partials they read are then
-    dropped, before tiles are exploded), and the merge over a window's tiles."""
+    """How Spark computes one feature, in the steps of features/aggregations.py.
+
+    ``partials``: tile partials (name -> aggregate over a tile's events), with optional
+    per-tile columns computed from them (``tile``, name -> column; the ``scratch`` partials
+    they read are then dropped, before tiles are exploded). ``merge``: merged columns (name ->
+    aggregate over a window's tiles, given "this tile is in the window"). ``result``: the value
+    from the merged columns; null for an empty window, which then takes the function's empty
+    value. ``direct``: the value in one aggregate over raw event rows, given "this row is in
+    the window" (Spark's built-ins; bench/backfill.py's baseline without tiles).
+    """
 
     partials: dict[str, Callable[[], SparkColumn]]
-    merge: Callable[[SparkColumn], SparkColumn]  # given "this tile is in the window"
+    merge: dict[str, Callable[[SparkColumn], SparkColumn]]
+    result: Callable[[], SparkColumn]
+    direct: Callable[[SparkColumn], SparkColumn]
     tile: dict[str, Callable[[], SparkColumn]] = field(default_factory=dict)
     scratch: frozenset[str] = frozenset()
     # Columns of the exploded rows computed over each (key, end) group by a window function,
@@ -138,16 +155,36 @@ def compile_view(
     ]
     if per_window:  # the group-by below reuses this partitioning: no second shuffle
         ends = ends.select("*", *per_window)
-    features = [
-        feature.merge(in_window(spec)).alias(spec.name)
+    merged = [
+        make(in_window(spec)).alias(name)
         for spec, feature in zip(specs, compiled, strict=True)
+        for name, make in feature.merge.items()
     ]
-    windows = ends.groupBy(KEY, END).agg(*features)
+    windows = ends.groupBy(KEY, END).agg(*merged)
     return windows.select(
         sf.col(KEY).alias(view.entity.join_key),
         sf.timestamp_millis(sf.col(END) * slide).alias(EVENT_TIMESTAMP),
-        *(sf.col(spec.name) for spec in specs),
+        *(
+            _finish(spec, feature.result()).alias(spec.name)
+            for spec, feature in zip(specs, compiled, strict=True)
+        ),
     )
+
+
+def direct_feature(view: FeatureView, spec: FeatureSpec, inside: SparkColumn) -> SparkColumn:
+    """One feature as a single aggregate over raw event rows (``prepare_events`` rows, with
+    ``inside`` saying which rows are in the window), without tiles: for baselines."""
+    return _finish(spec, _compile_feature(view, spec).direct(inside))
+
+
+def _finish(spec: FeatureSpec, value: SparkColumn) -> SparkColumn:
+    """A feature's value, its empty value where it is null (features/aggregations.py), typed."""
+    from pyspark.sql import functions as sf
+
+    empty = AGGREGATIONS[spec.function].empty
+    if empty is not None:
+        value = sf.coalesce(value, sf.lit(empty))
+    return value.cast(spark_type(spec.dtype))
 
 
 def prepare_events(view: FeatureView, events: DataFrame) -> DataFrame:
@@ -222,20 +259,26 @@ def _compile_feature(view: FeatureView, spec: FeatureSpec) -> _Compiled:
         raise UnsupportedAggregationError(
             view.name, spec.name, f"Spark cannot compute {spec.function.value!r}"
         )
-    if spec.function is not Agg.COUNT and spec.column is None:
+    if AGGREGATIONS[spec.function].reads_column and spec.column is None:
         raise UnsupportedAggregationError(view.name, spec.name, "needs a column")
     return builder(spec)
+
+
+def _merged(spec: FeatureSpec, part: str = "") -> str:
+    """Name of a merged column of one feature (unique: feature names are)."""
+    return f"__m_{spec.name}{part}"
 
 
 def _count(spec: FeatureSpec) -> _Compiled:
     from pyspark.sql import functions as sf
 
-    # count counts events, null values included (reference.aggregate).
+    # count counts events, null values included (reads_column is False).
+    merged = _merged(spec)
     return _Compiled(
         {"__n": lambda: sf.count(sf.lit(1))},
-        lambda inside: sf.coalesce(sf.sum(sf.when(inside, sf.col("__n"))), sf.lit(0)).cast(
-            "bigint"
-        ),
+        {merged: lambda inside: sf.sum(sf.when(inside, sf.col("__n")))},
+        lambda: sf.col(merged),
+        lambda inside: sf.count(sf.when(inside, sf.lit(1))),
     )
 
 
@@ -258,9 +301,12 @@ def _sum_parts(spec: FeatureSpec) -> dict[str, Callable[[], SparkColumn]]:
 def _sum(spec: FeatureSpec) -> _Compiled:
     from pyspark.sql import functions as sf
 
-    total = sf.col(f"__sum_{spec.column}")
+    total, merged = sf.col(f"__sum_{spec.column}"), _merged(spec)
     return _Compiled(
-        _sum_parts(spec), lambda inside: sf.coalesce(sf.sum(sf.when(inside, total)), sf.lit(0.0))
+        _sum_parts(spec),
+        {merged: lambda inside: sf.sum(sf.when(inside, total))},
+        lambda: sf.col(merged),
+        lambda inside: sf.sum(sf.when(inside, _value(spec))),
     )
 
 
@@ -268,12 +314,16 @@ def _mean(spec: FeatureSpec) -> _Compiled:
     from pyspark.sql import functions as sf
 
     count, total = sf.col(f"__cnt_{spec.column}"), sf.col(f"__sum_{spec.column}")
-
-    def merge(inside: SparkColumn) -> SparkColumn:
-        n = sf.sum(sf.when(inside, count))
-        return sf.when(n > 0, sf.sum(sf.when(inside, total)) / n)
-
-    return _Compiled(_sum_parts(spec), merge)
+    n, s = _merged(spec, "_n"), _merged(spec, "_s")
+    return _Compiled(
+        _sum_parts(spec),
+        {
+            n: lambda inside: sf.sum(sf.when(inside, count)),
+            s: lambda inside: sf.sum(sf.when(inside, total)),
+        },
+        lambda: sf.when(sf.col(n) > 0, sf.col(s) / sf.col(n)),
+        lambda inside: sf.avg(sf.when(inside, _value(spec))),
+    )
 
 
 def _extreme(spec: FeatureSpec) -> _Compiled:
@@ -281,21 +331,27 @@ def _extreme(spec: FeatureSpec) -> _Compiled:
 
     kind = "min" if spec.function is Agg.MIN else "max"
     tile = sf.min if kind == "min" else sf.max
-    name = f"__{kind}_{spec.column}"
-    return _Compiled({name: lambda: tile(_value(spec))}, lambda i: tile(sf.when(i, sf.col(name))))
+    name, merged = f"__{kind}_{spec.column}", _merged(spec)
+    return _Compiled(
+        {name: lambda: tile(_value(spec))},
+        {merged: lambda inside: tile(sf.when(inside, sf.col(name)))},
+        lambda: sf.col(merged),
+        lambda inside: tile(sf.when(inside, _value(spec))),
+    )
 
 
 def _last(spec: FeatureSpec) -> _Compiled:
     from pyspark.sql import functions as sf
 
     # Structs compare field by field: the greatest (event time, value) is the last value, and
-    # ties in event time go to the greatest value, as the definitions require.
-    name, column = f"__last_{spec.column}", sf.col(str(spec.column))
+    # ties in event time go to the greatest value, as features/aggregations.py requires.
+    name, column, merged = f"__last_{spec.column}", sf.col(str(spec.column)), _merged(spec)
     present = sf.when(column.isNotNull(), sf.struct(sf.col(TIME).alias("t"), column.alias("v")))
-    dtype = spark_type(spec.dtype)
     return _Compiled(
         {name: lambda: sf.max(present)},
-        lambda inside: sf.max(sf.when(inside, sf.col(name))).getField("v").cast(dtype),
+        {merged: lambda inside: sf.max(sf.when(inside, sf.col(name)))},
+        lambda: sf.col(merged).getField("v"),
+        lambda inside: sf.max(sf.when(inside, present)).getField("v"),
     )
 
 
@@ -306,15 +362,18 @@ def _stddev(spec: FeatureSpec) -> _Compiled:
     merging tiles by their means: a mean's rounding error (an ulp) is no longer small against
     the differences between means. So every mean is kept relative to a shift that is one of the
     data values (exact): a tile stores (n, c, d, q) with c one of its values, d its mean's offset
-    from c and q its M2 (two-pass over its values). A window takes the c of one of its tiles as
-    reference r (a window function over the exploded rows) and sums, per tile, n * o and
-    q + n * o^2 with o = (c - r) + d, the tile mean's offset from r: c - r is exact when the two
-    are close (Sterbenz), and M2 = S2 - S1^2 / N cancels only as much as (mean - r)^2 exceeds
-    the variance, which a data value of the window keeps small.
+    from c and q its M2 (two-pass over its values), the fields of the Python state in
+    features/aggregations.py. A window takes the c of one of its tiles as reference r (a window
+    function over the exploded rows) and sums, per tile, n * o and q + n * o^2 with
+    o = (c - r) + d, the tile mean's offset from r: c - r is exact when the two are close
+    (Sterbenz), and M2 = S2 - S1^2 / N cancels only as much as (mean - r)^2 exceeds the
+    variance, which a data value of the window keeps small. (Chan's pairwise merge, which the
+    Python state uses, has no Spark aggregate; these sums are its closed form.)
     """
     from pyspark.sql import functions as sf
 
     values, stats, ref = f"__vals_{spec.column}", f"__sd_{spec.column}", f"__ref_{spec.name}"
+    count, s1, s2 = _merged(spec, "_n"), _merged(spec, "_s1"), _merged(spec, "_s2")
 
     def tile_stats() -> SparkColumn:
         vals = sf.col(values)
@@ -330,18 +389,22 @@ def _stddev(spec: FeatureSpec) -> _Compiled:
     def reference(inside: SparkColumn) -> SparkColumn:
         return sf.first(sf.when(inside, sf.col(stats)["c"]), ignorenulls=True)
 
-    def merge(inside: SparkColumn) -> SparkColumn:
-        tile = sf.col(stats)
-        n, offset = tile["n"], (tile["c"] - sf.col(ref)) + tile["d"]
-        count = sf.sum(sf.when(inside, n))
-        s1 = sf.sum(sf.when(inside, n * offset))
-        s2 = sf.sum(sf.when(inside, tile["q"] + n * offset * offset))
-        m2 = sf.greatest(s2 - s1 * s1 / count, sf.lit(0.0))
-        return sf.when(count >= 2, sf.sqrt(m2 / (count - 1)))
+    tile = sf.col(stats)
+    n, offset = tile["n"], (tile["c"] - sf.col(ref)) + tile["d"]
+
+    def result() -> SparkColumn:
+        m2 = sf.greatest(sf.col(s2) - sf.col(s1) * sf.col(s1) / sf.col(count), sf.lit(0.0))
+        return sf.when(sf.col(count) >= 2, sf.sqrt(m2 / (sf.col(count) - 1)))
 
     return _Compiled(
         {values: lambda: sf.collect_list(_value(spec))},  # nulls skipped
-        merge,
+        {
+            count: lambda inside: sf.sum(sf.when(inside, n)),
+            s1: lambda inside: sf.sum(sf.when(inside, n * offset)),
+            s2: lambda inside: sf.sum(sf.when(inside, tile["q"] + n * offset * offset)),
+        },
+        result,
+        lambda inside: sf.stddev_samp(sf.when(inside, _value(spec))),
         tile={stats: tile_stats},
         scratch=frozenset({values}),
         per_window={ref: reference},
@@ -351,15 +414,17 @@ def _stddev(spec: FeatureSpec) -> _Compiled:
 def _count_distinct(spec: FeatureSpec) -> _Compiled:
     from pyspark.sql import functions as sf
 
-    name = f"__set_{spec.column}"
+    name, merged, column = f"__set_{spec.column}", _merged(spec), sf.col(str(spec.column))
     return _Compiled(
-        {name: lambda: sf.collect_set(sf.col(str(spec.column)))},  # skips nulls
-        lambda inside: sf.size(
-            sf.array_distinct(sf.flatten(sf.collect_list(sf.when(inside, sf.col(name)))))
-        ).cast("bigint"),
+        {name: lambda: sf.collect_set(column)},  # skips nulls
+        {merged: lambda inside: sf.flatten(sf.collect_list(sf.when(inside, sf.col(name))))},
+        lambda: sf.size(sf.array_distinct(sf.col(merged))),
+        lambda inside: sf.count_distinct(sf.when(inside, column)),
     )
 
 
+# How Spark computes each aggregation function. A function missing here fails compile_view
+# with UnsupportedAggregationError; adding one to features/aggregations.py means adding it here.
 _BUILDERS: dict[AggregationFunction, Callable[[FeatureSpec], _Compiled]] = {
     Agg.COUNT: _count,
     Agg.SUM: _sum,

@@ -4,7 +4,8 @@ For each history size N: simulate N events of the default city and write them as
 history (not timed), then time ``batch.backfill.backfill`` of every example view (stream and
 batch) over the whole date range, and, on the same data and chunks, the naive algorithm: explode
 every event into every window end it belongs to and group by (key, end) with Spark's own
-aggregates. Both write the offline store the same way; their row counts must agree.
+aggregates (batch.compile.direct_feature: each function's one-shot Spark aggregate). Both
+write the offline store the same way; their row counts must agree.
 
 Prints events/s per N, the ratio naive time / tile time, and how time per event grows between
 sizes (1.0 = linear). Run: ``python -m bench.backfill --events 1000000 4000000``.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.backfill import DEFAULT_CHUNK_DAYS, backfill, read_events, view_chunks
-from batch.compile import BUCKET, END, EVENT_TIMESTAMP, KEY, TIME, prepare_events, spark_type
+from batch.compile import BUCKET, END, EVENT_TIMESTAMP, KEY, direct_feature, prepare_events
 from batch.offline_store import write_offline
 from batch.session import spark_session
 from core.settings import Settings, load_settings
@@ -29,7 +30,6 @@ from events.history import write_history
 from examples.delivery.features import VIEWS
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import SOURCES
-from features.definitions import AggregationFunction as Agg
 from features.definitions import FeatureView
 
 DAY_MS = 86_400_000
@@ -50,30 +50,12 @@ def naive_compile(view: FeatureView, events: Any, end_range: tuple[int, int]) ->
     )
     lo, hi = -(-end_range[0] // slide), -(-end_range[1] // slide)
     rows = rows.where((sf.col(END) >= lo) & (sf.col(END) < hi))
-    features = []
-    for spec in view.features():
-        inside = sf.col(BUCKET) >= sf.col(END) - spec.window.size_ms // slide
-        x = sf.col(str(spec.column)) if spec.column else sf.lit(1)
-        value = sf.when(inside, x.cast("double"))
-        match spec.function:
-            case Agg.COUNT:
-                column = sf.coalesce(sf.sum(sf.when(inside, 1)), sf.lit(0)).cast("bigint")
-            case Agg.SUM:
-                column = sf.coalesce(sf.sum(value), sf.lit(0.0))
-            case Agg.MEAN:
-                column = sf.avg(value)
-            case Agg.MIN:
-                column = sf.min(value)
-            case Agg.MAX:
-                column = sf.max(value)
-            case Agg.STDDEV:
-                column = sf.stddev_samp(value)
-            case Agg.COUNT_DISTINCT:
-                column = sf.count_distinct(sf.when(inside, x)).cast("bigint")
-            case Agg.LAST:
-                last = sf.when(inside & x.isNotNull(), sf.struct(sf.col(TIME), x.alias("v")))
-                column = sf.max(last).getField("v").cast(spark_type(spec.dtype))
-        features.append(column.alias(spec.name))
+    features = [
+        direct_feature(
+            view, spec, sf.col(BUCKET) >= sf.col(END) - spec.window.size_ms // slide
+        ).alias(spec.name)
+        for spec in view.features()
+    ]
     out = rows.groupBy(KEY, END).agg(*features)
     return out.select(
         sf.col(KEY).alias(view.entity.join_key),

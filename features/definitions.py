@@ -7,22 +7,22 @@ Semantics (shared by the reference implementation, Spark and Flink):
   Tumbling means slide == size. All windows of one view share one slide, so a view has one
   row per (entity, window end): the online value at time t is the row of the newest window
   whose end is <= t, i.e. end = floor(t / slide) * slide (closed windows).
-- Empty windows: count and count_distinct 0, sum 0.0; mean, min, max, last and stddev null.
-  An entity with no row at that end has every window empty.
+- What each aggregation computes, its type and its value over an empty window are defined once,
+  in features/aggregations.py (one object per function). An entity with no row at an end has
+  every window empty.
 - Filter and derived columns (see expressions.py) apply per event before windowing.
-- stddev is the sample standard deviation (null below two values). last is the value of the
-  event with the greatest event time; ties go to the greatest value, so engines agree.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from enum import StrEnum
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from features.aggregations import AGGREGATIONS
+from features.aggregations import AggregationFunction as AggregationFunction  # re-exported
 from features.errors import FeatureDefinitionError
 from features.expressions import ExpressionError, infer_type, parse
 from features.schema import EventSource, FieldType
@@ -91,31 +91,14 @@ class Window(BaseModel):
             raise fail("window size must be a whole multiple of the slide")
 
 
-class AggregationFunction(StrEnum):
-    COUNT = "count"
-    SUM = "sum"
-    MEAN = "mean"
-    MIN = "min"
-    MAX = "max"
-    LAST = "last"
-    STDDEV = "stddev"
-    COUNT_DISTINCT = "count_distinct"
-
-
-_NEEDS_NUMBER = {
-    AggregationFunction.SUM,
-    AggregationFunction.MEAN,
-    AggregationFunction.MIN,
-    AggregationFunction.MAX,
-    AggregationFunction.STDDEV,
-}
+_NEEDS_NUMBER = frozenset(f for f, agg in AGGREGATIONS.items() if agg.needs_number)
 
 
 class Aggregation(BaseModel):
     model_config = _FROZEN
 
     function: AggregationFunction
-    column: str | None = None  # None only for count (count of events)
+    column: str | None = None  # None only for count (it counts events: reads_column is False)
     windows: tuple[Window, ...]
 
     def feature_name(self, window: Window) -> str:
@@ -123,12 +106,7 @@ class Aggregation(BaseModel):
         return f"{self.function.value}{column}_{window.name}"
 
     def output_type(self, column_type: FieldType | None) -> FieldType:
-        if self.function in (AggregationFunction.COUNT, AggregationFunction.COUNT_DISTINCT):
-            return FieldType.INT
-        if self.function is AggregationFunction.LAST:
-            assert column_type is not None
-            return column_type
-        return FieldType.FLOAT
+        return AGGREGATIONS[self.function].output_type(column_type)
 
 
 class Entity(BaseModel):
@@ -266,7 +244,7 @@ class FeatureView(BaseModel):
             where = f"aggregations[{index}]"
             if not agg.windows:
                 raise fail(f"{where}.windows", "at least one window is required")
-            if agg.column is None and agg.function is not AggregationFunction.COUNT:
+            if agg.column is None and AGGREGATIONS[agg.function].reads_column:
                 raise fail(f"{where}.column", f"{agg.function} needs a column")
             if agg.column is not None:
                 if agg.column not in types:
@@ -367,9 +345,5 @@ class FeatureService(BaseModel):
 
 
 def empty_value(function: AggregationFunction) -> Any:
-    """The value of an aggregation over an empty window (one place, tested)."""
-    if function in (AggregationFunction.COUNT, AggregationFunction.COUNT_DISTINCT):
-        return 0
-    if function is AggregationFunction.SUM:
-        return 0.0
-    return None
+    """The value of an aggregation over an empty window (the rule: features/aggregations.py)."""
+    return AGGREGATIONS[function].empty

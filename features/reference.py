@@ -1,16 +1,18 @@
-"""Pure Python reference implementation of every aggregation and window assignment.
+"""Pure Python reference implementation of window assignment and of every view's rows.
 
-Slow on purpose and easy to read: both engines are tested against it. Input events are
-canonical dicts (as the validating ingest emits them: timestamps in epoch milliseconds).
+Slow on purpose and easy to read: both engines are tested against it. Each window's values
+are folded one by one into the aggregation objects of features/aggregations.py, which define
+what every function computes. Input events are canonical dicts (as the validating ingest
+emits them: timestamps in epoch milliseconds).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from features.aggregations import AGGREGATIONS
 from features.definitions import AggregationFunction, FeatureView, Window, empty_value
 from features.expressions import compile_python, parse
 
@@ -31,32 +33,10 @@ def current_window_end(t_ms: int, slide_ms: int) -> int:
 
 
 def aggregate(function: AggregationFunction, values: Sequence[tuple[int, Any]]) -> Any:
-    """Aggregate (event_time, value) pairs; nulls are skipped (count counts events)."""
-    if function is AggregationFunction.COUNT:
-        return len(values)
-    present = [(t, v) for t, v in values if v is not None]
-    if not present:
-        return empty_value(function)
-    if function is AggregationFunction.COUNT_DISTINCT:
-        return len({v for _, v in present})
-    if function is AggregationFunction.LAST:
-        return max(present, key=lambda tv: (tv[0], tv[1]))[1]
-    numbers = [float(v) for _, v in present]
-    match function:
-        case AggregationFunction.SUM:
-            return math.fsum(numbers)
-        case AggregationFunction.MEAN:
-            return math.fsum(numbers) / len(numbers)
-        case AggregationFunction.MIN:
-            return min(numbers)
-        case AggregationFunction.MAX:
-            return max(numbers)
-        case AggregationFunction.STDDEV:
-            if len(numbers) < 2:
-                return None
-            mean = math.fsum(numbers) / len(numbers)
-            return math.sqrt(math.fsum((x - mean) ** 2 for x in numbers) / (len(numbers) - 1))
-    raise AssertionError(f"unhandled aggregation {function}")
+    """Aggregate (event_time, value) pairs in arrival order, one value at a time; nulls are
+    skipped (count counts events). No tiles and no merges: those are the engines' business."""
+    aggregator = AGGREGATIONS[function]
+    return aggregator.result(aggregator.of(values))
 
 
 def prepare(view: FeatureView, events: Iterable[Event]) -> list[dict[str, Any]]:

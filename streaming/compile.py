@@ -7,11 +7,12 @@ Why the DataStream API with a KeyedProcessFunction rather than SQL HOP windows: 
 emits a row only for windows that hold events, so the smaller empty windows of a busy end and
 the "closing" row after each run (see features/reference.py:with_closing_rows) cannot be
 expressed, and a view with several window sizes would need one HOP per size plus a join. One
-function that keeps per-key tiles (partial aggregates per slide bucket) and fires an event-time
-timer at each window end computes every window of a view from one state and emits exactly the
-reference rows. The source is still declared in SQL: only the SQL Kafka table exposes each
-record's partition and offset (the dead-letter headers need them) next to a WATERMARK on the
-record timestamp that Flink pushes into the source, per partition.
+function that keeps per-key tiles (partial states per slide bucket, merged per window by the
+aggregation objects of features/aggregations.py) and fires an event-time timer at each window
+end computes every window of a view from one state and emits exactly the reference rows. The
+source is still declared in SQL: only the SQL Kafka table exposes each record's partition and
+offset (the dead-letter headers need them) next to a WATERMARK on the record timestamp that
+Flink pushes into the source, per partition.
 
 Lateness (one definition, used by the job and documented in streaming/__init__.py):
   watermark W = min over the source's partitions of (greatest Kafka timestamp read from that
@@ -29,14 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from features.definitions import AggregationFunction, FeatureView
+from features.aggregations import AGGREGATIONS
+from features.definitions import AggregationFunction, FeatureView, empty_value
 from features.schema import FieldType
 from streaming.errors import UnsupportedViewError
 
 # Tiles per key for the largest window: the cost of computing one row grows with it, and a
 # view like 30d every 1s (2.6 million tiles per key) would never keep up.
 MAX_TILES_PER_WINDOW = 4096
-_SUPPORTED = frozenset(AggregationFunction)
 _NUMERIC = (FieldType.INT, FieldType.FLOAT)
 
 
@@ -52,19 +53,17 @@ def group_id(view_name: str) -> str:
 
 @dataclass(frozen=True)
 class Spec:
-    """One feature: where its input sits in a tile and how a window of tiles becomes a value."""
+    """One feature: the tile slot holding its partial states, and its window size."""
 
     name: str
     function: AggregationFunction
-    column: int | None  # index into CompiledView.columns; None for count
+    slot: int  # index into CompiledView.slots (and into every tile)
     window_ms: int
 
 
-@dataclass(frozen=True)
-class ColumnNeeds:
-    numeric: bool  # keep sum, min and max
-    distinct: bool  # keep the set of distinct values
-    values: bool  # keep every value (stddev is computed exactly like the reference)
+# A tile slot: (index into CompiledView.columns, or None for a function that reads no column,
+# such as count; the function whose partial state the slot keeps).
+Slot = tuple[int | None, AggregationFunction]
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,8 @@ class CompiledView:
     slide_ms: int
     max_window_ms: int
     window_sizes_ms: tuple[int, ...]
-    columns: tuple[str, ...]  # aggregated columns, in tile order
-    needs: tuple[ColumnNeeds, ...]
+    columns: tuple[str, ...]  # aggregated columns, in the order events carry their values
+    slots: tuple[Slot, ...]  # one partial state per slot in each tile
     specs: tuple[Spec, ...]
     derived: tuple[tuple[str, str], ...]  # (name, expression), applied in order
     filter: str | None
@@ -90,8 +89,6 @@ class CompiledView:
         return self.view.name
 
     def empty_row(self) -> dict[str, Any]:
-        from features.definitions import empty_value
-
         return {s.name: empty_value(s.function) for s in self.specs}
 
 
@@ -112,36 +109,31 @@ def compile_view(view: FeatureView) -> CompiledView:
             f"most {MAX_TILES_PER_WINDOW} (use a longer slide or a batch view)",
         )
     columns: list[str] = []
+    slots: list[Slot] = []
     specs: list[Spec] = []
     for feature in view.features():
-        if feature.function not in _SUPPORTED:
+        aggregator = AGGREGATIONS.get(feature.function)
+        if aggregator is None:
             raise fail(f"features.{feature.name}", f"aggregation {feature.function} is unknown")
         index = None
-        if feature.function is not AggregationFunction.COUNT:
+        if aggregator.reads_column:
             assert feature.column is not None  # the definition checks this
+            if aggregator.needs_number and types[feature.column] not in _NUMERIC:
+                raise fail(
+                    f"features.{feature.name}",
+                    f"{types[feature.column]} column {feature.column!r} cannot be aggregated "
+                    f"by {feature.function}",
+                )
             if feature.column not in columns:
                 columns.append(feature.column)
             index = columns.index(feature.column)
-        specs.append(Spec(feature.name, feature.function, index, feature.window.size_ms))
-    needs = []
-    for index, column in enumerate(columns):
-        functions = {s.function for s in specs if s.column == index}
-        numeric = types[column] in _NUMERIC
-        if not numeric and functions & {
-            AggregationFunction.SUM,
-            AggregationFunction.MEAN,
-            AggregationFunction.MIN,
-            AggregationFunction.MAX,
-            AggregationFunction.STDDEV,
-        }:
-            raise fail(f"features.{column}", f"{types[column]} column cannot be aggregated so")
-        needs.append(
-            ColumnNeeds(
-                numeric=numeric,
-                distinct=AggregationFunction.COUNT_DISTINCT in functions,
-                values=AggregationFunction.STDDEV in functions,
-            )
-        )
+        # Features of one function over one column share a slot across window sizes: a tile
+        # keeps each partial state once.
+        slot = (index, feature.function)
+        if slot not in slots:
+            slots.append(slot)
+        size = feature.window.size_ms
+        specs.append(Spec(feature.name, feature.function, slots.index(slot), size))
     return CompiledView(
         view=view,
         key_column=view.key_column,
@@ -150,7 +142,7 @@ def compile_view(view: FeatureView) -> CompiledView:
         max_window_ms=largest.size_ms,
         window_sizes_ms=tuple(w.size_ms for w in view.windows),
         columns=tuple(columns),
-        needs=tuple(needs),
+        slots=tuple(slots),
         specs=tuple(specs),
         derived=tuple(view.derived.items()),
         filter=view.filter,

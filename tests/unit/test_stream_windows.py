@@ -8,7 +8,9 @@ the same timestamp may fire twice, and a watermark that jumps fires far ends bef
 
 from __future__ import annotations
 
+import math
 import random
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -16,8 +18,9 @@ import pytest
 
 from examples.delivery.features import restaurant_orders, restaurant_prep
 from examples.delivery.simulate import DeliverySimulator
+from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from features.reference import compute_view, with_closing_rows
+from features.reference import compute_view, prepare, with_closing_rows
 from features.schema import EventSource
 from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
 from streaming.compile import compile_view
@@ -151,6 +154,43 @@ def test_late_means_smallest_window_already_emitted():
     assert model.rows[("r1", base + 60_000)]["count_5m"] == 1
     model.advance(MAX_WM)
     assert model.rows[("r1", base + 120_000)]["count_5m"] == 3
+
+
+def test_stddev_over_tiles_is_exact_for_a_large_mean_and_small_spread():
+    """Windows merge per-tile (count, mean, M2) states; with means near 1e9 and a spread of
+    about 0.01, a mean held as one float (ulp 1.2e-7) would lose the digits that matter."""
+    window = Window.sliding("10m", every="1m")
+    view = FeatureView(
+        name="big_offsets",
+        entity=restaurant_orders.entity,
+        source=ORDERS,
+        derived={"shifted": "subtotal * 0.0001 + 1000000000.0"},
+        aggregations=(
+            Aggregation(function=AggregationFunction.STDDEV, column="shifted", windows=(window,)),
+            Aggregation(function=AggregationFunction.MEAN, column="shifted", windows=(window,)),
+        ),
+    )
+    rng = random.Random(5)
+    model = TimerModel(view, rng)
+    events = [
+        {"restaurant_id": "r1", "items": 1, "subtotal": rng.uniform(0, 100), "placed_at": t}
+        for t in sorted(START + rng.randrange(30 * 60_000) for _ in range(400))
+    ]
+    for event in events:
+        model.process(event)
+    model.advance(MAX_WM)
+    values = [(row["placed_at"], row["shifted"]) for row in prepare(view, events)]
+    checked = 0
+    for (_, end), row in model.rows.items():
+        inside = [Fraction(v) for t, v in values if end - window.size_ms <= t < end]
+        if len(inside) < 2:
+            continue
+        mean = sum(inside) / len(inside)
+        exact = math.sqrt(sum((v - mean) ** 2 for v in inside) / (len(inside) - 1))
+        assert math.isclose(row["stddev_shifted_10m"], exact, rel_tol=1e-9), end
+        assert math.isclose(row["mean_shifted_10m"], float(mean), rel_tol=1e-15), end
+        checked += 1
+    assert checked > 30
 
 
 def test_views_the_engine_cannot_run_fail_at_compile_time():
