@@ -239,7 +239,7 @@ def materialize_view(
     number of entities written."""
     from pyspark.sql import functions as sf
 
-    from feature_repo.online import OnlineRow, OnlineStore  # the Feast side, loaded on use
+    from feature_repo.online_store import OnlineRow, open_online_store  # loaded on use
 
     key = view.entity.join_key
     names = [spec.name for spec in view.features()]
@@ -260,7 +260,7 @@ def materialize_view(
         row: dict[str, Any] = record["row"].asDict()
         end = int(row.pop("__end"))
         rows.append(OnlineRow(entity_key=record[key], window_end_ms=end, values=row))
-    with OnlineStore(settings.redis_url, settings.feast_project) as store:
+    with open_online_store(settings) as store:
         store.write(view, rows)
     return len(rows)
 

@@ -38,7 +38,7 @@ from core.settings import Settings, load_settings
 from examples.delivery.features import delivery_eta
 from feature_repo import registry_ops
 from feature_repo.config import feature_store
-from feature_repo.online import OnlineRow, OnlineStore
+from feature_repo.online_store import OnlineRow, open_online_store
 from features.definitions import FeatureService, FeatureView
 from features.registry import load_registry
 from features.schema import FieldType
@@ -76,7 +76,7 @@ def prepare(settings: Settings, entities: int) -> None:
     registry_ops.apply(settings, load_registry(settings.definitions_module))
     rng = np.random.default_rng(5)
     end = int(time.time() * 1000) // 60_000 * 60_000
-    with OnlineStore(settings.redis_url, settings.feast_project) as online:
+    with open_online_store(settings) as online:
         for view in SERVICE.views:
             prefix = "z" if view.entity.join_key == "zone_id" else "r"
             rows = [
@@ -248,7 +248,7 @@ def measure_reads(
     requests = [(v, [k[v.entity.join_key] for k in keys]) for v in SERVICE.views]
     store = feature_store(settings)
     out: dict[str, tuple[float, float]] = {}
-    with OnlineStore(settings.redis_url, settings.feast_project) as online:
+    with open_online_store(settings) as online:
         for name, call in (
             ("sluice", lambda: online.read_many(requests)),
             (

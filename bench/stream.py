@@ -11,7 +11,7 @@ Starts its own broker and Redis on free loopback ports, then measures:
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
      end + lateness, so the watermark can pass the end) to the row being readable through
-     OnlineStore.read (polled every 10 ms). p50 / p99 / max.
+     the online store's read (polled every 10 ms). p50 / p99 / max.
 Run: `python -m bench.stream` (about 3 minutes with the defaults).
 """
 
@@ -30,15 +30,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
+from core.records import FeatureRow, PrepareCounts
 from core.settings import Settings, load_settings
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
-from feature_repo.online import OnlineStore
+from feature_repo.online_store import open_online_store
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
@@ -46,7 +46,7 @@ from streaming.compile import compile_view, features_topic, source_table_sql
 from streaming.job import JobOptions, flink_configuration
 from streaming.monitor import StatsBoard
 from streaming.runner import run as run_stream
-from streaming.sinks import STATS_TOPIC, JobContext, PrepareCounts, StatsReporter, now_ms
+from streaming.sinks import STATS_TOPIC, JobContext, StatsReporter, now_ms
 
 START_MS = 1_767_268_800_000  # 2026-01-01 12:00 UTC, the lunch rush
 LIVE_LATENESS = timedelta(seconds=2)
@@ -140,8 +140,7 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
             self.counts = PrepareCounts()
             self.producer = CountingProducer(settings)
             index = runtime_context.get_index_of_this_subtask()
-            key = {"view": self.view, "op": "prepare", "subtask": index}
-            self.stats = StatsReporter(self.producer, ctx, key)
+            self.stats = StatsReporter(self.producer, ctx, self.view, index)
 
         def process_element(self, row: Any, context: Any) -> None:
             self.loads(row[1])
@@ -228,7 +227,7 @@ def freshness(
         producer.flush(10)
 
     def poll_redis() -> None:
-        with OnlineStore(settings.redis_url, settings.feast_project) as store:
+        with open_online_store(settings) as store:
             while not stop.is_set():
                 wall = now_ms()
                 for key, row in zip(keys, store.read(view, keys), strict=True):
@@ -279,8 +278,10 @@ def freshness(
 
     readable = [since_close(end, wall) for (_, end), wall in seen.items()]
     emitted = [
-        since_close(row["window_end_ms"], row["emitted_at_ms"])
-        for row in (orjson.loads(m.value()) for m in read_all(settings, features_topic(view.name)))
+        since_close(row.window_end_ms, row.emitted_at_ms)
+        for row in (
+            FeatureRow.decode(m.value()) for m in read_all(settings, features_topic(view.name))
+        )
     ]
     return [x for x in readable if x is not None], [x for x in emitted if x is not None]
 

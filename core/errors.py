@@ -90,3 +90,24 @@ class UsageError(SluiceError):
 
     exit_code = ExitCode.USAGE
     code = "invalid_argument"
+
+
+class RecordError(SluiceError):
+    """A record read from a topic does not match its schema (core/records.py).
+
+    The message names the record, the field (or header) and the reason.
+    """
+
+    exit_code = ExitCode.DATA
+    code = "invalid_record"
+
+    def __init__(self, record: str, field: str | None, reason: str) -> None:
+        where = f"field {field!r}: " if field else ""
+        super().__init__(f"{record} record: {where}{reason}")
+        self.record = record
+        self.field = field
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[RecordError], tuple[str, str | None, str]]:
+        # Picklable with its three arguments (engines ship errors between processes).
+        return type(self), (self.record, self.field, self.reason)

@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from core.kafka import CountingProducer, ensure_topics
+from core.records import H_ERROR as H_ERROR
+from core.records import H_FIELD as H_FIELD
+from core.records import H_OFFSET as H_OFFSET
+from core.records import H_PARTITION as H_PARTITION
+from core.records import H_REASON as H_REASON
+from core.records import H_SOURCE as H_SOURCE
+from core.records import H_TOPIC as H_TOPIC
+from core.records import DeadLetter, Headers
 from core.settings import Settings
 from events.errors import IngestError
 from features.schema import EventSource
@@ -27,15 +35,6 @@ from features.validation import EventValidator, Rejection, RejectReason
 log = logging.getLogger("sluice.ingest")
 JOIN_TIMEOUT_S = 60.0
 
-# Dead-letter headers. Dashboards and replay tools key on these names.
-H_REASON = "sluice.reason"
-H_FIELD = "sluice.field"
-H_ERROR = "sluice.error"
-H_SOURCE = "sluice.source"
-H_TOPIC = "sluice.source_topic"
-H_PARTITION = "sluice.source_partition"
-H_OFFSET = "sluice.source_offset"
-
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
@@ -43,7 +42,7 @@ class OutRecord:
     key: bytes | None
     value: bytes
     timestamp_ms: int
-    headers: list[tuple[str, str | bytes | None]] | None
+    headers: Headers | None
 
 
 @dataclass
@@ -60,18 +59,25 @@ class IngestCounts:
         return self.received == self.valid + self.dead_lettered
 
 
-def dead_letter_headers(
-    rejection: Rejection, source: str, topic: str, partition: int, offset: int
-) -> list[tuple[str, str | bytes | None]]:
-    return [
-        (H_REASON, rejection.reason.value.encode()),
-        (H_FIELD, (rejection.field or "").encode()),
-        (H_ERROR, rejection.describe().encode()),
-        (H_SOURCE, source.encode()),
-        (H_TOPIC, topic.encode()),
-        (H_PARTITION, str(partition).encode()),
-        (H_OFFSET, str(offset).encode()),
-    ]
+def dead_letter(
+    rejection: Rejection,
+    source: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    view: str | None = None,
+) -> DeadLetter:
+    """The dead letter of a rejected event (its headers: core.records.DeadLetter)."""
+    return DeadLetter(
+        reason=rejection.reason.value,
+        field=rejection.field,
+        error=rejection.describe(),
+        source=source,
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        view=view,
+    )
 
 
 class IngestRouter:
@@ -111,7 +117,7 @@ class IngestRouter:
                 key=key,
                 value=value or b"",
                 timestamp_ms=0,
-                headers=dead_letter_headers(outcome, source.name, topic, partition, offset),
+                headers=dead_letter(outcome, source.name, topic, partition, offset).to_headers(),
             )
         self.counts.valid += 1
         return OutRecord(

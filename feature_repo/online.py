@@ -1,12 +1,13 @@
-"""The one helper that writes and reads feature rows in Feast's Redis online-store layout.
+"""RedisOnlineStore: the OnlineStore (online_store.py) that keeps rows in Feast's Redis layout.
 
-Spark backfills, the Flink job and the predictor all go through OnlineStore, so the layout lives
-in one place (see codec.py). What it adds to Feast's layout is one integer field per entity and
-view, "_sluice_end_ms:<view>", the window end of the stored row. A Lua script compares it and
-writes the row in one atomic step, so concurrent writers (a backfill and the stream) can never
-put an older window over a newer one; Feast's own write path compares timestamps in Python
-between two round trips and can. Rows written by other tools (Feast's write_to_online_store)
-are read correctly; a write over them is not ordered against them, since they carry no end.
+Spark backfills, the Flink job and the predictor reach it through open_online_store(settings)
+for redis:// and rediss:// URLs, so the layout lives in one place (see codec.py). What it adds
+to Feast's layout is one integer field per entity and view, "_sluice_end_ms:<view>", the
+window end of the stored row. A Lua script compares it and writes the row in one atomic step,
+so concurrent writers (a backfill and the stream) can never put an older window over a newer
+one; Feast's own write path compares timestamps in Python between two round trips and can.
+Rows written by other tools (Feast's write_to_online_store) are read correctly; a write over
+them is not ordered against them, since they carry no end.
 
 Feast does not apply a view's ttl to online reads (nor does read() here): callers compare
 OnlineRow.window_end_ms with the current window end to judge freshness.
@@ -14,17 +15,23 @@ OnlineRow.window_end_ms with the current window end to judge freshness.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Self
 
 import redis
 
+from core.settings import Settings
 from feature_repo import codec
 from feature_repo.errors import OnlineStoreError
+from feature_repo.online_store import OnlineRow, OnlineStore, WriteReport
 from features.definitions import FeatureView
 from features.schema import FieldType
+
+# OnlineRow and WriteReport are importable from here, as before the interface existed.
+__all__ = ["DEFAULT_BATCH_ROWS", "OnlineRow", "RedisOnlineStore", "WriteReport", "end_field"]
 
 # KEYS[1]: the entity's hash. ARGV[1]: the end field, ARGV[2]: Feast's _ts field, ARGV[3]: the
 # row's window end (ms), ARGV[4..]: field/value pairs (_ts and every feature).
@@ -46,33 +53,6 @@ DEFAULT_BATCH_ROWS = 1000
 
 
 @dataclass(frozen=True)
-class OnlineRow:
-    """The features of one entity for the window ending at window_end_ms (epoch ms)."""
-
-    entity_key: str
-    window_end_ms: int
-    values: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class WriteReport:
-    rows: int
-    written: int  # rows stored, including same-end rewrites
-    rewritten: int  # of those, rows whose window end equalled the stored one (idempotent)
-    skipped_older: int  # rows older than the stored window end, refused
-    pipelines: int
-
-    def __add__(self, other: WriteReport) -> WriteReport:
-        return WriteReport(
-            self.rows + other.rows,
-            self.written + other.written,
-            self.rewritten + other.rewritten,
-            self.skipped_older + other.skipped_older,
-            self.pipelines + other.pipelines,
-        )
-
-
-@dataclass(frozen=True)
 class _Layout:
     """Where a view's values live, computed once per view (murmur3 hashes, key prefix)."""
 
@@ -89,7 +69,7 @@ def end_field(view_name: str) -> bytes:
     return f"_sluice_end_ms:{view_name}".encode()
 
 
-class OnlineStore:
+class RedisOnlineStore(OnlineStore):
     """Batched, ordered writes and one-round-trip reads of a project's online feature rows."""
 
     def __init__(
@@ -103,14 +83,20 @@ class OnlineStore:
         self._script = self._client.register_script(_WRITE_IF_NOT_OLDER)
         self._layouts: dict[str, _Layout] = {}
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(settings.redis_url, settings.feast_project)
+
+    def ping(self) -> float:
+        started = time.perf_counter()
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise OnlineStoreError(f"Redis did not answer a ping: {exc}") from exc
+        return time.perf_counter() - started
+
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> OnlineStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _layout(self, view: FeatureView) -> _Layout:
         cached = self._layouts.get(view.name)
@@ -190,10 +176,6 @@ class OnlineStore:
                 pipelines=1,
             )
         return report
-
-    def read(self, view: FeatureView, entity_keys: Sequence[str]) -> list[OnlineRow | None]:
-        """The stored row of each entity (None when it has none), in one round trip."""
-        return self.read_many([(view, entity_keys)])[0]
 
     def read_many(
         self, requests: Sequence[tuple[FeatureView, Sequence[str]]]

@@ -1,10 +1,11 @@
 """The FastAPI predictor: POST /predict, /feedback, GET /models, promote, /health, /metrics.
 
 Per model, an AdaptiveBatcher queues rows; a batch reads every online feature it needs in one
-Redis round trip (feature_repo.online.OnlineStore.read_many), joins them in the model's order
-with the request features, predicts with LightGBM in a worker thread and answers each row with
-its prediction, model version, prediction id, feature ages and missing/stale flags. Every
-prediction is logged to Kafka without waiting (prediction_log.KafkaLog).
+round trip (feature_repo.online_store.OnlineStore.read_many, the store open_online_store
+builds), joins them in the model's order with the request features, predicts with LightGBM in a
+worker thread and answers each row with its prediction, model version, prediction id, feature
+ages and missing/stale flags. Every prediction is logged to Kafka without waiting
+(prediction_log.KafkaLog) as a core.records.PredictionRecord, feedback as a FeedbackRecord.
 
 Errors: serving.errors types, mapped to HTTP statuses by one exception handler; request
 validation failures (FastAPI's and the per-model row checks) answer 422 with
@@ -32,6 +33,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import SluiceError, http_status
+from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
@@ -150,23 +152,21 @@ class Predictor:
         self.recent.add(
             prediction.prediction_id, prediction.model, prediction.version, prediction.prediction
         )
-        record = {
-            "prediction_id": prediction.prediction_id,
-            "time_ms": prediction.time_ms,
-            "model": prediction.model,
-            "model_version": prediction.version,
-            "prediction": prediction.prediction,
-            "latency_ms": round(latency_ms, 3),
-            "request": dict(row),
-            "features": joined.values,
-            "feature_ages_ms": joined.ages_ms,
-            "missing": joined.missing,
-            "stale": joined.stale,
-        }
+        record = PredictionRecord(
+            prediction_id=prediction.prediction_id,
+            time_ms=prediction.time_ms,
+            model=prediction.model,
+            model_version=prediction.version,
+            prediction=prediction.prediction,
+            latency_ms=round(latency_ms, 3),
+            request=dict(row),
+            features=joined.values,
+            feature_ages_ms=joined.ages_ms,
+            missing=joined.missing,
+            stale=joined.stale,
+        )
         self.log.send(
-            self.settings.prediction_topic,
-            prediction.prediction_id.encode(),
-            orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY),
+            self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
         )
 
 
@@ -215,7 +215,7 @@ def _build(
     producer: ProducerLike | None,
     services: Mapping[str, FeatureService] | None,
 ) -> Predictor:
-    from feature_repo.online import OnlineStore
+    from feature_repo.online_store import open_online_store
     from features.registry import load_registry
 
     if services is None:
@@ -236,7 +236,7 @@ def _build(
         settings=settings,
         registry=registry or ModelRegistry(settings.models_dir),
         services=services,
-        reader=reader or OnlineStore(settings.redis_url, settings.feast_project),
+        reader=reader or open_online_store(settings),
         log=kafka_log,
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
@@ -339,20 +339,18 @@ def _routes(app: FastAPI) -> None:
         predictor = _predictor(request)
         known = predictor.recent.pop(body.prediction_id)
         error = None
-        record: dict[str, Any] = {
-            "prediction_id": body.prediction_id,
-            "label": body.label,
-            "time_ms": int(time.time() * 1000),
-        }
+        record = FeedbackRecord(body.prediction_id, body.label, int(time.time() * 1000))
         if known is not None:
             model, version, value = known
             error = body.label - value
-            record |= {"model": model, "model_version": version, "prediction": value}
+            record = FeedbackRecord(
+                body.prediction_id, body.label, record.time_ms, model, version, value
+            )
             served = predictor.served.get(model)
-            if served is not None and served.slot.bandit is not None:
-                served.slot.bandit.reward(version, -abs(error))
+            if served is not None and served.slot.policy is not None:
+                served.slot.policy.reward(version, -abs(error))
         predictor.log.send(
-            predictor.settings.feedback_topic, body.prediction_id.encode(), orjson.dumps(record)
+            predictor.settings.feedback_topic, body.prediction_id.encode(), record.encode()
         )
         return FeedbackResponse(
             prediction_id=body.prediction_id, matched=known is not None, error=error

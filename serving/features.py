@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from feature_repo.online import OnlineRow
+from feature_repo.online_store import OnlineRow
 from features.definitions import FeatureService, FeatureView, empty_value
 from features.schema import Field, FieldType
 from serving.errors import ModelIncompatibleError
@@ -30,7 +30,7 @@ _NUMERIC = (FieldType.INT, FieldType.FLOAT, FieldType.BOOL)
 
 
 class FeatureReader(Protocol):
-    """What the predictor needs of the online store (feature_repo.online.OnlineStore)."""
+    """What the predictor needs of the online store (feature_repo.online_store.OnlineStore)."""
 
     def read_many(
         self, requests: Sequence[tuple[FeatureView, Sequence[str]]]

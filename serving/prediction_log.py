@@ -1,5 +1,8 @@
 """Prediction and feedback records to Kafka, off the request path, counted from queue to ack.
 
+The records are core.records types (PredictionRecord, FeedbackRecord), encoded by the caller;
+this module moves bytes.
+
 ``send`` only appends to a bounded in-memory queue and returns at once; one background thread
 hands records to the confluent-kafka producer and serves its delivery reports. Each record's
 fate is counted (see LogCounts):

@@ -19,18 +19,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.kafka import CountingProducer
+from core.records import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
 from streaming.prepare import EventPreparer, Filtered
-from streaming.sinks import (
-    DeadLetters,
-    JobContext,
-    PrepareCounts,
-    RowPublisher,
-    StatsReporter,
-    WindowCounts,
-    now_ms,
-)
+from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.windows import WindowEngine, new_state
 
 # Field positions of the rows the SQL source hands over (see compile.source_table_sql).
@@ -55,8 +48,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.counts = PrepareCounts()
             index = runtime_context.get_index_of_this_subtask()
-            key = {"view": compiled.name, "op": "prepare", "subtask": index}
-            self.stats = StatsReporter(self.producer, ctx, key)
+            self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_prepare_flush", self.flush)
 
@@ -109,9 +101,8 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.publisher = RowPublisher(self.producer, ctx, compiled.view)
             self.counts = WindowCounts()
             index = runtime_context.get_index_of_this_subtask()
-            key = {"view": compiled.name, "op": "windows", "subtask": index}
-            self.stats = StatsReporter(self.producer, ctx, key)
-            self.publish_stats = StatsReporter(self.producer, ctx, key | {"op": "publish"})
+            # One reporter, two records: "windows" (these counts) and "publish" (the rows').
+            self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
 
         def process_element(self, event: tuple[str, int, Any], context: Any) -> None:
@@ -148,14 +139,14 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
         def flush(self) -> int:
             self.publisher.flush()
             self.stats.report(self.counts)
-            self.publish_stats.report(self.publisher.counts)
+            self.stats.report(self.publisher.counts)
             self.producer.flush()
             return self.counts.aggregated
 
         def close(self) -> None:
             self.publisher.flush()
             self.stats.report(self.counts, final=True)
-            self.publish_stats.report(self.publisher.counts, final=True)
+            self.stats.report(self.publisher.counts, final=True)
             self.producer.flush()
             self.publisher.close()
 

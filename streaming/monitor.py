@@ -1,19 +1,19 @@
 """The driver's view of a running job: counts from the stats topic, lag from the broker.
 
-Operators report cumulative counters to STATS_TOPIC (sinks.StatsReporter); the newest record
-per operator instance wins. Counts restart with a restart of the job from a checkpoint (the
-counters are not state), so after a failover they cover the replay, not the whole run.
+Operators report cumulative counters to STATS_TOPIC (sinks.StatsReporter: core.records
+StreamStats records); the newest record per operator instance wins. Counts restart with a
+restart of the job from a checkpoint (the counters are not state), so after a failover they
+cover the replay, not the whole run.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
+from core.records import PrepareCounts, PublishCounts, StreamStats, WindowCounts
 from core.settings import Settings
 from streaming.errors import StreamJobError
 from streaming.sinks import STATS_TOPIC
@@ -70,7 +70,7 @@ class StatsBoard:
         partitions = metadata.topics[STATS_TOPIC].partitions
         # OFFSET_END may resolve a little early on Tansu; older runs' records are skipped.
         self._consumer.assign([TopicPartition(STATS_TOPIC, p, OFFSET_END) for p in partitions])
-        self.latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.latest: dict[tuple[str, str, int], StreamStats] = {}
 
     def poll(self, timeout_s: float = 0.2) -> None:
         for msg in self._consumer.consume(1000, timeout=timeout_s):
@@ -79,43 +79,43 @@ class StatsBoard:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise StreamJobError(f"reading {STATS_TOPIC}: {error}")
-            record = orjson.loads(msg.value() or b"{}")
-            if record.get("run") != self.run_id:
+            record = StreamStats.decode(msg.value())
+            if record.run != self.run_id:
                 continue
-            key = (record["view"], record["op"], int(record["subtask"]))
-            held = self.latest.get(key)
-            if held is None or (record["final"], record["at_ms"]) >= (held["final"], held["at_ms"]):
-                self.latest[key] = record
+            held = self.latest.get(record.instance)
+            if held is None or (record.final, record.at_ms) >= (held.final, held.at_ms):
+                self.latest[record.instance] = record
 
     def finals(self) -> int:
-        return sum(1 for r in self.latest.values() if r["final"])
+        return sum(1 for r in self.latest.values() if r.final)
 
     def report(self, views: list[str], topics: dict[str, str]) -> dict[str, ViewReport]:
         out = {name: ViewReport() for name in views}
-        for (view, op, _), r in self.latest.items():
-            if view not in out:
+        for record in self.latest.values():
+            if record.view not in out:
                 continue
-            v = out[view]
-            v.last_report_at_ms = _max(v.last_report_at_ms, r["at_ms"])
-            if op == "prepare":
-                v.events += r["events"]
-                v.late += r["late"]
-                v.filtered += r["filtered"]
-                v.rejected += r["rejected"]
-                if r["first_at_ms"]:
-                    v.busy_s = max(v.busy_s, (r["last_at_ms"] - r["first_at_ms"]) / 1000)
-                    v.first_record_at_ms = _min(v.first_record_at_ms, r["first_at_ms"])
-                v.offsets |= {int(p): o for p, o in r["offsets"].items()}
-            elif op == "windows":
-                v.aggregated += r["aggregated"]
-            else:
-                v.rows += r["rows"]
-                v.online_written += r["online_written"]
-                v.online_skipped_older += r["online_skipped_older"]
-                v.max_end_ms = _max(v.max_end_ms, r["max_end_ms"])
+            v = out[record.view]
+            v.last_report_at_ms = _max(v.last_report_at_ms, record.at_ms)
+            c = record.counts
+            if isinstance(c, PrepareCounts):
+                v.events += c.events
+                v.late += c.late
+                v.filtered += c.filtered
+                v.rejected += c.rejected
+                if c.first_at_ms:
+                    v.busy_s = max(v.busy_s, (c.last_at_ms - c.first_at_ms) / 1000)
+                    v.first_record_at_ms = _min(v.first_record_at_ms, c.first_at_ms)
+                v.offsets |= c.offsets
+            elif isinstance(c, WindowCounts):
+                v.aggregated += c.aggregated
+            elif isinstance(c, PublishCounts):
+                v.rows += c.rows
+                v.online_written += c.online_written
+                v.online_skipped_older += c.online_skipped_older
+                v.max_end_ms = _max(v.max_end_ms, c.max_end_ms)
                 # The watermark that fired the newest rows. (Prepare sees the watermark only
                 # as it stood at its last event, so it lags whenever input pauses.)
-                v.watermark = _max(v.watermark, r["watermark"])
+                v.watermark = _max(v.watermark, c.watermark)
         for name, v in out.items():
             v.lag = self.lag(topics[name], v.offsets)
         return out

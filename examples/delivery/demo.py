@@ -6,13 +6,13 @@ import math
 import time
 from datetime import UTC, datetime, timedelta
 
-import orjson
 from rich.console import Console
 from rich.table import Table
 
-from core.kafka import headers_of, read_topics
+from core.kafka import read_topics
+from core.records import DeadLetter, FeatureRow
 from core.settings import Settings
-from events.ingest import H_ERROR, IngestCounts, run_ingest
+from events.ingest import IngestCounts, run_ingest
 from examples.delivery.demo_serve import train_serve_and_predict
 from examples.delivery.produce import ProduceReport, produce_synthetic
 from examples.delivery.sources import SOURCES
@@ -76,14 +76,14 @@ def _ingest(settings: Settings, console: Console, report: ProduceReport) -> Inge
 def _show_dead_letters(settings: Settings, console: Console, limit: int) -> None:
     console.rule(f"4. a few dead letters ({settings.dead_letter_topic})")
     for msg in read_topics(settings, [settings.dead_letter_topic], limit=limit):
-        reason = headers_of(msg).get(H_ERROR, "")
+        reason = DeadLetter.from_headers(msg.headers()).error
         console.print(f"- {reason}\n  original: {(msg.value() or b'')[:90]!r}")
 
 
 def _backfill_and_serve(settings: Settings, console: Console, report: ProduceReport) -> None:
     """Feast registry, a Spark backfill of the produced history, and online reads."""
     from batch.backfill import backfill
-    from feature_repo.online import OnlineStore
+    from feature_repo.online_store import open_online_store
     from feature_repo.registry_ops import apply
     from features.registry import load_registry
 
@@ -108,7 +108,7 @@ def _backfill_and_serve(settings: Settings, console: Console, report: ProduceRep
 
     console.rule("8. online values (Redis, Feast layout)")
     view = registry.views["restaurant_orders"]
-    with OnlineStore(settings.redis_url, settings.feast_project) as store:
+    with open_online_store(settings) as store:
         keys = [f"r{n:05d}" for n in range(5)]
         for key, row in zip(keys, store.read(view, keys), strict=True):
             if row is None:
@@ -155,12 +155,12 @@ def _stream(settings: Settings, console: Console, report: ProduceReport) -> None
             )
         }
         for msg in read_topics(settings, [features_topic(view.name)]):
-            row = orjson.loads(msg.value() or b"{}")
-            if row["emitted_at_ms"] < started_ms:
+            row = FeatureRow.decode(msg.value())
+            if row.emitted_at_ms < started_ms:
                 continue  # an earlier run's, when the stack was already up
-            want = batch.get((row["entity_key"], row["window_end_ms"]))
+            want = batch.get((row.entity_key, row.window_end_ms))
             compared += 1
-            agree += want is not None and all(_same(want[n], row["values"][n]) for n in names)
+            agree += want is not None and all(_same(want[n], row.values[n]) for n in names)
         console.print(f"{view.name}: {len(batch)} offline rows")
     console.print(
         f"{compared} rows Flink emitted: {agree} equal Spark's (floats within 1e-9); "

@@ -8,15 +8,16 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 from rich.console import Console
 from rich.table import Table
 
 from core.kafka import read_topics
+from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from infra.stack import free_port
 
 MODEL = "delivery_eta"
+_SHOWN = ("prediction_id", "time_ms", "model", "model_version", "prediction", "latency_ms")
 SINGLE_REQUESTS = 64  # concurrent one-row requests: the batcher groups them
 
 
@@ -60,17 +61,24 @@ def train_serve_and_predict(settings: Settings, console: Console) -> None:
     console.print("predictor stopped (its prediction log flushed on shutdown)")
 
     console.rule(f"13. the prediction log ({settings.prediction_topic}) and feedback")
-    logged = read_topics(settings, [settings.prediction_topic], idle_timeout_s=2.0)
-    feedback = read_topics(settings, [settings.feedback_topic], idle_timeout_s=2.0)
+    # Decoding checks every record against its schema (a bad one stops the demo, named).
+    logged = [
+        PredictionRecord.decode(m.value())
+        for m in read_topics(settings, [settings.prediction_topic], idle_timeout_s=2.0)
+    ]
+    feedback = [
+        FeedbackRecord.decode(m.value())
+        for m in read_topics(settings, [settings.feedback_topic], idle_timeout_s=2.0)
+    ]
     expected = len(rows) + SINGLE_REQUESTS
     console.print(
         f"{len(logged)} prediction records (expected at least {expected} from this run), "
         f"{len(feedback)} feedback records"
     )
     if logged:
-        record = orjson.loads(logged[-1].value() or b"{}")
-        shown = {k: record[k] for k in list(record)[:6]}
-        console.print(f"one record: {shown} ... features: {len(record.get('features', {}))}")
+        record = logged[-1]
+        shown = {k: getattr(record, k) for k in _SHOWN}
+        console.print(f"one record: {shown} ... features: {len(record.features)}")
     if len(logged) < expected or len(feedback) < len(rows):
         raise SystemExit(1)
 

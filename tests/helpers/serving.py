@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feature_repo.online import OnlineRow
+from feature_repo.online_store import OnlineRow
 from features.definitions import FeatureService, FeatureView
 from features.schema import FieldType
 from models.fit import fit, model_features

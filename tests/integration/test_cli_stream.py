@@ -18,11 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from core.kafka import headers_of
+from core.records import DeadLetter
 from core.settings import load_settings
 from features.reference import compute_view, with_closing_rows
 from infra.stack import free_port
-from streaming.sinks import H_VIEW
 from tests.helpers.stream import read_all, row_differences
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
@@ -84,17 +83,17 @@ def test_live_stream_keeps_redis_current_and_feast_agrees(tmp_path: Path) -> Non
         }
         late: dict[str, set[bytes]] = defaultdict(set)
         for msg in read_all(settings, settings.dead_letter_topic):
-            view_name = headers_of(msg).get(H_VIEW)
+            view_name = DeadLetter.from_headers(msg.headers()).view
             if view_name:
                 late[view_name].add(msg.value() or b"")
         assert raw["orders"], "ingest forwarded no orders"
 
         # Redis keeps up: within a minute of the last event, every stream view holds the rows
         # of windows closed by the watermark (newest event time - allowed lateness).
-        from feature_repo.online import OnlineStore
+        from feature_repo.online_store import open_online_store
 
         deadline = time.monotonic() + 90
-        with OnlineStore(settings.redis_url, settings.feast_project) as store:
+        with open_online_store(settings) as store:
             while True:
                 caught_up, online = _online_state(store, views, raw, late)
                 if caught_up or time.monotonic() > deadline:

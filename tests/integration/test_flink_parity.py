@@ -27,9 +27,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from batch.compile import compile_view
-from core.kafka import ensure_topics, headers_of
+from core.kafka import ensure_topics
+from core.records import DeadLetter, FeatureRow
 from core.settings import Settings
-from events.ingest import H_OFFSET, H_PARTITION, H_REASON, H_SOURCE
 from examples.delivery.simulate import DeliverySimulator
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
@@ -37,7 +37,6 @@ from features.schema import EventSource
 from streaming.compile import features_topic
 from streaming.monitor import StreamReport
 from streaming.runner import run as run_stream
-from streaming.sinks import H_VIEW
 from tests.helpers.spark import frame, spark_rows
 from tests.helpers.stream import (
     PARTITIONS,
@@ -89,8 +88,10 @@ def wait_for_row(
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         while time.monotonic() - started < 150 and job.is_alive():
             for msg in consumer.consume(1000, timeout=0.2):
-                row = orjson.loads(msg.value() or b"{}") if msg.error() is None else {}
-                if (row.get("entity_key"), row.get("window_end_ms")) == (entity, end):
+                if msg.error() is not None:
+                    continue
+                row = FeatureRow.decode(msg.value())
+                if (row.entity_key, row.window_end_ms) == (entity, end):
                     return True
     finally:
         consumer.close()
@@ -211,7 +212,9 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
 
     dead_by_view: dict[str, list[Message]] = defaultdict(list)
     for msg in read_all(settings, settings.dead_letter_topic):
-        dead_by_view[headers_of(msg)[H_VIEW]].append(msg)
+        view_name = DeadLetter.from_headers(msg.headers()).view
+        assert view_name is not None, "the stream names the view of its dead letters"
+        dead_by_view[view_name].append(msg)
 
     for view in views:
         name = view.source.name
@@ -220,11 +223,12 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
         dead = dead_by_view[view.name]
         assert Counter(m.value() for m in dead) == late_bytes, view.name
         for msg in dead:
-            headers = headers_of(msg)
-            assert headers[H_REASON] == "late"
-            assert headers[H_SOURCE] == name
-            assert int(headers[H_PARTITION]) in range(PARTITIONS)
-            assert int(headers[H_OFFSET]) >= 0
+            letter = DeadLetter.from_headers(msg.headers())
+            assert letter.reason == "late"
+            assert letter.source == name
+            assert letter.source_topic == topic.source.topic
+            assert letter.partition in range(PARTITIONS)
+            assert letter.offset >= 0
 
         late_set = {
             orjson.dumps(e) for e in (topic.canonical(e).values for e, _ in late_plan[name])
@@ -235,10 +239,10 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
 
         got: dict[tuple[str, int], dict[str, Any]] = {}
         for msg in read_all(settings, features_topic(view.name)):
-            row = orjson.loads(msg.value() or b"{}")
-            key = (row["entity_key"], row["window_end_ms"])
-            assert key not in got or got[key] == row["values"], f"{key} differs when repeated"
-            got[key] = row["values"]
+            row = FeatureRow.decode(msg.value())
+            key = (row.entity_key, row.window_end_ms)
+            assert key not in got or got[key] == row.values, f"{key} differs when repeated"
+            got[key] = row.values
         assert row_differences(got, want) == [], view.name
         # The batch engine over the same counted events: the training-serving contract.
         batch = spark_rows(view, compile_view(spark, view, frame(spark, view.source, counted)))
@@ -256,13 +260,13 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
             assert sum(v["count_5m"] for v in want.values()) == 5 * stats.aggregated
             assert stats.filtered == 0
 
-        from feature_repo.online import OnlineStore
+        from feature_repo.online_store import open_online_store
 
         newest_end: dict[str, int] = {}
         for entity, end in want:
             newest_end[entity] = max(end, newest_end.get(entity, end))
         entities = sorted(newest_end)
-        with OnlineStore(settings.redis_url, settings.feast_project) as store:
+        with open_online_store(settings) as store:
             stored = store.read(view, entities)
         for entity, online in zip(entities, stored, strict=True):
             assert online is not None, entity

@@ -13,14 +13,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from core.kafka import ensure_topics
+from core.records import FeatureRow
 from core.settings import Settings
 from examples.delivery.features import zone_couriers
 from examples.delivery.simulate import DeliverySimulator
-from feature_repo.online import OnlineStore
+from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from streaming.compile import features_topic
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.slow]
 
 
 def row_is_online(settings: Settings, view: FeatureView, entity: str, end: int) -> bool:
-    with OnlineStore(settings.redis_url, settings.feast_project) as store:
+    with open_online_store(settings) as store:
         row = store.read(view, [entity])[0]
     return row is not None and row.window_end_ms >= end
 
@@ -129,10 +129,10 @@ def test_restart_resumes_offsets_and_open_windows(stack_settings: Settings, tmp_
     }
     got: dict[tuple[str, int], Any] = {}
     for msg in read_all(settings, features_topic(view.name)):
-        row = orjson.loads(msg.value() or b"{}")
-        key = (row["entity_key"], row["window_end_ms"])
-        assert key not in got or got[key] == row["values"]
-        got[key] = row["values"]
+        row = FeatureRow.decode(msg.value())
+        key = (row.entity_key, row.window_end_ms)
+        assert key not in got or got[key] == row.values
+        got[key] = row.values
     assert row_differences(got, want) == []
     # Windows that were open at the stop, holding events of run 1, were emitted by run 2.
     assert any(stop_w < end <= newest_a + view.max_window.size_ms for _, end in want)

@@ -10,9 +10,10 @@ from collections import Counter
 import orjson
 import pytest
 
-from core.kafka import CountingProducer, ensure_topics, headers_of, read_topics
+from core.kafka import CountingProducer, ensure_topics, read_topics
+from core.records import DeadLetter
 from core.settings import Settings
-from events.ingest import H_FIELD, H_REASON, H_SOURCE, run_ingest
+from events.ingest import run_ingest
 from examples.delivery.produce import default_history_start_ms
 from examples.delivery.simulate import DeliverySimulator, corrupt
 from examples.delivery.sources import SOURCES
@@ -75,11 +76,13 @@ def test_ingest_routes_every_record_and_counts_balance(stack_settings: Settings)
     dead = read_topics(settings, [settings.dead_letter_topic])
     assert len(dead) == counts.dead_lettered
     for msg in dead:
-        headers = headers_of(msg)
+        letter = DeadLetter.from_headers(msg.headers())
         expected_reason, expected_field = expected_dead[msg.value() or b""]
-        assert headers[H_REASON] == expected_reason
-        assert headers[H_FIELD] == (expected_field or "")
-        assert headers[H_SOURCE] in by_name
+        assert letter.reason == expected_reason
+        assert letter.field == (expected_field or None)
+        assert letter.source in by_name
+        assert letter.source_topic == by_name[letter.source].raw_topic
+        assert letter.view is None  # only the stream's late dead letters name a view
 
     # Offsets were committed: a second run with the same group finds nothing new.
     again = run_ingest(settings, sources, group_id=f"{tag}-ingest", idle_timeout_s=2)

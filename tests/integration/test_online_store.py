@@ -1,4 +1,4 @@
-"""OnlineStore against a real Redis and Feast's own reader: what we write, Feast serves as is."""
+"""RedisOnlineStore against a real Redis and Feast's reader: what we write, Feast serves as is."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from examples.delivery.features import restaurant_orders, restaurant_prep, zone_
 from feature_repo import codec
 from feature_repo.config import feature_store
 from feature_repo.errors import OnlineStoreError
-from feature_repo.online import OnlineRow, OnlineStore
+from feature_repo.online import OnlineRow, RedisOnlineStore
+from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from tests.helpers.feast import feast_settings
 
@@ -34,8 +35,8 @@ def store(settings: Settings) -> Any:
 
 
 @pytest.fixture
-def online(settings: Settings) -> Iterator[OnlineStore]:
-    with OnlineStore(settings.redis_url, settings.feast_project, batch_rows=7) as online:
+def online(settings: Settings) -> Iterator[RedisOnlineStore]:
+    with RedisOnlineStore(settings.redis_url, settings.feast_project, batch_rows=7) as online:
         yield online
 
 
@@ -180,3 +181,9 @@ def test_layout_is_feasts(settings, online):
     expected = {codec.feature_field("zone_couriers", s.name) for s in zone_couriers.features()}
     assert fields == expected | {b"_ts:zone_couriers", b"_sluice_end_ms:zone_couriers"}
     assert client.ttl(key) == -1  # no Redis expiry, like Feast's default
+
+
+def test_the_factory_opens_this_store_and_it_answers_a_ping(settings):
+    with open_online_store(settings) as opened:
+        assert isinstance(opened, RedisOnlineStore)
+        assert 0 <= opened.ping() < 5

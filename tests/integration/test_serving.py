@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 from fastapi.testclient import TestClient
 
 from core.kafka import read_topics
+from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from examples.delivery.features import (
     delivery_eta,
@@ -26,7 +26,7 @@ from examples.delivery.features import (
     zone_couriers,
 )
 from feature_repo.config import feature_store
-from feature_repo.online import OnlineRow, OnlineStore
+from feature_repo.online_store import OnlineRow, open_online_store
 from features.definitions import FeatureView, empty_value
 from models.registry import ModelRegistry
 from serving.app import create_app
@@ -54,7 +54,7 @@ def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         feedback_topic=f"test.feedback.{run}",
     )
     rng = random.Random(11)
-    with OnlineStore(settings.redis_url, settings.feast_project) as online:
+    with open_online_store(settings) as online:
         for view in VIEWS:
             keys = ZONES if view is zone_couriers else RESTAURANTS
             # Every fifth entity has no row: served with defaults, null through Feast.
@@ -178,19 +178,21 @@ def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
     # Leaving the client closed the app, which drains and flushes the log.
     assert (counts.delivered, counts.failed, counts.dropped, counts.pending) == (55, 0, 0, 0)
     logged = [
-        orjson.loads(m.value() or b"") for m in read_topics(settings, [settings.prediction_topic])
+        PredictionRecord.decode(m.value())
+        for m in read_topics(settings, [settings.prediction_topic])
     ]
-    assert sorted(r["prediction_id"] for r in logged) == sorted(ids)
+    assert sorted(r.prediction_id for r in logged) == sorted(ids)
     record = logged[0]
-    assert set(record["features"]) == set(delivery_eta.feature_refs())
-    assert record["model_version"] == 1
-    assert record["latency_ms"] > 0
-    assert set(record["feature_ages_ms"]) == {v.name for v in VIEWS}
+    assert record.v == PredictionRecord.VERSION
+    assert set(record.features) == set(delivery_eta.feature_refs())
+    assert record.model_version == 1
+    assert record.latency_ms > 0
+    assert set(record.feature_ages_ms) == {v.name for v in VIEWS}
     feedback = [
-        orjson.loads(m.value() or b"") for m in read_topics(settings, [settings.feedback_topic])
+        FeedbackRecord.decode(m.value()) for m in read_topics(settings, [settings.feedback_topic])
     ]
-    assert sorted(f["prediction_id"] for f in feedback) == sorted(ids[:5])
-    assert all(f["label"] == 700.0 and "prediction" in f for f in feedback)
+    assert sorted(f.prediction_id for f in feedback) == sorted(ids[:5])
+    assert all(f.label == 700.0 and f.matched for f in feedback)
 
 
 def _booster(model_str: str) -> Any:

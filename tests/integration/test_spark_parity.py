@@ -405,7 +405,7 @@ def test_incremental_continues_from_the_recorded_state(
 def test_materialize_pushes_each_entity_s_closed_window_value(
     spark, history, references, stack_settings, tmp_path
 ):
-    from feature_repo.online import OnlineStore
+    from feature_repo.online_store import open_online_store
 
     root, events = history
     settings = stack_settings.model_copy(
@@ -428,7 +428,7 @@ def test_materialize_pushes_each_entity_s_closed_window_value(
         now=to_datetime(now_ms),
         materialize=True,
     )
-    with OnlineStore(settings.redis_url, settings.feast_project) as store:
+    with open_online_store(settings) as store:
         for view, view_report in zip(views, report.views, strict=True):
             rows = references[view.name]
             keys = sorted({e[view.key_column] for e in events[view.source.name]})

@@ -1,0 +1,532 @@
+"""Typed, versioned records of everything Sluice writes to a topic, each defined once.
+
+record            topic                       written by                    read by
+FeatureRow        features.<view>             streaming/sinks.py            demo, tests, bench
+PredictionRecord  settings.prediction_topic   serving/app.py                demo, tests
+FeedbackRecord    settings.feedback_topic     serving/app.py                demo, tests
+DeadLetter        settings.dead_letter_topic  events/ingest.py, sinks.py    replay tools, tests
+StreamStats       sluice.stream-stats         streaming/sinks.py            streaming/monitor.py
+
+Writers build a record and call ``encode()`` (orjson bytes); readers call ``decode(bytes)``,
+which checks every field and raises ``core.errors.RecordError`` naming the field and the
+reason. A dead letter's value is the original bytes of the event, so its record is its
+header set: ``DeadLetter.to_headers()`` / ``DeadLetter.from_headers()``.
+
+Versions: every record carries ``"v"`` (a dead letter the header ``sluice.v``). A reader takes
+versions up to its own and refuses newer ones by name. Records written before versions existed
+carry none and read as version 1, which has the same fields. Bump a record's VERSION when a
+reader of the old version would misread the new one (a renamed field, a changed meaning); an
+added optional field does not need one.
+
+Write paths validate nothing: records are dataclasses with slots (not frozen: a frozen
+dataclass's __init__ costs three times as much), encoded by orjson from a dict literal. The
+stream writes a feature row per entity and window, so ``FeatureRow.encode_row`` encodes one
+without building the object first (the same layout as ``encode()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
+
+import orjson
+
+from core.errors import RecordError
+
+Headers = list[tuple[str, str | bytes | None]]
+
+# Dead-letter headers. Dashboards and replay tools key on these names.
+H_REASON = "sluice.reason"
+H_FIELD = "sluice.field"
+H_ERROR = "sluice.error"
+H_SOURCE = "sluice.source"
+H_TOPIC = "sluice.source_topic"
+H_PARTITION = "sluice.source_partition"
+H_OFFSET = "sluice.source_offset"
+H_VIEW = "sluice.view"  # the stream's "late" dead letters: lateness depends on the view
+H_VERSION = "sluice.v"
+
+
+_JSON_TYPES = (
+    (type(None), "null"),
+    (bool, "boolean"),  # before int: a bool is an int in Python
+    (int, "integer"),
+    (float, "number"),
+    (str, "string"),
+    (list, "array"),
+)
+
+
+def _json_type(value: Any) -> str:
+    return next((name for t, name in _JSON_TYPES if isinstance(value, t)), "object")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float)
+
+
+class _Fields:
+    """Checked access to one record's decoded JSON object: each problem names its field."""
+
+    __slots__ = ("kind", "obj", "version")
+
+    def __init__(self, kind: str, data: bytes | None, supported: int) -> None:
+        self.kind = kind
+        if data is None:
+            self.fail(None, "the record has no value")
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self.fail(None, f"not JSON ({exc})")
+        if not isinstance(obj, dict):
+            self.fail(None, f"expected a JSON object, got {_json_type(obj)}")
+        self.obj: dict[str, Any] = obj
+        self.version = _check_version(kind, "v", obj.get("v", 1), supported)
+
+    def fail(self, name: str | None, reason: str) -> NoReturn:
+        raise RecordError(self.kind, name, reason)
+
+    def _get(self, name: str) -> Any:
+        if name not in self.obj:
+            self.fail(name, "missing")
+        return self.obj[name]
+
+    def _wrong(self, name: str, expected: str, value: Any) -> NoReturn:
+        self.fail(name, f"expected {expected}, got {_json_type(value)}")
+
+    def text(self, name: str) -> str:
+        value = self._get(name)
+        if not isinstance(value, str):
+            self._wrong(name, "a string", value)
+        return value
+
+    def integer(self, name: str) -> int:
+        value = self._get(name)
+        if not _is_int(value):
+            self._wrong(name, "an integer", value)
+        return int(value)
+
+    def opt_integer(self, name: str) -> int | None:
+        return None if self.obj.get(name) is None else self.integer(name)
+
+    def number(self, name: str) -> float:
+        value = self._get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self._wrong(name, "a number", value)
+        return float(value)
+
+    def opt_number(self, name: str) -> float | None:
+        return None if self.obj.get(name) is None else self.number(name)
+
+    def opt_text(self, name: str) -> str | None:
+        return None if self.obj.get(name) is None else self.text(name)
+
+    def boolean(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            self._wrong(name, "true or false", value)
+        return value
+
+    def _object(self, name: str) -> dict[str, Any]:
+        value = self._get(name)
+        if not isinstance(value, dict):
+            self._wrong(name, "an object", value)
+        return value
+
+    def scalars(self, name: str) -> dict[str, Any]:
+        """An object of JSON scalars (string, number, boolean or null): feature values."""
+        value = self._object(name)
+        for key, item in value.items():
+            if not _is_scalar(item):
+                self.fail(f"{name}.{key}", f"expected a scalar, got {_json_type(item)}")
+        return value
+
+    def opt_integers(self, name: str) -> dict[str, int | None]:
+        value = self._object(name)
+        for key, item in value.items():
+            if item is not None and not _is_int(item):
+                self.fail(f"{name}.{key}", f"expected an integer or null, got {_json_type(item)}")
+        return value
+
+    def int_map(self, name: str) -> dict[int, int]:
+        """An object of integer keys (written as strings) to integers: offsets per partition."""
+        out: dict[int, int] = {}
+        for key, item in self._object(name).items():
+            if not key.lstrip("-").isdigit() or not _is_int(item):
+                self.fail(f"{name}.{key}", "expected an integer key and an integer value")
+            out[int(key)] = item
+        return out
+
+    def strings(self, name: str) -> list[str]:
+        value = self._get(name)
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            self._wrong(name, "an array of strings", value)
+        return value
+
+
+def _check_version(kind: str, name: str, version: Any, supported: int) -> int:
+    if not _is_int(version) or version < 1:
+        raise RecordError(kind, name, f"expected a version number >= 1, got {version!r}")
+    if version > supported:
+        raise RecordError(
+            kind, name, f"version {version} is newer than this Sluice reads ({supported})"
+        )
+    return int(version)
+
+
+# --- features.<view> ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FeatureRow:
+    """The features of one entity for the window ending at window_end_ms, as the stream emits
+    it to ``features.<view>`` (keyed by entity, timestamped with the window end)."""
+
+    KIND: ClassVar[str] = "feature row"
+    VERSION: ClassVar[int] = 1
+
+    view: str
+    entity_key: str
+    window_end_ms: int
+    values: dict[str, Any]  # feature name -> JSON scalar (null for an empty window's mean, ...)
+    emitted_at_ms: int  # wall clock when the row left the window operator: freshness
+    v: int = VERSION
+
+    def encode(self) -> bytes:
+        return self.encode_row(
+            self.view, self.entity_key, self.window_end_ms, self.values, self.emitted_at_ms
+        )
+
+    @staticmethod
+    def encode_row(
+        view: str,
+        entity_key: str,
+        window_end_ms: int,
+        values: Mapping[str, Any],
+        emitted_at_ms: int,
+    ) -> bytes:
+        """encode() of the row these fields make, without building it (the stream's hot path)."""
+        return orjson.dumps(
+            {
+                "v": FeatureRow.VERSION,
+                "view": view,
+                "entity_key": entity_key,
+                "window_end_ms": window_end_ms,
+                "values": values,
+                "emitted_at_ms": emitted_at_ms,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> FeatureRow:
+        f = _Fields(cls.KIND, data, cls.VERSION)
+        return cls(
+            view=f.text("view"),
+            entity_key=f.text("entity_key"),
+            window_end_ms=f.integer("window_end_ms"),
+            values=f.scalars("values"),
+            emitted_at_ms=f.integer("emitted_at_ms"),
+            v=f.version,
+        )
+
+
+# --- the prediction log and feedback --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PredictionRecord:
+    """One answered prediction row, keyed by prediction_id on the prediction topic."""
+
+    KIND: ClassVar[str] = "prediction"
+    VERSION: ClassVar[int] = 1
+
+    prediction_id: str
+    time_ms: int  # when the batch read its features: ages are measured from here
+    model: str
+    model_version: int
+    prediction: float
+    latency_ms: float  # the request's, from arrival to answer
+    request: dict[str, Any]  # the validated request row: entity keys and request features
+    features: dict[str, Any]  # "view:feature" or "request:field" -> value the model got
+    feature_ages_ms: dict[str, int | None]  # view -> time_ms - window end (null: no row)
+    missing: list[str]  # views without a row, and "view:feature" whose value was null
+    stale: list[str]  # views whose row is older than their ttl
+    v: int = VERSION
+
+    def encode(self) -> bytes:
+        record = {
+            "v": self.VERSION,
+            "prediction_id": self.prediction_id,
+            "time_ms": self.time_ms,
+            "model": self.model,
+            "model_version": self.model_version,
+            "prediction": self.prediction,
+            "latency_ms": self.latency_ms,
+            "request": self.request,
+            "features": self.features,
+            "feature_ages_ms": self.feature_ages_ms,
+            "missing": self.missing,
+            "stale": self.stale,
+        }
+        # Numpy scalars may reach request and features from the model's side.
+        return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> PredictionRecord:
+        f = _Fields(cls.KIND, data, cls.VERSION)
+        return cls(
+            prediction_id=f.text("prediction_id"),
+            time_ms=f.integer("time_ms"),
+            model=f.text("model"),
+            model_version=f.integer("model_version"),
+            prediction=f.number("prediction"),
+            latency_ms=f.number("latency_ms"),
+            request=f.scalars("request"),
+            features=f.scalars("features"),
+            feature_ages_ms=f.opt_integers("feature_ages_ms"),
+            missing=f.strings("missing"),
+            stale=f.strings("stale"),
+            v=f.version,
+        )
+
+
+@dataclass(slots=True)
+class FeedbackRecord:
+    """The observed label of a prediction, keyed by prediction_id on the feedback topic.
+
+    model, model_version and prediction are set when the server still knew the prediction;
+    they are left out of the JSON otherwise.
+    """
+
+    KIND: ClassVar[str] = "feedback"
+    VERSION: ClassVar[int] = 1
+
+    prediction_id: str
+    label: float
+    time_ms: int
+    model: str | None = None
+    model_version: int | None = None
+    prediction: float | None = None
+    v: int = VERSION
+
+    @property
+    def matched(self) -> bool:
+        return self.prediction is not None
+
+    def encode(self) -> bytes:
+        record: dict[str, Any] = {
+            "v": self.VERSION,
+            "prediction_id": self.prediction_id,
+            "label": self.label,
+            "time_ms": self.time_ms,
+        }
+        if self.prediction is not None:
+            record |= {
+                "model": self.model,
+                "model_version": self.model_version,
+                "prediction": self.prediction,
+            }
+        return orjson.dumps(record)
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> FeedbackRecord:
+        f = _Fields(cls.KIND, data, cls.VERSION)
+        return cls(
+            prediction_id=f.text("prediction_id"),
+            label=f.number("label"),
+            time_ms=f.integer("time_ms"),
+            model=f.opt_text("model"),
+            model_version=f.opt_integer("model_version"),
+            prediction=f.opt_number("prediction"),
+            v=f.version,
+        )
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """Why an event went to the dead-letter topic. The record's value is the event's original
+    bytes and its key the original key; this is its header set."""
+
+    KIND: ClassVar[str] = "dead letter"
+    VERSION: ClassVar[int] = 1
+
+    reason: str  # a stable code: invalid_json, ..., out_of_range, late
+    field: str | None  # the event field at fault, when one is
+    error: str  # the reason in words, naming the field
+    source: str  # the event source's name
+    source_topic: str  # where the event was read
+    partition: int
+    offset: int
+    view: str | None = None  # set by the stream for "late": lateness depends on the view
+    v: int = VERSION
+
+    def to_headers(self) -> Headers:
+        headers: Headers = [
+            (H_REASON, self.reason.encode()),
+            (H_FIELD, (self.field or "").encode()),
+            (H_ERROR, self.error.encode()),
+            (H_SOURCE, self.source.encode()),
+            (H_TOPIC, self.source_topic.encode()),
+            (H_PARTITION, str(self.partition).encode()),
+            (H_OFFSET, str(self.offset).encode()),
+        ]
+        if self.view is not None:
+            headers.append((H_VIEW, self.view.encode()))
+        headers.append((H_VERSION, str(self.VERSION).encode()))
+        return headers
+
+    @classmethod
+    def from_headers(
+        cls, headers: Iterable[tuple[str, str | bytes | None]] | Mapping[str, Any] | None
+    ) -> DeadLetter:
+        """The dead letter of a record's headers (as librdkafka hands them back, or a dict)."""
+        items = headers.items() if isinstance(headers, Mapping) else headers or ()
+        text: dict[str, str] = {}
+        for name, value in items:
+            try:
+                text[name] = value.decode() if isinstance(value, bytes) else (value or "")
+            except UnicodeDecodeError:
+                raise RecordError(cls.KIND, name, "header is not UTF-8") from None
+
+        def get(name: str) -> str:
+            if name not in text:
+                raise RecordError(cls.KIND, name, "missing header")
+            return text[name]
+
+        def integer(name: str) -> int:
+            value = get(name)
+            try:
+                return int(value)
+            except ValueError:
+                raise RecordError(cls.KIND, name, f"expected an integer, got {value!r}") from None
+
+        raw_version = text.get(H_VERSION, "1")  # none before versions existed: version 1
+        version: Any = int(raw_version) if raw_version.isdigit() else raw_version
+        return cls(
+            reason=get(H_REASON),
+            field=get(H_FIELD) or None,
+            error=get(H_ERROR),
+            source=get(H_SOURCE),
+            source_topic=get(H_TOPIC),
+            partition=integer(H_PARTITION),
+            offset=integer(H_OFFSET),
+            view=text.get(H_VIEW) or None,
+            v=_check_version(cls.KIND, H_VERSION, version, cls.VERSION),
+        )
+
+
+# --- the stream's progress (sluice.stream-stats) --------------------------------------------
+
+
+@dataclass(slots=True)
+class PrepareCounts:
+    """Cumulative counters of one prepare instance (parse, filter, late check)."""
+
+    events: int = 0
+    late: int = 0
+    filtered: int = 0
+    rejected: int = 0  # dead-lettered for another reason than late (bypassed ingest)
+    first_at_ms: int = 0
+    last_at_ms: int = 0
+    watermark: int | None = None
+    # partition -> next offset to read
+    offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WindowCounts:
+    """Cumulative counters of one window instance."""
+
+    aggregated: int = 0  # events added to a key's tiles
+
+
+@dataclass(slots=True)
+class PublishCounts:
+    """Cumulative counters of the rows one window instance wrote."""
+
+    rows: int = 0
+    online_written: int = 0
+    online_skipped_older: int = 0
+    max_end_ms: int | None = None
+    watermark: int | None = None
+
+
+StageCounts = PrepareCounts | WindowCounts | PublishCounts
+# The "op" of a stats record names which counters it carries.
+_COUNTS: dict[str, type[PrepareCounts] | type[WindowCounts] | type[PublishCounts]] = {
+    "prepare": PrepareCounts,
+    "windows": WindowCounts,
+    "publish": PublishCounts,
+}
+_OPS = {cls: op for op, cls in _COUNTS.items()}
+_COUNTER_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _OPS}
+# How each counter is read back, by its annotation.
+_COUNT_READERS: dict[str, Callable[[_Fields, str], Any]] = {
+    "int": _Fields.integer,
+    "int | None": _Fields.opt_integer,
+    "dict[int, int]": _Fields.int_map,
+}
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """Counters of one operator instance of one run; the newest record per instance wins.
+
+    JSON: the head (run, view, op, subtask) and the counters side by side, then final and at_ms.
+    """
+
+    KIND: ClassVar[str] = "stream stats"
+    VERSION: ClassVar[int] = 1
+
+    run: str
+    view: str
+    subtask: int
+    counts: StageCounts
+    final: bool  # the instance closed: these counts are its last
+    at_ms: int  # wall clock of the report
+    v: int = VERSION
+
+    @property
+    def op(self) -> str:
+        return _OPS[type(self.counts)]
+
+    @property
+    def instance(self) -> tuple[str, str, int]:
+        return self.view, self.op, self.subtask
+
+    def encode(self) -> bytes:
+        c = self.counts
+        record = {"v": self.VERSION, "run": self.run, "view": self.view, "op": self.op}
+        record["subtask"] = self.subtask
+        record |= {name: getattr(c, name) for name in _COUNTER_NAMES[type(c)]}
+        record |= {"final": self.final, "at_ms": self.at_ms}
+        return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS)
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> StreamStats:
+        f = _Fields(cls.KIND, data, cls.VERSION)
+        op = f.text("op")
+        counts_type = _COUNTS.get(op)
+        if counts_type is None:
+            f.fail("op", f"{op!r} is not one of {', '.join(_COUNTS)}")
+        counters = {
+            c.name: _COUNT_READERS[str(c.type)](f, c.name) for c in dataclasses.fields(counts_type)
+        }
+        return cls(
+            run=f.text("run"),
+            view=f.text("view"),
+            subtask=f.integer("subtask"),
+            counts=counts_type(**counters),
+            final=f.boolean("final"),
+            at_ms=f.integer("at_ms"),
+            v=f.version,
+        )
