@@ -6,6 +6,8 @@ Contract (the Feast repository reads it; keep it exactly):
 
 hive-style partitions by the UTC date of ``event_timestamp``; columns, in order: the entity
 join key (string), ``event_timestamp`` (the window end, timestamp[us, UTC]),
+``servable_timestamp`` (window end + the view's lateness: when the row may be served, the
+availability contract of features/contract.py; Feast's point-in-time join keys on it),
 ``created_timestamp`` (when the row was written, timestamp[us, UTC]), then one column per
 feature in ``view.features()`` order (int64 for counts, double for floats, the column's type
 for ``last``). Closing rows (all features empty) are included. The ``date`` column lives in
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 from batch.compile import EVENT_TIMESTAMP, spark_type
 from batch.errors import OfflineStoreError
 from core.settings import Settings
+from features.contract import lateness_ms
 from features.definitions import FeatureView
 from features.schema import FieldType
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
     from pyspark.sql.types import StructType
 
 CREATED_TIMESTAMP = "created_timestamp"
+SERVABLE_TIMESTAMP = "servable_timestamp"
 DATE = "date"
 STATE_FILE = "_backfill_state.json"
 DAY_MS = 86_400_000
@@ -57,7 +61,7 @@ def partition_dir(settings: Settings, view: FeatureView, day: date) -> Path:
 def offline_columns(view: FeatureView) -> list[str]:
     """Column names of the store's files, in order."""
     features = [spec.name for spec in view.features()]
-    return [view.entity.join_key, EVENT_TIMESTAMP, CREATED_TIMESTAMP, *features]
+    return [view.entity.join_key, EVENT_TIMESTAMP, SERVABLE_TIMESTAMP, CREATED_TIMESTAMP, *features]
 
 
 _ARROW_TYPES: dict[FieldType, pa.DataType] = {
@@ -76,6 +80,7 @@ def offline_arrow_schema(view: FeatureView) -> pa.Schema:
         [
             pa.field(view.entity.join_key, pa.string()),
             pa.field(EVENT_TIMESTAMP, stamp),
+            pa.field(SERVABLE_TIMESTAMP, stamp),
             pa.field(CREATED_TIMESTAMP, stamp),
             *(pa.field(spec.name, _ARROW_TYPES[spec.dtype]) for spec in view.features()),
         ]
@@ -90,6 +95,7 @@ def offline_schema(view: FeatureView) -> StructType:
         [
             StructField(view.entity.join_key, StringType()),
             StructField(EVENT_TIMESTAMP, TimestampType()),
+            StructField(SERVABLE_TIMESTAMP, TimestampType()),
             StructField(CREATED_TIMESTAMP, TimestampType()),
             *(StructField(spec.name, spark_type(spec.dtype)) for spec in view.features()),
         ]
@@ -116,6 +122,12 @@ def write_offline(
     key = view.entity.join_key
     out = (
         rows.where((sf.col(EVENT_TIMESTAMP) >= sf.lit(lo)) & (sf.col(EVENT_TIMESTAMP) < sf.lit(hi)))
+        .withColumn(
+            SERVABLE_TIMESTAMP,
+            sf.timestamp_millis(
+                sf.unix_millis(sf.col(EVENT_TIMESTAMP)) + sf.lit(lateness_ms(view))
+            ),
+        )
         .withColumn(CREATED_TIMESTAMP, sf.current_timestamp())
         .withColumn(DATE, sf.date_format(sf.col(EVENT_TIMESTAMP), "yyyy-MM-dd"))
         .select(*offline_columns(view), DATE)

@@ -1,15 +1,16 @@
 """Point-in-time training sets from the offline store.
 
 A label row at time t gets, for each view of the service, the row of the window ending at
-``floor(t / slide) * slide``: the newest window closed at t, which is what the online store
-serves at t (``reference.value_at``). That is an equi-join on (entity, window end), cheap in
+``E(t) = floor((t - lateness) / slide) * slide``: the newest window servable at t under the
+availability contract (features/contract.py), which is what the predictor serves at t
+(``reference.value_at``). That is an equi-join on (entity, window end), cheap in
 Spark, instead of an as-of join.
 
-Why this equals Feast's as-of join (newest row with ``event_timestamp <= t`` within the view's
-ttl): the store has a row at every busy window end plus a closing row of empty values right
-after each run of them. So the newest row at or before t is either the row at t's window end
-(the same row we join), or a closing row (all empty: what we fill in), or there is none (empty
-too). The row at t's window end is always within the ttl since ``t - end < slide <= ttl``.
+Why this equals Feast's as-of join (newest row with ``servable_timestamp <= t`` within the
+view's ttl; the Feast source's timestamp field is the servable time, window end + lateness):
+the store has a row at every busy window end plus a closing row of empty values right after
+each run of them. So the newest row servable at t is either the row at E(t) (the same row we
+join), or a closing row (all empty: what we fill in), or there is none (empty too).
 Two differences, both deliberate: where Feast returns nulls (no row, or only rows older than
 the ttl) this returns the empty values (count 0, sum 0.0, others null) like the online path,
 and label rows are never dropped or deduplicated (Feast 0.67's file store does both; see
@@ -26,6 +27,7 @@ from batch.compile import EVENT_TIMESTAMP, epoch_ms
 from batch.errors import EventSchemaError
 from batch.offline_store import read_offline
 from core.settings import Settings
+from features.contract import lateness_ms
 from features.definitions import FeatureService, empty_value
 
 if TYPE_CHECKING:
@@ -55,18 +57,24 @@ def training_set(
     bounds = out.agg(sf.min(_LABEL_MS).alias("lo"), sf.max(_LABEL_MS).alias("hi")).first()
     added: list[str] = []
     for view in service.views:
-        slide, key = view.slide_ms, view.entity.join_key
+        slide, key, late = view.slide_ms, view.entity.join_key, lateness_ms(view)
         specs = view.features()
         end_column, key_column = f"__end_{view.name}", f"__key_{view.name}"
         out = out.withColumn(
             end_column,
-            sf.timestamp_millis(sf.col(_LABEL_MS) - sf.pmod(sf.col(_LABEL_MS), sf.lit(slide))),
+            # E(t) = floor((t - lateness) / slide) * slide: the contract (features/contract.py)
+            sf.timestamp_millis(
+                sf.col(_LABEL_MS)
+                - sf.lit(late)
+                - sf.pmod(sf.col(_LABEL_MS) - sf.lit(late), sf.lit(slide))
+            ),
         )
         if bounds is None or bounds["lo"] is None:  # no labels, or no label times
             offline = read_offline(spark, settings, view).limit(0)
         else:
             lo, hi = int(bounds["lo"]), int(bounds["hi"])
-            offline = read_offline(spark, settings, view, _at(lo - lo % slide), _at(hi + 1))
+            first = lo - late - (lo - late) % slide
+            offline = read_offline(spark, settings, view, _at(first), _at(hi + 1))
         offline = offline.select(
             sf.col(key).alias(key_column),
             sf.col(EVENT_TIMESTAMP).alias(f"{end_column}_row"),

@@ -8,8 +8,8 @@ the translation elsewhere (the CLI, tests) neither imports Feast nor loads anyon
 Mapping:
 - Entity -> feast.Entity (one string join key).
 - FeatureView and BatchFeatureView -> FileSource "<view>_offline" over
-  <offline_store_dir>/<view> (hive-partitioned parquet, timestamp event_timestamp = window end,
-  created_timestamp for duplicates) and a feast.FeatureView with the features' types, ttl,
+  <offline_store_dir>/<view> (hive-partitioned parquet, timestamp servable_timestamp = window end +
+  lateness, created_timestamp for duplicates) and a feast.FeatureView with the features' types, ttl,
   online flag and tags kind / engines / owner / source.
 - RequestFeatures -> a standalone RequestSource with its schema. Feast 0.67 refuses a
   RequestSource inside a FeatureService (only views and on-demand views are accepted), so each
@@ -32,7 +32,7 @@ OFFLINE_SOURCE_SUFFIX = "_offline"
 REQUEST_SOURCES_TAG = "request_sources"
 # Columns every offline file has besides the features; "date" is the hive partition column,
 # which Feast's file store reads back as a column too.
-RESERVED_COLUMNS = frozenset({"event_timestamp", "created_timestamp", "date"})
+RESERVED_COLUMNS = frozenset({"event_timestamp", "servable_timestamp", "created_timestamp", "date"})
 
 
 def offline_source_name(view_name: str) -> str:
@@ -75,7 +75,9 @@ def _view(view: FeatureView, entity: Any, settings: Settings) -> tuple[Any, Any]
     source = FileSource(
         name=offline_source_name(view.name),
         path=str((settings.offline_store_dir / view.name).resolve()),
-        timestamp_field="event_timestamp",
+        # The servable time (window end + lateness), so that Feast's point-in-time join serves
+        # what the availability contract says (features/contract.py), like training and serving.
+        timestamp_field="servable_timestamp",
         created_timestamp_column="created_timestamp",
         description=f"Offline rows of {view.name}: one per entity and window end.",
     )

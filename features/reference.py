@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from features.aggregations import AGGREGATIONS
+from features.contract import window_end_at
 from features.definitions import AggregationFunction, FeatureView, Window, empty_value
 from features.expressions import compile_python, parse
 
@@ -105,6 +106,7 @@ def empty_row(view: FeatureView) -> dict[str, Any]:
 def value_at(
     view: FeatureView, rows: Mapping[RowKey, Mapping[str, Any]], key: str, t_ms: int
 ) -> dict[str, Any]:
-    """Feature values served for an entity at time t under the closed-window rule."""
-    row = rows.get((key, current_window_end(t_ms, view.slide_ms)))
+    """Feature values of an entity at time t under the availability contract: the row of the
+    newest window whose servable time (end + view.lateness) is <= t (features/contract.py)."""
+    row = rows.get((key, window_end_at(view, t_ms)))
     return dict(row) if row is not None else empty_row(view)

@@ -25,6 +25,7 @@ import pytest
 from core.settings import Settings
 from examples.delivery.features import restaurant_orders, restaurant_prep, zone_couriers
 from feature_repo.config import feature_store
+from features.contract import servable_at_ms
 from features.definitions import FeatureView
 from features.reference import RowKey, compute_view, current_window_end, value_at, with_closing_rows
 from features.schema import FieldType
@@ -88,6 +89,13 @@ def write_offline(view: FeatureView, rows: Mapping[RowKey, Mapping[str, Any]], r
                 [datetime.fromtimestamp(e / 1000, tz=UTC) for (_, e), _ in items],
                 pa.timestamp("us", tz="UTC"),
             ),
+            "servable_timestamp": pa.array(
+                [
+                    datetime.fromtimestamp(servable_at_ms(view, e) / 1000, tz=UTC)
+                    for (_, e), _ in items
+                ],
+                pa.timestamp("us", tz="UTC"),
+            ),
             "created_timestamp": pa.array([created] * len(items), pa.timestamp("us", tz="UTC")),
         }
         for spec in specs:
@@ -97,9 +105,9 @@ def write_offline(view: FeatureView, rows: Mapping[RowKey, Mapping[str, Any]], r
 
 
 def served_within_ttl(view: FeatureView, ends: list[int], t: int) -> bool:
-    """Feast joins only rows whose end lies in [t - ttl, t] (see the limitations test)."""
+    """Feast joins only rows whose servable time lies in [t - ttl, t] (the limitations test)."""
     ttl = int(view.ttl.total_seconds() * 1000)
-    return any(t - ttl <= end <= t for end in ends)
+    return any(t - ttl <= servable_at_ms(view, end) <= t for end in ends)
 
 
 def labels(
@@ -113,7 +121,8 @@ def labels(
         key = rng.choice(sorted(ends))
         t = START + rng.randrange(SPAN + 3 * 60 * MINUTE)
         if rng.random() < 0.2:
-            t = current_window_end(t, view.slide_ms)  # exactly at a window end: inclusive
+            # exactly at a servable time: inclusive
+            t = servable_at_ms(view, current_window_end(t, view.slide_ms))
         if served_within_ttl(view, ends[key], t) and (key, t) not in out:
             out.append((key, t))
     return out

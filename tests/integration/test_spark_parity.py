@@ -432,7 +432,8 @@ def test_materialize_pushes_each_entity_s_closed_window_value(
         for view, view_report in zip(views, report.views, strict=True):
             rows = references[view.name]
             keys = sorted({e[view.key_column] for e in events[view.source.name]})
-            pushed = {k for k, end in rows if DAY0_MS + DAY <= end <= now_ms}
+            late = int(view.lateness.total_seconds() * 1000)
+            pushed = {k for k, end in rows if DAY0_MS + DAY <= end <= now_ms - late}
             assert view_report.materialized == len(pushed) > 0
             for key, online in zip(keys, store.read(view, keys), strict=True):
                 if key not in pushed:
@@ -455,7 +456,8 @@ def test_materialize_pushes_each_entity_s_closed_window_value(
     fs = feature_store(settings)
     for view in views:
         rows = references[view.name]
-        pushed_keys = sorted({k for k, end in rows if DAY0_MS + DAY <= end <= now_ms})
+        late = int(view.lateness.total_seconds() * 1000)
+        pushed_keys = sorted({k for k, end in rows if DAY0_MS + DAY <= end <= now_ms - late})
         served = fs.get_online_features(
             features=[f"{view.name}:{spec.name}" for spec in view.features()],
             entity_rows=[{view.entity.join_key: key} for key in pushed_keys],

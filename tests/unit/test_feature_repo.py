@@ -106,7 +106,7 @@ def test_views_carry_types_ttl_online_flag_tags_and_source(objects, settings):
     source = view.batch_source
     assert source.name == "restaurant_orders_offline"
     assert Path(source.path) == settings.offline_store_dir / "restaurant_orders"
-    assert source.timestamp_field == "event_timestamp"
+    assert source.timestamp_field == "servable_timestamp"
     assert source.created_timestamp_column == "created_timestamp"
     assert objects["restaurant_prep"].tags["kind"] == "batch"
     assert objects["restaurant_prep"].tags["engines"] == "spark"

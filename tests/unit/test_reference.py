@@ -116,22 +116,26 @@ def test_closing_rows_and_closed_window_rule():
     added = set(closed) - set(rows)
     assert added == {("r1", 4 * M), ("r1", 14 * M)}
     assert closed[("r1", 4 * M)] == empty_row(VIEW)
-    # Served values: the newest window ending at or before t.
+    # Served values: the newest window whose servable time (end + lateness) is <= t.
+    late = int(VIEW.lateness.total_seconds() * 1000)
     assert value_at(VIEW, rows, "r1", 2 * M - 1)["count_3m"] == 1  # window ending at 1m
-    assert value_at(VIEW, rows, "r1", 3 * M)["count_3m"] == 1  # [0, 3m) is closed at 3m
+    assert value_at(VIEW, rows, "r1", 3 * M + late)["count_3m"] == 1  # [0, 3m) servable
+    assert value_at(VIEW, rows, "r1", 4 * M + late - 1)["count_3m"] == 1  # 4m not servable yet
+    assert value_at(VIEW, rows, "r1", 4 * M + late)["count_3m"] == 0
     assert value_at(VIEW, rows, "r1", 5 * M)["count_3m"] == 0
     assert value_at(VIEW, rows, "r1", 5 * M)["mean_per_item_3m"] is None
     assert value_at(VIEW, rows, "nobody", 5 * M) == empty_row(VIEW)
 
 
-def test_newest_row_at_or_before_equals_value_at_given_closing_rows():
-    """The property the offline/online stores rely on."""
+def test_newest_servable_row_equals_value_at_given_closing_rows():
+    """The property the offline/online stores rely on: newest row with end + lateness <= t."""
+    late = int(VIEW.lateness.total_seconds() * 1000)
     events = [order(t * 7_919 % (40 * M), key=f"r{t % 3}") for t in range(60)]
     rows = compute_view(VIEW, events)
     closed = with_closing_rows(VIEW, rows)
     for key in ("r0", "r1", "r2"):
         ends = sorted(e for k, e in closed if k == key)
         for t in range(0, 45 * M, 13_001):
-            older = [e for e in ends if e <= t]
+            older = [e for e in ends if e + late <= t]
             served = closed[(key, older[-1])] if older else empty_row(VIEW)
             assert served == value_at(VIEW, rows, key, t)
