@@ -18,23 +18,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
-from batch.compile import compile_view, spark_type
+from batch.compile import compile_view
 from batch.errors import BackfillRangeError
+from batch.history import read_events as read_events  # re-exported: bench, tests
+from batch.history import source_schema as source_schema
 from batch.offline_store import DAY_MS, load_state, read_offline, save_state, write_offline
 from batch.session import spark_session
 from core.settings import Settings
-from events.history import partition_dir
 from features.definitions import FeatureView
-from features.schema import EventSource
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
-    from pyspark.sql.types import StructType
+    from pyspark.sql import SparkSession
 
 # Days of windows one Spark job computes. Each job re-reads one largest window of history
 # before its first end, so a view's chunk is never shorter than that window: the re-read
@@ -183,7 +179,12 @@ def _run_chunk(
     # Windows ending at lo need events from lo - size; the closing row at lo needs to know
     # about events one slide before that.
     events, events_read = read_events(
-        spark, settings.history_dir, view.source, lo - view.max_window.size_ms - view.slide_ms, hi
+        spark,
+        settings.history_dir,
+        view.source,
+        lo - view.max_window.size_ms - view.slide_ms,
+        hi,
+        view=view.name,  # less the events the stream dead-lettered as late for this view
     )
     rows = compile_view(spark, view, events, end_range=(lo, hi))
     days = [_day(ms) for ms in range(lo - lo % DAY_MS, hi, DAY_MS)]
@@ -200,35 +201,6 @@ def _record(settings: Settings, view: FeatureView, range_start: int, completed: 
     if previous is None or range_start <= previous:
         state[view.name] = completed if previous is None else max(previous, completed)
         save_state(settings, state)
-
-
-def read_events(
-    spark: SparkSession, history_dir: Path, source: EventSource, lo_ms: int, hi_ms: int
-) -> tuple[DataFrame, int]:
-    """Events of ``source`` with event time in ``[lo_ms, hi_ms)`` from the parquet history,
-    and the number of history rows in the partitions read."""
-    from pyspark.sql import functions as sf
-
-    schema = source_schema(source)
-    first, last = lo_ms // DAY_MS, (hi_ms - 1) // DAY_MS
-    directories = [partition_dir(history_dir, source, day) for day in range(first, last + 1)]
-    files = [p for d in directories if d.is_dir() for p in sorted(d.glob("part-*.parquet"))]
-    if not files:
-        return spark.createDataFrame([], schema), 0
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    stamp = sf.col(source.event_time_field)
-    lo, hi = sf.timestamp_millis(sf.lit(lo_ms)), sf.timestamp_millis(sf.lit(hi_ms))
-    frame = spark.read.schema(schema).parquet(*(str(p) for p in files))
-    return frame.where((stamp >= lo) & (stamp < hi)), rows
-
-
-def source_schema(source: EventSource) -> StructType:
-    """A source's Spark schema, as the parquet history stores it."""
-    from pyspark.sql.types import StructField, StructType
-
-    return StructType(
-        [StructField(f.name, spark_type(f.type), nullable=f.nullable) for f in source.fields]
-    )
 
 
 def materialize_view(

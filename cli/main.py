@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import backfill, demo, events, models, stack, stream
+from cli import archive, backfill, demo, events, models, stack, stream
 from cli.common import set_settings, settings
 from cli.features import features_app
 from core.errors import SluiceError
@@ -36,6 +36,7 @@ for command in (
     stack.status,
     events.produce,
     events.ingest,
+    archive.archive,
     backfill.backfill,
     stream.stream,
     models.train,

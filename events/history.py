@@ -1,26 +1,45 @@
 """Event history as parquet: the offline copy of the event streams that Spark and Feast read.
 
-Layout: ``root/<source>/date=YYYY-MM-DD/part-NNNNN.parquet``, hive-style partitions by the UTC
+Layout: ``root/<source>/date=YYYY-MM-DD/part-*.parquet``, hive-style partitions by the UTC
 date of the event time, one typed column per declared field (no partition column inside the
-files; engines add ``date`` from the path). Writing is idempotent per partition: a date that a
-call writes is replaced as a whole, so re-running a backfill for a day never duplicates rows.
+files; engines add ``date`` from the path). Two writers use it:
+
+- ``write_history`` (the simulator, ``sluice produce --history``): ``part-NNNNN.parquet``,
+  idempotent per partition: a date that a call writes has its simulator parts replaced.
+- the archiver (events/archive.py, ``sluice archive``): the events topics, exactly once by
+  offsets. Its parts are named by ``PartName`` (topic, partition, offset range, i of n) and
+  carry the columns ``_topic``, ``_partition``, ``_offset``, ``_arrival_ms`` and ``_event_id``
+  (events/identity.py) after the declared ones. Marks of events the stream dead-lettered as too
+  late for a view live in ``root/_late/<source>/part-*.parquet`` (``LATE_SCHEMA``).
+
+Readers take declared columns; from archive parts they drop repeated ``_event_id``s (a replayed
+event) keeping the first by (topic, partition, offset), and, for a view, the events marked late.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
+import logging
 import os
-import shutil
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from events.errors import ArchiveLayoutError
 from features.schema import EventSource, FieldType
+
+log = logging.getLogger("sluice.history")
 
 DAY_MS = 86_400_000
 
@@ -114,7 +133,11 @@ class _HistoryWriter:
         part = self.parts_written.get(key, 0)
         directory = partition_dir(self.root, source, key[1])
         if part == 0 and directory.exists():
-            shutil.rmtree(directory)  # first write of this date in this call: replace the day
+            # First write of this date in this call: replace the day's simulator parts. The
+            # archiver's parts (and its temp files) stay: they are another writer's data.
+            for old in [*directory.glob("part-*.parquet"), *directory.glob(".part-*.tmp")]:
+                if parse_part_name(old.name.removeprefix(".").removesuffix(".tmp")) is None:
+                    old.unlink()
         directory.mkdir(parents=True, exist_ok=True)
         arrays = []
         for field in source.fields:
@@ -164,10 +187,311 @@ def write_history(
     return writer.rows_written
 
 
-def read_history(root: Path, source: EventSource) -> pa.Table:
-    """All history of one source, ordered by date then part; declared columns only."""
+def read_history(root: Path, source: EventSource, view: str | None = None) -> pa.Table:
+    """All history of one source, ordered by date then part; declared columns only.
+
+    Archive parts: an event delivered twice (same ``_event_id``) is kept once, at its first
+    (topic, partition, offset); with ``view``, events the stream marked late for that view are
+    left out. Simulator parts are read as they are.
+    """
     schema = arrow_schema(source)
     parts = sorted((root / source.name).glob("date=*/part-*.parquet"))
-    if not parts:
+    plain = [p for p in parts if parse_part_name(p.name) is None]
+    archived = [p for p in parts if parse_part_name(p.name) is not None]
+    tables = [pq.read_table(part, schema=schema) for part in plain]
+    if archived:
+        wide = archive_schema(source)
+        table = pa.concat_tables([pq.read_table(part, schema=wide) for part in archived])
+        table = first_per_event(table)
+        if view is not None:
+            table = drop_marked(table, read_late_marks(root, source.name, view))
+        tables.append(table.select(schema.names))
+    if not tables:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(part, schema=schema) for part in parts])
+    return pa.concat_tables(tables)
+
+
+# -- archive parts ---------------------------------------------------------------------------
+
+TOPIC, PARTITION, OFFSET, ARRIVAL_MS, EVENT_ID = (
+    "_topic",
+    "_partition",
+    "_offset",
+    "_arrival_ms",
+    "_event_id",
+)
+ARCHIVE_FIELDS = (
+    pa.field(TOPIC, pa.string(), nullable=False),
+    pa.field(PARTITION, pa.int32(), nullable=False),
+    pa.field(OFFSET, pa.int64(), nullable=False),
+    pa.field(ARRIVAL_MS, pa.int64(), nullable=False),
+    pa.field(EVENT_ID, pa.string(), nullable=False),
+)
+# One row per (view, event) the stream dead-lettered as too late for that view.
+LATE_DIR = "_late"
+LATE_SCHEMA = pa.schema(
+    [
+        pa.field("view", pa.string(), nullable=False),
+        pa.field("topic", pa.string(), nullable=False),
+        pa.field("partition", pa.int32(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("event_id", pa.string(), nullable=False),
+    ]
+)
+ARCHIVE_DIR = "_archive"  # the archiver's lock file and its progress parts
+PROGRESS_DIR = "progress"
+# Parquet key-value metadata of every archive part: the same facts as its name, as JSON.
+PART_METADATA_KEY = b"sluice.archive"
+_PART_NAME = re.compile(
+    r"^part-(?P<topic>[A-Za-z0-9._-]+)\.p(?P<partition>\d+)\.o(?P<first>\d+)-(?P<last>\d+)"
+    r"\.g(?P<index>\d+)of(?P<count>\d+)\.parquet$"
+)
+
+
+def archive_schema(source: EventSource) -> pa.Schema:
+    """Declared columns, then where each event was read from and its identity."""
+    return pa.schema([*arrow_schema(source), *ARCHIVE_FIELDS])
+
+
+def late_dir(root: Path, source_name: str) -> Path:
+    return root / LATE_DIR / source_name
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PartName:
+    """One archive part: part ``index`` of ``count`` written for one flush of one partition.
+
+    A flush covers the records at offsets ``first..last`` of (topic, partition) and writes one
+    part per directory it has rows for (a source's UTC days; the late marks of each source).
+    It counts only when all ``count`` parts exist, so a kill between two renames is undone at
+    the next start and the range read again.
+    """
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+    index: int
+    count: int
+
+    def file_name(self) -> str:
+        return (
+            f"part-{self.topic}.p{self.partition}.o{self.first:012d}-{self.last:012d}"
+            f".g{self.index}of{self.count}.parquet"
+        )
+
+    @property
+    def flush(self) -> tuple[str, int, int, int, int]:
+        """What the parts of one flush share."""
+        return self.topic, self.partition, self.first, self.last, self.count
+
+    def metadata(self, records: int) -> dict[bytes, bytes]:
+        facts = {
+            "topic": self.topic,
+            "partition": self.partition,
+            "first_offset": self.first,
+            "last_offset": self.last,
+            "part": self.index,
+            "parts": self.count,
+            "records": records,
+        }
+        return {PART_METADATA_KEY: orjson.dumps(facts)}
+
+
+def parse_part_name(name: str) -> PartName | None:
+    """The PartName of an archive part's file name; None for any other file."""
+    match = _PART_NAME.match(name)
+    if match is None:
+        return None
+    g = match.groupdict()
+    return PartName(
+        g["topic"],
+        int(g["partition"]),
+        int(g["first"]),
+        int(g["last"]),
+        int(g["index"]),
+        int(g["count"]),
+    )
+
+
+def part_metadata(path: Path) -> dict[str, Any]:
+    """The archive facts stored inside a part (its footer), e.g. to audit names against."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(PART_METADATA_KEY)
+    return dict(orjson.loads(raw)) if raw is not None else {}
+
+
+def first_per_event(table: pa.Table) -> pa.Table:
+    """Rows of an archive table with one row per ``_event_id``: the first by (topic,
+    partition, offset). Keeps the rows' order."""
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(
+        table, sort_keys=[(TOPIC, "ascending"), (PARTITION, "ascending"), (OFFSET, "ascending")]
+    ).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    ranked = pa.table({EVENT_ID: table.column(EVENT_ID), "__rank": rank})
+    firsts = ranked.group_by(EVENT_ID, use_threads=False).aggregate([("__rank", "min")])
+    keep = np.sort(order[firsts.column("__rank_min").to_numpy()])
+    if len(keep) == table.num_rows:
+        return table
+    return table.take(pa.array(keep))
+
+
+def read_late_marks(root: Path, source_name: str, view: str | None = None) -> pa.Table:
+    """The late marks of one source (of one view when given), in ``LATE_SCHEMA``."""
+    parts = sorted(late_dir(root, source_name).glob("part-*.parquet"))
+    if not parts:
+        return LATE_SCHEMA.empty_table()
+    marks = pa.concat_tables([pq.read_table(p, schema=LATE_SCHEMA) for p in parts])
+    if view is not None:
+        marks = marks.filter(pc.equal(marks.column("view"), view))
+    return marks
+
+
+def drop_marked(table: pa.Table, marks: pa.Table) -> pa.Table:
+    """Archive rows whose (topic, partition, offset) has no mark. Keeps the rows' order."""
+    if marks.num_rows == 0 or table.num_rows == 0:
+        return table
+    keys = marks.select(["topic", "partition", "offset"]).rename_columns([TOPIC, PARTITION, OFFSET])
+    numbered = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+    kept = numbered.join(keys, keys=[TOPIC, PARTITION, OFFSET], join_type="left anti")
+    rows = np.sort(kept.column("__row").to_numpy())
+    return table.take(pa.array(rows))
+
+
+_JSON_BLOCK = 4 << 20
+_NOT_CANONICAL = (pa.ArrowException, ValueError)
+
+
+def parse_events(source: EventSource, values: Sequence[bytes]) -> tuple[pa.Table, list[int]]:
+    """Canonical JSON values as a table of the source's declared columns, and the indices of
+    the values it holds (a value that is not canonical JSON of the source is left out)."""
+    schema = arrow_schema(source)
+    # Canonical events carry timestamps as epoch milliseconds: read as int64, then cast.
+    json_schema = pa.schema(
+        [
+            pa.field(f.name, pa.int64(), f.nullable) if declared.type is FieldType.TIMESTAMP else f
+            for f, declared in zip(schema, source.fields, strict=True)
+        ]
+    )
+    options = pj.ParseOptions(explicit_schema=json_schema, unexpected_field_behavior="ignore")
+    tables: list[pa.Table] = []
+    kept: list[int] = []
+
+    def read(lo: int, hi: int) -> None:
+        chunk = values[lo:hi]
+        try:
+            data = b"\n".join(chunk)
+            block = max(_JSON_BLOCK, max(len(v) for v in chunk) + 1)
+            table = pj.read_json(
+                io.BytesIO(data),
+                read_options=pj.ReadOptions(block_size=block),
+                parse_options=options,
+            )
+            if table.num_rows != len(chunk):
+                raise ValueError("a value is not one JSON object on one line")
+        except _NOT_CANONICAL:
+            if hi - lo == 1:
+                return
+            middle = (lo + hi) // 2  # halve until the bad values are alone
+            read(lo, middle)
+            read(middle, hi)
+            return
+        tables.append(table)
+        kept.extend(range(lo, hi))
+
+    if values:
+        read(0, len(values))
+    if not tables:
+        return schema.empty_table(), []
+    table = pa.concat_tables(tables).combine_chunks()
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.type != table.schema.field(f.name).type
+        else table.column(f.name)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema), kept
+
+
+# -- recovery: where the archive resumes ------------------------------------------------------
+
+
+@dataclass
+class Recovery:
+    next_offsets: dict[tuple[str, int], int]
+    parts: int  # complete parts found
+    undone: list[Path]  # files deleted: dot-temp files and parts of incomplete flushes
+
+
+def archive_dirs(root: Path) -> Iterator[Path]:
+    """Every directory the archiver writes parts to."""
+    yield from (d for d in root.glob("*/date=*") if d.is_dir())
+    yield from (d for d in (root / LATE_DIR).glob("*") if d.is_dir())
+    progress = root / ARCHIVE_DIR / PROGRESS_DIR
+    if progress.is_dir():
+        yield progress
+
+
+def recover(root: Path, *, clean: bool = True) -> Recovery:
+    """Where to resume each (topic, partition), from the parts under ``root``.
+
+    With ``clean``, deletes what a kill left half done first: dot-temp files, and every part of
+    a flush that has fewer parts than it announced. Raises ArchiveLayoutError when complete
+    flushes of one partition overlap (the same offsets twice).
+    """
+    flushes: dict[tuple[str, int, int, int, int], dict[int, Path]] = {}
+    undone: list[Path] = []
+    for directory in archive_dirs(root):
+        for entry in os.scandir(directory):
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp"):
+                if parse_part_name(name[1:-4]) is not None:
+                    undone.append(Path(entry.path))
+                continue
+            part = parse_part_name(name)
+            if part is None:
+                continue
+            held = flushes.setdefault(part.flush, {})
+            if part.index in held:
+                raise ArchiveLayoutError(
+                    f"part {part.index} of one flush twice: {held[part.index]} and {entry.path}"
+                )
+            held[part.index] = Path(entry.path)
+    ranges: dict[tuple[str, int], list[tuple[int, int, Path]]] = {}
+    incomplete: list[tuple[str, int, int, list[Path]]] = []
+    complete = 0
+    for (topic, partition, first, last, count), held in flushes.items():
+        if set(held) != set(range(1, count + 1)):
+            incomplete.append((topic, partition, first, list(held.values())))
+            continue
+        complete += len(held)
+        ranges.setdefault((topic, partition), []).append((first, last, held[1]))
+    for topic, partition, first, paths in incomplete:
+        # A kill leaves at most the newest flush of a partition incomplete; an older one lost
+        # a part some other way, and deleting the rest would lose its range for good.
+        later = [p for f, _, p in ranges.get((topic, partition), []) if f > first]
+        if later:
+            raise ArchiveLayoutError(
+                f"{topic}[{partition}]: a part of the flush of {paths[0]} is missing but later "
+                f"flushes exist ({later[0]}); restore it, or move this partition's parts away "
+                "to archive it again"
+            )
+        undone.extend(paths)
+    next_offsets = {}
+    for key, spans in ranges.items():
+        spans.sort()
+        for (_, last, path), (first, _, other) in itertools.pairwise(spans):
+            if first <= last:
+                raise ArchiveLayoutError(
+                    f"{key[0]}[{key[1]}]: offsets {first}..{last} are archived twice "
+                    f"({path} and {other}); remove the copy that does not belong"
+                )
+        next_offsets[key] = max(last for _, last, _ in spans) + 1
+    if clean:
+        for path in undone:
+            log.warning("undoing an incomplete flush", extra={"file": str(path)})
+            path.unlink(missing_ok=True)
+    return Recovery(next_offsets, complete, undone)

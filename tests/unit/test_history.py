@@ -138,3 +138,34 @@ def test_missing_required_value_is_an_error_naming_the_field(tmp_path) -> None:
     broken = SourceEvent("orders", "r1", START_MS, {"order_id": "o1", "restaurant_id": "r1"})
     with pytest.raises(ValueError, match=r"orders\.zone_id"):
         write_history([broken], tmp_path, [ORDERS])
+
+
+def test_simulator_rewrites_leave_archive_parts_and_both_read_together(tmp_path, events) -> None:
+    from events.archive import ArchiveWriter
+    from features.validation import EventValidator, ValidEvent
+
+    write_history(events, tmp_path, SOURCES, batch_rows=1_000)
+    simulated = read_history(tmp_path, ORDERS).num_rows
+    # The archiver adds the same orders from a topic, twice (a replay): read once.
+    validator = EventValidator(ORDERS)
+    writer = ArchiveWriter(tmp_path, SOURCES, "sluice.dead-letter", fsync=False)
+    orders = [e for e in events if e.source == "orders"]
+    for offset, event in enumerate(orders + orders):
+        valid = validator.validate(event.to_json(), 2**50)
+        assert isinstance(valid, ValidEvent)
+        writer.add(ORDERS.topic, 0, offset, valid.to_json(), None, 0, 0.0)
+    writer.flush_all()
+    combined = read_history(tmp_path, ORDERS)
+    assert combined.schema == arrow_schema(ORDERS)
+    assert combined.num_rows == simulated + len(orders)
+    # Re-writing the simulator's history replaces its parts only.
+    write_history(events, tmp_path, SOURCES, batch_rows=5_000)
+    assert read_history(tmp_path, ORDERS).num_rows == simulated + len(orders)
+    names = sorted(p.name for p in (tmp_path / "orders").glob("date=*/part-*.parquet"))
+    last = 2 * len(orders) - 1
+    assert names == [
+        "part-00000.parquet",
+        "part-00000.parquet",
+        f"part-events.orders.p0.o000000000000-{last:012d}.g1of2.parquet",
+        f"part-events.orders.p0.o000000000000-{last:012d}.g2of2.parquet",
+    ]
