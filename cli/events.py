@@ -1,16 +1,61 @@
-"""`sluice produce | ingest`: events into Kafka, validated, with dead letters."""
+"""`sluice produce | ingest`: events into Kafka, validated, with dead letters.
+
+Both follow the domain (settings.definitions_module): `ingest` validates the sources its
+definitions declare, and `produce` calls the domain's ``produce`` hook, a callable of that module
+taking the options below (see examples/delivery/features.py). A domain without one publishes
+its own JSON to ``raw.<source>``; `sluice produce` then says so and exits NOT_FOUND.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn, Protocol
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from cli.common import console, parse_time, progress_bar, settings
 from core.errors import ExitCode
 from events.ingest import IngestCounts
+
+
+class ProduceReport(Protocol):
+    """What a domain's ``produce`` hook answers (examples/delivery/produce.py's report)."""
+
+    events: int
+    corrupted: int
+    by_source: Counter[str]
+    history_rows: dict[str, int]
+    seconds: float
+    first_event_ms: int
+    last_event_ms: int
+
+    @property
+    def rate(self) -> float: ...
+
+
+def require_hook(name: str, purpose: str) -> Callable[..., Any]:
+    """The definitions module's hook ``name``; else one line saying what is missing, and exit."""
+    from features.registry import domain_hook
+
+    module = settings().definitions_module
+    hook = domain_hook(module, name)
+    if hook is None:
+        fail(
+            f"the domain {module} defines no `{name}` hook ({purpose}); add a function "
+            f"`{name}` to it, or set SLUICE_DEFINITIONS_MODULE to a domain that has one",
+            ExitCode.NOT_FOUND,
+        )
+    return hook
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """One line on stderr and the exit code, like cli.main does for a SluiceError."""
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(int(code))
 
 
 def produce(
@@ -32,14 +77,13 @@ def produce(
     ] = None,
     kafka: Annotated[bool, typer.Option(help="Publish to the raw topics.")] = True,
 ) -> None:
-    """Generate synthetic food-delivery traffic (orders, courier pings, deliveries)."""
-    from examples.delivery.produce import produce_synthetic
-
+    """Generate synthetic events of the domain (its `produce` hook) to the raw topics."""
     if rate and start:
         raise typer.BadParameter("--start and --rate exclude each other (live runs start now)")
+    produce_events = require_hook("produce", "synthetic events for `sluice produce`")
     with progress_bar(events, "producing") as progress:
         task = progress.add_task("produce", total=events)
-        report = produce_synthetic(
+        report: ProduceReport = produce_events(
             settings(),
             events,
             seed=seed,
@@ -68,15 +112,19 @@ def ingest(
     max_events: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
     group: Annotated[str, typer.Option(help="Consumer group (offsets resume).")] = "sluice-ingest",
 ) -> None:
-    """Validate raw events: valid ones to the event topics, the rest to the dead-letter topic."""
+    """Validate raw events of the domain's sources: valid ones to the event topics, the rest to
+    the dead-letter topic."""
     from events.ingest import run_ingest
-    from examples.delivery.sources import SOURCES
+    from features.registry import load_registry
 
+    sources = list(load_registry(settings().definitions_module).sources.values())
+    if not sources:
+        fail(f"{settings().definitions_module} declares no event sources", ExitCode.NOT_FOUND)
     with progress_bar(None, "ingesting") as progress:
         task = progress.add_task("ingest", total=None)
         counts = run_ingest(
             settings(),
-            SOURCES,
+            sources,
             group_id=group,
             idle_timeout_s=idle_timeout,
             max_events=max_events,

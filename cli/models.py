@@ -12,7 +12,11 @@ from cli.common import console, settings
 def train(
     service: Annotated[
         list[str] | None,
-        typer.Option("--service", help="Feature services to train (repeatable). Default: both."),
+        typer.Option(
+            "--service",
+            help="Feature services to train (repeatable). Default: every service that a "
+            "Labels declaration of the definitions module names.",
+        ),
     ] = None,
     eval_fraction: Annotated[
         float, typer.Option(min=0.01, max=0.9, help="Newest share of label times to evaluate on.")
@@ -27,11 +31,11 @@ def train(
     ] = None,
 ) -> None:
     """Train LightGBM models on point-in-time training sets; store them in the model registry."""
-    from batch.train import DEFAULT_SERVICES, print_train_report, train_models
+    from batch.train import print_train_report, train_models
 
     report = train_models(
         settings(),
-        service or DEFAULT_SERVICES,
+        service or None,
         eval_fraction=eval_fraction,
         rounds=rounds,
         promote=promote,

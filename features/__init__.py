@@ -4,6 +4,7 @@ This package depends on nothing heavier than pydantic (and orjson for fast JSON)
 """
 
 from features.errors import FeatureDefinitionError, SluiceFeaturesError
+from features.labels import LabelJoin, Labels
 from features.schema import EventSource, Field, FieldType
 from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
 
@@ -13,6 +14,8 @@ __all__ = [
     "FeatureDefinitionError",
     "Field",
     "FieldType",
+    "LabelJoin",
+    "Labels",
     "RejectReason",
     "Rejection",
     "SluiceFeaturesError",

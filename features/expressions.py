@@ -5,6 +5,10 @@ expressions like ``items >= 2 and zone_id != 'z-00'`` or ``subtotal / items``, p
 a typed AST that renders to Spark SQL and Flink SQL and evaluates in the reference
 implementation. Semantics are SQL's: null propagates, a filter keeps rows where it is true,
 ``/`` is float division and dividing by zero gives null (rendered the same way for both engines).
+
+Functions: ``abs(x)``, ``coalesce(x, y)`` and ``hour(t)``, the UTC hour (0-23) of a timestamp
+column (epoch milliseconds in Python; Spark sessions run in UTC, see batch/session.py), e.g. the
+hour of day of a label time in a Labels declaration (features/labels.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from features.schema import FieldType
@@ -49,7 +54,7 @@ class Binary:
 
 @dataclass(frozen=True)
 class Call:
-    function: str  # abs, coalesce
+    function: str  # abs, coalesce, hour
     args: tuple[Expr, ...]
 
 
@@ -60,7 +65,8 @@ _TOKEN = re.compile(
     r"|(?P<op>==|!=|<=|>=|[-+*/<>(),]))"
 )
 _KEYWORDS = {"and", "or", "not", "true", "false"}
-_FUNCTIONS = {"abs": 1, "coalesce": 2}
+_FUNCTIONS = {"abs": 1, "coalesce": 2, "hour": 1}
+_HOUR_MS = 3_600_000
 
 
 def parse(text: str) -> Expr:
@@ -161,7 +167,8 @@ class _Parser:
                     args.append(self.expression())
                 self.expect(")")
                 if value not in _FUNCTIONS:
-                    raise ExpressionError(f"unknown function {value!r} (known: abs, coalesce)")
+                    known = ", ".join(_FUNCTIONS)
+                    raise ExpressionError(f"unknown function {value!r} (known: {known})")
                 if len(args) != _FUNCTIONS[value]:
                     raise ExpressionError(f"{value}() takes {_FUNCTIONS[value]} argument(s)")
                 return Call(value, tuple(args))
@@ -196,6 +203,10 @@ def infer_type(expr: Expr, columns: Mapping[str, FieldType]) -> FieldType:
         return inner
     if isinstance(expr, Call):
         types = [infer_type(a, columns) for a in expr.args]
+        if expr.function == "hour":
+            if types[0] is not FieldType.TIMESTAMP:
+                raise ExpressionError("hour() needs a timestamp")
+            return FieldType.INT
         if expr.function == "abs":
             if types[0] not in _NUMERIC:
                 raise ExpressionError("abs() needs a number")
@@ -264,6 +275,8 @@ def compile_python(expr: Expr) -> Callable[[Row], Any]:
         args = [compile_python(a) for a in expr.args]
         if expr.function == "abs":
             return lambda row: None if (v := args[0](row)) is None else abs(v)
+        if expr.function == "hour":
+            return lambda row: None if (v := args[0](row)) is None else _hour(v)
         return lambda row: v if (v := args[0](row)) is not None else args[1](row)
     left, right = compile_python(expr.left), compile_python(expr.right)
     if expr.op == "and":
@@ -277,6 +290,13 @@ def compile_python(expr: Expr) -> Callable[[Row], Any]:
         return None if a is None or b is None else operator(a, b)
 
     return binary
+
+
+def _hour(value: Any) -> int:
+    """UTC hour of epoch milliseconds (or of an aware datetime)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).hour
+    return int(value) // _HOUR_MS % 24
 
 
 def _and(a: Any, b: Any) -> Any:

@@ -22,13 +22,13 @@ SINGLE_REQUESTS = 64  # concurrent one-row requests: the batcher groups them
 
 
 def train_serve_and_predict(settings: Settings, console: Console) -> None:
-    from batch.train import build_labels, print_train_report, train_models
+    from batch.train import print_train_report, train_models
 
     console.rule("11. sluice train: point-in-time training sets (Spark) -> LightGBM -> registry")
     report = train_models(settings, promote=True)
     print_train_report(console, report, settings.models_dir)
 
-    labels, _ = build_labels(settings)
+    labels = report.label_rows[0].frame  # the delivery_times declaration's rows
     newest = labels.sort_values("event_timestamp").tail(8)
     columns = ["restaurant_id", "zone_id", "distance_km", "hour_of_day", "items"]
     rows: list[dict[str, Any]] = [

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from batch.backfill import backfill
-from batch.train import build_labels, train_models
+from batch.train import build_labels, train_models, view_gains
 from core.settings import Settings
 from examples.delivery.produce import produce_synthetic
 from feature_repo import registry_ops
@@ -58,11 +58,13 @@ def test_train_stores_evaluated_models_that_the_predictor_serves(spark, settings
         spark=spark,
         show_progress=False,
     )
-    labels, dropped = build_labels(settings)
+    rows = build_labels(settings, registry, registry.labels["delivery_times"])
+    labels = rows.frame
     assert len(labels) > 300
-    assert dropped == 0
+    assert rows.dropped == {"orders by order_id": 0}
     assert labels["hour_of_day"].between(0, 23).all()
 
+    # No service named: every service of the example's label declaration.
     trained = train_models(settings, eval_fraction=0.25, rounds=50)
     by_name = {m.metadata.name: m for m in trained.models}
     assert set(by_name) == {"delivery_eta", "delivery_eta_batch_only"}
@@ -80,6 +82,8 @@ def test_train_stores_evaluated_models_that_the_predictor_serves(spark, settings
     # Both saw the same labels and the same evaluation slice: their MAEs compare.
     eta, batch_only = by_name["delivery_eta"].metadata, by_name["delivery_eta_batch_only"].metadata
     assert eta.eval_window_ms == batch_only.eval_window_ms
+    assert eta.label == "delivery_seconds"
+    assert [line.split(" cuts")[0] for line in view_gains(trained)] == ["delivery_eta"]
 
     models = ModelRegistry(settings.models_dir)
     assert models.production("delivery_eta") == 1
