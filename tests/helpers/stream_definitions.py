@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 from examples.delivery import sources as examples
-from examples.delivery.features import restaurant, zone
+from examples.delivery.features import produce, restaurant, zone
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 
 Agg = AggregationFunction
 EVERY_5S = (Window.sliding("1m", every="5s"),)
 LATENESS = timedelta(seconds=2)
+__all__ = ["produce"]  # the delivery simulator is this domain's `sluice produce` hook
 # Module attributes are definitions (features/registry.py): the originals stay in `examples`.
 orders = examples.ORDERS.model_copy(update={"allowed_lateness": LATENESS})
 courier_pings = examples.COURIER_PINGS.model_copy(update={"allowed_lateness": LATENESS})
