@@ -10,7 +10,8 @@ restaurants and zones, trains a small LightGBM model on synthetic rows and regis
      get_online_features and LightGBM's predict for each request. Each server runs alone
      in its own uvicorn process; the load generator runs here. Reported: throughput and p50/p99.
   2. Feature read of 100 entities (every view of the service): OnlineStore.read_many (one
-     pipeline) against Feast's get_online_features, in this process.
+     pipeline; each entity's newest row and the previous one the availability contract may
+     need) against Feast's get_online_features (newest rows only), in this process.
 Ratios: for throughput sluice / baseline (higher is better), for latency baseline / sluice
 (higher is better: how many times faster). Run: `python -m bench.serve`.
 """
@@ -39,6 +40,7 @@ from examples.delivery.features import delivery_eta
 from feature_repo import registry_ops
 from feature_repo.config import feature_store
 from feature_repo.online_store import OnlineRow, open_online_store
+from features.contract import window_end_at
 from features.definitions import FeatureService, FeatureView
 from features.registry import load_registry
 from features.schema import FieldType
@@ -75,14 +77,19 @@ def online_values(view: FeatureView, rng: np.random.Generator) -> dict[str, Any]
 def prepare(settings: Settings, entities: int) -> None:
     registry_ops.apply(settings, load_registry(settings.definitions_module))
     rng = np.random.default_rng(5)
-    end = int(time.time() * 1000) // 60_000 * 60_000
+    now = int(time.time() * 1000)
     with open_online_store(settings) as online:
         for view in SERVICE.views:
             prefix = "z" if view.entity.join_key == "zone_id" else "r"
-            rows = [
-                OnlineRow(f"{prefix}{i}", end, online_values(view, rng)) for i in range(entities)
-            ]
-            online.write(view, rows)
+            # Two windows per entity, the newest the one due now (features/contract.py), so
+            # that reads carry the previous row as the stream leaves them.
+            due = window_end_at(view, now)
+            for end in (due - view.slide_ms, due):
+                rows = [
+                    OnlineRow(f"{prefix}{i}", end, online_values(view, rng))
+                    for i in range(entities)
+                ]
+                online.write(view, rows)
     models = ModelRegistry(settings.models_dir)
     trained = fit(synthetic_frame(SERVICE, 5000), SERVICE, label="delivery_seconds", rounds=100)
     stored = models.save(trained.model_text, trained.metadata)

@@ -257,10 +257,17 @@ class PredictionRecord:
     feature_ages_ms: dict[str, int | None]  # view -> time_ms - window end (null: no row)
     missing: list[str]  # views without a row, and "view:feature" whose value was null
     stale: list[str]  # views whose row is older than their ttl
+    # The availability contract (features/contract.py), optional: records written before it
+    # carry none (and encode() leaves a None out). window_ends_ms: view -> the window end of
+    # the row served (null: the view's empty values were); row_status: view -> "exact",
+    # "behind" or "missing"; as_of_ms: the t rows were chosen for (arrival, or event_time).
+    window_ends_ms: dict[str, int | None] | None = None
+    row_status: dict[str, str] | None = None
+    as_of_ms: int | None = None
     v: int = VERSION
 
     def encode(self) -> bytes:
-        record = {
+        record: dict[str, Any] = {
             "v": self.VERSION,
             "prediction_id": self.prediction_id,
             "time_ms": self.time_ms,
@@ -274,8 +281,26 @@ class PredictionRecord:
             "missing": self.missing,
             "stale": self.stale,
         }
+        if self.window_ends_ms is not None:
+            record["window_ends_ms"] = self.window_ends_ms
+        if self.row_status is not None:
+            record["row_status"] = self.row_status
+        if self.as_of_ms is not None:
+            record["as_of_ms"] = self.as_of_ms
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    @staticmethod
+    def _row_status(f: _Fields) -> dict[str, str] | None:
+        value = f.obj.get("row_status")
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            f.fail("row_status", f"expected an object, got {_json_type(value)}")
+        for view, status in value.items():
+            if not isinstance(status, str):
+                f.fail(f"row_status.{view}", f"expected a string, got {_json_type(status)}")
+        return value
 
     @classmethod
     def decode(cls, data: bytes | None) -> PredictionRecord:
@@ -292,6 +317,11 @@ class PredictionRecord:
             feature_ages_ms=f.opt_integers("feature_ages_ms"),
             missing=f.strings("missing"),
             stale=f.strings("stale"),
+            window_ends_ms=(
+                None if f.obj.get("window_ends_ms") is None else f.opt_integers("window_ends_ms")
+            ),
+            row_status=cls._row_status(f),
+            as_of_ms=f.opt_integer("as_of_ms"),
             v=f.version,
         )
 

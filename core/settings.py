@@ -10,7 +10,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -85,6 +85,18 @@ class Settings(BaseSettings):
     # versions, rewarded by -|error| from /feedback.
     bandit_epsilon: float = Field(default=0.0, ge=0, le=1)
     bandit_arms: int = Field(default=2, ge=1, le=20)
+    # Availability contract (features/contract.py): when a view's newest servable row is older
+    # than the window due at t (the stream is late), "flag" serves it and lists the view under
+    # `behind`; "empty" serves the view's empty values, flagged alike; "reject" answers 503
+    # (features_behind) naming the views.
+    serve_behind: Literal["flag", "empty", "reject"] = "flag"
+
+    @field_validator("serve_behind", mode="before")
+    @classmethod
+    def _check_serve_behind(cls, value: Any) -> Any:
+        if value not in ("flag", "empty", "reject"):
+            raise ValueError(f"expected flag, empty or reject, got {str(value)[:40]!r}")
+        return value
 
     @field_validator("kafka_bootstrap")
     @classmethod

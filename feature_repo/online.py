@@ -2,12 +2,26 @@
 
 Spark backfills, the Flink job and the predictor reach it through open_online_store(settings)
 for redis:// and rediss:// URLs, so the layout lives in one place (see codec.py). What it adds
-to Feast's layout is one integer field per entity and view, "_sluice_end_ms:<view>", the
-window end of the stored row. A Lua script compares it and writes the row in one atomic step,
-so concurrent writers (a backfill and the stream) can never put an older window over a newer
-one; Feast's own write path compares timestamps in Python between two round trips and can.
-Rows written by other tools (Feast's write_to_online_store) are read correctly; a write over
-them is not ordered against them, since they carry no end.
+to Feast's layout, per entity and view (in the same hash, in fields Feast never reads):
+
+- "_sluice_end_ms:<view>": the window end of the newest row (Feast's fields hold the row).
+  A Lua script compares it and writes the row in one atomic step, so concurrent writers (a
+  backfill and the stream) can never put an older window over a newer one; Feast's own write
+  path compares timestamps in Python between two round trips and can.
+- the previous row (features/contract.py: the stream may write the row of E + slide before it
+  is servable, while requests still need E's): when a strictly newer window end arrives, the
+  script first copies the current row's values to "_sluice_prev:" + Feast's 4-byte field of
+  each feature (never a Feast field: those are exactly 4 bytes, or start with "_ts:") and its
+  end to "_sluice_prev_end_ms:<view>". A same-end rewrite leaves the previous row alone; an
+  older end is refused. Feast's reads and its delete_table (which keys on "_ts:") see the
+  newest row only, unchanged.
+
+Rows written by other tools (Feast's write_to_online_store, materialize) are read correctly
+(their _ts is the Feast source's timestamp, the servable time: the window end is _ts minus
+the view's lateness); a write over them is not ordered against them, since they carry no end,
+and does not keep them as previous.
+read_many answers each row with its previous one and whether all its windows are empty (a
+closing row), in one pipeline round trip.
 
 Feast does not apply a view's ttl to online reads (nor does read() here): callers compare
 OnlineRow.window_end_ms with the current window end to judge freshness.
@@ -19,36 +33,69 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Self
+from typing import Any, Self
 
 import redis
 
 from core.settings import Settings
 from feature_repo import codec
 from feature_repo.errors import OnlineStoreError
-from feature_repo.online_store import OnlineRow, OnlineStore, WriteReport
+from feature_repo.online_store import (
+    OnlineRow,
+    OnlineStore,
+    WriteReport,
+    empty_values,
+)
+from features.contract import lateness_ms
 from features.definitions import FeatureView
 from features.schema import FieldType
 
 # OnlineRow and WriteReport are importable from here, as before the interface existed.
-__all__ = ["DEFAULT_BATCH_ROWS", "OnlineRow", "RedisOnlineStore", "WriteReport", "end_field"]
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "OnlineRow",
+    "RedisOnlineStore",
+    "WriteReport",
+    "end_field",
+    "previous_end_field",
+    "previous_field",
+]
 
+PREVIOUS_PREFIX = b"_sluice_prev:"
 # KEYS[1]: the entity's hash. ARGV[1]: the end field, ARGV[2]: Feast's _ts field, ARGV[3]: the
-# row's window end (ms), ARGV[4..]: field/value pairs (_ts and every feature).
+# row's window end (ms), ARGV[4]: the previous row's end field, ARGV[5..]: field/value pairs
+# (_ts first, then every feature).
 # Returns 0 when a newer row is stored (nothing written), 1 when written, 2 when the same window
-# end was rewritten. The stored end counts only next to its _ts field: when Feast deletes a view's
-# fields (apply after removing the view) the stale end must not block the view's next life.
+# end was rewritten, 3 when written and the row it replaced kept as the previous one. The stored
+# end counts only next to its _ts field: when Feast deletes a view's fields (apply after
+# removing the view) the stale end must not block the view's next life, nor may that life's
+# first row inherit a previous row, so the previous end is dropped then.
 _WRITE_IF_NOT_OLDER = """
 local stored = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2])
 local result = 1
 if stored[1] and stored[2] then
   local old, new = tonumber(stored[1]), tonumber(ARGV[3])
   if old > new then return 0 end
-  if old == new then result = 2 end
+  if old == new then
+    result = 2
+  else
+    local names = {}
+    for i = 7, #ARGV, 2 do names[#names + 1] = ARGV[i] end
+    local current = redis.call('HMGET', KEYS[1], unpack(names))
+    local moved = {ARGV[4], stored[1]}
+    for i, name in ipairs(names) do
+      moved[#moved + 1] = '{PREVIOUS_PREFIX}' .. name
+      moved[#moved + 1] = current[i] or ''
+    end
+    redis.call('HSET', KEYS[1], unpack(moved))
+    result = 3
+  end
+else
+  redis.call('HDEL', KEYS[1], ARGV[4])
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 5))
 return result
-"""
+""".replace("{PREVIOUS_PREFIX}", PREVIOUS_PREFIX.decode())
 DEFAULT_BATCH_ROWS = 1000
 
 
@@ -62,11 +109,34 @@ class _Layout:
     fields: tuple[bytes, ...]
     ts_field: bytes
     end_field: bytes
+    previous_end_field: bytes
     key_prefix: bytes
+    empty_list: list[Any]  # each feature's empty value, in names order
+    lateness_ms: int
+    # read_many's HMGET per entity in RESP, but for the key: newest row, then previous
+    hmget_head: bytes
+    hmget_fields: bytes
 
 
 def end_field(view_name: str) -> bytes:
     return f"_sluice_end_ms:{view_name}".encode()
+
+
+def previous_end_field(view_name: str) -> bytes:
+    return f"_sluice_prev_end_ms:{view_name}".encode()
+
+
+def _resp_array_head(length: int) -> bytes:
+    return b"*%d\r\n" % length
+
+
+def _resp_bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def previous_field(feast_field: bytes) -> bytes:
+    """Where the previous row keeps the value Feast keeps in ``feast_field`` (4 bytes)."""
+    return PREVIOUS_PREFIX + feast_field
 
 
 class RedisOnlineStore(OnlineStore):
@@ -106,14 +176,26 @@ class RedisOnlineStore(OnlineStore):
             # Feast registers such a view with online=False and will not serve it.
             raise OnlineStoreError(f"view {view.name!r} is not served online (online=False)")
         specs = view.features()
+        fields = tuple(codec.feature_field(view.name, s.name) for s in specs)
+        ts, end, previous_end = (
+            codec.timestamp_field(view.name),
+            end_field(view.name),
+            previous_end_field(view.name),
+        )
+        read_fields = [*fields, ts, end, *map(previous_field, fields), previous_end]
         layout = _Layout(
             view=view,
             names=tuple(s.name for s in specs),
             dtypes=tuple(s.dtype for s in specs),
-            fields=tuple(codec.feature_field(view.name, s.name) for s in specs),
-            ts_field=codec.timestamp_field(view.name),
-            end_field=end_field(view.name),
+            fields=fields,
+            ts_field=ts,
+            end_field=end,
+            previous_end_field=previous_end,
             key_prefix=codec.entity_key_prefix(view.entity.join_key),
+            empty_list=list(empty_values(view).values()),
+            lateness_ms=lateness_ms(view),
+            hmget_head=_resp_array_head(2 + len(read_fields)) + _resp_bulk(b"HMGET"),
+            hmget_fields=b"".join(map(_resp_bulk, read_fields)),
         )
         self._layouts[view.name] = layout
         return layout
@@ -129,6 +211,7 @@ class RedisOnlineStore(OnlineStore):
             layout.end_field,
             layout.ts_field,
             row.window_end_ms,
+            layout.previous_end_field,
             layout.ts_field,
             codec.encode_timestamp_ms(row.window_end_ms),
         ]
@@ -150,6 +233,8 @@ class RedisOnlineStore(OnlineStore):
 
     def write(self, view: FeatureView, rows: Iterable[OnlineRow]) -> WriteReport:
         """Store rows, one pipeline per batch_rows rows; never an older window over a newer one.
+
+        A row with a strictly newer window end keeps the one it replaces as the previous row.
 
         Rows are validated before their batch is sent; a bad row raises OnlineStoreError and
         earlier batches stay written (each row is atomic and rewriting is idempotent, so a
@@ -183,18 +268,19 @@ class RedisOnlineStore(OnlineStore):
         """read() of several views at once: one pipeline, so one round trip for all of them.
 
         The predictor reads every view of a batch of requests this way; results come back in
-        the order of ``requests``, each list in the order of its keys.
+        the order of ``requests``, each list in the order of its keys. Each row carries its
+        previous row (one HMGET asks for both) and whether its windows are all empty.
         """
         layouts = [self._layout(view) for view, _ in requests]
+        # The commands are packed here from each layout's pre-encoded fields: redis-py's
+        # per-command packing and pipeline bookkeeping cost more than Redis answering them.
+        parts: list[bytes] = []
+        for layout, (_, keys) in zip(layouts, requests, strict=True):
+            for key in keys:
+                hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
+                parts += (layout.hmget_head, _resp_bulk(hash_key), layout.hmget_fields)
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for layout, (_, keys) in zip(layouts, requests, strict=True):
-                    fields = [*layout.fields, layout.ts_field, layout.end_field]
-                    for key in keys:
-                        hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
-                        # redis-py annotates names as str, but sends bytes keys (Feast's) as is.
-                        pipe.hmget(hash_key, fields)  # type: ignore[arg-type]
-                replies = pipe.execute()
+            replies = self._pipelined(b"".join(parts), len(parts) // 3) if parts else []
         except redis.RedisError as exc:
             names = ", ".join(repr(view.name) for view, _ in requests)
             raise OnlineStoreError(f"view(s) {names}: Redis read failed: {exc}") from exc
@@ -206,28 +292,59 @@ class RedisOnlineStore(OnlineStore):
             out.append(self._decode(layout, keys, chunk))
         return out
 
+    def _pipelined(self, commands: bytes, count: int) -> list[Any]:
+        """Send packed commands in one write and read their ``count`` replies: one round trip.
+
+        Reads are idempotent, so a pooled connection that went stale (Redis restarted) is
+        retried once on a fresh one, as redis-py's pipeline does.
+        """
+        pool = self._client.connection_pool
+        for attempt in (1, 2):
+            connection = pool.get_connection()
+            try:
+                connection.send_packed_command([commands])
+                return [connection.read_response() for _ in range(count)]
+            except (redis.ConnectionError, redis.TimeoutError):
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                connection.disconnect()  # replies may be left unread on it
+                raise
+            finally:
+                pool.release(connection)
+        raise AssertionError("unreachable")
+
     @staticmethod
     def _decode(
         layout: _Layout, entity_keys: Sequence[str], replies: Sequence[Sequence[bytes | None]]
     ) -> list[OnlineRow | None]:
-        view = layout.view
+        # The hot path of every prediction batch: C-level map/zip, and emptiness as one list
+        # comparison with the empty values (0 == 0.0 for sums; None only equals None).
         n = len(layout.fields)
+        names, empties, decode = layout.names, layout.empty_list, codec.decode_value
         out: list[OnlineRow | None] = []
         for key, reply in zip(entity_keys, replies, strict=True):
-            ts, end = reply[n], reply[n + 1]
+            ts, end, previous_end = reply[n], reply[n + 1], reply[-1]
             if ts is None:
                 out.append(None)
                 continue
             try:
-                values = {
-                    name: codec.decode_value(data)
-                    for name, data in zip(layout.names, reply[:n], strict=True)
-                }
+                newest = list(map(decode, reply[:n]))
+                previous = None
+                if previous_end is not None and end is not None:
+                    kept = list(map(decode, reply[n + 2 : 2 * n + 2]))
+                    values = dict(zip(names, kept, strict=True))
+                    previous = OnlineRow(key, int(previous_end), values, None, kept == empties)
             except (ValueError, IndexError, UnicodeDecodeError) as exc:
                 raise OnlineStoreError(
-                    f"view {view.name!r}, entity {key!r}: undecodable value: {exc}"
+                    f"view {layout.view.name!r}, entity {key!r}: undecodable value: {exc}"
                 ) from None
-            # Rows written by Feast itself have no end field; their _ts is the window end.
-            end_ms = int(end) if end is not None else codec.decode_timestamp_ms(ts)
-            out.append(OnlineRow(key, end_ms, values))
+            # Rows written by Feast itself have no end field; their _ts is the Feast source's
+            # timestamp, the servable time: window end + lateness (feature_repo/definitions.py).
+            end_ms = (
+                int(end) if end is not None else codec.decode_timestamp_ms(ts) - layout.lateness_ms
+            )
+            values = dict(zip(names, newest, strict=True))
+            out.append(OnlineRow(key, end_ms, values, previous, newest == empties))
         return out

@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import urlparse
 
 from core.errors import SettingsError
 from core.settings import Settings
-from features.definitions import FeatureView
+from features.definitions import FeatureView, empty_value
 
 # URL scheme -> "module:class" of the OnlineStore implementation behind it.
 STORES: dict[str, str] = {
@@ -35,11 +35,42 @@ STORES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class OnlineRow:
-    """The features of one entity for the window ending at window_end_ms (epoch ms)."""
+    """The features of one entity for the window ending at window_end_ms (epoch ms).
+
+    Writers set the first three fields. Readers (``read_many``) also say what the choice of
+    features/contract.py needs: ``empty`` (every value is its aggregation's empty value: a
+    closing row, see ``is_empty_row``) and ``previous``, the row this one replaced (the window
+    end before it), kept so that a row written before it is servable does not hide the one
+    still due; None when the store holds none. Neither takes part in equality: two rows are
+    equal when entity, window end and values are.
+    """
 
     entity_key: str
     window_end_ms: int
     values: Mapping[str, Any]
+    previous: OnlineRow | None = field(default=None, compare=False)
+    empty: bool | None = field(default=None, compare=False)  # None: not known (a writer's row)
+
+
+def empty_values(view: FeatureView) -> dict[str, Any]:
+    """Each feature's value over an empty window (count 0, sum 0.0, others null)."""
+    return {spec.name: empty_value(spec.function) for spec in view.features()}
+
+
+def is_empty_row(empties: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """Whether every feature holds its empty value (``empty_values(view)``): a closing row.
+
+    A row with events in its largest window has a non-empty value unless every event's column
+    was null, so for a view with a count or a sum this reads "no event in any window".
+    """
+    for name, empty in empties.items():
+        value = values.get(name)
+        if empty is None:
+            if value is not None:
+                return False
+        elif value is None or value != empty:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -61,7 +92,8 @@ class WriteReport:
 
 
 class OnlineStore(ABC):
-    """A project's online feature rows: per (view, entity) the row of the newest window end.
+    """A project's online feature rows: per (view, entity) the row of the newest window end,
+    and the one before it.
 
     What every implementation guarantees:
     - write() never stores a row over one with a newer window end, atomically per row, so
@@ -69,9 +101,13 @@ class OnlineStore(ABC):
       same end is rewritten (replays are idempotent). Every feature of the view is written
       each time. Rows are checked before their batch is sent: a bad one raises
       OnlineStoreError naming view, entity and feature, and earlier batches stay written.
+    - write() keeps the row it replaces by a strictly newer window end as the new row's
+      ``previous`` (a same-end rewrite keeps the previous one as it was), so that a reader can
+      serve the window due at t (features/contract.py) when the newest is not servable yet.
     - read_many() answers several views in one call (one round trip where the backend
-      allows), in the order asked, None for an entity without a row. No ttl is applied:
-      callers compare OnlineRow.window_end_ms with the window end they need.
+      allows), in the order asked, None for an entity without a row; each row carries
+      ``empty`` and ``previous`` (None when not kept). No ttl is applied: callers compare
+      OnlineRow.window_end_ms with the window end they need.
     - A backend that fails or does not answer raises OnlineStoreError.
     """
 
@@ -88,7 +124,8 @@ class OnlineStore(ABC):
     def read_many(
         self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
     ) -> list[list[OnlineRow | None]]:
-        """The stored row of each (view, entity key), per request in the order of its keys."""
+        """The stored row of each (view, entity key), per request in the order of its keys, with
+        its ``previous`` row and ``empty`` flag (see OnlineRow)."""
 
     def read(self, view: FeatureView, entity_keys: Sequence[str]) -> list[OnlineRow | None]:
         """The stored row of each entity of one view (None when it has none)."""

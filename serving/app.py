@@ -2,10 +2,13 @@
 
 Per model, an AdaptiveBatcher queues rows; a batch reads every online feature it needs in one
 round trip (feature_repo.online_store.OnlineStore.read_many, the store open_online_store
-builds), joins them in the model's order with the request features, predicts with LightGBM in a
-worker thread and answers each row with its prediction, model version, prediction id, feature
-ages and missing/stale flags. Every prediction is logged to Kafka without waiting
-(prediction_log.KafkaLog) as a core.records.PredictionRecord, feedback as a FeedbackRecord.
+builds: each entity's newest row and the one before it), picks per row and view the row the
+availability contract serves at the row's t (its arrival, or its event_time), joins them in the
+model's order with the request features, predicts with LightGBM in a worker thread and answers
+each row with its prediction, model version, prediction id, the window ends served, feature
+ages and missing/stale/behind flags (serve_behind decides what a row behind the contract
+gets). Every prediction is logged to Kafka without waiting (prediction_log.KafkaLog) as a
+core.records.PredictionRecord, feedback as a FeedbackRecord.
 
 Errors: serving.errors types, mapped to HTTP statuses by one exception handler; request
 validation failures (FastAPI's and the per-model row checks) answer 422 with
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
-from serving.errors import ModelNotFoundError, OverloadedError
+from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
@@ -130,7 +133,7 @@ class Predictor:
             self.metrics.batch_size.labels(name).set(controller.size)
 
         batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: predict_batch(self.reader, items),
+            lambda items: predict_batch(self.reader, items, serve_behind=s.serve_behind),
             controller,
             max_delay_s=s.max_batch_delay_ms / 1000,
             executor=self.executor,
@@ -139,15 +142,30 @@ class Predictor:
         self.metrics.batch_size.labels(name).set(controller.size)
         return Served(slot, row_model(production.plan, name), batcher)
 
+    def count_contract(self, predictions: Sequence[Prediction]) -> None:
+        """sluice_contract_rows_total{view,status}: every row's verdict, answered or not."""
+        counter = self.metrics.contract_rows
+        for prediction in predictions:
+            for view, status in prediction.joined.status.items():
+                counter.labels(view, status.value).inc()
+
+    def reject_behind(self, predictions: Sequence[Prediction]) -> None:
+        """With serve_behind = "reject": a 503 naming the views of rows behind the contract."""
+        if self.settings.serve_behind != "reject":
+            return
+        behind = {i: p.joined.behind for i, p in enumerate(predictions) if p.joined.behind}
+        if behind:
+            raise FeaturesBehindError(behind)
+
     def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
         """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
         joined = prediction.joined
         m = self.metrics
         m.predictions.labels(prediction.model, str(prediction.version)).inc()
         for view, age in joined.ages_ms.items():
-            if age is None:
+            if view in joined.missing:
                 m.missing.labels(view).inc()
-            else:
+            if age is not None:
                 m.feature_age.labels(view).observe(age / 1000)
         self.recent.add(
             prediction.prediction_id, prediction.model, prediction.version, prediction.prediction
@@ -164,6 +182,9 @@ class Predictor:
             feature_ages_ms=joined.ages_ms,
             missing=joined.missing,
             stale=joined.stale,
+            window_ends_ms=joined.window_ends_ms,
+            row_status={view: status.value for view, status in joined.status.items()},
+            as_of_ms=joined.as_of_ms,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -299,20 +320,36 @@ def _routes(app: FastAPI) -> None:
     app.add_middleware(_RequestMetrics)
 
     @app.post(
-        "/predict", response_model=PredictResponse, responses={422: {"description": "invalid"}}
+        "/predict",
+        response_model=PredictResponse,
+        responses={
+            422: {"description": "invalid request: each bad field named, with the reason"},
+            503: {
+                "description": "the online store is down (feature_store_unavailable), the "
+                "queue is full (overloaded), or with serve_behind=reject some rows' features "
+                "are behind the availability contract (features_behind, naming the views)"
+            },
+        },
     )
     async def predict(body: PredictRequest, request: Request) -> Response:
         """Predict one or many rows; each row joins whatever batch its model is forming."""
         started = time.perf_counter()
+        arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
         predictor = _predictor(request)
         served = predictor.get(body.model)
-        rows = validate_rows(served.rows, body.rows)
-        items = [PredictItem(served.slot.choose(), row) for row in rows]
+        checked = validate_rows(served.rows, body.rows)
+        rows = [row for row, _ in checked]
+        items = [
+            PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
+            for row, t in checked
+        ]
         predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
         try:
             results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
         except QueueFullError as exc:
             raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
+        predictor.count_contract(results)
+        predictor.reject_behind(results)
         latency_ms = (time.perf_counter() - started) * 1000
         out = []
         for row, prediction in zip(rows, results, strict=True):
@@ -323,8 +360,10 @@ def _routes(app: FastAPI) -> None:
                 "model": prediction.model,
                 "model_version": prediction.version,
                 "feature_ages_ms": prediction.joined.ages_ms,
+                "window_ends_ms": prediction.joined.window_ends_ms,
                 "missing": prediction.joined.missing,
                 "stale": prediction.joined.stale,
+                "behind": prediction.joined.behind,
             }
             if body.return_features:
                 answer["features"] = prediction.joined.values

@@ -13,6 +13,7 @@ from models.errors import ModelNotFoundError, ModelRegistryError
 
 __all__ = [
     "FeatureStoreUnavailableError",
+    "FeaturesBehindError",
     "InvalidRequestError",
     "ModelIncompatibleError",
     "ModelNotFoundError",
@@ -59,3 +60,28 @@ class OverloadedError(SluiceServingError):
 
     exit_code = ExitCode.UNAVAILABLE
     code = "overloaded"
+
+
+class FeaturesBehindError(SluiceServingError):
+    """With serve_behind = "reject": some rows' newest servable row of a view is older than the
+    window the availability contract asks for (the stream is late). Retry later."""
+
+    exit_code = ExitCode.UNAVAILABLE
+    code = "features_behind"
+
+    def __init__(self, rows: dict[int, list[str]]) -> None:
+        self.rows = rows  # request row index -> views behind
+        self.views = sorted({view for views in rows.values() for view in views})
+        where = ", ".join(f"rows[{i}]: {', '.join(views)}" for i, views in rows.items())
+        super().__init__(
+            f"features behind the availability contract for view(s) {', '.join(self.views)} "
+            f"({where}); the stream has not written the window due yet, retry later"
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": self.code,
+            "detail": str(self),
+            "views": self.views,
+            "rows": [{"row": i, "views": views} for i, views in self.rows.items()],
+        }

@@ -1,14 +1,30 @@
 """Online features for a batch of prediction rows: one read, then a join in the model's order.
 
+Which row (features/contract.py, the availability contract): each request row has a time t,
+the server's clock when the request arrived or the row's ``event_time`` (replays). Per view,
+the store answers the newest row and the one before it; ``choose_row`` picks the row whose
+window is the newest servable at t (end + view.lateness <= t), exactly as training did:
+
+- EXACT: the row of E(t), or a closing row (all windows empty) from before it, whose empty
+  values are E(t)'s too. A row written before it is servable (the stream closes windows early)
+  is never served: its previous row is.
+- BEHIND: the newest servable row is older than E(t) and not empty: the stream is late. What
+  is served then is the ``serve_behind`` setting's choice: "flag" (the older row) or "empty"
+  (the view's empty values), the view listed under ``behind`` either way; "reject" is the
+  route's (a 503 naming the views).
+- MISSING: no row at all, or only a first row that is not servable yet.
+
 Defaults (the documented contract of the predictor):
-- An entity with no row for a view (never seen, or not materialized yet) gets the view's empty
-  values, exactly what a training row gets for an empty window: count and count_distinct 0,
-  sum 0.0, everything else null. The answer lists the view under ``missing``.
+- An entity with no servable row for a view (never seen, not materialized yet, or its first
+  row not servable yet) gets the view's empty values, exactly what a training row gets for an
+  empty window: count and count_distinct 0, sum 0.0, everything else null. The answer lists
+  the view under ``missing``.
 - A null value (mean, min, max, last or stddev of an empty window) stays null; the model gets
   NaN, which LightGBM routes down each split's learned missing-value branch, as in training.
   The answer lists such features as "view:feature" under ``missing`` too.
 - A row older than its view's ttl is still used (Feast does the same online) but its view is
-  listed under ``stale``; ``feature_ages_ms`` gives now minus the row's window end per view.
+  listed under ``stale``; ``feature_ages_ms`` gives now minus the served row's window end per
+  view, ``window_ends_ms`` that window end (null when no row's values were served).
 """
 
 from __future__ import annotations
@@ -16,17 +32,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from feature_repo.online_store import OnlineRow
+from feature_repo.online_store import OnlineRow, empty_values, is_empty_row
+from features.contract import RowStatus, StoredRow, choose_row
 from features.definitions import FeatureService, FeatureView, empty_value
 from features.schema import Field, FieldType
 from serving.errors import ModelIncompatibleError
 
 _NUMERIC = (FieldType.INT, FieldType.FLOAT, FieldType.BOOL)
+ServeBehind = Literal["flag", "empty", "reject"]
 
 
 class FeatureReader(Protocol):
@@ -53,6 +71,7 @@ class FeaturePlan:
     inputs: tuple[_Input, ...]
     views: tuple[FeatureView, ...]
     request_fields: tuple[Field, ...]
+    empties: Mapping[str, Mapping[str, Any]]  # view -> feature -> its empty value
 
     @property
     def refs(self) -> tuple[str, ...]:
@@ -96,7 +115,11 @@ def build_plan(service: FeatureService, refs: Sequence[str]) -> FeaturePlan:
     if clash:
         raise ModelIncompatibleError(f"request features {sorted(clash)} clash with entity keys")
     return FeaturePlan(
-        service, tuple(inputs), tuple(used_views.values()), tuple(used_fields.values())
+        service,
+        tuple(inputs),
+        tuple(used_views.values()),
+        tuple(used_fields.values()),
+        {name: empty_values(view) for name, view in used_views.items()},
     )
 
 
@@ -105,9 +128,13 @@ class JoinedRow:
     """One row's model input and what the answer says about it."""
 
     values: dict[str, Any]  # ref -> value used (None for null)
-    ages_ms: dict[str, int | None]  # view -> now - window end (None: no row)
+    ages_ms: dict[str, int | None]  # view -> now - window end served (None: no row's values)
+    as_of_ms: int = 0  # t: the time the contract chose rows for
+    window_ends_ms: dict[str, int | None] = field(default_factory=dict)  # view -> end served
+    status: dict[str, RowStatus] = field(default_factory=dict)  # view -> the contract's verdict
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    behind: list[str] = field(default_factory=list)
 
 
 RowLookup = Mapping[tuple[str, str], OnlineRow | None]
@@ -133,19 +160,55 @@ def read_rows(
     return out
 
 
-def join(plan: FeaturePlan, row: Mapping[str, Any], lookup: RowLookup, now_ms: int) -> JoinedRow:
-    """The model's inputs for one request row, in plan order, with ages and flags."""
+def _stored(row: OnlineRow | None, empties: Mapping[str, Any]) -> StoredRow | None:
+    if row is None:
+        return None
+    empty = row.empty if row.empty is not None else is_empty_row(empties, row.values)
+    return StoredRow(row.window_end_ms, empty)
+
+
+def choose(
+    view: FeatureView, t_ms: int, newest: OnlineRow | None, empties: Mapping[str, Any]
+) -> tuple[OnlineRow | None, RowStatus]:
+    """The stored row to serve at t (newest or its previous one) by features.contract."""
+    previous = newest.previous if newest is not None else None
+    stored_newest, stored_previous = _stored(newest, empties), _stored(previous, empties)
+    chosen, status = choose_row(view, t_ms, stored_newest, stored_previous)
+    if chosen is None:
+        return None, status
+    return (newest if chosen is stored_newest else previous), status
+
+
+def join(
+    plan: FeaturePlan,
+    row: Mapping[str, Any],
+    lookup: RowLookup,
+    now_ms: int,
+    t_ms: int | None = None,
+    serve_behind: ServeBehind = "flag",
+) -> JoinedRow:
+    """The model's inputs for one request row at time t (default: now), in plan order, with
+    the window ends served, ages and flags."""
+    t = now_ms if t_ms is None else t_ms
     online: dict[str, OnlineRow | None] = {}
-    joined = JoinedRow(values={}, ages_ms={})
+    joined = JoinedRow(values={}, ages_ms={}, as_of_ms=t)
     for view in plan.views:
-        found = lookup[(view.name, str(row[view.entity.join_key]))]
+        newest = lookup[(view.name, str(row[view.entity.join_key]))]
+        found, status = choose(view, t, newest, plan.empties[view.name])
+        joined.status[view.name] = status
+        if status is RowStatus.BEHIND:
+            joined.behind.append(view.name)
+            if serve_behind == "empty":
+                found = None
+        elif status is RowStatus.MISSING:
+            joined.missing.append(view.name)
         online[view.name] = found
         if found is None:
-            joined.ages_ms[view.name] = None
-            joined.missing.append(view.name)
+            joined.ages_ms[view.name] = joined.window_ends_ms[view.name] = None
             continue
         age = now_ms - found.window_end_ms
         joined.ages_ms[view.name] = age
+        joined.window_ends_ms[view.name] = found.window_end_ms
         if age > view.ttl.total_seconds() * 1000:
             joined.stale.append(view.name)
     for item in plan.inputs:

@@ -61,6 +61,13 @@ class ServingMetrics:
             ["view"],
             registry=r,
         )
+        self.contract_rows = Counter(
+            "sluice_contract_rows",
+            "Rows served per view by the availability contract's verdict: exact (the window "
+            "due at t), behind (older: the stream is late), missing (no servable row)",
+            ["view", "status"],
+            registry=r,
+        )
         self.log_records = Counter(
             "sluice_log_records",
             "Prediction-log and feedback records by topic and outcome "

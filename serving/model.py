@@ -15,7 +15,15 @@ from feature_repo.errors import OnlineStoreError
 from features.definitions import FeatureService
 from models.registry import ModelMetadata, ModelRegistry
 from serving.errors import FeatureStoreUnavailableError, ModelIncompatibleError, ModelRegistryError
-from serving.features import FeaturePlan, FeatureReader, JoinedRow, build_plan, join, read_rows
+from serving.features import (
+    FeaturePlan,
+    FeatureReader,
+    JoinedRow,
+    ServeBehind,
+    build_plan,
+    join,
+    read_rows,
+)
 from serving.features import to_matrix as rows_to_matrix
 
 
@@ -75,6 +83,9 @@ def load_model(
 class PredictItem:
     model: LoadedModel  # chosen when the request was queued
     row: Mapping[str, Any]  # validated: entity keys and request features
+    # t of the availability contract: the request's arrival, or the row's event_time (replays);
+    # None: when the batch reads its features.
+    t_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,9 +99,13 @@ class Prediction:
 
 
 def predict_batch(
-    reader: FeatureReader, items: Sequence[PredictItem], now_ms: int | None = None
+    reader: FeatureReader,
+    items: Sequence[PredictItem],
+    now_ms: int | None = None,
+    serve_behind: ServeBehind = "flag",
 ) -> list[Prediction]:
-    """Read every feature the batch needs in one round trip, join, predict per model version."""
+    """Read every feature the batch needs in one round trip, join (each row at its own t, see
+    serving.features), predict per model version."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
         lookup = read_rows(reader, [(item.model.plan, item.row) for item in items])
@@ -102,7 +117,10 @@ def predict_batch(
     out: list[Prediction | None] = [None] * len(items)
     for indices in groups.values():
         model = items[indices[0]].model
-        joined = [join(model.plan, items[i].row, lookup, now) for i in indices]
+        joined = [
+            join(model.plan, items[i].row, lookup, now, items[i].t_ms, serve_behind)
+            for i in indices
+        ]
         predicted = model.predict(rows_to_matrix(model.plan, joined))
         for i, row, value in zip(indices, joined, predicted, strict=True):
             out[i] = Prediction(uuid.uuid4().hex, model.name, model.version, float(value), now, row)

@@ -4,21 +4,38 @@ A row is flat: the entity join keys the model's views need, plus its request fea
 {"restaurant_id": "r00012", "zone_id": "z03", "distance_km": 2.4, "hour_of_day": 12,
 "items": 3}. Request features are validated with the type and the minimum/maximum their
 definition declares (strict: no strings for numbers, no NaN); unknown fields are refused, so a
-typo is a 422 naming the field rather than a silent default.
+typo is a 422 naming the field rather than a silent default. An optional ``event_time`` (epoch
+milliseconds or ISO-8601 with a timezone) replays a row at that time: the availability contract
+picks the rows servable then instead of at the request's arrival (serving/features.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from features.schema import FieldType
-from serving.errors import InvalidRequestError
+from serving.errors import InvalidRequestError, ModelIncompatibleError
 from serving.features import FeaturePlan
 
 MAX_ROWS = 1000
+EVENT_TIME = "event_time"  # the row field that replays a row at a time of the caller's
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as for events (features/validation.py)
+_MAX_FUTURE_MS = 5 * 60_000  # as for events: clocks may differ, by minutes at most
+_EVENT_TIME_DOC = (
+    "Optional, for replays: the time to serve this row at, as epoch milliseconds or an "
+    "ISO-8601 string with a timezone (from 2000-01-01 to 5 minutes past the server's clock). "
+    "Default: the server's clock when the request arrives. Online feature rows are chosen by "
+    "the availability contract at this time (a window ending at E is served from E + the "
+    "view's lateness); the store keeps each entity's newest row and the one before it, so "
+    "only recent times replay exactly."
+)
 _PY_TYPES: dict[FieldType, type] = {
     FieldType.INT: int,
     FieldType.FLOAT: float,
@@ -51,7 +68,23 @@ class PredictRequest(BaseModel):
     rows: list[dict[str, Any]] = Field(
         min_length=1,
         max_length=MAX_ROWS,
-        description="Entity keys and request features, one object per prediction.",
+        description="Entity keys and request features, one object per prediction; "
+        f"optionally '{EVENT_TIME}' (replays).",
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "properties": {
+                    EVENT_TIME: {
+                        "anyOf": [
+                            {"type": "integer", "minimum": _MIN_EVENT_TIME_MS},
+                            {"type": "string", "format": "date-time"},
+                        ],
+                        "description": _EVENT_TIME_DOC,
+                    }
+                },
+                "additionalProperties": True,
+            }
+        },
     )
     return_features: bool = Field(False, description="Also answer with the feature values used.")
 
@@ -64,11 +97,20 @@ class RowPrediction(BaseModel):
     feature_ages_ms: dict[str, int | None] = Field(
         description="Per view: now minus the window end of the online row used (null: no row)."
     )
+    window_ends_ms: dict[str, int | None] = Field(
+        description="Per view: the window end (epoch ms) of the online row served (null: the "
+        "view's empty values were served). The availability contract serves, at t (arrival or "
+        "event_time), the newest window whose end + the view's lateness is <= t."
+    )
     missing: list[str] = Field(
-        description="Views with no online row (their documented defaults were used) and "
-        "'view:feature' values that were null (NaN to the model)."
+        description="Views with no servable online row (their documented defaults were used) "
+        "and 'view:feature' values that were null (NaN to the model)."
     )
     stale: list[str] = Field(description="Views whose row is older than the view's ttl.")
+    behind: list[str] = Field(
+        description="Views whose newest servable row is older than the window the contract "
+        "asks for at t (the stream is late); served as the serve_behind setting says."
+    )
     features: dict[str, Any] | None = None
 
 
@@ -96,8 +138,34 @@ class PromoteResponse(BaseModel):
     served: bool
 
 
+def event_time_ms(value: Any) -> int | None:
+    """An event_time (epoch ms, or ISO-8601 with a timezone) as epoch ms, within range."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected epoch milliseconds or an ISO-8601 string with a timezone")
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value[:40]!r} is not an ISO-8601 timestamp") from None
+        if parsed.tzinfo is None:
+            raise ValueError(f"{value[:40]!r} has no timezone (add Z or +hh:mm)")
+        value = (parsed - _EPOCH) // _ONE_MS
+    assert isinstance(value, int)
+    latest = int(time.time() * 1000) + _MAX_FUTURE_MS
+    if not _MIN_EVENT_TIME_MS <= value <= latest:
+        raise ValueError(
+            f"{value} is outside [{_MIN_EVENT_TIME_MS} (2000-01-01), {latest} (now + 5 min)]"
+        )
+    return value
+
+
+EventTime = Annotated[int | None, BeforeValidator(event_time_ms)]
+
+
 def row_model(plan: FeaturePlan, name: str) -> type[BaseModel]:
-    """A pydantic model of one row for a plan: entity keys, then request features."""
+    """A pydantic model of one row for a plan: entity keys, request features, event_time."""
     fields: dict[str, Any] = {
         key: (str, Field(min_length=1, max_length=256, strict=True)) for key in plan.entity_keys
     }
@@ -117,6 +185,12 @@ def row_model(plan: FeaturePlan, name: str) -> type[BaseModel]:
             python_type,
             Field(description=request_field.description, **constraints),
         )
+    if EVENT_TIME in fields:
+        raise ModelIncompatibleError(
+            f"model {name!r}: {EVENT_TIME!r} names an entity key or request feature, but rows "
+            "use it for replays; rename it"
+        )
+    fields[EVENT_TIME] = (EventTime, Field(None, description=_EVENT_TIME_DOC))
     model: type[BaseModel] = create_model(
         f"{name}_row", __config__=ConfigDict(extra="forbid"), **fields
     )
@@ -151,15 +225,20 @@ def problems_of(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> list
     return out
 
 
-def validate_rows(model: type[BaseModel], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every row checked; one 422 naming every bad field of every row."""
+def validate_rows(
+    model: type[BaseModel], rows: Sequence[dict[str, Any]]
+) -> list[tuple[dict[str, Any], int | None]]:
+    """Every row checked; one 422 naming every bad field of every row. Per row: the entity
+    keys and request features, and its event_time in epoch ms (None when not given)."""
     problems: list[dict[str, Any]] = []
-    valid: list[dict[str, Any]] = []
+    valid: list[tuple[dict[str, Any], int | None]] = []
     for index, row in enumerate(rows):
         try:
-            valid.append(model.model_validate(row).model_dump())
+            checked = model.model_validate(row).model_dump()
         except ValidationError as exc:
             problems += problems_of(exc.errors(), ("rows", index))
+            continue
+        valid.append((checked, checked.pop(EVENT_TIME, None)))
     if problems:
         raise InvalidRequestError(problems)
     return valid

@@ -69,7 +69,10 @@ def random_row(view: FeatureView, rng: random.Random) -> dict[str, Any]:
 
 
 class FakeReader:
-    """An in-memory online store with OnlineStore.read_many's contract; counts round trips."""
+    """An in-memory online store with OnlineStore.read_many's contract; counts round trips.
+
+    ``put`` stores a newest row and optionally its previous one; ``empty`` is left unknown
+    (None) unless given, so the predictor's own emptiness check is exercised too."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], OnlineRow] = {}
@@ -77,8 +80,17 @@ class FakeReader:
         self.delay_s = 0.0
         self.fail: Exception | None = None
 
-    def put(self, view: FeatureView, key: str, end_ms: int, values: dict[str, Any]) -> None:
-        self.rows[(view.name, key)] = OnlineRow(key, end_ms, values)
+    def put(
+        self,
+        view: FeatureView,
+        key: str,
+        end_ms: int,
+        values: dict[str, Any],
+        previous: tuple[int, dict[str, Any]] | None = None,
+        empty: bool | None = None,
+    ) -> None:
+        kept = None if previous is None else OnlineRow(key, previous[0], previous[1])
+        self.rows[(view.name, key)] = OnlineRow(key, end_ms, values, kept, empty)
 
     def read_many(
         self, requests: Sequence[tuple[FeatureView, Sequence[str]]]

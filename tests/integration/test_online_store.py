@@ -15,8 +15,14 @@ from examples.delivery.features import restaurant_orders, restaurant_prep, zone_
 from feature_repo import codec
 from feature_repo.config import feature_store
 from feature_repo.errors import OnlineStoreError
-from feature_repo.online import OnlineRow, RedisOnlineStore
-from feature_repo.online_store import open_online_store
+from feature_repo.online import (
+    OnlineRow,
+    RedisOnlineStore,
+    end_field,
+    previous_end_field,
+    previous_field,
+)
+from feature_repo.online_store import empty_values, open_online_store
 from features.definitions import FeatureView
 from tests.helpers.feast import feast_settings
 
@@ -128,12 +134,15 @@ def test_feast_does_not_expire_online_values_by_ttl(online, store):
 
 
 def test_rows_written_by_feast_itself_are_read(online, store):
+    # Feast's source timestamp is the servable time (window end + lateness): its _ts too.
     end = datetime.fromtimestamp((END + 600_000) / 1000, tz=UTC)
+    servable = end + zone_couriers.lateness
     frame = pd.DataFrame(
         {
             "zone_id": ["feast-written"],
             "event_timestamp": [end],
-            "created_timestamp": [end],
+            "servable_timestamp": [servable],
+            "created_timestamp": [servable],
             "mean_speed_kmh_5m": [21.5],
             "stddev_speed_kmh_5m": [2.0],
             "count_distinct_courier_id_10m": [3],
@@ -181,6 +190,131 @@ def test_layout_is_feasts(settings, online):
     expected = {codec.feature_field("zone_couriers", s.name) for s in zone_couriers.features()}
     assert fields == expected | {b"_ts:zone_couriers", b"_sluice_end_ms:zone_couriers"}
     assert client.ttl(key) == -1  # no Redis expiry, like Feast's default
+
+
+def orders_row(key: str, end: int, count: int) -> OnlineRow:
+    names = [spec.name for spec in restaurant_orders.features()]
+    return OnlineRow(
+        key, end, dict.fromkeys(names, 1) | {"count_5m": count, "mean_subtotal_1h": 2.5}
+    )
+
+
+def test_a_newer_window_keeps_the_row_it_replaces_as_previous(online, store):
+    view = restaurant_orders
+    assert online.write(view, [orders_row("prev", END, 1)]).written == 1
+    (first,) = online.read(view, ["prev"])
+    assert first is not None
+    assert first.previous is None  # nothing before the first row
+    online.write(view, [orders_row("prev", END + 60_000, 2)])
+    (second,) = online.read(view, ["prev"])
+    assert second == orders_row("prev", END + 60_000, 2)
+    assert second.previous == orders_row("prev", END, 1)
+    assert feast_read(store, view, ["prev"])[0]["count_5m"] == 2  # Feast: the newest only
+    # A same-end rewrite (a corrected backfill, a replay) leaves the previous row alone.
+    same = online.write(view, [orders_row("prev", END + 60_000, 5)])
+    assert (same.written, same.rewritten) == (1, 1)
+    (third,) = online.read(view, ["prev"])
+    assert (third, third.previous) == (
+        orders_row("prev", END + 60_000, 5),
+        orders_row("prev", END, 1),
+    )
+    # An older end is refused and changes nothing, previous slot included.
+    assert online.write(view, [orders_row("prev", END + 30_000, 9)]).skipped_older == 1
+    (fourth,) = online.read(view, ["prev"])
+    assert fourth is not None
+    assert fourth.previous == orders_row("prev", END, 1)
+    # Two newer ends in one batch: the last one's previous is the one before it.
+    online.write(view, [orders_row("prev", END + 120_000, 6), orders_row("prev", END + 180_000, 7)])
+    (fifth,) = online.read(view, ["prev"])
+    assert (fifth, fifth.previous) == (
+        orders_row("prev", END + 180_000, 7),
+        orders_row("prev", END + 120_000, 6),
+    )
+    assert feast_read(store, view, ["prev"])[0]["count_5m"] == 7
+
+
+def test_rows_say_whether_all_their_windows_are_empty(online):
+    view = restaurant_orders
+    closing = empty_values(view)
+    online.write(view, [orders_row("closing", END, 3), OnlineRow("closing", END + 60_000, closing)])
+    (row,) = online.read(view, ["closing"])
+    assert row is not None
+    assert row.values == closing
+    assert row.empty is True
+    assert row.previous is not None
+    assert row.previous.empty is False
+
+
+def test_the_previous_slot_never_touches_feasts_fields(settings, online, store):
+    import redis
+
+    view = zone_couriers
+    rng = random.Random(6)
+    older, newer = random_values(view, rng), random_values(view, rng)
+    online.write(view, [OnlineRow("slots", END, older), OnlineRow("slots", END + 60_000, newer)])
+    client: Any = redis.Redis.from_url(settings.redis_url)
+    key = codec.entity_hash_key(codec.entity_key_prefix("zone_id"), "slots", "online_test")
+    feast_fields = [codec.feature_field(view.name, s.name) for s in view.features()]
+    ours = {end_field(view.name), previous_end_field(view.name)}
+    ours |= {previous_field(f) for f in feast_fields}
+    assert set(client.hkeys(key)) == set(feast_fields) | {b"_ts:zone_couriers"} | ours
+    # Feast's fields are 4 bytes (murmur3) or "_ts:<view>"; none of ours can be one of them.
+    assert all(len(f) != 4 and not f.startswith(b"_ts:") for f in ours)
+    assert feast_read(store, view, ["slots"])[0] == newer
+    assert int(client.hget(key, previous_end_field(view.name))) == END
+
+
+def test_a_views_next_life_after_feast_deleted_it_inherits_no_previous_row(settings, online):
+    import redis
+
+    view = zone_couriers
+    rng = random.Random(7)
+    online.write(
+        view,
+        [
+            OnlineRow("reborn", END, random_values(view, rng)),
+            OnlineRow("reborn", END + 60_000, random_values(view, rng)),
+        ],
+    )
+    # What Feast's delete_table removes: the view's feature fields and its _ts field.
+    client: Any = redis.Redis.from_url(settings.redis_url)
+    key = codec.entity_hash_key(codec.entity_key_prefix("zone_id"), "reborn", "online_test")
+    feast_fields = [codec.feature_field(view.name, s.name) for s in view.features()]
+    client.hdel(key, *feast_fields, b"_ts:zone_couriers")
+    assert online.read(view, ["reborn"]) == [None]
+    fresh = random_values(view, rng)
+    assert online.write(view, [OnlineRow("reborn", END, fresh)]).written == 1
+    (row,) = online.read(view, ["reborn"])
+    assert row == OnlineRow("reborn", END, fresh)
+    assert row is not None
+    assert row.previous is None
+
+
+def test_a_batched_read_answers_newest_and_previous_of_every_view_in_one_round_trip(online):
+    keys = [f"many-{i}" for i in range(100)]
+    rng = random.Random(8)
+    for view in (restaurant_orders, zone_couriers, restaurant_prep):
+        online.write(view, [OnlineRow(k, END, random_values(view, rng)) for k in keys])
+        online.write(view, [OnlineRow(k, END + 86_400_000, random_values(view, rng)) for k in keys])
+    sent: list[int] = []  # one entry per write to the socket: one round trip each
+    real = online._pipelined
+
+    def counting(commands: bytes, count: int) -> Any:
+        sent.append(count)
+        return real(commands, count)
+
+    online._pipelined = counting
+    try:
+        answers = online.read_many(
+            [(v, keys) for v in (restaurant_orders, zone_couriers, restaurant_prep)]
+        )
+    finally:
+        del online._pipelined
+    assert sent == [300]  # 100 entities x 3 views, one HMGET each, in one round trip
+    for rows in answers:
+        assert all(r is not None and r.previous is not None for r in rows)
+        assert {r.window_end_ms for r in rows if r is not None} == {END + 86_400_000}
+        assert {r.previous.window_end_ms for r in rows if r is not None and r.previous} == {END}
 
 
 def test_the_factory_opens_this_store_and_it_answers_a_ping(settings):

@@ -1,6 +1,7 @@
 """The predictor against real Redis, Kafka and Feast: served features equal Feast's
-get_online_features, predictions equal LightGBM's own predict on those rows, and every
-prediction and feedback record arrives in its topic."""
+get_online_features, predictions equal LightGBM's own predict on those rows, the row the
+availability contract picks (newest or previous) is served, and every prediction and feedback
+record arrives in its topic."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from examples.delivery.features import (
 )
 from feature_repo.config import feature_store
 from feature_repo.online_store import OnlineRow, open_online_store
+from features.contract import window_end_at
 from features.definitions import FeatureView, empty_value
 from models.registry import ModelRegistry
 from serving.app import create_app
@@ -35,7 +37,13 @@ from tests.helpers.serving import random_row, trained_registry
 
 pytestmark = pytest.mark.integration
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
-NOW_END = int(time.time() * 1000) // 60_000 * 60_000
+
+
+def servable_end(view: FeatureView, back: int) -> int:
+    """A window end ``back`` slides before the one due now: servable for the whole test."""
+    return window_end_at(view, int(time.time() * 1000)) - back * view.slide_ms
+
+
 RESTAURANTS = [f"r{i:03d}" for i in range(20)]
 ZONES = [f"z{i}" for i in range(5)]
 
@@ -57,9 +65,11 @@ def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     with open_online_store(settings) as online:
         for view in VIEWS:
             keys = ZONES if view is zone_couriers else RESTAURANTS
-            # Every fifth entity has no row: served with defaults, null through Feast.
+            # Every fifth entity has no row: served with defaults, null through Feast. Rows are
+            # servable and behind the contract (older than the window due now): served as they
+            # are, flagged, so their values are Feast's.
             rows = [
-                OnlineRow(key, NOW_END - 60_000 * rng.randrange(3), random_row(view, rng))
+                OnlineRow(key, servable_end(view, 1 + rng.randrange(3)), random_row(view, rng))
                 for i, key in enumerate(keys)
                 if i % 5 != 4
             ]
@@ -133,6 +143,44 @@ def test_served_feature_values_equal_feasts(client, settings):
                 compared += 1
     assert compared > 300
     assert defaulted > 20
+    for prediction in predictions:  # every stored row is older than the one due: flagged
+        stored = {v for v, end in prediction["window_ends_ms"].items() if end is not None}
+        assert set(prediction["behind"]) == stored
+
+
+def test_the_row_due_at_t_is_served_newest_or_previous(client, settings):
+    """The stream wrote E + 1 min before it was servable: until E + 1 min + lateness the
+    predictor serves E's row (the previous slot), Feast's own read the newest."""
+    e0 = window_end_at(restaurant_orders, int(time.time() * 1000)) - 10 * 60_000
+    e1 = e0 + 60_000
+    rng = random.Random(12)
+    older, newer = random_row(restaurant_orders, rng), random_row(restaurant_orders, rng)
+    older["count_5m"], newer["count_5m"] = 3, 7
+    with open_online_store(settings) as online:
+        online.write(restaurant_orders, [OnlineRow("r-contract", e0, older)])
+        online.write(restaurant_orders, [OnlineRow("r-contract", e1, newer)])
+    row = request_rows(1)[0] | {"restaurant_id": "r-contract"}
+    lateness = int(restaurant_orders.lateness.total_seconds() * 1000)
+
+    def served_at(t_ms: int | None) -> dict[str, Any]:
+        body = row if t_ms is None else row | {"event_time": t_ms}
+        answer = client.post("/predict", json={"rows": [body], "return_features": True})
+        assert answer.status_code == 200, answer.text
+        got: dict[str, Any] = answer.json()["predictions"][0]
+        return got
+
+    before = served_at(e1 + lateness - 1)
+    assert before["window_ends_ms"]["restaurant_orders"] == e0
+    assert before["features"]["restaurant_orders:count_5m"] == 3
+    assert "restaurant_orders" not in before["behind"]
+    at = served_at(e1 + lateness)
+    assert at["window_ends_ms"]["restaurant_orders"] == e1
+    assert at["features"]["restaurant_orders:count_5m"] == 7
+    now = served_at(None)  # nine minutes on, E(t) has no row: behind, the newest served
+    assert "restaurant_orders" in now["behind"]
+    assert now["features"]["restaurant_orders:count_5m"] == 7
+    feast = feast_values(settings, [row])
+    assert feast["count_5m"] == [7]  # Feast's reads keep seeing the newest row
 
 
 def test_predictions_equal_lightgbm_predict_on_the_same_rows(client, settings, models):
@@ -149,7 +197,7 @@ def test_predictions_equal_lightgbm_predict_on_the_same_rows(client, settings, m
                 vector.append(float(row[name]))
                 continue
             value = feast[name][i]
-            if value is None and predictions[i]["feature_ages_ms"][group] is None:
+            if value is None and predictions[i]["window_ends_ms"][group] is None:
                 spec = next(s for s in view_of(ref).features() if s.name == name)
                 value = empty_value(spec.function)  # the documented default for a missing row
             vector.append(np.nan if value is None else float(value))
@@ -188,6 +236,12 @@ def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
     assert record.model_version == 1
     assert record.latency_ms > 0
     assert set(record.feature_ages_ms) == {v.name for v in VIEWS}
+    assert record.window_ends_ms is not None
+    assert set(record.window_ends_ms) == {v.name for v in VIEWS}
+    assert record.row_status is not None
+    assert set(record.row_status.values()) <= {"exact", "behind", "missing"}
+    assert record.as_of_ms is not None
+    assert record.as_of_ms <= record.time_ms
     feedback = [
         FeedbackRecord.decode(m.value()) for m in read_topics(settings, [settings.feedback_topic])
     ]

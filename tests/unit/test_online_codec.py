@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,35 @@ def test_timestamps_encode_like_feast(feast, ms):
     ts.FromDatetime(datetime.fromtimestamp(ms / 1000, tz=UTC))
     assert codec.encode_timestamp_ms(ms) == ts.SerializeToString()
     assert codec.decode_timestamp_ms(ts.SerializeToString()) == ms
+
+
+def test_read_commands_are_packed_as_redis_py_packs_them():
+    """RedisOnlineStore.read_many packs its HMGETs itself (from pre-encoded fields): the bytes
+    must be exactly what redis-py would send, for every view and odd keys alike."""
+    from redis.connection import Connection
+
+    from examples.delivery.features import restaurant_orders, restaurant_prep, zone_couriers
+    from feature_repo.online import RedisOnlineStore, _resp_bulk
+
+    store = RedisOnlineStore("redis://127.0.0.1:1/0", "proj")  # never connects
+    untyped: Any = Connection  # redis-py's packer, as the pipeline uses it
+    connection = untyped()
+    for view in (restaurant_orders, zone_couriers, restaurant_prep):
+        layout = store._layout(view)
+        fields = [*layout.fields, layout.ts_field, layout.end_field]
+        fields += [b"_sluice_prev:" + f for f in layout.fields] + [layout.previous_end_field]
+        for key in KEYS:
+            hash_key = codec.entity_hash_key(layout.key_prefix, key, "proj")
+            ours = layout.hmget_head + _resp_bulk(hash_key) + layout.hmget_fields
+            assert ours == b"".join(connection.pack_command("HMGET", hash_key, *fields))
+
+
+def test_the_previous_slot_never_shares_a_field_with_feast():
+    from feature_repo.online import _WRITE_IF_NOT_OLDER, PREVIOUS_PREFIX, previous_field
+
+    field = codec.feature_field("restaurant_orders", "count_5m")
+    assert previous_field(field) == PREVIOUS_PREFIX + field
+    assert len(previous_field(field)) != 4  # Feast's feature fields are 4 bytes (murmur3)
+    assert not PREVIOUS_PREFIX.startswith(b"_ts:")  # Feast's delete_table keys on "_ts:"
+    assert "{PREVIOUS_PREFIX}" not in _WRITE_IF_NOT_OLDER
+    assert f"'{PREVIOUS_PREFIX.decode()}' .. name" in _WRITE_IF_NOT_OLDER

@@ -24,13 +24,18 @@ from examples.delivery.features import (
     zone_couriers,
 )
 from feature_repo.errors import OnlineStoreError
+from features.contract import window_end_at
 from features.definitions import FeatureView
 from models.registry import ModelRegistry
 from serving.app import create_app
 from tests.helpers.serving import FakeProducer, FakeReader, random_row, trained_registry
 
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
-END_MS = int(time.time() * 1000) // 60_000 * 60_000 - 60_000
+
+
+def due_end(view: FeatureView) -> int:
+    """The window end the availability contract serves now (features/contract.py)."""
+    return window_end_at(view, int(time.time() * 1000))
 
 
 @pytest.fixture
@@ -51,7 +56,7 @@ def reader() -> FakeReader:
             else [f"r{i:03d}" for i in range(10)]
         )
         for key in keys:
-            reader.put(view, key, END_MS, random_row(view, rng))
+            reader.put(view, key, due_end(view), random_row(view, rng))
     return reader
 
 
@@ -116,10 +121,16 @@ def test_predictions_equal_lightgbm_on_the_same_rows(client, registry, reader):
     assert (first["model"], first["model_version"]) == ("delivery_eta", 1)
     assert list(first["features"]) == meta.features  # the model's order
     assert set(first["feature_ages_ms"]) == {v.name for v in VIEWS}
-    assert all(
-        0 <= (time.time() * 1000 - END_MS) - age < 60_000
-        for age in first["feature_ages_ms"].values()
-    )
+    for view in VIEWS:  # the row due now was served: its end, now minus its end as the age
+        end = reader.rows[
+            (view.name, rows[0]["zone_id" if view is zone_couriers else "restaurant_id"])
+        ].window_end_ms
+        assert first["window_ends_ms"][view.name] == end
+        assert 0 <= (time.time() * 1000 - end) - first["feature_ages_ms"][view.name] < 10_000
+    # A minute may turn between writing the rows and reading them: then a view is behind.
+    assert set(first["behind"]) <= {v.name for v in VIEWS}
+    assert not {v.name for v in VIEWS} & set(first["missing"])  # null values may be listed
+    assert first["stale"] == []
     assert (
         "features" not in client.post("/predict", json={"rows": rows[:1]}).json()["predictions"][0]
     )
