@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: setup demo test lint bench bench-ingest bench-stream bench-serve
+.PHONY: setup demo test unit lint bench bench-ingest bench-stream bench-serve
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml infra/bootstrap.sh
@@ -20,6 +20,10 @@ lint: setup
 # pytest exits 5 when it collects no test; that is not a failure of the code.
 test: lint
 	$(VENV)/bin/pytest; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
+
+# The fast loop: lint, types and the unit tests (no broker, Redis, Spark or Flink; ~30 s).
+unit: lint
+	$(VENV)/bin/pytest -m "not integration"
 
 # Every benchmark prints ratios against a baseline measured in the same run (about 6 minutes).
 bench: bench-ingest bench-stream bench-serve

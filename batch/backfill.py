@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from batch.compile import compile_view
@@ -104,8 +104,7 @@ def backfill(
     now_ms = _ms(now or datetime.now(UTC))
     if chunk_days < 1:
         raise BackfillRangeError("chunk_days must be at least 1")
-    if not incremental and (end is None or end <= start):
-        raise BackfillRangeError(f"empty range: start {start} must be before end {end}")
+    check_range(start, end, incremental=incremental)
     spark = spark or spark_session(settings)
     state = load_state(settings)
     reports = [
@@ -135,6 +134,23 @@ def backfill(
                     spark, settings, view, report.start_ms, as_of
                 )
     return BackfillReport(reports, time.perf_counter() - began)
+
+
+def check_range(start: date, end: date | None, *, incremental: bool) -> None:
+    """Raise BackfillRangeError unless [start, end) names at least one day (or, incremental,
+    end is absent or after start). The CLI calls it before Spark starts."""
+    if end is None:
+        if not incremental:
+            raise BackfillRangeError(
+                f"no end day: give --end (the day after the last, exclusive) after --start "
+                f"{start}, or --incremental"
+            )
+        return
+    if end <= start:
+        raise BackfillRangeError(
+            f"empty range: --end {end} is not after --start {start} (end is exclusive: "
+            f"--start {start} --end {start + timedelta(days=1)} is one day)"
+        )
 
 
 def _view_range(

@@ -41,6 +41,12 @@ class BackfillRangeError(SluiceBatchError):
     exit_code = ExitCode.USAGE
 
 
+class HistoryMissingError(SluiceBatchError):
+    """The event history a backfill or training run reads is not there (history_dir)."""
+
+    exit_code = ExitCode.DATA
+
+
 class OfflineStoreError(SluiceBatchError):
     """The offline store or its backfill state file could not be read or written."""
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import console, parse_day, settings
+from cli.common import console, parse_day, require_redis, settings, unknown_views
 
 
 def backfill(
@@ -28,30 +28,44 @@ def backfill(
 ) -> None:
     """Compute feature views over event history with Spark; idempotent per day partition."""
     from batch.backfill import backfill as run_backfill
-    from features.registry import load_registry
+    from batch.backfill import check_range
+    from batch.errors import HistoryMissingError
+    from cli.features import load_definitions  # user code failing at import: exit 5
 
-    registry = load_registry(settings().definitions_module)
+    first = parse_day(start, "--start")
+    last = parse_day(end, "--end") if end else None
+    check_range(first, last, incremental=incremental)
+    s = settings()
+    registry = load_definitions(s.definitions_module)
     views = list(registry.views.values())
     if view:
-        unknown = sorted(set(view) - set(registry.views))
-        if unknown:
-            raise typer.BadParameter(f"unknown view(s): {', '.join(unknown)}")
+        unknown_views(view, registry.views)
         views = [registry.views[name] for name in view]
+    if not s.history_dir.is_dir():
+        raise HistoryMissingError(
+            f"no event history at {s.history_dir} (SLUICE_HISTORY_DIR): write it with "
+            "`sluice produce --history DIR` or `sluice archive`, or point the setting at it"
+        )
+    if materialize and any(v.online for v in views):
+        require_redis(s)  # before Spark starts, not after it has computed everything
     report = run_backfill(
-        settings(),
+        s,
         views,
-        parse_day(start),
-        parse_day(end) if end else None,
+        first,
+        last,
         incremental=incremental,
         materialize=materialize,
         show_progress=console.is_terminal,
     )
-    table = Table("view", "events read", "offline rows", "online entities")
+    table = Table()
+    table.add_column("view", no_wrap=True)
+    for header in ("events read", "offline rows", "online entities"):
+        table.add_column(header, justify="right")
     for row in report.views:
         online = "-" if row.materialized is None else str(row.materialized)
         table.add_row(row.view, str(row.events_read), str(row.rows_written), online)
     console.print(table)
     console.print(
         f"backfill took {report.seconds:.1f} s ({report.events_per_s:,.0f} events read/s); "
-        f"offline store: {settings().offline_store_dir}"
+        f"offline store: {s.offline_store_dir}"
     )

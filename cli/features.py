@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from core.errors import ExitCode, SluiceError
@@ -59,10 +60,14 @@ def _console() -> Console:
 
 @contextmanager
 def _reporting_errors() -> Iterator[None]:
+    """A SluiceError as one line on stderr and its exit code (also when features_app runs on
+    its own, without cli.main around it)."""
+    from cli.common import print_error
+
     try:
         yield
     except SluiceError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         raise typer.Exit(int(exc.exit_code)) from None
 
 
@@ -92,9 +97,8 @@ def list_(module: ModuleOption = None) -> None:
     """Table of feature views, request features and services."""
     with _reporting_errors():
         registry = load_definitions(module or _settings().definitions_module)
-    table = Table("name", "kind", "entity", "source", "windows (size/slide)", "engines", "ttl")
-    for view in registry.views.values():
-        table.add_row(
+    rows: list[tuple[str, ...]] = [
+        (
             view.name,
             view.kind,
             view.entity.name,
@@ -103,13 +107,35 @@ def list_(module: ModuleOption = None) -> None:
             ", ".join(view.engines),
             duration_name(view.ttl),
         )
-    for request in registry.request_features.values():
-        table.add_row(request.name, "request", "-", "caller", "-", "-", "-")
+        for view in registry.views.values()
+    ]
+    rows += [
+        (r.name, "request", "-", "caller", "-", "-", "-")
+        for r in registry.request_features.values()
+    ]
     for service in registry.services.values():
         entities = ", ".join(e.name for e in service.entities) or "-"
         views = ", ".join(v.name for v in service.views)
-        table.add_row(service.name, "service", entities, views or "-", "-", "-", "-")
-    _console().print(table)
+        rows.append((service.name, "service", entities, views or "-", "-", "-", "-"))
+    console = _console()
+    headers = ("name", "kind", "entity", "source", "windows (size/slide)", "engines", "ttl")
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if natural > console.width:
+        # Too narrow for a column each (80 columns): names and kinds stay whole on one line,
+        # the rest is one cell that wraps between words, never cut with an ellipsis.
+        table = Table()
+        table.add_column("name", no_wrap=True)
+        table.add_column("kind", no_wrap=True)
+        table.add_column("details")
+        for row in rows:
+            first = ["entities", "views"] if row[1] == "service" else ["entity", "source"]
+            keys = [*first, "windows (size/slide)", "engines", "ttl"]
+            details = zip(keys, row[2:], strict=True)
+            table.add_row(row[0], row[1], "; ".join(f"{k} {v}" for k, v in details if v != "-"))
+    console.print(table)
 
 
 def _readers(registry: Registry, name: str) -> list[str]:
@@ -190,8 +216,10 @@ def describe(
     try:
         item = registry.get(name)
     except KeyError:
+        from cli.common import print_error
+
         known = ", ".join(sorted(registry.names()))
-        Console(stderr=True).print(f"[red]error:[/red] no definition {name!r}; known: {known}")
+        print_error(f"no definition {name!r}; known: {known}")
         raise typer.Exit(int(ExitCode.NOT_FOUND)) from None
     if isinstance(item, FeatureView):
         for line in _describe_view(item, registry, settings):
@@ -310,11 +338,26 @@ def apply(module: ModuleOption = None) -> None:
 
 
 @features_app.command()
-def env() -> None:
-    """Shell exports that point the `feast` CLI in feature_repo/ where the settings point."""
+def env(
+    show_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--show-secrets", help="Print the Redis password in clear (masked by default)."
+        ),
+    ] = False,
+) -> None:
+    """Shell exports that point the `feast` CLI in feature_repo/ where the settings point.
+
+    A Redis password is printed as *** unless --show-secrets is given: use
+    `eval "$(sluice features env --show-secrets)"` against a Redis that needs one."""
+    from cli.common import print_warning
+    from core.logs import scrub
     from feature_repo.config import feast_env
 
     with _reporting_errors():
         variables = feast_env(_settings())
-    for key, value in variables.items():
+    masked = {key: scrub(value) for key, value in variables.items()}
+    if masked != variables and not show_secrets:
+        print_warning("secrets are masked as ***; --show-secrets prints them (for eval)")
+    for key, value in (variables if show_secrets else masked).items():
         typer.echo(f"export {key}={shlex.quote(value)}")

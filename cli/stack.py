@@ -5,11 +5,19 @@ from __future__ import annotations
 from rich.table import Table
 
 from cli.common import console, settings
+from core.errors import StackError
 from infra.stack import ComponentStatus
 
 
 def _stack_table(rows: list[ComponentStatus]) -> Table:
-    table = Table("component", "state", "address", "pid", "uptime", "log")
+    # Names, states, addresses and pids never wrap; the log path folds (it stays whole).
+    table = Table()
+    table.add_column("component", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    table.add_column("pid", no_wrap=True, justify="right")
+    table.add_column("uptime", no_wrap=True, justify="right")
+    table.add_column("log", overflow="fold", min_width=12)
     for row in rows:
         table.add_row(
             row.name,
@@ -38,16 +46,26 @@ def down() -> None:
 
 
 def status() -> None:
-    """Show what runs, where, and the topics on the broker."""
+    """Show what runs, where, and the topics on the broker; exit 3 if a component is down."""
     from core.kafka import topic_summary
     from infra.stack import stack_status
 
-    console.print(_stack_table(stack_status(settings())))
-    topics = topic_summary(settings())
+    components = stack_status(settings())
+    console.print(_stack_table(components))
+    broker = next(c for c in components if c.name == "broker")
+    topics = topic_summary(settings()) if broker.ready else None
+    if topics is not None:
+        table = Table()
+        table.add_column("topic", overflow="fold")
+        table.add_column("partitions", no_wrap=True, justify="right")
+        table.add_column("records (approx.)", no_wrap=True, justify="right")
+        for name, partitions, records in topics:
+            table.add_row(name, str(partitions), str(records))
+        console.print(table)
+    down = [c for c in components if not c.ready]
+    if down:
+        what = ", ".join(f"{c.name} at {c.address} ({c.state})" for c in down)
+        hint = "start them with `sluice up`" if all(c.managed for c in down) else "check them"
+        raise StackError(f"not answering: {what}; {hint}")
     if topics is None:
-        console.print("broker: not answering")
-        return
-    table = Table("topic", "partitions", "records (approx.)")
-    for name, partitions, records in topics:
-        table.add_row(name, str(partitions), str(records))
-    console.print(table)
+        raise StackError(f"the broker at {broker.address} answered but did not list its topics")

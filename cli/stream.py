@@ -8,7 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import console, parse_time, settings
+from cli.common import (
+    console,
+    parse_time,
+    require_broker,
+    require_redis,
+    settings,
+    unknown_views,
+)
 from core.errors import ExitCode
 from core.settings import Settings
 
@@ -23,18 +30,19 @@ def stream_command(
 ) -> None:
     """Compile the views, run the job until Ctrl-C (or the end of a bounded run), report."""
     import streaming
-    from features.registry import load_registry
+    from cli.features import load_definitions  # user code failing at import: exit 5
     from streaming.job import JobOptions
     from streaming.runner import run as run_stream
 
-    registry = load_registry(settings.definitions_module)
+    registry = load_definitions(settings.definitions_module)
     views = streaming.stream_views(registry.views.values())
     if view:
-        unknown = sorted(set(view) - set(registry.views))
-        if unknown:
-            raise typer.BadParameter(f"unknown view(s): {', '.join(unknown)}", param_hint="--view")
+        unknown_views(view, registry.views)
         # A named batch view is compiled too, so that it fails with the reason it cannot run.
         views = [registry.views[name] for name in view]
+    # Fail in a second, not after a JVM started: the job reads Kafka and writes Redis.
+    require_broker(settings)
+    require_redis(settings)
     options = JobOptions(
         parallelism=settings.flink_parallelism,
         checkpoint_interval_s=settings.flink_checkpoint_interval_s,
@@ -53,7 +61,10 @@ def stream_command(
         report_every_s=report_every,
         echo=console.print,
     )
-    table = Table("view", "events", "aggregated", "filtered", "late", "rejected", "rows", "lag")
+    table = Table()
+    table.add_column("view", no_wrap=True)
+    for header in ("events", "aggregated", "filtered", "late", "rejected", "rows", "lag"):
+        table.add_column(header, justify="right")
     for name, v in report.views.items():
         table.add_row(
             name,
@@ -93,5 +104,5 @@ def stream(
     report_every: ReportOption = 10.0,
 ) -> None:
     """Run the Flink job of the stream views: Kafka events to Redis and features.<view>."""
-    bounded = parse_time(until) if until else None
+    bounded = parse_time(until, "--until") if until else None
     stream_command(settings(), console, view, bounded, fresh, report_every)

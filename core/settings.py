@@ -1,45 +1,154 @@
 """Settings from environment variables (prefix SLUICE_) or a YAML file (SLUICE_CONFIG).
 
 Defaults describe the local stack; pointing at a real Kafka cluster and Redis is a matter of
-setting SLUICE_KAFKA_BOOTSTRAP and SLUICE_REDIS_URL. Precedence: env > YAML file > defaults.
+setting SLUICE_KAFKA_BOOTSTRAP and SLUICE_REDIS_URL. Precedence: explicit overrides > env >
+YAML file > defaults.
+
+Values are written the way people write them: a list (``serve_models``) is one name, names
+separated by commas (``a,b``) or a JSON list; a mapping (``kafka_config``) is
+``key=value,key2=value2`` or a JSON object. A bad value is one SettingsError line naming where
+it came from (``SLUICE_TOPIC_PARTITIONS``, ``topic_partitions in <file>``) and what is expected.
+
+Unknown ``SLUICE_*`` variables are not errors, only reported: ``unknown_variables()`` names
+each with the closest setting and the CLI prints one warning line for each (the environment is
+shared with other tools and other Sluice versions; a misspelt variable leaves its setting at the
+default, which the warning makes visible). An unknown key in the YAML file is an error: the file
+belongs to Sluice alone.
+
+Secrets never leave this object in clear: the password of ``redis_url`` and secret
+``kafka_config`` values (``sasl.password``, ``ssl.key.password``, ...) are masked in ``repr``,
+in error messages and in logs (core/logs.py scrubs them); ``mask_url`` and
+``mask_kafka_config`` do the same for anything that displays settings.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import logging
 import os
 import re
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlparse
 
+import annotated_types
 import yaml
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from core.errors import SettingsError
 
+ENV_PREFIX = "SLUICE_"
+# SLUICE_* variables that are not settings but are read by Sluice or feature_store.yaml.
+OTHER_VARIABLES = frozenset({"SLUICE_CONFIG", "SLUICE_FEAST_REDIS_CONNECTION"})
+# librdkafka logs go to this logger (not to stderr); core/logs.py decides what shows.
+LIBRDKAFKA_LOGGER = "sluice.librdkafka"
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+# kafka_config keys whose values are secrets (librdkafka: sasl.password, ssl.key.password,
+# ssl.keystore.password, ssl.key.pem, sasl.oauthbearer.client.secret, ...; Java: *.jaas.config).
+_SECRET_KEY = re.compile(r"password|secret|token|jaas|credential|\.pem$|oauthbearer\.config", re.I)
+# Where "key=value,key2=value2" splits: at a comma followed by the next "key=".
+_NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z0-9_.-]+\s*=)")
+MASK = "***"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # Data paths default under the checkout, so `sluice` and `feast` (run in feature_repo/) agree.
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "sluice"
 
 
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***: safe to print and log."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    user = parsed.username or ""
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def mask_kafka_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """kafka_config with secret values (passwords, keys, tokens) replaced by ***."""
+    return {k: MASK if is_secret_key(k) else v for k, v in config.items()}
+
+
+def _parse_list(value: Any) -> Any:
+    """One name, names separated by commas, or a JSON list; anything else is left to pydantic."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list ({exc.msg} at character {exc.pos})") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _scalar_text(value: Any) -> Any:
+    """A JSON/YAML scalar as librdkafka's text (True -> "true"); other values unchanged."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _parse_mapping(value: Any) -> Any:
+    """``key=value,key2=value2`` or a JSON object. Never echoes the text: it may hold secrets."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"not a JSON object ({exc.msg} at character {exc.pos}); write a JSON object "
+                    "or key=value,key2=value2"
+                ) from None
+        else:
+            pairs: dict[str, str] = {}
+            for n, item in enumerate(_NEXT_PAIR.split(text), 1):
+                key, sep, val = item.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(
+                        f"item {n} is not key=value; write key=value,key2=value2 or a JSON object"
+                    )
+                pairs[key.strip()] = val.strip()
+            return pairs
+    if isinstance(value, dict):
+        return {k: _scalar_text(v) for k, v in value.items()}
+    return value
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     # Extra librdkafka settings (security.protocol, sasl.*) for real clusters.
-    kafka_config: dict[str, str] = Field(default_factory=dict)
+    kafka_config: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     redis_url: str = "redis://127.0.0.1:6379/0"
-    state_dir: Path = Field(default_factory=_default_state_dir)
+    state_dir: Path = Field(default_factory=default_state_dir)
     dead_letter_topic: str = "sluice.dead-letter"
     topic_partitions: int = Field(default=4, ge=1, le=1024)
+    # Ingest writes a heartbeat (no key, empty value, header sluice.kind=heartbeat) to each
+    # partition of events.<source> that had no record for this long, stamped with the event
+    # time the partition last saw plus the wall time since, so the stream's watermark moves
+    # on when traffic stops and the last windows close on time. 0 disables heartbeats.
+    ingest_heartbeat_ms: int = Field(default=1000, ge=0, le=3_600_000)
     # Where `sluice produce --history` writes parquet event history.
     history_dir: Path = DATA_DIR / "history"
     # Feature store: the Feast project, its registry and the parquet offline store.
@@ -65,7 +174,7 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(default=8000, ge=1, le=65535)
     # Models served: each needs a production version in the registry (see `sluice train`).
-    serve_models: list[str] = Field(default_factory=lambda: ["delivery_eta"])
+    serve_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["delivery_eta"])
     # Adaptive batching (Clipper's AIMD): a batch's feature read + predict must stay within the
     # objective; the size grows by batch_increase while it does and is multiplied by
     # batch_backoff when it does not. max_batch_delay_ms waits to fill a batch (0: never wait).
@@ -85,6 +194,10 @@ class Settings(BaseSettings):
     # versions, rewarded by -|error| from /feedback.
     bandit_epsilon: float = Field(default=0.0, ge=0, le=1)
     bandit_arms: int = Field(default=2, ge=1, le=20)
+    # `sluice retrain` promotes a challenger only when its MAE on the held-out newest labels is
+    # at least this share below the production model's (0.02: 2% better) and it passes its
+    # sanity gates.
+    retrain_margin: float = Field(default=0.02, ge=0, lt=1)
     # Availability contract (features/contract.py): when a view's newest servable row is older
     # than the window due at t (the stream is late), "flag" serves it and lists the view under
     # `behind`; "empty" serves the view's empty values, flagged alike; "reject" answers 503
@@ -98,13 +211,23 @@ class Settings(BaseSettings):
             raise ValueError(f"expected flag, empty or reject, got {str(value)[:40]!r}")
         return value
 
+    @field_validator("serve_models", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return _parse_list(value)
+
+    @field_validator("kafka_config", mode="before")
+    @classmethod
+    def _split_mapping(cls, value: Any) -> Any:
+        return _parse_mapping(value)
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _check_bootstrap(cls, value: str) -> str:
         for address in value.split(","):
             host, _, port = address.strip().rpartition(":")
             if not host or not port.isdigit():
-                raise ValueError(f"{address!r} is not host:port")
+                raise ValueError(f"{address.strip()!r} is not host:port (expected host:port,...)")
         return value
 
     @field_validator("prediction_topic", "feedback_topic", "dead_letter_topic")
@@ -122,14 +245,14 @@ class Settings(BaseSettings):
         if len(scheme) > 1 and scheme not in ("file", "s3", "gs", "gcs", "hdfs"):
             raise ValueError(f"{value!r}: scheme {scheme!r} is not file, s3, gs or hdfs")
         if not value.strip():
-            raise ValueError("must not be empty")
+            raise ValueError("must not be empty (expected a directory or s3://bucket/prefix)")
         return value
 
     @field_validator("serve_models")
     @classmethod
     def _check_serve_models(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("name at least one model to serve")
+            raise ValueError("name at least one model to serve (expected name or name1,name2)")
         if len(set(value)) != len(value):
             raise ValueError("a model is named twice")
         return value
@@ -146,9 +269,24 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis(cls, value: str) -> str:
         parsed = urlparse(value)
+        try:
+            parsed.port  # noqa: B018  # raises ValueError for a port out of range or not a number
+        except ValueError:
+            message = f"{mask_url(value)!r}: the port is not a number from 1 to 65535"
+            raise ValueError(message) from None
         if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
-            raise ValueError(f"{value!r} is not a redis:// URL")
+            raise ValueError(f"{mask_url(value)!r} is not a redis:// URL (redis://host:port/db)")
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr() and str() mask secrets, so that logging a Settings never leaks one."""
+        for name, value in super().__repr_args__():
+            if name == "redis_url":
+                yield name, mask_url(value)
+            elif name == "kafka_config":
+                yield name, mask_kafka_config(value)
+            else:
+                yield name, value
 
     @property
     def broker_address(self) -> tuple[str, int]:
@@ -160,9 +298,133 @@ class Settings(BaseSettings):
         parsed = urlparse(self.redis_url)
         return parsed.hostname or "127.0.0.1", parsed.port or 6379
 
+    @property
+    def redis_url_masked(self) -> str:
+        """redis_url without its password: the form to print."""
+        return mask_url(self.redis_url)
+
     def kafka_client_config(self, **overrides: Any) -> dict[str, Any]:
-        """librdkafka config for any client: bootstrap, extra settings, then overrides."""
-        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_config, **overrides}
+        """librdkafka config for any client: bootstrap, extra settings, then overrides.
+
+        librdkafka's own log lines go to the ``sluice.librdkafka`` logger instead of stderr
+        (core/logs.py shows them from --log-level INFO on); a failure they describe reaches the
+        caller as an error anyway.
+        """
+        return {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
+            **self.kafka_config,
+            **overrides,
+        }
+
+
+# Settings whose given value is never echoed in an error (it may hold a secret).
+_SECRET_FIELDS = frozenset({"kafka_config"})
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per SLUICE_* variable that is no setting, naming the closest setting."""
+    environ = os.environ if environ is None else environ
+    known = [env_name(name) for name in Settings.model_fields] + sorted(OTHER_VARIABLES)
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        # Compared without the prefix, which every candidate shares.
+        guess = _closest(
+            upper.removeprefix(ENV_PREFIX), [k.removeprefix(ENV_PREFIX) for k in known]
+        )
+        hint = f" (did you mean {ENV_PREFIX}{guess}?)" if guess else ""
+        warnings.append(f"{variable} is not a Sluice setting and is ignored{hint}")
+    return warnings
+
+
+def _bounds(metadata: list[Any]) -> list[str]:
+    ge = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    le = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    if ge is not None and le is not None:
+        return [f"from {ge} to {le}"]
+    words = []
+    for item in metadata:
+        if isinstance(item, annotated_types.Gt):
+            words.append(f"greater than {item.gt}")
+        elif isinstance(item, annotated_types.Ge):
+            words.append(f"at least {item.ge}")
+        elif isinstance(item, annotated_types.Lt):
+            words.append(f"less than {item.lt}")
+        elif isinstance(item, annotated_types.Le):
+            words.append(f"at most {item.le}")
+    return words
+
+
+def expected(field: str) -> str:
+    """What a setting takes, in words: 'an integer at least 1 and at most 1024'."""
+    info = Settings.model_fields[field]
+    kinds: dict[object, str] = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        Path: "a path",
+        str: "text",
+    }
+    kind = kinds.get(info.annotation, "")
+    if get_origin(info.annotation) is Literal:
+        kind = "one of " + ", ".join(str(choice) for choice in get_args(info.annotation))
+    if field == "serve_models":
+        return "one name, name1,name2 or a JSON list of names"
+    if field == "kafka_config":
+        return "key=value,key2=value2 or a JSON object of librdkafka settings"
+    bounds = _bounds(info.metadata)
+    return f"{kind} {' and '.join(bounds)}".strip() if bounds else kind or "a valid value"
+
+
+def _shown(field: str, value: Any) -> str:
+    if field in _SECRET_FIELDS:
+        return ""
+    if field == "redis_url" and isinstance(value, str):
+        value = mask_url(value)
+    text = repr(value)
+    return f", got {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _problem(field: str, error: Mapping[str, Any]) -> str:
+    """What is wrong with one value and what is expected, in one clause."""
+    if error["type"] == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        guess = _closest(field, list(Settings.model_fields))
+        return "not a setting" + (f" (did you mean {guess}?)" if guess else "")
+    return f"expected {expected(field)}{_shown(field, error.get('input'))}"
+
+
+def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        where = origin.get(field, field)
+        problems.append(f"{where}: {_problem(field, error)}")
+    label = "invalid setting" if len(problems) == 1 else "invalid settings"
+    return f"{label} {'; '.join(problems)}"
+
+
+def _environment_names() -> dict[str, str]:
+    """Setting -> the SLUICE_* variable that sets it (pydantic-settings ignores case)."""
+    by_upper = {name.upper(): name for name in os.environ}
+    return {
+        field: by_upper[env_name(field)]
+        for field in Settings.model_fields
+        if env_name(field) in by_upper
+    }
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -172,21 +434,30 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SettingsError(f"config file {path}: {exc}") from exc
+        except OSError as exc:
+            raise SettingsError(f"config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise SettingsError(f"config file {path}: not YAML{line} ({problem})") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"config file {path}: expected a mapping of settings")
-        from_file = loaded
-    env_names = {name for name in Settings.model_fields if f"SLUICE_{name.upper()}" in os.environ}
+        from_file = {str(k): v for k, v in loaded.items()}
+    env_names = _environment_names()
     # Env beats the file: drop file keys that the environment sets.
     init = {k: v for k, v in from_file.items() if k not in env_names} | overrides
+    # Where each value came from, for the error message (the same precedence).
+    origin = {k: f"{k} in {path}" for k in from_file} | env_names | {k: k for k in overrides}
     try:
         return Settings(**init)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise SettingsError(f"invalid settings: {problems}") from None
+        raise SettingsError(_describe(exc, origin)) from None
+    except PydanticSettingsError as exc:  # a value pydantic-settings could not even decode
+        field = next((f for f in env_names if f'"{f}"' in str(exc)), None)
+        where = env_names.get(field, "a SLUICE_ variable") if field else "a SLUICE_ variable"
+        what = expected(field) if field else "a valid value"
+        raise SettingsError(f"invalid setting {where}: expected {what}") from None
 
 
 @lru_cache(maxsize=1)

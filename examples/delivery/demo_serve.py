@@ -129,14 +129,20 @@ def _show_predictions(
     predictions: list[dict[str, Any]],
     actual: list[float],
 ) -> None:
-    table = Table("restaurant", "zone", "km", "items", "predicted min", "actual min", "version")
-    table.add_column("feature ages (min)")
-    table.add_column("missing")
+    # Fits 80 columns: ids and numbers never wrap or get cut; the ages cell wraps between views.
+    views = list(predictions[0]["feature_ages_ms"]) if predictions else []
+    table = Table(
+        caption=f"in minutes; feature ages of {', '.join(views)} (-: no online row)",
+        caption_justify="left",
+    )
+    for header in ("restaurant", "zone"):
+        table.add_column(header, no_wrap=True)
+    for header in ("km", "items", "predicted", "actual", "ver"):
+        table.add_column(header, no_wrap=True, justify="right")
+    table.add_column("feature ages", overflow="fold", min_width=8)
     for row, answer, label in zip(rows, predictions, actual, strict=True):
-        ages = ", ".join(
-            f"{view}={'-' if age is None else round(age / 60_000)}"
-            for view, age in answer["feature_ages_ms"].items()
-        )
+        ages = answer["feature_ages_ms"]
+        missing = set(answer["missing"])
         table.add_row(
             row["restaurant_id"],
             row["zone_id"],
@@ -145,7 +151,9 @@ def _show_predictions(
             f"{answer['prediction'] / 60:.1f}",
             f"{label / 60:.1f}",
             str(answer["model_version"]),
-            ages,
-            ", ".join(answer["missing"]) or "-",
+            ", ".join(
+                "-" if view in missing or ages[view] is None else str(round(ages[view] / 60_000))
+                for view in views
+            ),
         )
     console.print(table)
