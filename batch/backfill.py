@@ -27,6 +27,7 @@ from batch.history import source_schema as source_schema
 from batch.offline_store import DAY_MS, load_state, read_offline, save_state, write_offline
 from batch.session import spark_session
 from core.settings import Settings
+from features.contract import lateness_ms
 from features.definitions import FeatureView
 
 if TYPE_CHECKING:
@@ -222,9 +223,10 @@ def _record(settings: Settings, view: FeatureView, range_start: int, completed: 
 def materialize_view(
     spark: SparkSession, settings: Settings, view: FeatureView, since_ms: int, as_of_ms: int
 ) -> int:
-    """Push each entity's newest row with window end in ``[since_ms, as_of_ms]`` (closing rows
-    included, so emptied windows overwrite stale values) to the online store. Returns the
-    number of entities written."""
+    """Push each entity's newest row with window end in ``[since_ms, as_of_ms]`` that is servable
+    at as_of (end + lateness <= as_of: its value at as_of under the availability contract;
+    closing rows included, so emptied windows overwrite stale values) to the online store.
+    Returns the number of entities written."""
     from pyspark.sql import functions as sf
 
     from feature_repo.online_store import OnlineRow, open_online_store  # loaded on use
@@ -232,7 +234,7 @@ def materialize_view(
     key = view.entity.join_key
     names = [spec.name for spec in view.features()]
     since = datetime.fromtimestamp(since_ms / 1000, UTC)
-    until = datetime.fromtimestamp((as_of_ms + 1) / 1000, UTC)
+    until = datetime.fromtimestamp((as_of_ms - lateness_ms(view) + 1) / 1000, UTC)
     latest = (
         read_offline(spark, settings, view, since, until)
         .groupBy(key)
