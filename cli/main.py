@@ -34,7 +34,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 
-from cli import archive, backfill, demo, events, models, stack, stream
+from cli import archive, backfill, demo, events, models, monitor, stack, stream
 from cli.common import loaded_settings, print_error, print_warning, set_settings, settings
 from cli.features import features_app
 from core.errors import ExitCode, SluiceError
@@ -61,6 +61,7 @@ for command in (
     stream.stream,
     models.train,
     models.serve,
+    monitor.monitor,
     demo.demo,
 ):
     app.command()(command)

@@ -194,6 +194,22 @@ class Settings(BaseSettings):
     # versions, rewarded by -|error| from /feedback.
     bandit_epsilon: float = Field(default=0.0, ge=0, le=1)
     bandit_arms: int = Field(default=2, ge=1, le=20)
+    # Monitoring (`sluice monitor`, monitoring/): results and alerts go to monitoring_topic;
+    # statistics cover tumbling periods of monitor_period_s (epoch-aligned, by record time);
+    # a period closes once every active partition's records passed its end plus
+    # monitor_grace_s. monitor_group's committed offsets make a restart resume. Drift is
+    # judged from monitor_min_rows rows of a model version in a period; a share of
+    # monitor_skew_sample of the logged rows (by a hash of their entity keys) is recomputed
+    # offline with Spark (0: no skew check). The dashboard (`--serve`) listens on
+    # monitor_host:monitor_port.
+    monitoring_topic: str = "sluice.monitoring"
+    monitor_period_s: float = Field(default=60.0, ge=0.5, le=86_400)
+    monitor_grace_s: float = Field(default=5.0, ge=0, le=3_600)
+    monitor_group: str = "sluice-monitor"
+    monitor_min_rows: int = Field(default=100, ge=1, le=10_000_000)
+    monitor_skew_sample: float = Field(default=0.05, ge=0, le=1)
+    monitor_host: str = "127.0.0.1"
+    monitor_port: int = Field(default=8050, ge=1, le=65535)
     # `sluice retrain` promotes a challenger only when its MAE on the held-out newest labels is
     # at least this share below the production model's (0.02: 2% better) and it passes its
     # sanity gates.
@@ -230,7 +246,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{address.strip()!r} is not host:port (expected host:port,...)")
         return value
 
-    @field_validator("prediction_topic", "feedback_topic", "dead_letter_topic")
+    @field_validator("prediction_topic", "feedback_topic", "dead_letter_topic", "monitoring_topic")
     @classmethod
     def _check_topic(cls, value: str) -> str:
         if not _TOPIC.match(value):

@@ -7,6 +7,11 @@ feature_refs() order, stored in the metadata; serving builds its vectors in that
 
 Evaluation is on a later time slice (the newest ``eval_fraction`` of label times), as a model is
 used on the future; a naive baseline that predicts the training mean is reported next to it.
+
+Every fit also describes what the model saw (``training_reference``): per input, a sorted
+sample or quantile sketch of at most REFERENCE_POINTS values and the null rate (numeric), or
+value shares (bool and string), and the same sketch of its predictions on all training rows.
+The registry stores it beside the metadata; `sluice monitor` measures drift against it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ import pandas as pd
 from features.definitions import FeatureService
 from features.schema import FieldType
 from models.errors import TrainingDataError
-from models.registry import Metrics, ModelMetadata
+from models.registry import (
+    CategoricalReference,
+    Metrics,
+    ModelMetadata,
+    NumericReference,
+    TrainingReference,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -44,6 +55,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 DEFAULT_ROUNDS = 200
 _NUMERIC = (FieldType.INT, FieldType.FLOAT, FieldType.BOOL)
+# Points kept per numeric feature in the training reference (all values when fewer), and the
+# most frequent values kept per categorical one.
+REFERENCE_POINTS = 1000
+REFERENCE_CATEGORIES = 50
 
 
 def model_features(service: FeatureService) -> list[tuple[str, str]]:
@@ -181,8 +196,90 @@ def fit(
         params={**merged, "rounds": rounds},
         library_versions=library_versions(),
         notes=dict(notes or {}),
+        reference=training_reference(
+            frame,
+            features,
+            np.asarray(booster.predict(to_matrix(frame, columns)), dtype=np.float64),
+            categorical=categorical_features(service),
+        ),
     )
     return TrainedModel(booster.model_to_string(), meta, predicted)
+
+
+def categorical_features(service: FeatureService) -> set[str]:
+    """References of the service's bool and string inputs: compared by value shares."""
+    kinds = (FieldType.BOOL, FieldType.STRING)
+    out = {f"{v.name}:{s.name}" for v in service.views for s in v.features() if s.dtype in kinds}
+    for request in service.request:
+        out |= {f"{request.name}:{f.name}" for f in request.fields if f.type in kinds}
+    return out
+
+
+def category(value: Any) -> str:
+    """A categorical value as the reference and the monitor key it: true/false, else str()."""
+    if isinstance(value, bool | np.bool_):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def numeric_reference(values: npt.ArrayLike, points: int = REFERENCE_POINTS) -> NumericReference:
+    """The sketch of one numeric column: nulls (None, NaN) counted, the rest sorted or sketched."""
+    raw = np.asarray(pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"), dtype=float)
+    present = np.sort(raw[~np.isnan(raw)])
+    total = len(raw)
+    if len(present) > points:
+        # Values that occur (no interpolation): discrete features keep their atoms.
+        sample = np.quantile(present, (np.arange(points) + 0.5) / points, method="inverted_cdf")
+    else:
+        sample = present
+    return NumericReference(
+        count=len(present),
+        null_rate=float(1 - len(present) / total) if total else 0.0,
+        mean=float(present.mean()) if len(present) else None,
+        std=float(present.std()) if len(present) else None,
+        sample=[float(x) for x in sample],
+    )
+
+
+def categorical_reference(
+    values: Sequence[Any] | pd.Series[Any], keep: int = REFERENCE_CATEGORIES
+) -> CategoricalReference:
+    series = pd.Series(list(values), dtype=object)
+    present = series[series.notna()]
+    counts = present.map(category).value_counts()
+    shares = (counts / len(present)).to_dict() if len(present) else {}
+    top = dict(list(shares.items())[:keep])
+    rest = 1.0 - sum(top.values())
+    if len(shares) > keep and rest > 0:
+        top[CategoricalReference.OTHER] = rest
+    return CategoricalReference(
+        count=len(present),
+        null_rate=float(1 - len(present) / len(series)) if len(series) else 0.0,
+        frequencies={str(k): float(v) for k, v in top.items()},
+    )
+
+
+def training_reference(
+    frame: pd.DataFrame,
+    features: Sequence[tuple[str, str]],
+    predictions: npt.NDArray[np.float64] | None,
+    *,
+    categorical: set[str] | frozenset[str] = frozenset(),
+) -> TrainingReference:
+    """The reference of a training set: (reference, column) pairs as model_features gives."""
+    out: dict[str, NumericReference | CategoricalReference] = {}
+    for ref, column in features:
+        values = frame[column]
+        out[ref] = (
+            categorical_reference(values) if ref in categorical else numeric_reference(values)
+        )
+    return TrainingReference(
+        rows=len(frame),
+        features=out,
+        prediction=None if predictions is None else numeric_reference(predictions),
+    )
 
 
 def _safe_names(columns: Sequence[str]) -> list[str]:

@@ -4,10 +4,15 @@ Layout under the root (settings.models_dir)::
 
     <name>/<version>/model.txt        LightGBM's native text format
     <name>/<version>/metadata.json    feature service, feature order, windows, metrics, versions
+    <name>/<version>/reference.json   the training reference (optional; monitoring/ reads it)
     <name>/production                 the production version number, as text
 
 Versions are 1, 2, 3...; a version counts once its metadata.json exists, which is written last,
-so a reader never sees half a model. The production pointer is one small object replaced in one
+so a reader never sees half a model. The training reference (TrainingReference: a compact
+distribution of every input feature and of the predictions on the training set, for drift
+monitoring) travels with the metadata that ``models.fit`` builds but is stored beside it, so
+that listing models stays cheap; versions saved before references existed have none
+(``reference()`` returns None). The production pointer is one small object replaced in one
 step (rename on a local disk, a single PUT on an object store). One trainer at a time per model
 name: two concurrent saves could pick the same version number.
 """
@@ -18,7 +23,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 import pyarrow as pa
@@ -29,6 +34,7 @@ from models.errors import ModelNotFoundError, ModelRegistryError
 
 MODEL_FILE = "model.txt"
 METADATA_FILE = "metadata.json"
+REFERENCE_FILE = "reference.json"
 PRODUCTION_FILE = "production"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -42,6 +48,48 @@ class Metrics(BaseModel):
     mae_mean_baseline: float
     rows_train: int
     rows_eval: int
+
+
+class NumericReference(BaseModel):
+    """A numeric feature's training distribution: a sorted sample that is every non-null value
+    when there are few, else the quantiles at (i + 0.5) / k (a k-point quantile sketch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["numeric"] = "numeric"
+    count: int  # non-null training values
+    null_rate: float
+    mean: float | None
+    std: float | None
+    sample: list[float]  # sorted
+
+
+class CategoricalReference(BaseModel):
+    """A categorical feature's training distribution: share of each value among non-null rows
+    (the most frequent ones; the rest summed under OTHER)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    OTHER: ClassVar[str] = "__other__"
+    kind: Literal["categorical"] = "categorical"
+    count: int
+    null_rate: float
+    frequencies: dict[str, float]
+
+
+FeatureReference = Annotated[NumericReference | CategoricalReference, Field(discriminator="kind")]
+
+
+class TrainingReference(BaseModel):
+    """What the model saw in training, per input ("view:feature", "request:field") and for its
+    predictions on the training rows: the baseline of drift monitoring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = 1
+    rows: int
+    features: dict[str, FeatureReference]
+    prediction: NumericReference | None = None
 
 
 class ModelMetadata(BaseModel):
@@ -63,6 +111,8 @@ class ModelMetadata(BaseModel):
     library_versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     notes: dict[str, Any] = Field(default_factory=dict)
+    # Set by models.fit; save() stores it in reference.json, never in metadata.json.
+    reference: TrainingReference | None = Field(default=None, exclude=True)
 
 
 class ModelRegistry:
@@ -120,16 +170,23 @@ class ModelRegistry:
         return complete
 
     def save(self, model_text: str, metadata: ModelMetadata) -> ModelMetadata:
-        """Store a new version of metadata.name; returns the metadata with its version."""
+        """Store a new version of metadata.name (and its reference, when it has one); returns
+        the metadata with its version, as ``metadata()`` reads it back."""
         _check_name(metadata.name)
         existing = self._children(self._p(metadata.name))
         version = max((int(c) for c in existing if c.isdigit()), default=0) + 1
-        stored = metadata.model_copy(update={"version": version})
+        # As metadata() reads it back: the reference is stored apart (reference()).
+        stored = metadata.model_copy(update={"version": version, "reference": None})
         try:
             self._fs.create_dir(self._p(metadata.name, version), recursive=True)
         except (OSError, pa.ArrowException) as exc:
             raise ModelRegistryError(f"cannot create version {version}: {exc}") from exc
         self._write(self._p(metadata.name, version, MODEL_FILE), model_text.encode())
+        if metadata.reference is not None:
+            self._write(
+                self._p(metadata.name, version, REFERENCE_FILE),
+                orjson.dumps(metadata.reference.model_dump(mode="json")),
+            )
         # Metadata last: its presence is what makes the version complete.
         self._write(
             self._p(metadata.name, version, METADATA_FILE),
@@ -147,6 +204,19 @@ class ModelRegistry:
         except (orjson.JSONDecodeError, ValidationError) as exc:
             raise ModelRegistryError(
                 f"model {name!r} version {version}: bad metadata: {exc}"
+            ) from None
+
+    def reference(self, name: str, version: int) -> TrainingReference | None:
+        """The version's training reference, or None when it was saved without one."""
+        _check_name(name)
+        data = self._read(self._p(name, version, REFERENCE_FILE))
+        if data is None:
+            return None
+        try:
+            return TrainingReference.model_validate(orjson.loads(data))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            raise ModelRegistryError(
+                f"model {name!r} version {version}: bad {REFERENCE_FILE}: {exc}"
             ) from None
 
     def model_text(self, name: str, version: int) -> str:
