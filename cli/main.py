@@ -60,6 +60,8 @@ for command in (
     backfill.backfill,
     stream.stream,
     models.train,
+    models.retrain,
+    models.score,
     models.serve,
     monitor.monitor,
     demo.demo,

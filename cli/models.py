@@ -1,7 +1,9 @@
-"""`sluice train | serve`: models from point-in-time training sets, and the predictor."""
+"""`sluice train | retrain | score | serve`: models from point-in-time training sets, scheduled
+retraining with a gate, offline batch scoring, and the predictor."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -68,3 +70,136 @@ def serve(
         log_level="warning",
         access_log=False,
     )
+
+
+def retrain(
+    service: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--service",
+            help="Feature services to retrain (repeatable). Default: every service that a "
+            "Labels declaration names.",
+        ),
+    ] = None,
+    period: Annotated[
+        str, typer.Option(help="Label times to use, back from --until: 90m, 12h, 7d, 2w.")
+    ] = "7d",
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="End of the period (ISO time, exclusive). Default: the newest label time "
+            "rounded up to the next whole hour."
+        ),
+    ] = None,
+    eval_fraction: Annotated[
+        float,
+        typer.Option(min=0.01, max=0.9, help="Newest share of the period's labels held out."),
+    ] = 0.2,
+    margin: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Relative MAE improvement the challenger needs (default: setting "
+            "retrain_margin, 0.02).",
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="LightGBM boosting rounds.")] = 200,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start/--no-warm-start",
+            help="Continue boosting from the production model when it reads the same inputs.",
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Decide again a period that has a decision.")
+    ] = False,
+) -> None:
+    """Train a challenger per service on the newest labelled period; promote it only when it
+    beats production by the margin and passes sanity gates; record the decision (cron-safe:
+    a decided period is not decided again)."""
+    from batch.retrain import parse_period, print_retrain_report
+    from batch.retrain import retrain as run_retrain
+    from cli.common import parse_time
+
+    period_ms = parse_period(period)
+    until_ms = parse_time(until, "--until") if until is not None else None
+    report = run_retrain(
+        settings(),
+        service or None,
+        period_ms=period_ms,
+        until_ms=until_ms,
+        eval_fraction=eval_fraction,
+        margin=margin,
+        rounds=rounds,
+        warm_start=warm_start,
+        force=force,
+    )
+    print_retrain_report(console, report)
+
+
+class PredictorChoice(StrEnum):
+    AUTO = "auto"
+    NATIVE = "native"
+    COMPILED = "compiled"
+
+
+class InputFormat(StrEnum):
+    AUTO = "auto"
+    PARQUET = "parquet"
+    CSV = "csv"
+
+
+def score(
+    input_path: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="Parquet or CSV of entity rows: join keys, event_timestamp, request features.",
+        ),
+    ],
+    output_path: Annotated[
+        str, typer.Argument(metavar="OUTPUT", help="Parquet directory to write.")
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Model name (default: the first of serve_models).")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(min=1, help="Model version (default: production).")
+    ] = None,
+    predictor: Annotated[
+        PredictorChoice,
+        typer.Option(
+            case_sensitive=False,
+            help="Model evaluation: LightGBM (native), lleaves-compiled, or auto (compiled "
+            "when installed and the model is cached on this host or the input is large).",
+        ),
+    ] = PredictorChoice.AUTO,
+    input_format: Annotated[
+        InputFormat,
+        typer.Option("--format", case_sensitive=False, help="Input format (auto: by suffix)."),
+    ] = InputFormat.AUTO,
+    features: Annotated[
+        bool, typer.Option("--features", help="Also write the feature values used.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+) -> None:
+    """Offline batch scoring with Spark: point-in-time features (the training and serving
+    contract) -> predictions of one model version -> parquet with lineage."""
+    from batch.score import print_score_report
+    from batch.score import score as run_score
+
+    report = run_score(
+        settings(),
+        input_path,
+        output_path,
+        model=model,
+        version=version,
+        predictor=predictor.value,
+        input_format=input_format.value,
+        keep_features=features,
+        overwrite=overwrite,
+        show_progress=console.is_terminal,
+    )
+    print_score_report(console, report)

@@ -161,8 +161,13 @@ def fit(
     params: Mapping[str, Any] | None = None,
     rounds: int = DEFAULT_ROUNDS,
     notes: Mapping[str, Any] | None = None,
+    init_model: str | None = None,
 ) -> TrainedModel:
-    """Train on the earlier slice, evaluate MAE on the later one; metadata ready to save."""
+    """Train on the earlier slice, evaluate MAE on the later one; metadata ready to save.
+
+    ``init_model``: the text of a model with the same inputs to continue boosting from (a warm
+    start: its trees stay, ``rounds`` more are added).
+    """
     import lightgbm as lgb
 
     features = model_features(service)
@@ -177,7 +182,8 @@ def fit(
     dataset = lgb.Dataset(
         to_matrix(train, columns), label=y_train, feature_name=_safe_names(columns)
     )
-    booster = lgb.train(merged, dataset, num_boost_round=rounds)
+    start = lgb.Booster(model_str=init_model) if init_model is not None else None
+    booster = lgb.train(merged, dataset, num_boost_round=rounds, init_model=start)
     predicted = np.asarray(booster.predict(to_matrix(test, columns)), dtype=np.float64)
     metrics = Metrics(
         mae=float(np.mean(np.abs(predicted - y_test))),

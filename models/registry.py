@@ -6,6 +6,7 @@ Layout under the root (settings.models_dir)::
     <name>/<version>/metadata.json    feature service, feature order, windows, metrics, versions
     <name>/<version>/reference.json   the training reference (optional; monitoring/ reads it)
     <name>/production                 the production version number, as text
+    <name>/decisions/<period>.json    `sluice retrain`'s decision for one label period
 
 Versions are 1, 2, 3...; a version counts once its metadata.json exists, which is written last,
 so a reader never sees half a model. The training reference (TrainingReference: a compact
@@ -15,6 +16,10 @@ that listing models stays cheap; versions saved before references existed have n
 (``reference()`` returns None). The production pointer is one small object replaced in one
 step (rename on a local disk, a single PUT on an object store). One trainer at a time per model
 name: two concurrent saves could pick the same version number.
+
+The decisions log holds one RetrainDecision per model and label period (what `sluice retrain`
+trained, the numbers it compared and whether it promoted); it is written whole in one step,
+and a period with a decision is not decided again unless forced.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ MODEL_FILE = "model.txt"
 METADATA_FILE = "metadata.json"
 REFERENCE_FILE = "reference.json"
 PRODUCTION_FILE = "production"
+DECISIONS_DIR = "decisions"
+_PERIOD = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]*$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -113,6 +120,50 @@ class ModelMetadata(BaseModel):
     notes: dict[str, Any] = Field(default_factory=dict)
     # Set by models.fit; save() stores it in reference.json, never in metadata.json.
     reference: TrainingReference | None = Field(default=None, exclude=True)
+
+
+class GateResult(BaseModel):
+    """One sanity check of a candidate model in `sluice retrain`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class CandidateResult(BaseModel):
+    """A model compared in `sluice retrain`: its version, its MAE on the held-out labels (None
+    when it could not be evaluated: ``note`` says why) and its sanity gates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None
+    mae: float | None
+    gates: list[GateResult] = Field(default_factory=list)
+    note: str = ""
+
+
+class RetrainDecision(BaseModel):
+    """What `sluice retrain` decided for one model and label period, and the numbers behind it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    period: str  # <start>_<end>, compact UTC ISO times: the file's name
+    period_ms: tuple[int, int]  # label times [start, end)
+    outcome: Literal["promoted", "refused"]
+    reason: str
+    margin: float  # relative MAE improvement required
+    improvement: float | None  # 1 - challenger MAE / champion MAE (None: no champion MAE)
+    champion: CandidateResult | None  # None: no production version
+    challenger: CandidateResult
+    rows_train: int
+    rows_eval: int
+    eval_window_ms: tuple[int, int]
+    warm_start: bool
+    decided_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    notes: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelRegistry:
@@ -242,6 +293,48 @@ class ModelRegistry:
         self.metadata(name, version)
         self._write(self._p(name, PRODUCTION_FILE), f"{version}\n".encode())
 
+    def record_decision(self, decision: RetrainDecision) -> None:
+        """Store a retrain decision (replacing one of the same period: a forced re-run)."""
+        _check_name(decision.model)
+        _check_period(decision.period)
+        try:
+            self._fs.create_dir(self._p(decision.model, DECISIONS_DIR), recursive=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot create the decisions log: {exc}") from exc
+        self._write(
+            self._p(decision.model, DECISIONS_DIR, f"{decision.period}.json"),
+            orjson.dumps(decision.model_dump(mode="json"), option=orjson.OPT_INDENT_2),
+        )
+
+    def decision(self, name: str, period: str) -> RetrainDecision | None:
+        """The recorded decision of a model for one period, or None when it has none."""
+        _check_name(name)
+        _check_period(period)
+        data = self._read(self._p(name, DECISIONS_DIR, f"{period}.json"))
+        if data is None:
+            return None
+        try:
+            return RetrainDecision.model_validate(orjson.loads(data))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            raise ModelRegistryError(f"model {name!r}: bad decision {period!r}: {exc}") from None
+
+    def decisions(self, name: str) -> list[RetrainDecision]:
+        """Every recorded decision of a model, oldest period first."""
+        _check_name(name)
+        try:
+            infos = self._fs.get_file_info(
+                pafs.FileSelector(self._p(name, DECISIONS_DIR), allow_not_found=True)
+            )
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot list the decisions of {name!r}: {exc}") from exc
+        periods = sorted(
+            info.base_name.removesuffix(".json")
+            for info in infos
+            if info.type == pafs.FileType.File and info.base_name.endswith(".json")
+        )
+        found = (self.decision(name, p) for p in periods if _PERIOD.match(p))
+        return [d for d in found if d is not None]
+
     def describe(self) -> list[dict[str, Any]]:
         """Every model with its versions, production pointer and metrics (for GET /models)."""
         out = []
@@ -266,6 +359,11 @@ class ModelRegistry:
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise ModelNotFoundError(f"{name!r} is not a model name (lower_snake_case)")
+
+
+def _check_period(period: str) -> None:
+    if not _PERIOD.match(period):
+        raise ModelRegistryError(f"{period!r} is not a period name (letters, digits, _ . -)")
 
 
 def _abs(path: str) -> str:
