@@ -60,9 +60,10 @@ if TYPE_CHECKING:
 
 Predictor = Literal["auto", "native", "compiled"]
 # Below this many rows, "auto" compiles only a model already in the host's cache: compiling a
-# 200-tree model takes ~5-15 s on this kind of machine, which ~300k rows of faster evaluation
-# pay back (bench/score.py prints the numbers).
-COMPILED_MIN_ROWS = 300_000
+# 200-tree model took 7-22 s here, and the Spark stage gained ~7 us a row on local[2] (91k
+# rows/s with LightGBM, 290k compiled), so about a million rows pay a cold compile back
+# (`python -m bench.score` prints the numbers of the machine it runs on).
+COMPILED_MIN_ROWS = 1_000_000
 CHECK_ROWS = 256  # rows of each task's first batch evaluated both ways
 RTOL, ATOL = 1e-9, 1e-12  # "equal": relative 1e-9 (absolute 1e-12 around zero)
 CACHE_DIR = Path(tempfile.gettempdir()) / "sluice-lleaves"
