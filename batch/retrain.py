@@ -22,7 +22,10 @@ For each feature service of the definitions' ``Labels`` declarations (features/l
 6. The challenger is saved as a new version either way; when promoted it becomes production.
    The decision and its numbers go to the registry's decisions log
    (``<name>/decisions/<period>.json``). A running predictor keeps its version until it is
-   restarted or told (POST /models/{name}/versions/{v}:promote).
+   restarted or told (POST /models/{name}/versions/{v}:promote). The decision is written last:
+   a run that dies before it leaves no decision, and the next run decides the period afresh
+   (one more version saved, nothing promoted twice by mistake). One run at a time per model,
+   as for `sluice train`.
 
 Canary releases: the settings have no canary yet; a promotion here is a full one.
 """
