@@ -33,6 +33,7 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr
 .legend span { display: inline-block; margin-right: 10px; }
 .legend i { display: inline-block; width: 10px; height: 3px; margin-right: 4px;
   vertical-align: middle; }
+.chart svg { width: 100%; max-width: 640px; height: auto; display: block; }
 svg text { font-size: 10px; fill: #555; }
 #alerts { grid-column: 1 / -1; }
 #alerts li { font-family: ui-monospace, monospace; font-size: 12px; }
@@ -63,7 +64,9 @@ function el(tag, attrs, parent) {
 function fmt(v) {
   if (v === null || v === undefined || Number.isNaN(v)) return "-";
   const a = Math.abs(v);
-  if (a !== 0 && (a < 0.01 || a >= 10000)) return v.toExponential(1);
+  if (a !== 0 && (a < 0.01 || a >= 100000)) return v.toExponential(1);
+  if (a >= 100) return String(Math.round(v));
+  if (a >= 10) return v.toFixed(1);
   return String(Math.round(v * 1000) / 1000);
 }
 
@@ -102,7 +105,7 @@ function lineChart(node, panel) {
   y1 += (y1 - y0) * 0.08;
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
-  const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"}, chart);
+  const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, role: "img"}, chart);
   el("line", {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999"}, svg);
   el("line", {x1: L, y1: T, x2: L, y2: H - B, stroke: "#999"}, svg);
   for (const y of [y0, (y0 + y1) / 2, y1]) {
@@ -142,16 +145,20 @@ function driftChart(node, rows) {
   legend.textContent = "";
   const shown = rows.filter(r => r.psi !== null && r.psi !== undefined);
   if (shown.length === 0) return 0;
-  const rowH = 14, width = 400, left = 230;
+  const rowH = 14, width = 520, left = 270;
   const height = shown.length * rowH + 24;
-  const top = Math.max(0.3, ...shown.map(r => r.psi));
-  const sx = v => left + Math.min(v, top) / top * (width - left - 40);
-  const svg = el("svg", {viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img"}, chart);
+  // Up to 1 on the axis: the bands end at 0.25; larger values are clipped, their number shown.
+  const top = Math.min(1, Math.max(0.5, ...shown.map(r => r.psi)));
+  const sx = v => left + Math.min(v, top) / top * (width - left - 50);
+  const models = new Set(shown.map(r => r.version.replace(/ v[0-9]+$/, "")));
+  const svg = el("svg", {viewBox: `0 0 ${width} ${height}`, role: "img"}, chart);
   shown.forEach((r, i) => {
     const y = i * rowH + 4;
-    const label = `${r.version} ${r.feature}`;
-    el("text", {x: left - 4, y: y + 10, "text-anchor": "end"}, svg).textContent =
-      label.length > 44 ? "..." + label.slice(-41) : label;
+    const version = models.size > 1 ? r.version : r.version.replace(/^.* (v[0-9]+)$/, "$1");
+    const label = `${version} ${r.feature}`;
+    const text = el("text", {x: left - 4, y: y + 10, "text-anchor": "end"}, svg);
+    text.textContent = label.length > 48 ? "..." + label.slice(-45) : label;
+    el("title", {}, text).textContent = `${r.version} ${r.feature}: band ${r.band}`;
     el("rect", {x: left, y: y + 2, width: Math.max(1, sx(r.psi) - left), height: rowH - 4,
       fill: BAND_COLORS[r.band] || "#9e9e9e", "class": "bar"}, svg);
     el("text", {x: sx(r.psi) + 3, y: y + 10}, svg).textContent = fmt(r.psi);
@@ -169,8 +176,9 @@ function driftChart(node, rows) {
 function render(data) {
   for (const name of PANELS) {
     const node = section(name);
+    const notes = Object.entries(data.notes).map(([k, v]) => `${k}: ${v}`).join("; ");
     const panel = name === "drift" ?
-      {title: "Drift per feature (PSI)", unit: "", note: null} : data.panels[name];
+      {title: "Drift per feature (PSI)", unit: "", note: notes || null} : data.panels[name];
     node.querySelector("h2").textContent = panel.title + (panel.unit ? ` (${panel.unit})` : "");
     const n = name === "drift" ? driftChart(node, data.drift) : lineChart(node, panel);
     const note = panel.note || (n === 0 ? "no data yet" : "");
@@ -188,13 +196,18 @@ function render(data) {
   }
   const list = alerts.querySelector("ul");
   list.textContent = "";
-  for (const a of data.alerts) {
+  for (const a of data.alerts.slice(0, 15)) {
     const item = document.createElement("li");
     item.className = "band-" + a.band;
     item.textContent = a.message;
     list.appendChild(item);
   }
   if (data.alerts.length === 0) list.innerHTML = "<li>none</li>";
+  if (data.alerts.length > 15) {
+    const more = document.createElement("li");
+    more.textContent = `... and ${data.alerts.length - 15} more (newest first)`;
+    list.appendChild(more);
+  }
   const consumed = Object.entries(data.consumed).map(([k, v]) => `${k} ${v}`).join(", ");
   document.getElementById("status").textContent =
     `period ${data.period_s} s; read: ${consumed || "nothing yet"}; ` +

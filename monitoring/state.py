@@ -48,6 +48,13 @@ class Panel:
         }
 
 
+def _ratio(values: dict[str, Any], top: str, bottom: str) -> float | None:
+    a, b = values.get(top), values.get(bottom)
+    if isinstance(a, int | float) and isinstance(b, int | float) and b > 0:
+        return float(a) / float(b)
+    return None
+
+
 def _version(record: MonitorRecord) -> str:
     return f"{record.model} v{record.model_version}"
 
@@ -72,7 +79,10 @@ class MonitorState:
             "batch": Panel("Batch size", "rows"),
             "throughput": Panel("Throughput", "rows/s"),
             "cache": Panel("Cache hit rate", "share"),
-            "freshness": Panel("Freshness: p95 age of served windows per view", "s"),
+            "freshness": Panel(
+                "Freshness: p95 age of served windows / the contract's oldest (> 1: behind)",
+                "ratio",
+            ),
             "behind": Panel("Rows served behind the contract per view", "share"),
             "skew": Panel("Online/offline skew: mismatch rate", "share"),
             "mae": Panel("Live MAE per version", "label units"),
@@ -98,10 +108,11 @@ class MonitorState:
                 if name.startswith("share_v"):
                     p["traffic"].add(f"{record.model} {name[6:]}", at, share)
         elif record.check == "freshness":
-            p["freshness"].add(str(record.view), at, values.get("age_p95_s"))
+            p["freshness"].add(str(record.view), at, _ratio(values, "age_p95_s", "contract_age_s"))
             p["behind"].add(str(record.view), at, values.get("behind_rate"))
         elif record.check == "stream_freshness":
-            p["freshness"].add(f"{record.view} (stream delay)", at, values.get("delay_p95_s"))
+            ratio = _ratio(values, "delay_p95_s", "lateness_s")
+            p["freshness"].add(f"{record.view} (stream delay / lateness)", at, ratio)
         elif record.check == "skew":
             p["skew"].add(_version(record), at, values.get("mismatch_rate"))
         elif record.check == "live_error":
