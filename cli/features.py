@@ -28,6 +28,7 @@ from features.definitions import (
     duration_name,
 )
 from features.errors import FeatureDefinitionError
+from features.labels import Labels
 from features.registry import Registry, load_registry
 from features.schema import EventSource, Field
 
@@ -117,6 +118,9 @@ def list_(module: ModuleOption = None) -> None:
         entities = ", ".join(e.name for e in service.entities) or "-"
         views = ", ".join(v.name for v in service.views)
         rows.append((service.name, "service", entities, views or "-", "-", "-", "-"))
+    for labels in registry.labels.values():
+        entities = ", ".join(labels.entities) or "-"
+        rows.append((labels.name, "labels", entities, labels.source.name, "-", "-", "-"))
     console = _console()
     headers = ("name", "kind", "entity", "source", "windows (size/slide)", "engines", "ttl")
     table = Table(*headers)
@@ -256,6 +260,22 @@ def describe(
         views = [v.name for v in registry.views.values() if v.entity.name == name]
         console.print(f"[bold]{name}[/bold] (entity) join key {item.join_key}. {item.description}")
         console.print(f"views: {', '.join(views) or '-'}")
+    elif isinstance(item, Labels):
+        console.print(f"[bold]{item.name}[/bold] (training labels) {item.description}")
+        console.print(
+            f"label {item.source.name}.{item.label} at {item.time_field}; "
+            f"trains: {', '.join(item.services)}",
+            highlight=False,
+        )
+        entities = ", ".join(f"{e} <- {c}" for e, c in item.entities.items())
+        console.print(f"entities: {entities}", highlight=False)
+        request = ", ".join(f"{r} <- {c}" for r, c in item.request.items()) or "-"
+        console.print(f"request features: {request}", highlight=False)
+        for join in item.joins:
+            console.print(
+                f"joins {join.source.name} on {join.on}: {', '.join(join.columns)}",
+                highlight=False,
+            )
 
 
 @features_app.command()

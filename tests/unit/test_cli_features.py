@@ -108,6 +108,7 @@ def test_describe_a_batch_view_shows_derived_columns(run):
         ("order_request", "hour_of_day"),
         ("orders", "raw.orders -> events.orders"),
         ("zone", "views: zone_couriers"),
+        ("delivery_times", "label deliveries.delivery_seconds at placed_at"),
     ],
 )
 def test_describe_other_definitions(run, name, expected):
