@@ -57,3 +57,22 @@ class TrainError(SluiceBatchError):
     """No labels, unknown services, or a training set that cannot be fitted."""
 
     exit_code = ExitCode.DATA
+
+
+class ScoreInputError(SluiceBatchError):
+    """The input table is missing, lacks a column, or holds values the model cannot take."""
+
+    exit_code = ExitCode.DATA
+
+
+class ScoreConflictError(SluiceBatchError):
+    """The model reads what its service no longer provides, a column clashes, or the output
+    exists."""
+
+    exit_code = ExitCode.CONFLICT
+
+
+class ScoreCountError(SluiceBatchError):
+    """The output does not hold one row per input row."""
+
+    exit_code = ExitCode.UNBALANCED

@@ -46,8 +46,13 @@ import numpy as np
 import pandas as pd
 
 from batch.compile import spark_type
-from batch.errors import SluiceBatchError
-from core.errors import ExitCode, UsageError
+from batch.errors import (
+    ScoreConflictError,
+    ScoreCountError,
+    ScoreInputError,
+    SluiceBatchError,
+)
+from core.errors import UsageError
 from core.settings import Settings
 from features.contract import lateness_ms
 from features.definitions import FeatureService, FeatureView
@@ -76,25 +81,6 @@ OUTPUT_COLUMNS = (
     "predictor",
     "scored_at",
 )
-
-
-class ScoreInputError(SluiceBatchError):
-    """The input table is missing, lacks a column, or holds values the model cannot take."""
-
-    exit_code = ExitCode.DATA
-
-
-class ScoreConflictError(SluiceBatchError):
-    """The model reads what its service no longer provides, a column clashes, or the output
-    exists."""
-
-    exit_code = ExitCode.CONFLICT
-
-
-class ScoreCountError(SluiceBatchError):
-    """The output does not hold one row per input row."""
-
-    exit_code = ExitCode.UNBALANCED
 
 
 class Evaluator(Protocol):
