@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: setup demo test unit lint bench bench-ingest bench-stream bench-serve
+.PHONY: setup demo test unit lint bench bench-ingest bench-stream bench-serve bench-archive bench-score
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml infra/bootstrap.sh
@@ -25,8 +25,8 @@ test: lint
 unit: lint
 	$(VENV)/bin/pytest -m "not integration"
 
-# Every benchmark prints ratios against a baseline measured in the same run (about 6 minutes).
-bench: bench-ingest bench-stream bench-serve
+# Every benchmark prints ratios against a baseline measured in the same run (about 10 minutes).
+bench: bench-ingest bench-stream bench-serve bench-archive bench-score
 
 bench-ingest: setup
 	$(VENV)/bin/python -m bench.produce_ingest
@@ -36,3 +36,9 @@ bench-stream: setup
 
 bench-serve: setup
 	$(VENV)/bin/python -m bench.serve
+
+bench-archive: setup
+	$(VENV)/bin/python -m bench.archive
+
+bench-score: setup
+	$(VENV)/bin/python -m bench.score
