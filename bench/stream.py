@@ -11,7 +11,9 @@ Starts its own broker and Redis on free loopback ports, then measures:
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
      end + lateness, so the watermark can pass the end) to the row being readable through
-     the online store's read (polled every 10 ms). p50 / p99 / max.
+     the online store's read (polled every 10 ms). p50 / p99 / max. Also from the window's
+     servable time (end + view.lateness, features/contract.py), which the row must beat:
+     negative is early.
 Run: `python -m bench.stream` (about 3 minutes with the defaults).
 """
 
@@ -39,6 +41,7 @@ from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
 from feature_repo.online_store import open_online_store
+from features.contract import servable_at_ms
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
@@ -196,9 +199,9 @@ def live_view() -> FeatureView:
 
 def freshness(
     settings: Settings, rate: float, seconds: float, options: JobOptions
-) -> tuple[list[float], list[float]]:
-    """Seconds from window close to (readable online, emitted by the window operator), one
-    sample per (entity, window end)."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds from window close to (readable online, emitted by the window operator), and
+    from servable time to readable online, one sample per (entity, window end)."""
     view = live_view()
     ensure_topics(settings, [view.source.topic], partitions=PARTITIONS)
     validator = EventValidator(view.source)
@@ -277,13 +280,22 @@ def freshness(
         return (wall - max(closes)) / 1000
 
     readable = [since_close(end, wall) for (_, end), wall in seen.items()]
+    servable = [
+        (wall - servable_at_ms(view, end)) / 1000
+        for (_, end), wall in seen.items()
+        if end >= first_end
+    ]
     emitted = [
         since_close(row.window_end_ms, row.emitted_at_ms)
         for row in (
             FeatureRow.decode(m.value()) for m in read_all(settings, features_topic(view.name))
         )
     ]
-    return [x for x in readable if x is not None], [x for x in emitted if x is not None]
+    return (
+        [x for x in readable if x is not None],
+        [x for x in emitted if x is not None],
+        servable,
+    )
 
 
 def read_all(settings: Settings, topic: str) -> list[Any]:
@@ -338,9 +350,12 @@ def main() -> None:
             base = baseline(settings, stop, args.parallelism)
             readable: list[float] = []
             emitted: list[float] = []
+            servable: list[float] = []
             if args.live_seconds > 0:
                 live = JobOptions()
-                readable, emitted = freshness(settings, args.rate, args.live_seconds, live)
+                readable, emitted, servable = freshness(
+                    settings, args.rate, args.live_seconds, live
+                )
         finally:
             stack_down(settings)
     print(
@@ -353,6 +368,8 @@ def main() -> None:
     print(f"freshness, {args.rate:.0f} events/s live, {len(readable):,} rows (window close to):")
     print(f"  readable in Redis      {quantiles_ms(readable)}")
     print(f"  emitted by the window  {quantiles_ms(emitted)}")
+    print("from servable time (end + lateness; negative: early):")
+    print(f"  readable in Redis      {quantiles_ms(servable)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ PredictionRecord  settings.prediction_topic   serving/app.py                demo
 FeedbackRecord    settings.feedback_topic     serving/app.py                demo, tests
 DeadLetter        settings.dead_letter_topic  events/ingest.py, sinks.py    replay tools, tests
 StreamStats       sluice.stream-stats         streaming/sinks.py            streaming/monitor.py
+heartbeat         events.<source>             events/ingest.py              the stream (skips it)
 
 Writers build a record and call ``encode()`` (orjson bytes); readers call ``decode(bytes)``,
 which checks every field and raises ``core.errors.RecordError`` naming the field and the
@@ -22,6 +23,13 @@ Write paths validate nothing: records are dataclasses with slots (not frozen: a 
 dataclass's __init__ costs three times as much), encoded by orjson from a dict literal. The
 stream writes a feature row per entity and window, so ``FeatureRow.encode_row`` encodes one
 without building the object first (the same layout as ``encode()``).
+
+Heartbeats: ``events.<source>`` carries, besides events, heartbeat records that ingest writes to
+a partition that had no record for ``settings.ingest_heartbeat_ms``: no key, an empty value, the
+header ``sluice.kind: heartbeat`` (``HEARTBEAT_HEADERS``) and a Kafka timestamp that moves event
+time on with the wall clock, so the stream's per-partition watermark advances while the
+partition is quiet. They are not events: every reader of an events topic recognizes them with
+``is_heartbeat(headers)`` and skips them (the stream counts them apart from events read).
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ H_PARTITION = "sluice.source_partition"
 H_OFFSET = "sluice.source_offset"
 H_VIEW = "sluice.view"  # the stream's "late" dead letters: lateness depends on the view
 H_VERSION = "sluice.v"
+# What a record on an events topic is when it is not an event (absent on events).
+H_KIND = "sluice.kind"
+KIND_HEARTBEAT = "heartbeat"
+HEARTBEAT_HEADERS: Headers = [(H_KIND, KIND_HEARTBEAT.encode())]
+HEARTBEAT_VALUE = b""
 
 
 _JSON_TYPES = (
@@ -57,6 +70,22 @@ _JSON_TYPES = (
     (str, "string"),
     (list, "array"),
 )
+
+
+def is_heartbeat(
+    headers: Iterable[tuple[str, str | bytes | None]] | Mapping[str, Any] | None,
+) -> bool:
+    """Whether a record with these headers (as librdkafka hands them back, a list of pairs or
+    a dict; values bytes or str) is a heartbeat, not an event. Events carry no headers, so
+    this costs nothing for them."""
+    if not headers:
+        return False
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in items:
+        if name == H_KIND:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            return text == KIND_HEARTBEAT
+    return False
 
 
 def _json_type(value: Any) -> str:
@@ -465,6 +494,7 @@ class PrepareCounts:
     late: int = 0
     filtered: int = 0
     rejected: int = 0  # dead-lettered for another reason than late (bypassed ingest)
+    heartbeats: int = 0  # heartbeat records read and dropped: not events, not in `events`
     first_at_ms: int = 0
     last_at_ms: int = 0
     watermark: int | None = None
@@ -477,6 +507,7 @@ class WindowCounts:
     """Cumulative counters of one window instance."""
 
     aggregated: int = 0  # events added to a key's tiles
+    duplicates: int = 0  # events whose id the key's tile already held: counted once
 
 
 @dataclass(slots=True)
@@ -505,6 +536,8 @@ _COUNT_READERS: dict[str, Callable[[_Fields, str], Any]] = {
     "int | None": _Fields.opt_integer,
     "dict[int, int]": _Fields.int_map,
 }
+# Counters added after version 1 was written: records without them read as 0.
+_ADDED_COUNTERS = frozenset({"heartbeats", "duplicates"})
 
 
 @dataclass(slots=True)
@@ -549,7 +582,9 @@ class StreamStats:
         if counts_type is None:
             f.fail("op", f"{op!r} is not one of {', '.join(_COUNTS)}")
         counters = {
-            c.name: _COUNT_READERS[str(c.type)](f, c.name) for c in dataclasses.fields(counts_type)
+            c.name: _COUNT_READERS[str(c.type)](f, c.name)
+            for c in dataclasses.fields(counts_type)
+            if c.name not in _ADDED_COUNTERS or c.name in f.obj
         }
         return cls(
             run=f.text("run"),

@@ -6,6 +6,19 @@ source key, with the Kafka timestamp set to the event time (engines read event t
 An invalid one goes to the dead-letter topic with its original bytes and key, and headers that
 say why. Offsets are committed only after the broker acknowledged the outputs (at least once),
 and every record is counted: received == valid + dead_lettered.
+
+Heartbeats (settings.ingest_heartbeat_ms; 0 disables): a partition of ``events.<source>`` that
+had no record for that long gets a heartbeat record (explicit partition, no key, empty value,
+header ``sluice.kind: heartbeat``, see core.records.is_heartbeat) stamped with the newest event
+time forwarded to that partition plus the wall time elapsed since it was delivered (a partition
+this run has not written yet takes the newest such time of its topic). Live, that is about now;
+after a fast replay it moves on with the wall clock. The stream's per-partition watermark
+follows record timestamps, so quiet partitions, and a wholly quiet topic, stop holding windows
+open. Which partition an event landed on is learnt from its delivery report (the keyed
+partitioner decides). Heartbeats are not events: they are counted apart (``heartbeats``) and
+every reader of an events topic skips them. A heartbeat asserts that the partition's event time
+has moved on: an event forwarded later with an event time more than the source's
+allowed_lateness behind it is late for the stream. Ingest writes heartbeats only while it runs.
 """
 
 from __future__ import annotations
@@ -13,10 +26,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from core.kafka import CountingProducer, ensure_topics
 from core.records import H_ERROR as H_ERROR
@@ -26,7 +39,7 @@ from core.records import H_PARTITION as H_PARTITION
 from core.records import H_REASON as H_REASON
 from core.records import H_SOURCE as H_SOURCE
 from core.records import H_TOPIC as H_TOPIC
-from core.records import DeadLetter, Headers
+from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, DeadLetter, Headers
 from core.settings import Settings
 from events.errors import IngestError
 from features.schema import EventSource
@@ -54,6 +67,8 @@ class IngestCounts:
     by_source: Counter[str] = field(default_factory=Counter)
     # From the first record received to the last commit: throughput without group-join time.
     busy_seconds: float = 0.0
+    # Heartbeat records written to quiet partitions of the event topics (not events).
+    heartbeats: int = 0
 
     def balanced(self) -> bool:
         return self.received == self.valid + self.dead_lettered
@@ -129,6 +144,114 @@ class IngestRouter:
         )
 
 
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000
+
+
+@dataclass(slots=True)
+class _PartitionClock:
+    event_ms: int | None = None  # newest event time delivered to the partition
+    event_at: float = 0.0  # monotonic ms of the newest delivery to it
+    written_at: float | None = None  # monotonic ms of its newest record (event or heartbeat)
+    last_heartbeat_ms: int | None = None
+
+
+class HeartbeatClock:
+    """Kafka-free core of heartbeats: per output partition, when it last got a record and the
+    event time it carries; which partitions are due a heartbeat, stamped with what.
+
+    A partition's clock is its newest delivered event time plus the monotonic time elapsed since
+    its newest delivery; a partition without a delivery in this run takes its topic's newest
+    clock (nothing is due on a topic before its first delivery). Stamps never go backwards.
+    """
+
+    def __init__(
+        self,
+        partitions: Mapping[str, int],
+        interval_ms: int,
+        now_ms: Callable[[], float] = monotonic_ms,
+    ) -> None:
+        self.interval_ms = interval_ms
+        self._now = now_ms
+        start = now_ms()
+        self._clocks = {
+            topic: [_PartitionClock(written_at=start) for _ in range(count)]
+            for topic, count in partitions.items()
+        }
+
+    def delivered(self, topic: str, partition: int, event_ms: int) -> None:
+        """An event was acknowledged on (topic, partition) (other topics are ignored)."""
+        clocks = self._clocks.get(topic)
+        if clocks is None or not 0 <= partition < len(clocks):
+            return
+        clock = clocks[partition]
+        now = self._now()
+        if clock.event_ms is None or event_ms >= clock.event_ms:
+            clock.event_ms = event_ms
+        clock.event_at = now
+        clock.written_at = now
+
+    def _stamp(self, clock: _PartitionClock, now: float) -> int:
+        return int(clock.event_ms or 0) + int(now - clock.event_at)
+
+    def due(self) -> list[tuple[str, int, int]]:
+        """(topic, partition, timestamp ms) of each heartbeat due now; marks them written."""
+        if self.interval_ms <= 0:
+            return []
+        now = self._now()
+        out: list[tuple[str, int, int]] = []
+        for topic, clocks in self._clocks.items():
+            known = [self._stamp(c, now) for c in clocks if c.event_ms is not None]
+            if not known:
+                continue
+            topic_clock = max(known)
+            for partition, clock in enumerate(clocks):
+                if clock.written_at is not None and now - clock.written_at < self.interval_ms:
+                    continue
+                stamp = topic_clock if clock.event_ms is None else self._stamp(clock, now)
+                stamp = max(stamp, clock.last_heartbeat_ms or stamp)
+                clock.last_heartbeat_ms = stamp
+                clock.written_at = now
+                out.append((topic, partition, stamp))
+        return out
+
+
+class IngestProducer(CountingProducer):
+    """The ingest's producer: reports where each forwarded event landed (its delivery report
+    names the partition the keyed partitioner chose) and writes heartbeats to a partition."""
+
+    def __init__(self, settings: Settings, clock: HeartbeatClock) -> None:
+        super().__init__(settings)
+        self._clock = clock
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        super()._on_delivery(err, msg)
+        # Events are keyed; heartbeats are not (and dead letters go to another topic).
+        if err is None and msg.key() is not None:
+            self._clock.delivered(msg.topic() or "", msg.partition() or 0, msg.timestamp()[1])
+
+    def heartbeat(self, topic: str, partition: int, timestamp_ms: int) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=HEARTBEAT_VALUE,
+                    partition=partition,
+                    timestamp=timestamp_ms,
+                    headers=HEARTBEAT_HEADERS,
+                    on_delivery=self._on_delivery,
+                )
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self.counts.sent += 1
+
+
+def _partition_counts(consumer: Consumer, topics: Sequence[str]) -> dict[str, int]:
+    metadata = consumer.list_topics(timeout=10).topics
+    return {t: len(metadata[t].partitions) for t in topics if t in metadata}
+
+
 def output_topics(sources: Sequence[EventSource], settings: Settings) -> list[str]:
     return (
         [s.topic for s in sources] + [s.raw_topic for s in sources] + [settings.dead_letter_topic]
@@ -149,7 +272,8 @@ def run_ingest(
     """Consume the sources' raw topics until idle for idle_timeout_s (or max_events, or stop).
 
     Bounded by idleness rather than end offsets because a broker's high watermark is not a
-    reliable "end" while producers are active (and Tansu reports it approximately).
+    reliable "end" while producers are active (and Tansu reports it approximately). An
+    idle_timeout_s of 0 or less never stops on idleness (a live ingest: heartbeats go on).
     """
     router = IngestRouter(sources, settings.dead_letter_topic)
     ensure_topics(settings, output_topics(sources, settings))
@@ -163,7 +287,12 @@ def run_ingest(
             }
         )
     )
-    producer = CountingProducer(settings)
+    clock = HeartbeatClock(
+        _partition_counts(consumer, [s.topic for s in sources]), settings.ingest_heartbeat_ms
+    )
+    producer = IngestProducer(settings, clock)
+    # Wait for records no longer than a heartbeat interval allows.
+    wait_s = 0.2 if clock.interval_ms <= 0 else min(0.2, clock.interval_ms / 4000)
     # The idle clock starts at partition assignment: joining a new group can take seconds.
     assigned_at: list[float] = []
     consumer.subscribe(
@@ -177,8 +306,12 @@ def run_ingest(
             budget = 1000 if max_events is None else min(1000, max_events - router.counts.received)
             if budget <= 0:
                 break
-            batch = consumer.consume(num_messages=budget, timeout=0.2)
+            batch = consumer.consume(num_messages=budget, timeout=wait_s)
+            for topic, partition, stamp in clock.due():
+                producer.heartbeat(topic, partition, stamp)
+                router.counts.heartbeats += 1
             if not batch:
+                producer.poll(0)  # delivery reports: where events landed
                 now = time.monotonic()
                 if not assigned_at:
                     if now > join_deadline:
@@ -187,7 +320,7 @@ def run_ingest(
                             f"{JOIN_TIMEOUT_S:.0f} s; is {settings.kafka_bootstrap} a broker?"
                         )
                     continue
-                if now - max(last_message_at, assigned_at[0]) > idle_timeout_s:
+                if 0 < idle_timeout_s < now - max(last_message_at, assigned_at[0]):
                     break
                 continue
             last_message_at = time.monotonic()
@@ -224,6 +357,7 @@ def run_ingest(
             "received": router.counts.received,
             "valid": router.counts.valid,
             "dead_lettered": router.counts.dead_lettered,
+            "heartbeats": router.counts.heartbeats,
         },
     )
     return router.counts

@@ -13,6 +13,17 @@ ingest writes them, plus sluice.view); every other event counts in every window 
 it. So an event at most allowed_lateness behind the newest earlier event of its own
 partition always counts. Lateness is per view (views differ in slide), so a late event is
 dead-lettered once per view it is late for.
+
+On time (features/contract.py): a window ending at E is servable at E + view.lateness. Ingest
+writes heartbeats (core.records.is_heartbeat) to partitions that went quiet, stamped with the
+wall clock, so the watermark moves on when keys, partitions or the whole topic go quiet; the
+job drops them right after the source (counted as heartbeats, not as events read). Optional
+Flink idleness for partitions nothing writes: JobOptions.idle_timeout_s (streaming/job.py).
+
+Duplicates: ingest is at least once, so an event may be read twice (the same canonical bytes,
+events/identity.py). The window operator counts each event id once per key and tile and drops
+repeats (counted as duplicates); ids leave with their tile's close (streaming/windows.py).
+Every event read is aggregated, filtered, dead-lettered (late or rejected) or a duplicate.
 """
 
 from __future__ import annotations

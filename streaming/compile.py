@@ -12,7 +12,9 @@ aggregation objects of features/aggregations.py) and fires an event-time timer a
 end computes every window of a view from one state and emits exactly the reference rows. The
 source is still declared in SQL: only the SQL Kafka table exposes each record's partition and
 offset (the dead-letter headers need them) next to a WATERMARK on the record timestamp that
-Flink pushes into the source, per partition.
+Flink pushes into the source, per partition. Ingest's heartbeats move that watermark like any
+record; the table flags them from their header (in the JVM, so that only a boolean crosses
+to Python) and the job drops them before parsing.
 
 Lateness (one definition, used by the job and documented in streaming/__init__.py):
   watermark W = min over the source's partitions of (greatest Kafka timestamp read from that
@@ -30,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.records import H_KIND, KIND_HEARTBEAT
 from features.aggregations import AGGREGATIONS
 from features.definitions import AggregationFunction, FeatureView, empty_value
 from features.schema import FieldType
@@ -155,17 +158,32 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# The columns the job's Python functions get from a source, in this order (functions.py).
+SOURCE_COLUMNS = ("key", "value", "partition", "offset", "heartbeat")
+
+
+def source_query(table: str) -> str:
+    """The source's rows as the job reads them: SOURCE_COLUMNS. The headers map stays in the
+    JVM (only the heartbeat flag crosses to Python); the record timestamp travels as the
+    watermark, which every operator forwards, not as a column."""
+    return f"SELECT {', '.join(f'`{c}`' for c in SOURCE_COLUMNS)} FROM `{table}`"
+
+
 def source_table_sql(
     compiled: CompiledView,
     table: str,
     bootstrap: str,
     kafka_properties: dict[str, str],
     stop_offsets: dict[int, int] | None,
+    idle_timeout_ms: int = 0,
 ) -> str:
-    """DDL of the view's Kafka source: key and value bytes, partition, offset, watermarked time.
+    """DDL of the view's Kafka source: key and value bytes, partition, offset, watermarked time,
+    and whether the record is a heartbeat (header sluice.kind, core.records.is_heartbeat).
 
     Reads from the earliest offset when no checkpoint is restored: a view's windows are state,
     and starting at committed offsets without that state would publish undercounted windows.
+    ``idle_timeout_ms`` > 0: a partition without records for that long stops holding the
+    watermark back (``scan.watermark.idle-timeout``) until its next record.
     """
     lateness_s = compiled.allowed_lateness_ms / 1000
     options = {
@@ -180,6 +198,8 @@ def source_table_sql(
         "value.fields-include": "EXCEPT_KEY",
     }
     options |= {f"properties.{k}": str(v) for k, v in kafka_properties.items()}
+    if idle_timeout_ms > 0:
+        options["scan.watermark.idle-timeout"] = f"{idle_timeout_ms} ms"
     if stop_offsets is not None:
         # Exclusive: the record at the stopping offset is not read. Every partition is listed,
         # since a partition left out would stop at once.
@@ -188,12 +208,15 @@ def source_table_sql(
             f"partition:{p},offset:{o}" for p, o in sorted(stop_offsets.items())
         )
     with_clause = ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
+    heartbeat = f"X'{KIND_HEARTBEAT.encode().hex()}'"
     return f"""CREATE TEMPORARY TABLE `{table}` (
   `key` BYTES,
   `value` BYTES,
   `partition` INT METADATA VIRTUAL,
   `offset` BIGINT METADATA VIRTUAL,
   `event_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+  `headers` MAP<STRING, BYTES> METADATA VIRTUAL,
+  `heartbeat` AS COALESCE(`headers`[{_quote(H_KIND)}] = {heartbeat}, FALSE),
   WATERMARK FOR `event_ts` AS `event_ts` - INTERVAL '{lateness_s:.3f}' SECOND(3)
 ) WITH (
   {with_clause}

@@ -21,13 +21,13 @@ from typing import Any
 from core.kafka import CountingProducer
 from core.records import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
-from streaming.compile import CompiledView
+from streaming.compile import SOURCE_COLUMNS, CompiledView
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
-from streaming.windows import WindowEngine, new_state
+from streaming.windows import Added, WindowEngine, new_state
 
-# Field positions of the rows the SQL source hands over (see compile.source_table_sql).
-KEY, VALUE, PARTITION, OFFSET = range(4)
+# Field positions of the rows the SQL source hands over (compile.source_query).
+KEY, VALUE, PARTITION, OFFSET, HEARTBEAT = range(len(SOURCE_COLUMNS))
 
 
 def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) -> None:
@@ -40,7 +40,8 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
     from pyflink.datastream import KeyedProcessFunction, ProcessFunction
 
     class Prepare(ProcessFunction):  # type: ignore[misc]
-        """Parse, apply derived columns and filter, dead-letter late events; emit (key, t, vals)."""
+        """Drop heartbeats (they moved the watermark already, in the source); parse, apply
+        derived columns and filter, dead-letter late events; emit (key, t, values, id)."""
 
         def open(self, runtime_context: Any) -> None:
             self.preparer = EventPreparer(compiled)
@@ -52,8 +53,13 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_prepare_flush", self.flush)
 
-        def process_element(self, row: Any, context: Any) -> Iterator[tuple[str, int, Any]]:
+        def process_element(self, row: Any, context: Any) -> Iterator[tuple[str, int, Any, int]]:
             counts = self.counts
+            if row[HEARTBEAT]:
+                # Not an event: neither read nor aggregated. Its offset is consumed all the same.
+                counts.heartbeats += 1
+                counts.offsets[row[PARTITION]] = row[OFFSET] + 1
+                return
             watermark = context.timer_service().current_watermark()
             counts.events += 1
             counts.last_at_ms = now_ms()
@@ -71,7 +77,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
                     counts.rejected += 1
                 self.dead.send(outcome, row[VALUE], row[KEY], row[PARTITION], row[OFFSET])
             else:
-                yield outcome.key, outcome.t, outcome.values
+                yield outcome.key, outcome.t, outcome.values, outcome.event_id
 
         def flush(self) -> int:
             self.stats.report(self.counts)
@@ -105,10 +111,14 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
 
-        def process_element(self, event: tuple[str, int, Any], context: Any) -> None:
-            _key, t, values = event
+        def process_element(self, event: tuple[str, int, Any, int], context: Any) -> None:
+            _key, t, values, event_id = event
             state = self.state.value() or new_state()
-            if self.engine.add(state, t, values):
+            added = self.engine.add(state, t, values, event_id)
+            if added is Added.DUPLICATE:
+                self.counts.duplicates += 1  # the state is unchanged
+                return
+            if added is Added.NEW_TILE:
                 # One timer per new bucket (not per event): its first window end.
                 first_end = self.engine.bucket(t) + compiled.slide_ms
                 context.timer_service().register_event_time_timer(first_end)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from core.records import PrepareCounts, PublishCounts, StreamStats, WindowCounts
+from core.records import PrepareCounts, PublishCounts, StreamStats, WindowCounts, is_heartbeat
 from core.settings import Settings
 from streaming.errors import StreamJobError
 from streaming.sinks import STATS_TOPIC
@@ -23,11 +23,13 @@ from streaming.sinks import STATS_TOPIC
 class ViewReport:
     """What one view's pipeline did in this run."""
 
-    events: int = 0  # records read from the source topic
+    events: int = 0  # events read from the source topic (heartbeats are not events)
     aggregated: int = 0  # events added to windows
     filtered: int = 0  # dropped by the view's filter (processed, not lost)
     late: int = 0  # dead-lettered with reason "late"
     rejected: int = 0  # dead-lettered for another reason (a producer bypassed ingest)
+    duplicates: int = 0  # repeats of an event already counted in its window (same event id)
+    heartbeats: int = 0  # ingest's heartbeat records read and dropped
     rows: int = 0  # rows emitted (features topic)
     online_written: int = 0
     online_skipped_older: int = 0
@@ -40,8 +42,9 @@ class ViewReport:
     lag: int | None = None  # records in the topic not read yet (approximate on Tansu)
 
     def balanced(self) -> bool:
-        """Every event read was aggregated, filtered or dead-lettered."""
-        return self.events == self.aggregated + self.filtered + self.late + self.rejected
+        """Every event read was aggregated, filtered, dead-lettered or a duplicate."""
+        processed = self.aggregated + self.filtered + self.late + self.rejected + self.duplicates
+        return self.events == processed
 
 
 @dataclass
@@ -102,12 +105,14 @@ class StatsBoard:
                 v.late += c.late
                 v.filtered += c.filtered
                 v.rejected += c.rejected
+                v.heartbeats += c.heartbeats
                 if c.first_at_ms:
                     v.busy_s = max(v.busy_s, (c.last_at_ms - c.first_at_ms) / 1000)
                     v.first_record_at_ms = _min(v.first_record_at_ms, c.first_at_ms)
                 v.offsets |= c.offsets
             elif isinstance(c, WindowCounts):
                 v.aggregated += c.aggregated
+                v.duplicates += c.duplicates
             elif isinstance(c, PublishCounts):
                 v.rows += c.rows
                 v.online_written += c.online_written
@@ -153,6 +158,8 @@ def stop_offsets_before(
 
     Scans the topic: offsets_for_times would do it in one request on Apache Kafka, but Tansu
     answers 0 for every time. The end is found by idleness, since Tansu's high watermark lags.
+    Heartbeats never mark the stop (their time says how long ingest waited, not what events
+    came): they are read, and dropped, like records before the stop.
     """
     consumer = Consumer(
         settings.kafka_client_config(
@@ -174,7 +181,7 @@ def stop_offsets_before(
                 if msg.error() is not None or p in found or p is None or offset is None:
                     continue
                 last_record = time.monotonic()
-                if msg.timestamp()[1] >= until_ms:
+                if msg.timestamp()[1] >= until_ms and not is_heartbeat(msg.headers()):
                     found[p] = offset
                     consumer.pause([TopicPartition(topic, p)])
                 else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from events.identity import event_id
 from features.expressions import compile_python, parse
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
@@ -25,6 +26,13 @@ class Prepared:
     key: str
     t: int
     values: tuple[Any, ...]
+    event_id: int  # compact_id of the event's bytes: a repeat of it is counted once
+
+
+def compact_id(raw: bytes) -> int:
+    """The event's id (events.identity.event_id, md5 hex) cut to its first 8 bytes, as an int:
+    what a tile keeps per event (a collision needs two events of one key and slide)."""
+    return int(event_id(raw)[:16], 16)
 
 
 class Filtered:
@@ -80,4 +88,5 @@ class EventPreparer:
                 f"(newest event time - {c.allowed_lateness_ms} ms allowed lateness) has passed "
                 f"the end {end} of its smallest window, whose row was already emitted",
             )
-        return Prepared(key, t, tuple(event.get(column) for column in c.columns))
+        values = tuple(event.get(column) for column in c.columns)
+        return Prepared(key, t, values, compact_id(raw))

@@ -240,6 +240,7 @@ def _progress_line(view: str, v: ViewReport, rate: float | None) -> str:
         f"{rate:,.0f}/s" if rate is not None else f"{v.events / max(v.busy_s, 1e-3):,.0f}/s busy",
         f"late {v.late:,}",
         f"filtered {v.filtered:,}",
+        f"duplicates {v.duplicates:,}",
         f"rows {v.rows:,}",
         f"lag {v.lag:,}" if v.lag is not None else "lag ?",
         f"watermark {watermark}",

@@ -5,10 +5,19 @@ semantics can be checked against features/reference.py without a JVM.
 
 State of one key: [next_end, tiles]. ``tiles`` maps a slide bucket's start to its tile: one
 partial state per slot of the compiled view (CompiledView.slots), built, merged and turned into
-values by the aggregation objects of features/aggregations.py; ``next_end`` is the first
-window end not yet final (None before the first timer).
+values by the aggregation objects of features/aggregations.py, then the ids of the events the
+tile holds; ``next_end`` is the first window end not yet final (None before the first timer).
 A window end E is final once the watermark has reached E: the job refuses events whose bucket
 ends at or before the watermark (they are late), so no event can still land in [.., E).
+
+Duplicates: ingest is at least once, so an event may be read twice (the same canonical bytes,
+so the same id, events/identity.py; both copies in the same partition, since the key picks
+it). A copy of an event has the event's time, so it lands in the event's tile: each open tile
+keeps the compact ids (the first 8 bytes of the md5, an int) of the events it counted, and a
+repeat is dropped and counted as a duplicate. Once the watermark passes a tile's end the tile
+is closed (any further event for it is late and never reaches the state), so its ids are
+dropped right then: the ids held are those of the open tiles only, at most a slide or two of
+events per key.
 
 Firing at a timer ts walks every end in [next_end, ts] that has something to say, in order:
   - a row when the largest window [E - max, E) holds a tile (smaller windows may be empty);
@@ -22,20 +31,36 @@ nothing new does nothing.
 from __future__ import annotations
 
 from bisect import bisect_left
+from enum import IntEnum
 from typing import Any
 
 from features.aggregations import AGGREGATIONS, Aggregator
 from streaming.compile import CompiledView, Spec
 from streaming.errors import WindowStateError
 
-# A tile: per slot, its partial state or None (no value yet). A list: cheap to pickle.
+# A tile: per slot, its partial state or None (no value yet), then the set of the ids of its
+# events while it is open (None once closed). A list: cheap to pickle.
 Tile = list[Any]
 State = list[Any]  # [next_end: int | None, tiles: dict[int, Tile]]
 Row = tuple[int, dict[str, Any]]  # (window end ms, feature values)
+IDS = -1  # a tile's last element
+
+
+class Added(IntEnum):
+    """What ``WindowEngine.add`` did with an event."""
+
+    DUPLICATE = 0  # its id was in the tile already: not counted again
+    COUNTED = 1  # added to an existing tile
+    NEW_TILE = 2  # added to a new tile: the caller sets a timer at its end
 
 
 def new_state() -> State:
     return [None, {}]
+
+
+def open_ids(state: State) -> int:
+    """How many event ids a key's state holds (those of its open tiles)."""
+    return sum(len(tile[IDS]) for tile in state[1].values() if tile[IDS] is not None)
 
 
 class WindowEngine:
@@ -68,8 +93,8 @@ class WindowEngine:
     def bucket(self, t: int) -> int:
         return t - t % self.slide
 
-    def add(self, state: State, t: int, values: tuple[Any, ...]) -> bool:
-        """Add one event; True when it opened a new bucket (the caller then sets a timer)."""
+    def add(self, state: State, t: int, values: tuple[Any, ...], event_id: int) -> Added:
+        """Add one event, unless its tile already counted ``event_id`` (a duplicate)."""
         next_end, tiles = state
         bucket = self.bucket(t)
         if next_end is not None and bucket + self.slide < next_end:
@@ -78,13 +103,19 @@ class WindowEngine:
                 f"end {bucket + self.slide} was emitted; the late check must stop it earlier"
             )
         tile = tiles.get(bucket)
-        created = tile is None
         if tile is None:
-            tile = tiles[bucket] = [None] * len(self._slots)
+            tile = tiles[bucket] = [None] * len(self._slots) + [{event_id}]
+            outcome = Added.NEW_TILE
+        else:
+            ids = tile[IDS]
+            if event_id in ids:
+                return Added.DUPLICATE
+            ids.add(event_id)
+            outcome = Added.COUNTED
         for index, slot, aggregator in self._slots:
             value = None if index is None else values[index]
             tile[slot] = aggregator.fold(tile[slot], t, value)
-        return created
+        return outcome
 
     def fire(self, state: State, upto: int) -> list[Row]:
         """Rows of every end <= upto not emitted yet, oldest first; evicts spent tiles.
@@ -111,6 +142,10 @@ class WindowEngine:
                 buckets = buckets[first_in_window:]
                 if buckets:
                     end = max(end + slide, buckets[0] + slide)
+        # Tiles whose end the watermark reached are closed: no event can reach them any more.
+        for bucket, tile in tiles.items():
+            if bucket + slide <= ts and tile[IDS] is not None:
+                tile[IDS] = None
         state[0] = ts + slide if next_end is None else max(next_end, ts + slide)
         return rows
 

@@ -1,24 +1,31 @@
-"""Shared by the stream engine's tests (unit and Flink): test views, row comparison, and
-the Kafka helpers of the Flink tests (a topic that tracks offsets, reading a topic back)."""
+"""Shared by the stream engine's tests (unit and Flink): test views, row comparison, a model
+of the job's timers driving the window engine without a JVM, and the Kafka helpers of the
+Flink tests (a topic that tracks offsets, reading a topic back)."""
 
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from core.kafka import PRODUCER_DEFAULTS
+from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, is_heartbeat
 from core.settings import Settings
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 from features.schema import EventSource
-from features.validation import EventValidator, ValidEvent
+from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
+from streaming.compile import compile_view
+from streaming.prepare import EventPreparer, Filtered
+from streaming.windows import Added, WindowEngine, new_state
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -93,6 +100,75 @@ def row_differences(
     return problems
 
 
+MIN_WM = -(2**63)
+MAX_WM = 2**63 - 1
+
+
+class TimerModel:
+    """Drives WindowEngine the way the Flink job does, with PyFlink's timer behaviour: timers
+    fire in rounds, a timer registered in a firing that is already due fires in a later round,
+    the same timestamp may fire twice, and a watermark that jumps fires far ends before near
+    ones."""
+
+    def __init__(self, view: FeatureView, rng: random.Random) -> None:
+        self.compiled = compile_view(view)
+        self.preparer = EventPreparer(self.compiled)
+        self.engine = WindowEngine(self.compiled)
+        self.rng = rng
+        self.states: dict[str, list[Any]] = {}
+        self.timers: set[tuple[int, str]] = set()
+        self.watermark = MIN_WM
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.late: list[dict[str, Any]] = []
+        self.counted: list[dict[str, Any]] = []  # counted once (or filtered): not late
+        self.duplicates: list[dict[str, Any]] = []
+        self.aggregated: list[bytes] = []  # the bytes of each event added to a tile
+        self.now = 0  # wall ms, set by live_run
+        self.fired_at: dict[tuple[str, int], int] = {}  # row -> wall ms it was emitted
+
+    def advance(self, watermark: int) -> None:
+        self.watermark = max(self.watermark, watermark)
+        while due := [t for t in self.timers if t[0] <= self.watermark]:
+            self.timers -= set(due)
+            self.rng.shuffle(due)  # any order, even far ends before near ones
+            registered = []
+            for ts, key in due:
+                state = self.states.get(key)
+                if state is None:
+                    continue
+                upto = max(ts, self.watermark) if self.rng.random() < 0.5 else ts
+                for end, values in self.engine.fire(state, upto):
+                    assert (key, end) not in self.rows, f"row {(key, end)} emitted twice"
+                    self.rows[(key, end)] = values
+                    self.fired_at[(key, end)] = self.now
+                following = self.engine.next_timer(state)
+                if following is None:
+                    del self.states[key]
+                else:
+                    registered.append((following, key))
+            # Registered during the round, they fire in the next one, even if already due.
+            self.timers |= set(registered) | {(ts, k) for ts, k in due if self.rng.random() < 0.1}
+
+    def process(self, event: dict[str, Any]) -> None:
+        outcome = self.preparer.prepare(orjson.dumps(event), self.watermark)
+        if isinstance(outcome, Rejection):
+            assert outcome.reason is RejectReason.LATE
+            self.late.append(event)
+            return
+        if isinstance(outcome, Filtered):
+            self.counted.append(event)
+            return
+        state = self.states.setdefault(outcome.key, new_state())
+        added = self.engine.add(state, outcome.t, outcome.values, outcome.event_id)
+        if added is Added.DUPLICATE:
+            self.duplicates.append(event)
+            return
+        self.counted.append(event)
+        self.aggregated.append(orjson.dumps(event))
+        if added is Added.NEW_TILE:
+            self.timers.add((self.engine.bucket(outcome.t) + self.compiled.slide_ms, outcome.key))
+
+
 PARTITIONS = 4
 START = 1_767_268_800_000  # 2026-01-01 12:00 UTC: the lunch rush
 Event = dict[str, Any]
@@ -129,7 +205,8 @@ class Topic:
         self.source = source
         self.validator = EventValidator(source)
         self.producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS))
-        self.events: list[Event] = []
+        self.events: list[Event] = []  # as produced, repeats included
+        self.heartbeats = 0
         self.next_offset = dict.fromkeys(range(PARTITIONS), 0)
         self.max_time = dict.fromkeys(range(PARTITIONS), -1)
 
@@ -159,6 +236,29 @@ class Topic:
             on_delivery=delivered,
         )
 
+    def heartbeat(self, partition: int, timestamp_ms: int) -> None:
+        """A heartbeat record as ingest writes it (events/ingest.py): not an event."""
+
+        def delivered(err: Any, msg: Message) -> None:
+            assert err is None, err
+            assert msg.offset() == self.next_offset[partition]
+            self.next_offset[partition] += 1
+            self.max_time[partition] = max(self.max_time[partition], timestamp_ms)
+
+        self.heartbeats += 1
+        self.producer.produce(
+            self.source.topic,
+            HEARTBEAT_VALUE,
+            partition=partition,
+            timestamp=timestamp_ms,
+            headers=HEARTBEAT_HEADERS,
+            on_delivery=delivered,
+        )
+
+    def unique_events(self) -> list[Event]:
+        """The events produced, each once (a repeat has the same canonical bytes)."""
+        return list({orjson.dumps(e): e for e in self.events}.values())
+
     def flush(self) -> None:
         assert self.producer.flush(30) == 0
 
@@ -168,8 +268,12 @@ def closing_end(view: FeatureView, t: int) -> int:
     return t - t % view.slide_ms + view.max_window.size_ms + view.slide_ms
 
 
-def read_all(settings: Settings, topic: str, idle_s: float = 2.0) -> Iterator[Message]:
-    """Every record of a topic, by assignment (no group join), until idle."""
+def read_all(
+    settings: Settings, topic: str, idle_s: float = 2.0, *, skip_heartbeats: bool = False
+) -> Iterator[Message]:
+    """Every record of a topic, by assignment (no group join), until idle. skip_heartbeats:
+    leave out ingest's heartbeats, which do not count as activity either (a running ingest
+    writes them every second)."""
     consumer = Consumer(settings.kafka_client_config(**{"group.id": f"r-{uuid.uuid4().hex}"}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -178,6 +282,8 @@ def read_all(settings: Settings, topic: str, idle_s: float = 2.0) -> Iterator[Me
         while time.monotonic() - last < idle_s:
             for msg in consumer.consume(1000, timeout=0.2):
                 if msg.error() is None:
+                    if skip_heartbeats and is_heartbeat(msg.headers()):
+                        continue
                     last = time.monotonic()
                     yield msg
     finally:

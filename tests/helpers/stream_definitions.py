@@ -1,6 +1,7 @@
 """A definitions module for live tests of `sluice stream`: the example's sources with 2 s of
-allowed lateness and views of 1-minute windows sliding every 5 s, so that a 20-second live run
-closes windows (the example's views need over two minutes: 1-minute slides, 60 s lateness)."""
+allowed lateness (the default, stated here so the tests do not depend on it) and views of
+1-minute windows sliding every 5 s (servable 5 s after their end, the default lateness), so
+that a 20-second live run closes windows (the example's views slide every minute)."""
 
 from __future__ import annotations
 

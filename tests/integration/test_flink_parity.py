@@ -5,7 +5,9 @@ Events go to the `events.*` topics as the validating ingest writes them (canonic
 Kafka timestamp = event time), in two phases, so that which events are too late is certain:
 
 phase 1  simulated traffic, out-of-order events within the allowed lateness, events on slide
-         boundaries, a probe event per topic, then one sentinel per partition at time X.
+         boundaries, events delivered twice (ingest is at least once: they count once),
+         heartbeats as ingest writes them (not events: dropped and counted apart), a probe
+         event per topic, then one sentinel per partition at time X.
          Once the probe's closing row is out, the watermark is exactly W = X - lateness.
 phase 2  events far behind W, just behind it (their smallest window ends at W: too late) and
          at W (counted), on chosen partitions.
@@ -32,7 +34,7 @@ from core.records import DeadLetter, FeatureRow
 from core.settings import Settings
 from examples.delivery.simulate import DeliverySimulator
 from features.definitions import FeatureView
-from features.reference import compute_view, with_closing_rows
+from features.reference import compute_view, prepare, with_closing_rows
 from features.schema import EventSource
 from streaming.compile import features_topic
 from streaming.monitor import StreamReport
@@ -133,6 +135,10 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
         if produced % 70 == 0:  # on a slide boundary, and just before one
             topic.produce(valid.values | {field: t - t % 60_000})
             topic.produce(valid.values | {field: t - t % 60_000 - 1})
+        if produced % 40 == 0:  # delivered twice, as after an ingest crash
+            topic.produce(valid.values)
+        if produced % 300 == 0:  # a heartbeat, stamped no later than the newest event
+            topic.heartbeat(produced // 300 % PARTITIONS, newest[event.source])
         if produced >= N_SIMULATED:
             break
     # The probe's closing row ends exactly at W, so seeing it proves the watermark is W.
@@ -233,8 +239,9 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
         late_set = {
             orjson.dumps(e) for e in (topic.canonical(e).values for e, _ in late_plan[name])
         }
-        counted = [e for e in topic.events if orjson.dumps(e) not in late_set]
-        assert len(counted) == len(topic.events) - len(late_plan[name])
+        unique = topic.unique_events()
+        counted = [e for e in unique if orjson.dumps(e) not in late_set]
+        assert len(counted) == len(unique) - len(late_plan[name])
         want = with_closing_rows(view, compute_view(view, counted))
 
         got: dict[tuple[str, int], dict[str, Any]] = {}
@@ -250,9 +257,14 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
         assert row_differences(got, batch) == [], view.name
 
         stats = report.views[view.name]
-        assert stats.events == len(topic.events)
+        assert stats.events == len(topic.events), "every event read, repeats included"
+        assert stats.heartbeats == topic.heartbeats > 0
         assert stats.late == len(late_plan[name])
         assert stats.rejected == 0
+        # A repeat the view's filter drops counts as filtered; the others as duplicates.
+        assert len(topic.events) - len(unique) > 5
+        passing = [orjson.dumps(e) for e in topic.events if prepare(view, [e])]
+        assert stats.duplicates == len(passing) - len(set(passing)) > 0
         assert stats.balanced(), stats
         assert stats.rows == len(want)
         if view.name.startswith("restaurant_orders"):

@@ -9,9 +9,10 @@ from collections import Counter
 
 import orjson
 import pytest
+from confluent_kafka import Message
 
 from core.kafka import CountingProducer, ensure_topics, read_topics
-from core.records import DeadLetter
+from core.records import DeadLetter, is_heartbeat
 from core.settings import Settings
 from events.ingest import run_ingest
 from examples.delivery.produce import default_history_start_ms
@@ -64,8 +65,27 @@ def test_ingest_routes_every_record_and_counts_balance(stack_settings: Settings)
     assert counts.dead_lettered == sum(expected_reasons.values())
     assert dict(counts.by_reason) == dict(expected_reasons)
 
-    valid_records = read_topics(settings, [s.topic for s in sources])
+    records = read_topics(settings, [s.topic for s in sources])
+    valid_records = [m for m in records if not is_heartbeat(m.headers())]
     assert len(valid_records) == counts.valid == sum(good.values())
+    # Idle for 3 s at the end, ingest wrote heartbeats to every partition of the event topics:
+    # no key, no value, stamps that never go back, and the last record of each partition is a
+    # heartbeat stamped at or after its newest event (event time moves on with the wall clock).
+    heartbeats = [m for m in records if is_heartbeat(m.headers())]
+    assert len(heartbeats) == counts.heartbeats
+    by_partition: dict[tuple[str, int], list[Message]] = {}
+    for msg in sorted(records, key=lambda m: m.offset() or 0):
+        by_partition.setdefault((str(msg.topic()), msg.partition() or 0), []).append(msg)
+    assert set(by_partition) == {
+        (s.topic, p) for s in sources for p in range(settings.topic_partitions)
+    }
+    for where, msgs in by_partition.items():
+        beats = [m for m in msgs if is_heartbeat(m.headers())]
+        assert all((m.key(), m.value()) == (None, b"") for m in beats)
+        stamps = [m.timestamp()[1] for m in beats]
+        assert stamps == sorted(stamps), where
+        assert is_heartbeat(msgs[-1].headers()), where
+        assert stamps[-1] >= max(m.timestamp()[1] for m in msgs), where
     assert Counter(str(m.topic()).split(".")[-1] for m in valid_records) == good
     for msg in valid_records:
         source = by_name[str(msg.topic()).split(".")[-1]]

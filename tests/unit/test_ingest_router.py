@@ -73,3 +73,49 @@ def test_counts_balance_over_a_mix():
     assert sum(1 for o in outs if o.topic == "dlq") == 5
     assert dict(counts.by_reason) == {"invalid_json": 2, "missing_field": 1, "out_of_range": 2}
     assert dict(counts.by_source) == {"orders": 4, "courier_pings": 3}
+
+
+def test_heartbeats_follow_each_partitions_event_time_with_the_wall_clock():
+    from events.ingest import HeartbeatClock
+
+    now = [1000.0]
+    clock = HeartbeatClock({"events.orders": 3, "events.pings": 1}, 1000, lambda: now[0])
+    now[0] += 5000
+    assert clock.due() == [], "nothing is due on a topic before its first event"
+    clock.delivered("events.orders", 0, NOW_MS)
+    clock.delivered("elsewhere", 0, NOW_MS)  # dead letters and other topics are not tracked
+    now[0] += 400
+    clock.delivered("events.orders", 1, NOW_MS - 300)
+    now[0] += 700  # partition 0 quiet for 1.1 s, partition 1 for 0.7 s, partition 2 never written
+    assert clock.due() == [("events.orders", 0, NOW_MS + 1100), ("events.orders", 2, NOW_MS + 1100)]
+    now[0] += 300
+    assert clock.due() == [("events.orders", 1, NOW_MS - 300 + 1000)]
+    now[0] += 500
+    assert clock.due() == [], "one heartbeat per interval and partition"
+    now[0] += 200
+    assert clock.due() == [("events.orders", 0, NOW_MS + 2100), ("events.orders", 2, NOW_MS + 2100)]
+    clock.delivered("events.orders", 0, NOW_MS - 50_000)  # an older event: the clock holds
+    now[0] += 1000
+    assert ("events.orders", 0, NOW_MS + 2100) in clock.due(), "stamps never go back"
+
+
+def test_heartbeats_can_be_disabled():
+    from events.ingest import HeartbeatClock
+
+    now = [0.0]
+    clock = HeartbeatClock({"events.orders": 1}, 0, lambda: now[0])
+    clock.delivered("events.orders", 0, NOW_MS)
+    now[0] += 60_000
+    assert clock.due() == []
+
+
+def test_a_heartbeat_is_recognized_by_its_header_alone():
+    from core.records import H_KIND, HEARTBEAT_HEADERS, is_heartbeat
+
+    assert is_heartbeat(HEARTBEAT_HEADERS)
+    assert is_heartbeat({H_KIND: "heartbeat"})
+    assert is_heartbeat([("x", None), (H_KIND, b"heartbeat")])
+    assert not is_heartbeat(None)
+    assert not is_heartbeat([])
+    assert not is_heartbeat([(H_KIND, b"event")])
+    assert not is_heartbeat([(H_REASON, b"late")])

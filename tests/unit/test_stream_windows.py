@@ -13,7 +13,6 @@ import random
 from fractions import Fraction
 from typing import Any
 
-import orjson
 import pytest
 
 from examples.delivery.features import restaurant_orders, restaurant_prep
@@ -22,73 +21,19 @@ from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 from features.reference import compute_view, prepare, with_closing_rows
 from features.schema import EventSource
-from features.validation import EventValidator, Rejection, RejectReason, ValidEvent
+from features.validation import EventValidator, ValidEvent
 from streaming.compile import compile_view
 from streaming.errors import UnsupportedViewError
-from streaming.prepare import EventPreparer, Filtered
-from streaming.windows import WindowEngine, new_state
-from tests.helpers.stream import STREAM_VIEWS, row_differences
+from tests.helpers.stream import MAX_WM, MIN_WM, STREAM_VIEWS, TimerModel, row_differences
 
-MIN_WM = -(2**63)
-MAX_WM = 2**63 - 1
 START = 1_767_225_600_000  # 2026-01-01T00:00Z, a whole day
-
-
-class TimerModel:
-    """Drives WindowEngine the way the Flink job does, with PyFlink's timer behaviour."""
-
-    def __init__(self, view: FeatureView, rng: random.Random) -> None:
-        self.compiled = compile_view(view)
-        self.preparer = EventPreparer(self.compiled)
-        self.engine = WindowEngine(self.compiled)
-        self.rng = rng
-        self.states: dict[str, list[Any]] = {}
-        self.timers: set[tuple[int, str]] = set()
-        self.watermark = MIN_WM
-        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self.late: list[dict[str, Any]] = []
-        self.counted: list[dict[str, Any]] = []
-
-    def advance(self, watermark: int) -> None:
-        self.watermark = max(self.watermark, watermark)
-        while due := [t for t in self.timers if t[0] <= self.watermark]:
-            self.timers -= set(due)
-            self.rng.shuffle(due)  # any order, even far ends before near ones
-            registered = []
-            for ts, key in due:
-                state = self.states.get(key)
-                if state is None:
-                    continue
-                upto = max(ts, self.watermark) if self.rng.random() < 0.5 else ts
-                for end, values in self.engine.fire(state, upto):
-                    assert (key, end) not in self.rows, f"row {(key, end)} emitted twice"
-                    self.rows[(key, end)] = values
-                following = self.engine.next_timer(state)
-                if following is None:
-                    del self.states[key]
-                else:
-                    registered.append((following, key))
-            # Registered during the round, they fire in the next one, even if already due.
-            self.timers |= set(registered) | {(ts, k) for ts, k in due if self.rng.random() < 0.1}
-
-    def process(self, event: dict[str, Any]) -> None:
-        outcome = self.preparer.prepare(orjson.dumps(event), self.watermark)
-        if isinstance(outcome, Rejection):
-            assert outcome.reason is RejectReason.LATE
-            self.late.append(event)
-            return
-        self.counted.append(event)
-        if isinstance(outcome, Filtered):
-            return
-        state = self.states.setdefault(outcome.key, new_state())
-        if self.engine.add(state, outcome.t, outcome.values):
-            self.timers.add((self.engine.bucket(outcome.t) + self.compiled.slide_ms, outcome.key))
 
 
 def arrival_order(
     events: list[dict[str, Any]], rng: random.Random, time_field: str
 ) -> list[dict[str, Any]]:
-    """Time order, with some events a little late, some very late, some on slide boundaries."""
+    """Time order, with some events a little late, some very late, some on slide boundaries,
+    and some delivered twice (ingest is at least once): right away or a little later."""
     out = []
     for event in events:
         r = rng.random()
@@ -99,6 +44,8 @@ def arrival_order(
         elif r < 0.10:
             event = event | {time_field: event[time_field] - event[time_field] % 60_000}
         out.append(event)
+        if rng.random() < 0.04:
+            out.insert(len(out) - rng.randrange(min(len(out), 20)), dict(event))
     return out
 
 
@@ -133,7 +80,9 @@ def test_rows_equal_reference_over_counted_events(view: FeatureView, seed: int):
     model.advance(MAX_WM)
 
     assert model.late, "the arrival order should make some events too late"
+    assert model.duplicates, "the arrival order should repeat some events"
     assert not model.states, "every key's state is released after its closing row"
+    assert len(set(model.aggregated)) == len(model.aggregated), "no event is counted twice"
     want = with_closing_rows(view, compute_view(view, model.counted))
     assert row_differences(model.rows, want) == []
 
