@@ -18,7 +18,8 @@ open. Which partition an event landed on is learnt from its delivery report (the
 partitioner decides). Heartbeats are not events: they are counted apart (``heartbeats``) and
 every reader of an events topic skips them. A heartbeat asserts that the partition's event time
 has moved on: an event forwarded later with an event time more than the source's
-allowed_lateness behind it is late for the stream. Ingest writes heartbeats only while it runs.
+allowed_lateness behind it is late for the stream. Ingest writes heartbeats only while it runs,
+and only while it is caught up with the raw topics: never in the middle of a backlog.
 """
 
 from __future__ import annotations
@@ -307,9 +308,14 @@ def run_ingest(
             if budget <= 0:
                 break
             batch = consumer.consume(num_messages=budget, timeout=wait_s)
-            for topic, partition, stamp in clock.due():
-                producer.heartbeat(topic, partition, stamp)
-                router.counts.heartbeats += 1
+            # Heartbeats only when ingest has caught up (the poll ran out of records before it
+            # filled its budget). Reading a backlog, a partition is quiet only because the
+            # broker serves others first (Tansu fills a fetch from one partition); stamping it
+            # then would make its own pending events late.
+            if len(batch) < budget:
+                for topic, partition, stamp in clock.due():
+                    producer.heartbeat(topic, partition, stamp)
+                    router.counts.heartbeats += 1
             if not batch:
                 producer.poll(0)  # delivery reports: where events landed
                 now = time.monotonic()
