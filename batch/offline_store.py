@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from batch.compile import EVENT_TIMESTAMP, spark_type
 from batch.errors import OfflineStoreError
 from core.settings import Settings
+from events.history import arrow_type
 from features.contract import lateness_ms
 from features.definitions import FeatureView
 from features.schema import FieldType
@@ -64,25 +65,16 @@ def offline_columns(view: FeatureView) -> list[str]:
     return [view.entity.join_key, EVENT_TIMESTAMP, SERVABLE_TIMESTAMP, CREATED_TIMESTAMP, *features]
 
 
-_ARROW_TYPES: dict[FieldType, pa.DataType] = {
-    FieldType.STRING: pa.string(),
-    FieldType.INT: pa.int64(),
-    FieldType.FLOAT: pa.float64(),
-    FieldType.BOOL: pa.bool_(),
-    FieldType.TIMESTAMP: pa.timestamp("us", tz="UTC"),
-}
-
-
 def offline_arrow_schema(view: FeatureView) -> pa.Schema:
     """The store's files as pyarrow reads them (Spark writes timestamps as UTC micros)."""
-    stamp = _ARROW_TYPES[FieldType.TIMESTAMP]
+    stamp = arrow_type(FieldType.TIMESTAMP, "us")
     return pa.schema(
         [
             pa.field(view.entity.join_key, pa.string()),
             pa.field(EVENT_TIMESTAMP, stamp),
             pa.field(SERVABLE_TIMESTAMP, stamp),
             pa.field(CREATED_TIMESTAMP, stamp),
-            *(pa.field(spec.name, _ARROW_TYPES[spec.dtype]) for spec in view.features()),
+            *(pa.field(spec.name, arrow_type(spec.dtype, "us")) for spec in view.features()),
         ]
     )
 

@@ -66,6 +66,14 @@ _ARROW_TYPES: dict[FieldType, Any] = {
 }
 
 
+def arrow_type(field_type: FieldType, timestamp_unit: str = "ms") -> Any:
+    """The one map from the definition language's types to Arrow's. The history keeps event
+    times in ms (events carry ms); Spark writes the offline store's timestamps in us."""
+    if field_type is FieldType.TIMESTAMP:
+        return pa.timestamp(timestamp_unit, tz="UTC")
+    return _ARROW_TYPES[field_type]
+
+
 def arrow_schema(source: EventSource) -> pa.Schema:
     """The parquet schema of a source: declared fields in order, nullable as declared."""
     return pa.schema(
