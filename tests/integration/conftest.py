@@ -3,6 +3,7 @@ loopback ports, started once and stopped at the end. Tests mark themselves as in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,3 +44,11 @@ def spark() -> Iterator[Any]:
         yield session
     finally:
         stop_session()
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_pyflink_gateway_flag() -> None:
+    """PyFlink runs a local job's Python functions inside the driver process and leaves
+    PYFLINK_GATEWAY_DISABLED set there afterwards; a `sluice stream` subprocess started later
+    by another test would inherit it and refuse to start its own gateway."""
+    os.environ.pop("PYFLINK_GATEWAY_DISABLED", None)
