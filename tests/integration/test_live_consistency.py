@@ -262,7 +262,8 @@ def test_value_served_at_t_is_the_value_training_uses_for_t(tmp_path: Path, spar
     statuses = {status: sum(s.status is status for s in samples) for status in RowStatus}
     detail = "\n".join(f"{s}\n  training: {w}" for s, w in mismatches[:10])
     summary = f"{len(mismatches)} of {len(samples)} samples differ; statuses {statuses}\n{detail}"
-    assert busy > len(samples) // 2, (busy, len(samples))
+    # Not a trivial comparison of empty windows: zones are always busy, restaurants often not.
+    assert busy > len(samples) // 3, (busy, len(samples))
     # A value that differs from training's and is not flagged `behind` would be a silent
     # inconsistency: at most one in a thousand (events in flight at a boundary).
     unflagged = [m for m in mismatches if m[0].status is not RowStatus.BEHIND]
