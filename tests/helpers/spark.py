@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from core.settings import Settings
 from features.definitions import FeatureView
 from features.reference import RowKey
 from features.schema import EventSource, FieldType
@@ -72,3 +74,49 @@ def spark_rows(view: FeatureView, df) -> Rows:
         assert row_key not in out, f"duplicate row {row_key}"
         out[row_key] = {n: row[n] for n in names}
     return out
+
+
+def isolated_settings(base: Settings, tmp: Path, project: str, **update: Any) -> Settings:
+    """The session stack's settings with this module's own Feast project, registry, offline
+    store, history and models (so modules never see each other's rows or models)."""
+    return base.model_copy(
+        update={
+            "feast_project": project,
+            "feast_registry": tmp / "registry.db",
+            "offline_store_dir": tmp / "offline",
+            "history_dir": tmp / "history",
+            "models_dir": str(tmp / "models"),
+            "spark_master": "local[2]",
+            **update,
+        }
+    )
+
+
+def simulated_history(
+    spark: Any, settings: Settings, events: int, start: datetime, *, materialize: bool = False
+) -> None:
+    """Simulate ``events`` delivery events from ``start`` into the history (not Kafka), then
+    backfill every view of the definitions over their days plus margins."""
+    from batch.backfill import backfill
+    from examples.delivery.produce import produce_synthetic
+    from features.registry import load_registry
+
+    report = produce_synthetic(
+        settings,
+        events,
+        start_ms=to_ms(start),
+        to_kafka=False,
+        history_dir=settings.history_dir,
+    )
+    registry = load_registry(settings.definitions_module)
+    first = to_datetime(report.first_event_ms).date()
+    last = to_datetime(report.last_event_ms).date()
+    backfill(
+        settings,
+        list(registry.views.values()),
+        first - timedelta(days=1),
+        last + timedelta(days=2),
+        spark=spark,
+        materialize=materialize,
+        show_progress=False,
+    )

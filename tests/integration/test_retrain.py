@@ -7,21 +7,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from batch.backfill import backfill
 from cli.main import run
 from core.settings import Settings
 from examples.delivery.features import delivery_eta
-from examples.delivery.produce import produce_synthetic
-from features.registry import load_registry
 from models.fit import fit
 from models.registry import ModelRegistry
 from tests.helpers.serving import synthetic_training_set
+from tests.helpers.spark import isolated_settings, simulated_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.slow]
 # Evening into the night: the history crosses midnight, so the daily batch view has values.
@@ -32,35 +30,8 @@ SLUICE = str(Path(sys.executable).with_name("sluice"))
 @pytest.fixture(scope="module")
 def settings(spark, stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp: Path = tmp_path_factory.mktemp("retrain")
-    settings = stack_settings.model_copy(
-        update={
-            "feast_project": "retrain_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-            "history_dir": tmp / "history",
-            "models_dir": str(tmp / "models"),
-            "spark_master": "local[2]",
-        }
-    )
-    report = produce_synthetic(
-        settings,
-        60_000,
-        start_ms=int(START.timestamp() * 1000),
-        to_kafka=False,
-        history_dir=settings.history_dir,
-    )
-    registry = load_registry(settings.definitions_module)
-    first = datetime.fromtimestamp(report.first_event_ms / 1000, UTC).date()
-    last = datetime.fromtimestamp(report.last_event_ms / 1000, UTC).date()
-    backfill(
-        settings,
-        list(registry.views.values()),
-        first - timedelta(days=1),
-        last + timedelta(days=2),
-        spark=spark,
-        materialize=False,
-        show_progress=False,
-    )
+    settings = isolated_settings(stack_settings, tmp, "retrain_test")
+    simulated_history(spark, settings, 60_000, START)
     return settings
 
 

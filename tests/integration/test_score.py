@@ -16,16 +16,16 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from batch.backfill import backfill, materialize_view
+from batch.backfill import materialize_view
 from batch.score import compiled_available, score
 from batch.train import build_labels, train_models
 from cli.main import run
 from core.settings import Settings
 from examples.delivery.features import delivery_eta
-from examples.delivery.produce import produce_synthetic
 from features.contract import window_end_at
 from features.registry import load_registry
 from serving.app import create_app
+from tests.helpers.spark import isolated_settings, simulated_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.slow]
 START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: busy windows
@@ -35,36 +35,8 @@ REQUEST = ("distance_km", "hour_of_day", "items")
 @pytest.fixture(scope="module")
 def settings(spark, stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp: Path = tmp_path_factory.mktemp("score")
-    settings = stack_settings.model_copy(
-        update={
-            "feast_project": "score_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-            "history_dir": tmp / "history",
-            "models_dir": str(tmp / "models"),
-            "serve_models": ["delivery_eta"],
-            "spark_master": "local[2]",
-        }
-    )
-    report = produce_synthetic(
-        settings,
-        20_000,
-        start_ms=int(START.timestamp() * 1000),
-        to_kafka=False,
-        history_dir=settings.history_dir,
-    )
-    registry = load_registry(settings.definitions_module)
-    first = datetime.fromtimestamp(report.first_event_ms / 1000, UTC).date()
-    last = datetime.fromtimestamp(report.last_event_ms / 1000, UTC).date()
-    backfill(
-        settings,
-        list(registry.views.values()),
-        first - timedelta(days=1),
-        last + timedelta(days=2),
-        spark=spark,
-        materialize=False,
-        show_progress=False,
-    )
+    settings = isolated_settings(stack_settings, tmp, "score_test", serve_models=["delivery_eta"])
+    simulated_history(spark, settings, 20_000, START)
     train_models(settings, ["delivery_eta"], eval_fraction=0.25, rounds=50)
     return settings
 

@@ -3,20 +3,19 @@ time training sets -> LightGBM -> model registry -> the predictor serves the tra
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from batch.backfill import backfill
 from batch.train import build_labels, train_models, view_gains
 from core.settings import Settings
-from examples.delivery.produce import produce_synthetic
 from feature_repo import registry_ops
 from features.registry import load_registry
 from models.registry import ModelRegistry
 from serving.app import create_app
+from tests.helpers.spark import isolated_settings, simulated_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.slow]
 START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: many orders
@@ -25,39 +24,15 @@ START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: many orders
 @pytest.fixture(scope="module")
 def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp: Path = tmp_path_factory.mktemp("train")
-    return stack_settings.model_copy(
-        update={
-            "feast_project": "train_test",
-            "feast_registry": tmp / "registry.db",
-            "offline_store_dir": tmp / "offline",
-            "history_dir": tmp / "history",
-            "models_dir": str(tmp / "models"),
-            "serve_models": ["delivery_eta", "delivery_eta_batch_only"],
-            "spark_master": "local[2]",
-        }
+    return isolated_settings(
+        stack_settings, tmp, "train_test", serve_models=["delivery_eta", "delivery_eta_batch_only"]
     )
 
 
 def test_train_stores_evaluated_models_that_the_predictor_serves(spark, settings):
-    report = produce_synthetic(
-        settings,
-        20_000,
-        start_ms=int(START.timestamp() * 1000),
-        to_kafka=False,
-        history_dir=settings.history_dir,
-    )
     registry = load_registry(settings.definitions_module)
     registry_ops.apply(settings, registry)
-    first = datetime.fromtimestamp(report.first_event_ms / 1000, UTC).date()
-    last = datetime.fromtimestamp(report.last_event_ms / 1000, UTC).date()
-    backfill(
-        settings,
-        list(registry.views.values()),
-        first - timedelta(days=1),
-        last + timedelta(days=2),
-        spark=spark,
-        show_progress=False,
-    )
+    simulated_history(spark, settings, 20_000, START, materialize=True)
     rows = build_labels(settings, registry, registry.labels["delivery_times"])
     labels = rows.frame
     assert len(labels) > 300
