@@ -2,7 +2,8 @@
 
 Definitions may not carry arbitrary Python (an engine could not run it). Instead they carry
 expressions like ``items >= 2 and zone_id != 'z-00'`` or ``subtotal / items``, parsed here into
-a typed AST that renders to Spark SQL and Flink SQL and evaluates in the reference
+a typed AST that renders to Spark SQL and Flink SQL (``to_sql``; ``to_flink_sql`` is the
+stream's tile query's exact rendering) and evaluates in the reference
 implementation. Semantics are SQL's: null propagates, a filter keeps rows where it is true,
 ``/`` is float division and dividing by zero gives null (rendered the same way for both engines).
 
@@ -256,6 +257,50 @@ def to_sql(expr: Expr) -> str:
         # Spark 4 (ANSI) raises on x/0 and Flink differs by type: spell out "null on zero".
         return f"(CASE WHEN {right} = 0 THEN NULL ELSE CAST({left} AS DOUBLE) / {right} END)"
     return f"({left} {_SQL_OPS.get(expr.op, expr.op)} {right})"
+
+
+def to_flink_sql(expr: Expr) -> str:
+    """Render for Flink SQL with the reference's semantics (``compile_python``), exactly.
+
+    Columns are what the stream's tile query decodes (streaming/tiles.py): INT and TIMESTAMP as
+    BIGINT (timestamps in epoch milliseconds), FLOAT as DOUBLE, BOOL as BOOLEAN, STRING as
+    STRING. Where ``to_sql`` (shared with Spark) and Flink differ from the reference:
+      - ``hour(t)`` of epoch milliseconds: Python's floor division and non-negative modulo
+        (Flink's integer ``/`` truncates and MOD takes the dividend's sign);
+      - ``x / 0`` is a typed null, so that the CASE keeps the DOUBLE type in every position.
+    Null propagation, three-valued and/or/not and ``coalesce`` are SQL's, as in the reference.
+    """
+    if isinstance(expr, Literal | Column):
+        return to_sql(expr)
+    if isinstance(expr, Unary):
+        inner = to_flink_sql(expr.operand)
+        return f"(NOT {inner})" if expr.op == "not" else f"(-{inner})"
+    if isinstance(expr, Call):
+        args = [to_flink_sql(a) for a in expr.args]
+        if expr.function == "hour":
+            hours = f"CAST(FLOOR(CAST({args[0]} AS DOUBLE) / {_HOUR_MS}) AS BIGINT)"
+            return f"MOD(MOD({hours}, 24) + 24, 24)"
+        return f"{expr.function.upper()}({', '.join(args)})"
+    left, right = to_flink_sql(expr.left), to_flink_sql(expr.right)
+    if expr.op == "/":
+        return (
+            f"(CASE WHEN {right} = 0 THEN CAST(NULL AS DOUBLE) "
+            f"ELSE CAST({left} AS DOUBLE) / {right} END)"
+        )
+    return f"({left} {_SQL_OPS.get(expr.op, expr.op)} {right})"
+
+
+def columns_of(expr: Expr) -> set[str]:
+    """The names of the columns an expression reads."""
+    if isinstance(expr, Column):
+        return {expr.name}
+    if isinstance(expr, Literal):
+        return set()
+    if isinstance(expr, Unary):
+        return columns_of(expr.operand)
+    if isinstance(expr, Call):
+        return set().union(*(columns_of(a) for a in expr.args))
+    return columns_of(expr.left) | columns_of(expr.right)
 
 
 def compile_python(expr: Expr) -> Callable[[Row], Any]:
