@@ -158,6 +158,10 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# Whether a source record is one of ingest's heartbeats (header sluice.kind), in the JVM.
+HEARTBEAT_SQL = f"COALESCE(`headers`[{_quote(H_KIND)}] = X'{KIND_HEARTBEAT.encode().hex()}', FALSE)"
+
+
 # The columns the job's Python functions get from a source, in this order (functions.py).
 SOURCE_COLUMNS = ("key", "value", "partition", "offset", "heartbeat")
 
@@ -176,6 +180,7 @@ def source_table_sql(
     kafka_properties: dict[str, str],
     stop_offsets: dict[int, int] | None,
     idle_timeout_ms: int = 0,
+    rowtime: str | None = None,
 ) -> str:
     """DDL of the view's Kafka source: key and value bytes, partition, offset, watermarked time,
     and whether the record is a heartbeat (header sluice.kind, core.records.is_heartbeat).
@@ -208,7 +213,12 @@ def source_table_sql(
             f"partition:{p},offset:{o}" for p, o in sorted(stop_offsets.items())
         )
     with_clause = ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
-    heartbeat = f"X'{KIND_HEARTBEAT.encode().hex()}'"
+    time_column = "event_ts"
+    extra = ""
+    if rowtime is not None:
+        # The tile engine's event time (streaming/tiles.py): a computed column.
+        time_column = "rt"
+        extra = f"\n  `rt` AS {rowtime},"
     return f"""CREATE TEMPORARY TABLE `{table}` (
   `key` BYTES,
   `value` BYTES,
@@ -216,8 +226,8 @@ def source_table_sql(
   `offset` BIGINT METADATA VIRTUAL,
   `event_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
   `headers` MAP<STRING, BYTES> METADATA VIRTUAL,
-  `heartbeat` AS COALESCE(`headers`[{_quote(H_KIND)}] = {heartbeat}, FALSE),
-  WATERMARK FOR `event_ts` AS `event_ts` - INTERVAL '{lateness_s:.3f}' SECOND(3)
+  `heartbeat` AS {HEARTBEAT_SQL},{extra}
+  WATERMARK FOR `{time_column}` AS `{time_column}` - INTERVAL '{lateness_s:.3f}' SECOND(3)
 ) WITH (
   {with_clause}
 )"""

@@ -30,6 +30,7 @@ from core.settings import Settings
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
+from streaming.tiles import rowtime_column, tile_query
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,34 @@ class JobOptions:
     restart_attempts: int = 3
     # "host:port" of a Flink JobManager's REST endpoint; empty: a local mini-cluster.
     jobmanager: str = ""
+    # "events": Python per event (streaming/functions.py); "tiles": SQL per event, Python per
+    # tile (streaming/tiles.py). A view the tile engine cannot run exactly runs per event.
+    # None: settings.stream_engine (streaming.runner.run resolves it).
+    engine: str | None = None
 
 
 def job_name(views: list[CompiledView]) -> str:
     return "sluice-stream-" + "-".join(sorted(c.name for c in views))
 
 
-def job_dir(settings: Settings, views: list[CompiledView]) -> Path:
+def uses_tiles(compiled: CompiledView, options: JobOptions) -> bool:
+    from streaming.tiles import tile_support
+
+    return options.engine == "tiles" and tile_support(compiled) is None
+
+
+def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> Path:
     """Checkpoints and savepoints of one set of view definitions live here.
 
     The directory names a hash of the definitions: tiles in a snapshot are laid out for the
     definitions that wrote them, so a changed view starts afresh (from the earliest offsets)
-    instead of restoring state it would misread.
+    instead of restoring state it would misread. So does a change of engine (their state differs).
     """
     definitions = b"".join(
         c.view.model_dump_json().encode() for c in sorted(views, key=lambda c: c.name)
     )
+    if engine not in (None, "events"):
+        definitions += f"engine={engine}".encode()
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     return settings.state_dir / "flink" / f"{job_name(views)}-{digest}"
 
@@ -152,13 +165,25 @@ def build_job(
     name = job_name(views)
     conf = Configuration()
     bounded = stop_offsets is not None
-    base = job_dir(settings, views)
+    base = job_dir(settings, views, options.engine)
     for key, value in flink_configuration(
         base, name, options, bounded=bounded, restore_from=restore_from
     ).items():
         conf.set_string(key, value)
+    tiles = any(uses_tiles(c, options) for c in views)
+    if tiles:
+        from streaming.udf import udf_jar
+
+        conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
+    if tiles:
+        from streaming.udf import FUNCTIONS
+
+        for function, java_class in FUNCTIONS.items():
+            t_env.create_java_temporary_system_function(function, java_class)
+    # Tumbling tiles of a day align to UTC midnight, as the reference's buckets do.
+    t_env.get_config().set("table.local-time-zone", "UTC")
     for compiled in views:
         table = f"source_{compiled.name}"
         offsets = None if stop_offsets is None else stop_offsets[compiled.topic]
@@ -173,8 +198,12 @@ def build_job(
                 # Bounded runs end at given offsets: a partition waiting for its last records
                 # must hold the watermark, or they would be late.
                 idle_timeout_ms=0 if bounded else int(options.idle_timeout_s * 1000),
+                rowtime=rowtime_column(compiled) if uses_tiles(compiled, options) else None,
             )
         )
+        if uses_tiles(compiled, options):
+            _tile_pipeline(t_env, compiled, table, ctx)
+            continue
         prepare, windows = flink_functions(compiled, ctx)
         records = t_env.to_data_stream(t_env.sql_query(source_query(table)))
         # uids keep state assignable to operators across restarts from a checkpoint.
@@ -190,6 +219,24 @@ def build_job(
             .uid(f"windows-{compiled.name}")
         )
     return env
+
+
+def _tile_pipeline(t_env: Any, compiled: CompiledView, table: str, ctx: JobContext) -> None:
+    """Source -> SQL (decode, filter, late check, tiles; streaming/tiles.py) -> Tiles."""
+    from pyflink.common import Types
+
+    from streaming.tile_functions import entity_of, tile_function
+
+    views, query = tile_query(compiled, table)
+    for statement in views:
+        t_env.execute_sql(statement)
+    rows = t_env.to_data_stream(t_env.sql_query(query))
+    (
+        rows.key_by(entity_of, key_type=Types.STRING())
+        .process(tile_function(compiled, ctx))
+        .name(f"tiles {compiled.name}")
+        .uid(f"tiles-{compiled.name}")
+    )
 
 
 def _entity_of(event: tuple[str, int, Any]) -> str:

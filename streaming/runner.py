@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import threading
@@ -49,6 +50,8 @@ def run(
         +infinity, so every window and closing row is emitted before the job finishes.
     """
     options = options or JobOptions()
+    if options.engine is None:
+        options = dataclasses.replace(options, engine=settings.stream_engine)
     compiled = [compile_view(v) for v in views]
     if not compiled:
         raise StreamJobError("no views to run")
@@ -61,7 +64,11 @@ def run(
     stop_offsets = _stop_offsets(settings, topics, bounded_until_ms, stop_at_offsets)
     bounded = stop_offsets is not None
     name = job_name(compiled)
-    restore_from = latest_snapshot(job_dir(settings, compiled)) if restore and not bounded else None
+    restore_from = (
+        latest_snapshot(job_dir(settings, compiled, options.engine))
+        if restore and not bounded
+        else None
+    )
     run_id = uuid.uuid4().hex[:12]
     echo(
         f"starting {name} ({'bounded' if bounded else 'unbounded'}, run {run_id}"

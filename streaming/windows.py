@@ -117,6 +117,25 @@ class WindowEngine:
             tile[slot] = aggregator.fold(tile[slot], t, value)
         return outcome
 
+    def add_tile(self, state: State, bucket: int, states: list[Any]) -> Added:
+        """Merge a tile's partial states (one per slot, the tile engine's rows) into the key's
+        tile of ``bucket``. The tile engine deduplicates in SQL, so tiles keep no ids."""
+        next_end, tiles = state
+        if next_end is not None and bucket + self.slide < next_end:
+            raise WindowStateError(
+                f"view {self.c.name!r}: a tile of bucket {bucket} reached the window state "
+                f"after its window end {bucket + self.slide} was emitted"
+            )
+        tile = tiles.get(bucket)
+        if tile is None:
+            tiles[bucket] = [*states, None]
+            return Added.NEW_TILE
+        for _, slot, aggregator in self._slots:
+            mine, theirs = tile[slot], states[slot]
+            if theirs is not None:
+                tile[slot] = theirs if mine is None else aggregator.merge(mine, theirs)
+        return Added.COUNTED
+
     def fire(self, state: State, upto: int) -> list[Row]:
         """Rows of every end <= upto not emitted yet, oldest first; evicts spent tiles.
 

@@ -1,0 +1,169 @@
+"""The tile engine's Python function: one row per (entity, tile) in, rows of windows out.
+
+The SQL of streaming/tiles.py hands over tile rows (partial states of one entity's slide bucket,
+deduplicated, already past the watermark) and side rows (heartbeats, unreadable and late
+events, with their raw bytes). One KeyedProcessFunction keyed by entity (side rows and the
+filtered counts under the key "") merges tiles into the key's state (streaming/windows.py, the
+event engine's window code), fires the same event-time timers and writes rows, dead letters
+and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
+(see streaming/functions.py for why that is at least once).
+
+Counters: every record of the source is one of: a heartbeat; an event of a tile row (copies =
+aggregated + duplicates, or filtered for the entity-less rows); an event of a side row
+(filtered, late or rejected, as the event engine's parser decides). So the run's counts balance
+as the event engine's do. The three records per subtask (prepare, windows, publish) come from
+this one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from core.kafka import CountingProducer
+from core.records import PrepareCounts, WindowCounts
+from features.validation import Rejection, RejectReason
+from streaming.compile import CompiledView
+from streaming.functions import on_bundle_end
+from streaming.prepare import EventPreparer, Filtered
+from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
+from streaming.tiles import (
+    COPIES,
+    HEARTBEAT,
+    KEY,
+    KIND,
+    KIND_SIDE,
+    LATE,
+    OFF,
+    PART,
+    RAW,
+    RAW_KEY,
+    UNIQUE,
+    T,
+    state_decoder,
+)
+from streaming.windows import Added, WindowEngine, new_state
+
+# The entity of side rows and filtered counts (no entity's state lives under it: they carry
+# no tile).
+SIDE_KEY = ""
+
+
+def entity_of(row: Any) -> str:
+    key = row[KEY]
+    return SIDE_KEY if key is None else str(key)
+
+
+def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
+    """The KeyedProcessFunction of one view's tile rows."""
+    from pyflink.datastream import KeyedProcessFunction
+
+    slide = compiled.slide_ms
+
+    class Tiles(KeyedProcessFunction):  # type: ignore[misc]
+        def open(self, runtime_context: Any) -> None:
+            from pyflink.common import Types
+            from pyflink.datastream.state import ValueStateDescriptor
+
+            self.engine = WindowEngine(compiled)
+            self.decode = state_decoder(compiled)
+            self.preparer = EventPreparer(compiled)
+            descriptor = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
+            self.state = runtime_context.get_state(descriptor)
+            self.producer = CountingProducer(ctx.settings)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
+            self.dead = DeadLetters(self.producer, ctx, compiled.view)
+            self.read = PrepareCounts()
+            self.windows = WindowCounts()
+            index = runtime_context.get_index_of_this_subtask()
+            self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
+            self.late_counter = runtime_context.get_metrics_group().counter("late_events")
+            on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
+
+        def process_element(self, row: Any, context: Any) -> None:
+            read = self.read
+            partition = row[PART]
+            if partition is not None:
+                read.offsets[partition] = max(read.offsets.get(partition, 0), row[OFF] + 1)
+            read.last_at_ms = now_ms()
+            read.first_at_ms = read.first_at_ms or read.last_at_ms
+            watermark = context.timer_service().current_watermark()
+            read.watermark = watermark
+            if row[KIND] == KIND_SIDE:
+                self.side(row, watermark)
+                return
+            copies, unique = row[COPIES], row[UNIQUE]
+            read.events += copies
+            if row[KEY] is None:
+                read.filtered += copies
+                return
+            self.windows.aggregated += unique
+            self.windows.duplicates += copies - unique
+            t = row[T]
+            bucket = t - t % slide
+            state = self.state.value() or new_state()
+            if self.engine.add_tile(state, bucket, self.decode(row)) is Added.NEW_TILE:
+                context.timer_service().register_event_time_timer(bucket + slide)
+            self.state.update(state)
+
+        def side(self, row: Any, watermark: int) -> None:
+            read = self.read
+            if row[HEARTBEAT]:
+                read.heartbeats += 1
+                return
+            read.events += 1
+            t = row[T]
+            # Late by the SQL's check (end <= W + 1 there): at least that watermark. Not late:
+            # none, and the parser names why SQL could not read the event.
+            watermark = max(watermark, t - t % slide + slide) if row[LATE] else -(2**63)
+            outcome = self.preparer.prepare(row[RAW], watermark)
+            if isinstance(outcome, Filtered):
+                read.filtered += 1
+                return
+            if not isinstance(outcome, Rejection):
+                outcome = Rejection(
+                    RejectReason.WRONG_TYPE,
+                    None,
+                    "the stream's SQL decode could not read this event's entity or time",
+                )
+            if outcome.reason is RejectReason.LATE:
+                read.late += 1
+                self.late_counter.inc()
+            else:
+                read.rejected += 1
+            self.dead.send(outcome, row[RAW], row[RAW_KEY], row[PART], row[OFF])
+
+        def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
+            yield from ()
+            state = self.state.value()
+            if state is None:
+                return
+            key = context.get_current_key()
+            watermark = context.timer_service().current_watermark()
+            self.publisher.counts.watermark = watermark
+            for end, values in self.engine.fire(state, max(timestamp, watermark)):
+                self.publisher.add(key, end, values)
+            following = self.engine.next_timer(state)
+            if following is None:
+                self.state.clear()
+            else:
+                context.timer_service().register_event_time_timer(following)
+                self.state.update(state)
+
+        def flush(self) -> int:
+            self.publisher.flush()
+            self.stats.report(self.read)
+            self.stats.report(self.windows)
+            self.stats.report(self.publisher.counts)
+            self.producer.flush()
+            return self.read.events
+
+        def close(self) -> None:
+            self.publisher.flush()
+            self.stats.report(self.read, final=True)
+            self.stats.report(self.windows, final=True)
+            self.stats.report(self.publisher.counts, final=True)
+            self.producer.flush()
+            self.publisher.close()
+
+    return Tiles()

@@ -1,0 +1,268 @@
+"""The tile engine's SQL: decode, derive, filter, late check and per-tile partial states in Java.
+
+Flink SQL over the view's Kafka source does the per-event work; Python (streaming/tile_functions.py)
+gets one row per (entity, slide bucket, partition) instead of one per event, and assembles
+windows from them with the same window code as the event engine (streaming/windows.py).
+
+Per view, one query (one source scan), a UNION ALL of two kinds of rows:
+
+  tile rows   TUMBLE(slide) windows on the event time, two cascaded aggregations:
+              level 1 groups (bucket, entity, event id = MD5 of the canonical bytes): one row
+              per distinct event with its copies counted (ingest is at least once; a repeat
+              counts once, as in the event engine); level 2 groups (bucket, entity, partition)
+              and computes each slot's partial state (below). Events the filter drops become
+              rows of a NULL entity grouped by partition: only their number and offsets.
+  side rows   one row per record that is not aggregated in Java, with its raw bytes: heartbeats
+              (counted, they moved the watermark already), events the SQL decode cannot read
+              (the event engine's parser names the reason and dead-letters them) and late events
+              (dead-lettered with reason "late"). A window aggregation drops late records
+              silently, so the late check runs before it, in SQL, with CURRENT_WATERMARK.
+
+Lateness: Flink's window operators treat a record as late when its window's end - 1 is at or
+before the watermark (the window fired at W >= end - 1). The check before them uses the same
+rule, end <= W + 1 (the event engine's is end <= W): the one millisecond keeps every event the
+SQL lets through countable by the window operator, whose watermark is never ahead of the one
+the check saw, so nothing is lost silently; counts in == counts out.
+
+Partial states per slot, from the deduplicated events of a tile (features/aggregations.py):
+  count           COUNT(*)
+  sum, mean       COUNT(x), SUM(x)                    -> (n, (sum, 0.0))
+  min, max        MIN(x), MAX(x)
+  last            MAX(19-digit t || sortable value)    -> (t, value): greatest t, then value
+  stddev          sluice_moments(x), a Java aggregate (streaming/java/sluice/Moments.java):
+                  the reference's (n, c, d, M2) state, Welford per value and Chan's merge, so
+                  a large mean with a small spread keeps its digits (sums of squares would not)
+  count_distinct  JSON_STRING(ARRAY_AGG(DISTINCT x))   -> set
+A view the tile engine cannot express exactly (last over a float column) runs on the event
+engine (tile_support).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from features.aggregations import AggregationFunction as F
+from features.expressions import columns_of, parse, to_flink_sql
+from features.schema import FieldType
+from streaming.compile import HEARTBEAT_SQL, CompiledView, _quote
+
+_SQL_TYPES = {
+    FieldType.INT: "BIGINT",
+    FieldType.TIMESTAMP: "BIGINT",
+    FieldType.FLOAT: "DOUBLE",
+    FieldType.BOOL: "BOOLEAN",
+    FieldType.STRING: "STRING",
+}
+LAST_TIME_DIGITS = 19
+# streaming/java/sluice/Moments.java: the Stddev state (n, c, d, M2) of features/aggregations.py,
+# as a JSON object (JSON_STRING; Java's double to text round-trips exactly). Arrays and rows
+# do not cross to PyFlink's DataStream (its type conversion fails on them), text does.
+_MOMENTS = ("n", "c", "d", "m2")
+# BIGINT values sort as strings once shifted to non-negative: "1" + 19 digits for x >= 0,
+# "0" + 19 digits of x + (2^63 - 1) for x < 0.
+_LONG_MAX = 9_223_372_036_854_775_807
+
+# The columns of every row the query emits, in order (tile_functions.py reads them by index).
+KIND, KEY, T, PART, OFF, COPIES, UNIQUE, HEARTBEAT, LATE, RAW, RAW_KEY = range(11)
+FIXED = ("kind", "k", "t", "part", "off", "copies", "uniq", "hb", "late", "raw", "raw_key")
+SLOTS_FROM = len(FIXED)
+KIND_TILE, KIND_SIDE = "T", "S"
+
+
+def tile_support(compiled: CompiledView) -> str | None:
+    """None when the tile engine runs the view exactly; else why not (it runs per event)."""
+    types = compiled.view.column_types()
+    for index, function in compiled.slots:
+        if function is F.LAST and index is not None:
+            column = compiled.columns[index]
+            if types[column] is FieldType.FLOAT:
+                return f"last over the float column {column!r} has no sortable SQL encoding"
+    return None
+
+
+def slot_widths(compiled: CompiledView) -> tuple[int, ...]:
+    """How many columns each slot's partial state takes in a tile row."""
+    widths = {F.COUNT: 1, F.SUM: 2, F.MEAN: 2, F.MIN: 1, F.MAX: 1, F.LAST: 1, F.STDDEV: 1}
+    return tuple(widths.get(function, 1) for _, function in compiled.slots)
+
+
+def _interval(ms: int) -> str:
+    return f"INTERVAL '{ms / 1000:.3f}' SECOND(9, 3)"
+
+
+def _json(column: str, sql_type: str) -> str:
+    path = _quote(f"$.{column}")
+    if sql_type == "BIGINT":  # JSON_VALUE cannot return BIGINT
+        return f"TRY_CAST(JSON_VALUE(CAST(`value` AS STRING), {path}) AS BIGINT)"
+    return f"JSON_VALUE(CAST(`value` AS STRING), {path} RETURNING {sql_type})"
+
+
+def rowtime_column(compiled: CompiledView) -> str:
+    """The source's event-time column: the event's own time field for events (ingest stamps
+    the record with it too), the record timestamp for heartbeats and unreadable records."""
+    t = _json(compiled.time_field, "BIGINT")
+    event_time = f"COALESCE(TO_TIMESTAMP_LTZ({t}, 3), `event_ts`)"
+    return f"CASE WHEN {HEARTBEAT_SQL} THEN `event_ts` ELSE {event_time} END"
+
+
+def _last_encoding(value: str, field_type: FieldType) -> str:
+    if field_type is FieldType.STRING:
+        return value
+    if field_type is FieldType.BOOL:
+        return f"CAST({value} AS STRING)"  # FALSE < TRUE, as in Python
+    return (
+        f"(CASE WHEN {value} >= 0 THEN CONCAT('1', LPAD(CAST({value} AS STRING), 19, '0')) "
+        f"ELSE CONCAT('0', LPAD(CAST({value} + {_LONG_MAX} AS STRING), 19, '0')) END)"
+    )
+
+
+def decode_last(encoded: str, field_type: FieldType) -> tuple[int, object]:
+    """(t, value) of a last state encoded by the query."""
+    t = int(encoded[:LAST_TIME_DIGITS])
+    text = encoded[LAST_TIME_DIGITS:]
+    if field_type is FieldType.STRING:
+        return t, text
+    if field_type is FieldType.BOOL:
+        return t, text == "TRUE"
+    number = int(text[1:])
+    return t, number if text[0] == "1" else number - _LONG_MAX
+
+
+def _slot_sql(
+    function: F, column: str | None, field_type: FieldType | None
+) -> list[tuple[str, str]]:
+    """(aggregate, SQL type) of each column of one slot's state, over level-1 rows."""
+    if function is F.COUNT or column is None:
+        return [("COUNT(*)", "BIGINT")]
+    c = f"`{column}`"
+    x = f"CAST({c} AS DOUBLE)"
+    if function in (F.SUM, F.MEAN):
+        return [(f"COUNT({c})", "BIGINT"), (f"SUM({x})", "DOUBLE")]
+    if function is F.MIN:
+        return [(f"MIN({x})", "DOUBLE")]
+    if function is F.MAX:
+        return [(f"MAX({x})", "DOUBLE")]
+    if function is F.STDDEV:
+        return [(f"JSON_STRING(sluice_moments({x}))", "STRING")]
+    assert field_type is not None
+    if function is F.LAST:
+        stamp = f"LPAD(CAST(`_t` AS STRING), {LAST_TIME_DIGITS}, '0')"
+        return [(f"MAX(CONCAT({stamp}, {_last_encoding(c, field_type)}))", "STRING")]
+    return [(f"JSON_STRING(ARRAY_AGG(DISTINCT {c}))", "STRING")]
+
+
+def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
+    """The view's one query over its source table (streaming/compile.source_table_sql with
+    ``rowtime``): tile rows and side rows, FIXED columns then the slots' state columns.
+    (temporary views to create first, in order; the query)."""
+    view = compiled.view
+    types = view.column_types()
+    key, time_field = compiled.key_column, compiled.time_field
+    derived_names = {name for name, _ in compiled.derived}
+    needed = set(compiled.columns) | {key, time_field}
+    for _, text in compiled.derived:
+        needed |= columns_of(parse(text))
+    if compiled.filter:
+        needed |= columns_of(parse(compiled.filter))
+    needed -= derived_names
+    sql_type = {name: _SQL_TYPES[types[name]] for name in needed}
+    sql_type[key], sql_type[time_field] = "STRING", "BIGINT"
+    decoded = ", ".join(f"{_json(name, sql_type[name])} AS `{name}`" for name in sorted(needed))
+    current = (
+        "SELECT `partition` AS `_part`, `offset` AS `_off`, `value` AS `_raw`, "
+        f"`key` AS `_raw_key`, `rt`, `heartbeat` AS `_hb`, {decoded} FROM `{table}`"
+    )
+    current = f"SELECT *, `{key}` AS `_k0`, `{time_field}` AS `_t` FROM ({current})"
+    for name, text in compiled.derived:
+        current = f"SELECT *, {to_flink_sql(parse(text))} AS `{name}` FROM ({current})"
+    keep = to_flink_sql(parse(compiled.filter)) if compiled.filter else "TRUE"
+    slide = compiled.slide_ms
+    end = f"`_t` - MOD(`_t`, {slide}) + {slide}"
+    late = f"COALESCE(TO_TIMESTAMP_LTZ({end} - 1, 3) <= CURRENT_WATERMARK(`rt`), FALSE)"
+    marked = (
+        f"SELECT *, COALESCE({keep}, FALSE) AS `_kept`, `_hb` OR `_t` IS NULL OR `_k0` IS NULL "
+        f"OR {late} AS `_side`, {late} AS `_late` FROM ({current})"
+    )
+    # The aggregated records: events the view keeps (entity and id) or drops by its filter
+    # (no entity, grouped by partition: only their number and offsets travel).
+    eid = "CASE WHEN `_kept` THEN MD5(CAST(`_raw` AS STRING)) ELSE CAST(`_part` AS STRING) END"
+    aggregated = (
+        "SELECT *, CASE WHEN `_kept` THEN `_k0` ELSE CAST(NULL AS STRING) END AS `_k`, "
+        f"{eid} AS `_eid` FROM `{table}_marked` WHERE NOT `_side`"
+    )
+    columns = [None if i is None else compiled.columns[i] for i, _ in compiled.slots]
+    slot_sql = [
+        s
+        for (_, function), column in zip(compiled.slots, columns, strict=True)
+        for s in _slot_sql(function, column, types.get(column) if column else None)
+    ]
+    assert len(slot_sql) == sum(slot_widths(compiled))
+    firsts = "".join(f", MIN(`{c}`) AS `{c}`" for c in sorted({c for c in columns if c}))
+    level1 = (
+        "SELECT window_time AS `rt`, `_k`, MIN(`_part`) AS `_part`, "
+        f"MAX(`_off`) AS `_off`, COUNT(*) AS `_copies`, MIN(`_t`) AS `_t`{firsts} "
+        f"FROM TABLE(TUMBLE(TABLE `{table}_agg`, DESCRIPTOR(`rt`), {_interval(slide)})) "
+        "GROUP BY window_start, window_end, window_time, `_k`, `_eid`"
+    )
+    states = "".join(f", {s} AS `s{n}`" for n, (s, _) in enumerate(slot_sql))
+    tiles = (
+        f"SELECT '{KIND_TILE}' AS `kind`, `_k` AS `k`, MIN(`_t`) AS `t`, `_part` AS `part`, "
+        "MAX(`_off`) AS `off`, SUM(`_copies`) AS `copies`, COUNT(*) AS `uniq`, "
+        "FALSE AS `hb`, FALSE AS `late`, "
+        "CAST(NULL AS BYTES) AS `raw`, CAST(NULL AS BYTES) AS `raw_key`"
+        f"{states}, window_time AS `rt` "
+        f"FROM TABLE(TUMBLE(TABLE `{table}_l1`, DESCRIPTOR(`rt`), {_interval(slide)})) "
+        "GROUP BY window_start, window_end, window_time, `_k`, `_part`"
+    )
+    nulls = "".join(f", CAST(NULL AS {t}) AS `s{n}`" for n, (_, t) in enumerate(slot_sql))
+    side = (
+        f"SELECT '{KIND_SIDE}' AS `kind`, CAST(NULL AS STRING) AS `k`, `_t` AS `t`, "
+        "`_part` AS `part`, `_off` AS `off`, CAST(1 AS BIGINT) AS `copies`, "
+        "CAST(1 AS BIGINT) AS `uniq`, `_hb` AS `hb`, `_late` AS `late`, `_raw` AS `raw`, "
+        f"`_raw_key` AS `raw_key`{nulls}, `rt` FROM `{table}_marked` WHERE `_side`"
+    )
+    views = [
+        f"CREATE TEMPORARY VIEW `{table}_marked` AS {marked}",
+        f"CREATE TEMPORARY VIEW `{table}_agg` AS {aggregated}",
+        f"CREATE TEMPORARY VIEW `{table}_l1` AS {level1}",
+    ]
+    return views, f"{tiles}\nUNION ALL\n{side}"
+
+
+def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]]:
+    """Turns a tile row's state columns (from SLOTS_FROM on) into one partial state per slot,
+    as features/aggregations.py builds them (None: the slot saw no value)."""
+    types = compiled.view.column_types()
+    plan: list[tuple[int, F, FieldType | None]] = []
+    at = SLOTS_FROM
+    for (index, function), width in zip(compiled.slots, slot_widths(compiled), strict=True):
+        column = None if index is None else compiled.columns[index]
+        plan.append((at, function, types[column] if column else None))
+        at += width
+
+    def decode(row: Sequence[Any]) -> list[Any]:
+        states: list[Any] = []
+        for at, function, field_type in plan:
+            first = row[at]
+            if function is F.COUNT:
+                states.append(first or None)
+            elif function in (F.SUM, F.MEAN):
+                total = (float(row[at + 1]), 0.0) if first else None
+                states.append(total if function is F.SUM or total is None else (first, total))
+            elif function in (F.MIN, F.MAX):
+                states.append(first)
+            elif function is F.LAST:
+                assert field_type is not None
+                states.append(None if first is None else decode_last(first, field_type))
+            elif function is F.STDDEV:
+                moments = None if first is None else orjson.loads(first)
+                states.append(None if moments is None else tuple(moments[f] for f in _MOMENTS))
+            else:
+                values = () if first is None else orjson.loads(first) or ()
+                states.append({v for v in values if v is not None} or None)
+        return states
+
+    return decode
