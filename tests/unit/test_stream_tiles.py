@@ -77,8 +77,11 @@ def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
             columns.append(max(encoded, default=None))
         elif function is F.STDDEV:
             moments = AGGREGATIONS[F.STDDEV].of((0, v) for v in present)
-            fields = None if moments is None else dict(zip(("n", "c", "d", "m2"), moments, strict=True))
-            columns.append(None if fields is None else orjson.dumps(fields).decode())
+            if moments is None:
+                columns.append(None)
+            else:
+                fields = dict(zip(("n", "c", "d", "m2"), moments, strict=True))
+                columns.append(orjson.dumps(fields).decode())
         else:
             columns.append(orjson.dumps(list(dict.fromkeys(present))).decode())
     assert len(columns) == sum(slot_widths(compiled))
@@ -147,9 +150,7 @@ def test_last_over_a_float_column_runs_per_event() -> None:
     floats = view.model_copy(
         update={
             "aggregations": (
-                Aggregation(
-                    function=F.LAST, column="subtotal", windows=(Window.tumbling("5m"),)
-                ),
+                Aggregation(function=F.LAST, column="subtotal", windows=(Window.tumbling("5m"),)),
             )
         }
     )
