@@ -2,11 +2,17 @@
 
 Starts its own broker and Redis on free loopback ports, then measures:
   1. throughput: --events canonical events (orders and courier pings from the simulator) are
-     loaded into events.* first; the job of the example stream views (restaurant_orders,
-     zone_couriers) reads them bounded, to the end. Events/s from the first record read to
-     the last operator closing, so the end-of-input flush of every window is included.
-     Baseline in the same run: a PyFlink job with the same Kafka source whose Python
-     function only parses each event: the cost of getting events into Python at all.
+     loaded into events.* first; each job below reads them bounded, to the end, for the
+     example stream views (restaurant_orders, zone_couriers). Every job runs twice, over the
+     first --small share of every partition and over all of it; events/s is the marginal rate
+     (extra events / extra wall seconds), so JVM start-up, job submission and the end-of-input
+     flush of every window cancel out alike for every job:
+       tiles     the tile engine (streaming/tiles.py: SQL per event, Python per tile);
+       events    the per-event engine (--engines events,...; slow, off by default);
+       baseline  a PyFlink job with the same Kafka source whose Python function only parses
+                 each event: the cost of getting events into Python at all;
+       ceiling   a Flink SQL job that reads and decodes the same columns into a blackhole
+                 sink, no Python: the Java ceiling.
   2. freshness: events are produced live at --rate/s with event time = now into a view of
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import itertools
 import os
 import statistics
@@ -92,32 +99,73 @@ def preload(settings: Settings, n: int) -> dict[str, dict[int, int]]:
     return ends
 
 
-def throughput(
+def engine_run(
     settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions
-) -> tuple[float, float, int]:
-    """(events/s, seconds, rows) of the real job over the preloaded events."""
+) -> tuple[float, int]:
+    """(wall seconds, rows) of the real job over the preloaded events up to ``stop``."""
+    started = time.monotonic()
     report = run_stream(
         settings,
         [restaurant_orders, zone_couriers],
         stop_at_offsets=stop,
         options=options,
-        report_every_s=15,
+        report_every_s=60,
+        echo=lambda _: None,
     )
+    seconds = time.monotonic() - started
     assert report.balanced(), report
     events = sum(v.events for v in report.views.values())
     assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
-    first = min(v.first_record_at_ms or 0 for v in report.views.values())
-    last = max(v.last_report_at_ms or 0 for v in report.views.values())
-    seconds = (last - first) / 1000
-    return events / seconds, seconds, sum(v.rows for v in report.views.values())
+    return seconds, sum(v.rows for v in report.views.values())
+
+
+def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
+    """Wall seconds of a Flink SQL job that reads and decodes what the tile engine decodes
+    (its marked view: JSON columns, derived columns, filter, late check) into a blackhole."""
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from streaming.tiles import rowtime_column, tile_query
+
+    started = time.monotonic()
+    t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+    config = t_env.get_config()
+    config.set("parallelism.default", str(parallelism))
+    config.set("table.local-time-zone", "UTC")
+    statements = t_env.create_statement_set()
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"ceiling_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled,
+                table,
+                settings.kafka_bootstrap,
+                {},
+                stop[compiled.topic],
+                rowtime=rowtime_column(compiled),
+            ).replace("sluice-stream-", "bench-ceiling-")
+        )
+        views, _ = tile_query(compiled, table)
+        t_env.execute_sql(views[0])  # the marked view: decode, derive, filter, late check
+        t_env.execute_sql(
+            f"CREATE TEMPORARY TABLE `{table}_sink` (n BIGINT) WITH ('connector' = 'blackhole')"
+        )
+        statements.add_insert_sql(
+            f"INSERT INTO `{table}_sink` SELECT CAST(`_part` AS BIGINT) + `_off` + "
+            f"COALESCE(`_t`, 0) + CHAR_LENGTH(COALESCE(`_k0`, '')) + "
+            f"CASE WHEN `_kept` AND NOT `_side` THEN 1 ELSE 0 END FROM `{table}_marked`"
+        )
+    statements.execute().wait()
+    return time.monotonic() - started
 
 
 def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
-    """Events/s of the same source into a Python function that only parses each event."""
+    """Wall seconds of the same source into a Python function that only parses each event."""
     from pyflink.common import Configuration
     from pyflink.datastream import ProcessFunction, StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
+    started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
     ctx = JobContext(settings, run_id)
     conf = Configuration()
@@ -166,6 +214,7 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
         )
         t_env.to_data_stream(t_env.from_path(table)).process(ParseOnly(view.name))
     env.execute("bench-baseline")
+    seconds = time.monotonic() - started
     deadline = time.monotonic() + 15
     while board.finals() < 2 * parallelism and time.monotonic() < deadline:
         board.poll()
@@ -175,9 +224,8 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
     )
     board.close()
     events = sum(v.events for v in report.values())
-    first = min(v.first_record_at_ms or 0 for v in report.values())
-    last = max(v.last_report_at_ms or 0 for v in report.values())
-    return events / ((last - first) / 1000)
+    assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
+    return seconds
 
 
 def live_view() -> FeatureView:
@@ -319,11 +367,32 @@ def quantiles_ms(samples: list[float]) -> str:
     return f"p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms"
 
 
+def share(stop: dict[str, dict[int, int]], fraction: float) -> dict[str, dict[int, int]]:
+    """The first ``fraction`` of every partition."""
+    return {t: {p: int(o * fraction) for p, o in offs.items()} for t, offs in stop.items()}
+
+
+def marginal(
+    measure: Any, stop: dict[str, dict[int, int]], small: dict[str, dict[int, int]]
+) -> tuple[float, float]:
+    """(events/s between the small and the full run, seconds of the full run)."""
+    count = sum(sum(o.values()) for o in stop.values())
+    small_count = sum(sum(o.values()) for o in small.values())
+    small_s = measure(small)
+    full_s = measure(stop)
+    return (count - small_count) / max(full_s - small_s, 1e-3), full_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--small", type=float, default=0.1, help="share of the short runs")
+    parser.add_argument(
+        "--engines", default="tiles,baseline,ceiling", help="tiles,events,baseline,ceiling"
+    )
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=60.0)
+    parser.add_argument("--live-engine", default="tiles", choices=("tiles", "events"))
     parser.add_argument("--parallelism", type=int, default=1)
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python
     # round trips per event, and rows that wait longer (the freshness run keeps the defaults).
@@ -335,6 +404,9 @@ def main() -> None:
         bundle_time_ms=args.bundle_ms,
         watermark_interval_ms=args.watermark_ms,
     )
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    rates: dict[str, tuple[float, float]] = {}
+    rows: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as state:
         settings = load_settings(
             kafka_bootstrap=f"127.0.0.1:{free_port()}",
@@ -346,26 +418,56 @@ def main() -> None:
         try:
             ensure_topics(settings, [STATS_TOPIC], partitions=1)
             stop = preload(settings, args.events)
-            rate, seconds, rows = throughput(settings, stop, options)
-            base = baseline(settings, stop, args.parallelism)
+            small = share(stop, args.small)
+            for engine in engines:
+                if engine in ("tiles", "events"):
+                    engine_options = dataclasses.replace(options, engine=engine)
+
+                    def job(
+                        offsets: dict[str, dict[int, int]], o: JobOptions = engine_options
+                    ) -> float:
+                        seconds, n = engine_run(settings, offsets, o)
+                        rows[o.engine or ""] = n
+                        return seconds
+
+                    rates[engine] = marginal(job, stop, small)
+                elif engine == "baseline":
+                    rates[engine] = marginal(
+                        lambda o: baseline(settings, o, args.parallelism), stop, small
+                    )
+                elif engine == "ceiling":
+                    rates[engine] = marginal(
+                        lambda o: ceiling(settings, o, args.parallelism), stop, small
+                    )
+                else:
+                    raise SystemExit(f"unknown engine {engine!r}")
+                print(f"{engine}: {rates[engine][0]:,.0f} events/s", flush=True)
             readable: list[float] = []
             emitted: list[float] = []
             servable: list[float] = []
             if args.live_seconds > 0:
-                live = JobOptions()
+                live = JobOptions(engine=args.live_engine)
                 readable, emitted, servable = freshness(
                     settings, args.rate, args.live_seconds, live
                 )
         finally:
             stack_down(settings)
     print(
-        f"\nthroughput: {args.events:,} events, parallelism {args.parallelism}, bundles "
-        f"{args.bundle_ms} ms, watermarks every {args.watermark_ms} ms, {os.cpu_count()} cores"
+        f"\nthroughput: {args.events:,} events (marginal over the first {args.small:.0%}), "
+        f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
+        f"{args.watermark_ms} ms, {os.cpu_count()} cores"
     )
-    print(f"{'measure':34} {'sluice':>10} {'baseline':>10} {'ratio':>6}")
-    print(f"{'events/s (incl. window flush)':34} {rate:10,.0f} {base:10,.0f} {rate / base:6.2f}")
-    print(f"  {seconds:.1f} s, {rows:,} rows to Redis and features.*")
-    print(f"freshness, {args.rate:.0f} events/s live, {len(readable):,} rows (window close to):")
+    base = rates.get("baseline", (0.0, 0.0))[0]
+    print(f"{'job':10} {'events/s':>10} {'full run s':>10} {'x baseline':>10}")
+    for engine, (rate, seconds) in rates.items():
+        ratio = f"{rate / base:10.2f}" if base else f"{'-':>10}"
+        print(f"{engine:10} {rate:10,.0f} {seconds:10.1f} {ratio}")
+    for engine, n in rows.items():
+        print(f"  {engine}: {n:,} rows to Redis and features.*")
+    print(
+        f"freshness ({args.live_engine} engine), {args.rate:.0f} events/s live, "
+        f"{len(readable):,} rows (window close to):"
+    )
     print(f"  readable in Redis      {quantiles_ms(readable)}")
     print(f"  emitted by the window  {quantiles_ms(emitted)}")
     print("from servable time (end + lateness; negative: early):")

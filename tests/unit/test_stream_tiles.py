@@ -41,7 +41,7 @@ _LONG_MAX = 2**63 - 1
 def encode_last(t: int, value: Any, field_type: FieldType) -> str:
     """What the query's MAX(CONCAT(LPAD(t), encoding)) compares, per event."""
     if field_type is FieldType.STRING:
-        text = value
+        text = str(value)
     elif field_type is FieldType.BOOL:
         text = "TRUE" if value else "FALSE"
     elif value >= 0:
