@@ -47,7 +47,6 @@ def stream_command(
         parallelism=settings.flink_parallelism,
         checkpoint_interval_s=settings.flink_checkpoint_interval_s,
         jobmanager=settings.flink_jobmanager,
-        engine=settings.stream_engine,
     )
     where = settings.flink_jobmanager or "a local mini-cluster"
     console.print(
