@@ -63,8 +63,12 @@ LIVE_LATENESS = timedelta(seconds=2)
 PARTITIONS = 4
 
 
-def preload(settings: Settings, n: int) -> dict[str, dict[int, int]]:
-    """n canonical events into events.orders / events.courier_pings; stop offsets per topic."""
+HOT_KEYS = {ORDERS.name: "restaurant_id", COURIER_PINGS.name: "zone_id"}
+
+
+def preload(settings: Settings, n: int, hot: bool = False) -> dict[str, dict[int, int]]:
+    """n canonical events into events.orders / events.courier_pings; stop offsets per topic.
+    ``hot``: every other event of each source belongs to one entity ("hot")."""
     validators = {s.name: EventValidator(s) for s in (ORDERS, COURIER_PINGS)}
     producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS))
     ends: dict[str, dict[int, int]] = {s.topic: {} for s in (ORDERS, COURIER_PINGS)}
@@ -76,8 +80,11 @@ def preload(settings: Settings, n: int) -> dict[str, dict[int, int]]:
 
     events = (e for e in DeliverySimulator(seed=5, start_ms=START_MS).events())
     picked = (e for e in events if e.source in validators)
-    for event in itertools.islice(picked, n):
-        valid = validators[event.source].validate_object(event.payload, START_MS + 86_400_000)
+    for i, event in enumerate(itertools.islice(picked, n)):
+        payload = event.payload
+        if hot and i % 2 == 0:
+            payload = payload | {HOT_KEYS[event.source]: "hot"}
+        valid = validators[event.source].validate_object(payload, START_MS + 86_400_000)
         assert isinstance(valid, ValidEvent)
         topic = f"events.{event.source}"
         while True:
@@ -97,6 +104,65 @@ def preload(settings: Settings, n: int) -> dict[str, dict[int, int]]:
         for p in range(PARTITIONS):
             topic_ends.setdefault(p, 0)
     return ends
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def flink_rss_mb() -> float:
+    """RSS of the local Flink cluster: every JVM under this process and all it started (the
+    Python workers), in MB (Linux /proc)."""
+    total, stack = 0, list(_children(os.getpid()))
+    inside: set[int] = set()
+    while stack:
+        pid = stack.pop()
+        try:
+            command = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if command == "java" or pid in inside:
+            total += _rss_kb(pid)
+            inside.update(_children(pid))
+        stack += _children(pid)
+    return total / 1024
+
+
+class PeakRss:
+    """The greatest flink_rss_mb() seen while in the block, sampled every 0.5 s."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, flink_rss_mb())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def engine_run(
@@ -387,6 +453,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--small", type=float, default=0.1, help="share of the short runs")
+    parser.add_argument("--hot-key", action="store_true", help="half the events on one key")
     parser.add_argument(
         "--engines", default="tiles,baseline,ceiling", help="tiles,events,baseline,ceiling"
     )
@@ -407,6 +474,7 @@ def main() -> None:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     rates: dict[str, tuple[float, float]] = {}
     rows: dict[str, int] = {}
+    peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as state:
         settings = load_settings(
             kafka_bootstrap=f"127.0.0.1:{free_port()}",
@@ -417,7 +485,7 @@ def main() -> None:
         stack_up(settings)
         try:
             ensure_topics(settings, [STATS_TOPIC], partitions=1)
-            stop = preload(settings, args.events)
+            stop = preload(settings, args.events, args.hot_key)
             small = share(stop, args.small)
             for engine in engines:
                 if engine in ("tiles", "events"):
@@ -426,8 +494,10 @@ def main() -> None:
                     def job(
                         offsets: dict[str, dict[int, int]], o: JobOptions = engine_options
                     ) -> float:
-                        seconds, n = engine_run(settings, offsets, o)
+                        with PeakRss() as rss:
+                            seconds, n = engine_run(settings, offsets, o)
                         rows[o.engine or ""] = n
+                        peaks[o.engine or ""] = rss.peak
                         return seconds
 
                     rates[engine] = marginal(job, stop, small)
@@ -453,7 +523,8 @@ def main() -> None:
         finally:
             stack_down(settings)
     print(
-        f"\nthroughput: {args.events:,} events (marginal over the first {args.small:.0%}), "
+        f"\nthroughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
+        f"(marginal over the first {args.small:.0%}), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
         f"{args.watermark_ms} ms, {os.cpu_count()} cores"
     )
@@ -463,7 +534,10 @@ def main() -> None:
         ratio = f"{rate / base:10.2f}" if base else f"{'-':>10}"
         print(f"{engine:10} {rate:10,.0f} {seconds:10.1f} {ratio}")
     for engine, n in rows.items():
-        print(f"  {engine}: {n:,} rows to Redis and features.*")
+        print(
+            f"  {engine}: {n:,} rows to Redis and features.*, peak RSS of the Flink JVM and "
+            f"its Python workers {peaks[engine]:,.0f} MB"
+        )
     print(
         f"freshness ({args.live_engine} engine), {args.rate:.0f} events/s live, "
         f"{len(readable):,} rows (window close to):"
