@@ -157,3 +157,17 @@ def test_last_over_a_float_column_runs_per_event() -> None:
     reason = tile_support(compile_view(floats))
     assert reason is not None
     assert "subtotal" in reason
+
+
+def test_snapshots_of_the_two_engines_live_apart(tmp_path: Any) -> None:
+    """A tile snapshot (SQL window state, tiles without ids) cannot restore the event engine's
+    job or the reverse: the engine is part of the snapshot directory's name."""
+    from core.settings import load_settings
+    from streaming.job import job_dir
+
+    settings = load_settings(state_dir=tmp_path)
+    compiled = [compile_view(v) for v in STREAM_VIEWS]
+    assert job_dir(settings, compiled) == job_dir(settings, compiled, "events")
+    assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "events")
+    assert load_settings(stream_engine="tiles").stream_engine == "tiles"
+    assert load_settings().stream_engine == "events"
