@@ -159,12 +159,15 @@ def test_last_over_a_float_column_runs_per_event() -> None:
     assert "subtotal" in reason
 
 
-def test_snapshots_of_the_two_engines_live_apart(tmp_path: Any) -> None:
+def test_snapshots_of_the_two_engines_live_apart(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A tile snapshot (SQL window state, tiles without ids) cannot restore the event engine's
     job or the reverse: the engine is part of the snapshot directory's name."""
     from core.settings import load_settings
     from streaming.job import job_dir
 
+    monkeypatch.delenv("SLUICE_STREAM_ENGINE", raising=False)
     settings = load_settings(state_dir=tmp_path)
     compiled = [compile_view(v) for v in STREAM_VIEWS]
     assert job_dir(settings, compiled) == job_dir(settings, compiled, "events")
