@@ -84,7 +84,7 @@ def preload(settings: Settings, n: int, hot: bool = False) -> dict[str, dict[int
         payload = event.payload
         if hot and i % 2 == 0:
             payload = payload | {HOT_KEYS[event.source]: "hot"}
-        valid = validators[event.source].validate_object(payload, START_MS + 86_400_000)
+        valid = validators[event.source].validate_object(payload, START_MS + 365 * 86_400_000)
         assert isinstance(valid, ValidEvent)
         topic = f"events.{event.source}"
         while True:
@@ -191,12 +191,16 @@ def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: in
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
     from streaming.tiles import rowtime_column, tile_query
+    from streaming.udf import FUNCTIONS, udf_jar
 
     started = time.monotonic()
     t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
     config = t_env.get_config()
     config.set("parallelism.default", str(parallelism))
     config.set("table.local-time-zone", "UTC")
+    config.set("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    for function, java_class in FUNCTIONS.items():
+        t_env.create_java_temporary_system_function(function, java_class)
     statements = t_env.create_statement_set()
     for view in (restaurant_orders, zone_couriers):
         compiled = compile_view(view)

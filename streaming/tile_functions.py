@@ -42,7 +42,7 @@ from streaming.tiles import (
     T,
     state_decoder,
 )
-from streaming.windows import Added, WindowEngine, new_state
+from streaming.windows import Added, Memo, WindowEngine, new_state, prune_memo
 
 # The entity of side rows and filtered counts (no entity's state lives under it: they carry
 # no tile).
@@ -66,6 +66,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             from pyflink.datastream.state import ValueStateDescriptor
 
             self.engine = WindowEngine(compiled)
+            # Per key, window values across firings (not state: a cache, empty after a restore).
+            self.memos: dict[str, Memo] = {}
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
             descriptor = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
@@ -141,12 +143,15 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             key = context.get_current_key()
             watermark = context.timer_service().current_watermark()
             self.publisher.counts.watermark = watermark
-            for end, values in self.engine.fire(state, max(timestamp, watermark)):
+            memo = self.memos.setdefault(key, {})
+            for end, values in self.engine.fire(state, max(timestamp, watermark), memo):
                 self.publisher.add(key, end, values)
             following = self.engine.next_timer(state)
             if following is None:
+                self.memos.pop(key, None)
                 self.state.clear()
             else:
+                prune_memo(memo, state)
                 context.timer_service().register_event_time_timer(following)
                 self.state.update(state)
 

@@ -100,6 +100,12 @@ def _json(column: str, sql_type: str) -> str:
     return f"JSON_VALUE(CAST(`value` AS STRING), {path} RETURNING {sql_type})"
 
 
+def _field(name: str, sql_type: str) -> str:
+    """One field of the parsed record (sluice_json_fields: name -> JSON text)."""
+    text = f"`_f`[{_quote(name)}]"
+    return text if sql_type == "STRING" else f"TRY_CAST({text} AS {sql_type})"
+
+
 def rowtime_column(compiled: CompiledView) -> str:
     """The source's event-time column: the event's own time field for events (ingest stamps
     the record with it too), the record timestamp for heartbeats and unreadable records."""
@@ -170,11 +176,15 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
     needed -= derived_names
     sql_type = {name: _SQL_TYPES[types[name]] for name in needed}
     sql_type[key], sql_type[time_field] = "STRING", "BIGINT"
-    decoded = ", ".join(f"{_json(name, sql_type[name])} AS `{name}`" for name in sorted(needed))
+    names = sorted(needed)
+    fields = _quote(",".join(names))
     current = (
         "SELECT `partition` AS `_part`, `offset` AS `_off`, `value` AS `_raw`, "
-        f"`key` AS `_raw_key`, `rt`, `heartbeat` AS `_hb`, {decoded} FROM `{table}`"
+        f"`key` AS `_raw_key`, `rt`, `heartbeat` AS `_hb`, "
+        f"sluice_json_fields(`value`, {fields}) AS `_f` FROM `{table}`"
     )
+    decoded = ", ".join(f"{_field(name, sql_type[name])} AS `{name}`" for name in names)
+    current = f"SELECT `_part`, `_off`, `_raw`, `_raw_key`, `rt`, `_hb`, {decoded} FROM ({current})"
     current = f"SELECT *, `{key}` AS `_k0`, `{time_field}` AS `_t` FROM ({current})"
     for name, text in compiled.derived:
         current = f"SELECT *, {to_flink_sql(parse(text))} AS `{name}` FROM ({current})"

@@ -43,6 +43,7 @@ from streaming.errors import WindowStateError
 Tile = list[Any]
 State = list[Any]  # [next_end: int | None, tiles: dict[int, Tile]]
 Row = tuple[int, dict[str, Any]]  # (window end ms, feature values)
+Memo = dict[tuple[int, int, int], dict[str, Any]]
 IDS = -1  # a tile's last element
 
 
@@ -136,16 +137,18 @@ class WindowEngine:
                 tile[slot] = theirs if mine is None else aggregator.merge(mine, theirs)
         return Added.COUNTED
 
-    def fire(self, state: State, upto: int) -> list[Row]:
+    def fire(self, state: State, upto: int, memo: Memo | None = None) -> list[Row]:
         """Rows of every end <= upto not emitted yet, oldest first; evicts spent tiles.
 
         ``upto`` is a timer's time or the watermark: every end at or before it is final.
+        ``memo``: window values by (size, first bucket, last bucket), kept by the caller
+        across firings of one key (see values_at); one per firing when not given.
         """
         next_end, tiles = state
         slide, largest = self.slide, self.largest
         ts = upto - upto % slide  # the last window end at or before upto
         rows: list[Row] = []
-        memo: dict[tuple[int, int, int], dict[str, Any]] = {}
+        memo = {} if memo is None else memo
         buckets = sorted(tiles)
         if buckets:
             end = buckets[0] + slide if next_end is None else max(next_end, buckets[0] + slide)
@@ -181,13 +184,15 @@ class WindowEngine:
         tiles: dict[int, Tile],
         buckets: list[int],
         end: int,
-        memo: dict[tuple[int, int, int], dict[str, Any]] | None = None,
+        memo: Memo | None = None,
     ) -> dict[str, Any]:
         """Every feature of the row at ``end``, each over its own window's tiles.
 
-        ``memo`` (one per fire) reuses a window's values while the same tiles are in it: a
-        quiet key's hour window holds one tile for 60 consecutive ends, and catching up
-        emits all of them at once.
+        ``memo`` reuses a window's values while the same tiles are in it: a quiet key's hour
+        window holds one tile for 60 consecutive ends, and catching up emits all of them at
+        once. The first and last bucket name the tiles exactly, since every tile before an
+        end being fired is final (no event or tile row can reach it any more), so a memo may
+        also live across firings (the tile engine keeps one per key: prune_memo).
         """
         out: dict[str, Any] = {}
         for size, specs in self._by_window:
@@ -201,6 +206,17 @@ class WindowEngine:
                     memo[key] = values
             out.update(values)
         return out
+
+
+def prune_memo(memo: Memo, state: State) -> None:
+    """Drop the memo's windows that hold a tile the state has evicted."""
+    tiles = state[1]
+    if not tiles:
+        memo.clear()
+        return
+    oldest = min(tiles)
+    for key in [k for k in memo if k[2] >= 0 and k[1] < oldest]:
+        del memo[key]
 
 
 def _window_values(
