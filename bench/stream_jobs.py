@@ -1,0 +1,192 @@
+"""bench.stream's comparison jobs and measurements: the parse-only PyFlink baseline, the Flink
+SQL decode-only ceiling and the RSS of the local Flink cluster (see bench/stream.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from core.records import PrepareCounts
+from core.settings import Settings
+from examples.delivery.features import restaurant_orders, zone_couriers
+from examples.delivery.sources import COURIER_PINGS, ORDERS
+from streaming.compile import compile_view, source_table_sql
+from streaming.job import JobOptions, flink_configuration
+from streaming.monitor import StatsBoard
+from streaming.sinks import JobContext, StatsReporter, now_ms
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def flink_rss_mb() -> float:
+    """RSS of the local Flink cluster: every JVM under this process and all it started (the
+    Python workers), in MB (Linux /proc)."""
+    total, stack = 0, list(_children(os.getpid()))
+    inside: set[int] = set()
+    while stack:
+        pid = stack.pop()
+        try:
+            command = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if command == "java" or pid in inside:
+            total += _rss_kb(pid)
+            inside.update(_children(pid))
+        stack += _children(pid)
+    return total / 1024
+
+
+class PeakRss:
+    """The greatest flink_rss_mb() seen while in the block, sampled every 0.5 s."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, flink_rss_mb())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
+    """Wall seconds of a Flink SQL job that reads and decodes what the tile engine decodes
+    (its marked view: JSON columns, derived columns, filter, late check) into a blackhole."""
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from streaming.tiles import rowtime_column, tile_query
+    from streaming.udf import FUNCTIONS, udf_jar
+
+    started = time.monotonic()
+    t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+    config = t_env.get_config()
+    config.set("parallelism.default", str(parallelism))
+    config.set("table.local-time-zone", "UTC")
+    config.set("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    for function, java_class in FUNCTIONS.items():
+        t_env.create_java_temporary_system_function(function, java_class)
+    statements = t_env.create_statement_set()
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"ceiling_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled,
+                table,
+                settings.kafka_bootstrap,
+                {},
+                stop[compiled.topic],
+                rowtime=rowtime_column(compiled),
+            ).replace("sluice-stream-", "bench-ceiling-")
+        )
+        views, _ = tile_query(compiled, table)
+        t_env.execute_sql(views[0])  # the marked view: decode, derive, filter, late check
+        t_env.execute_sql(
+            f"CREATE TEMPORARY TABLE `{table}_sink` (n BIGINT) WITH ('connector' = 'blackhole')"
+        )
+        statements.add_insert_sql(
+            f"INSERT INTO `{table}_sink` SELECT CAST(`_part` AS BIGINT) + `_off` + "
+            f"COALESCE(`_t`, 0) + CHAR_LENGTH(COALESCE(`_k0`, '')) + "
+            f"CASE WHEN `_kept` AND NOT `_side` THEN 1 ELSE 0 END FROM `{table}_marked`"
+        )
+    statements.execute().wait()
+    return time.monotonic() - started
+
+
+def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
+    """Wall seconds of the same source into a Python function that only parses each event."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import ProcessFunction, StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    started = time.monotonic()
+    run_id = uuid.uuid4().hex[:12]
+    ctx = JobContext(settings, run_id)
+    conf = Configuration()
+    options = JobOptions(parallelism=parallelism)
+    base = settings.state_dir / "flink" / "bench-baseline"
+    for key, value in flink_configuration(
+        base, "bench-baseline", options, bounded=True, restore_from=None
+    ).items():
+        conf.set_string(key, value)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+
+    class ParseOnly(ProcessFunction):  # type: ignore[misc]
+        def __init__(self, view: str) -> None:
+            self.view = view
+
+        def open(self, runtime_context: Any) -> None:
+            import orjson
+
+            from core.kafka import CountingProducer
+
+            self.loads = orjson.loads
+            self.counts = PrepareCounts()
+            self.producer = CountingProducer(settings)
+            index = runtime_context.get_index_of_this_subtask()
+            self.stats = StatsReporter(self.producer, ctx, self.view, index)
+
+        def process_element(self, row: Any, context: Any) -> None:
+            self.loads(row[1])
+            self.counts.events += 1
+            self.counts.last_at_ms = now_ms()
+            self.counts.first_at_ms = self.counts.first_at_ms or self.counts.last_at_ms
+
+        def close(self) -> None:
+            self.stats.report(self.counts, final=True)
+            self.producer.flush()
+
+    board = StatsBoard(settings, run_id)
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"baseline_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled, table, settings.kafka_bootstrap, {}, stop[compiled.topic]
+            ).replace("sluice-stream-", "bench-baseline-")
+        )
+        t_env.to_data_stream(t_env.from_path(table)).process(ParseOnly(view.name))
+    env.execute("bench-baseline")
+    seconds = time.monotonic() - started
+    deadline = time.monotonic() + 15
+    while board.finals() < 2 * parallelism and time.monotonic() < deadline:
+        board.poll()
+    report = board.report(
+        [restaurant_orders.name, zone_couriers.name],
+        {restaurant_orders.name: ORDERS.topic, zone_couriers.name: COURIER_PINGS.topic},
+    )
+    board.close()
+    events = sum(v.events for v in report.values())
+    assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
+    return seconds
