@@ -280,7 +280,9 @@ def marginal(
     measure(small)
     small_s = measure(small)
     full_s = measure(stop)
-    return (count - small_count) / max(full_s - small_s, 1e-3), full_s
+    if full_s <= small_s:  # too few events to tell the rate from the noise
+        return float("nan"), full_s
+    return (count - small_count) / (full_s - small_s), full_s
 
 
 def main() -> None:
