@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     # time the partition last saw plus the wall time since, so the stream's watermark moves
     # on when traffic stops and the last windows close on time. 0 disables heartbeats.
     ingest_heartbeat_ms: int = Field(default=1000, ge=0, le=3_600_000)
+    # Ingest dead-letters a raw event bigger than this (reason too_large) before parsing it,
+    # which bounds its memory; below librdkafka's 1,000,000-byte message limit, so that what
+    # ingest forwards or dead-letters is never refused for its size.
+    ingest_max_event_bytes: int = Field(default=128 * 1024, ge=1024, le=900_000)
     # Where `sluice produce --history` writes parquet event history.
     history_dir: Path = DATA_DIR / "history"
     # Feature store: the Feast project, its registry and the parquet offline store.
