@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 10  # a dependency is down or the server is overloaded: retry later
     CONFLICT = 11  # the request contradicts what exists (a model reads features a service lacks)
     UNBALANCED = 12  # what went in and what came out do not add up: something was lost
+    DEADLINE = 13  # a deadline passed before the work was done: retry, or allow more time
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -39,6 +40,7 @@ _HTTP_STATUS: dict[ExitCode, int] = {
     ExitCode.DATA: 400,
     ExitCode.UNREACHABLE: 503,
     ExitCode.UNAVAILABLE: 503,
+    ExitCode.DEADLINE: 504,
 }
 
 

@@ -293,6 +293,9 @@ class PredictionRecord:
     window_ends_ms: dict[str, int | None] | None = None
     row_status: dict[str, str] | None = None
     as_of_ms: int | None = None
+    # Views served their empty values without reading the online store (slow, down, or the
+    # request's deadline first); None when every view was read, and in older records.
+    degraded: list[str] | None = None
     v: int = VERSION
 
     def encode(self) -> bytes:
@@ -316,6 +319,8 @@ class PredictionRecord:
             record["row_status"] = self.row_status
         if self.as_of_ms is not None:
             record["as_of_ms"] = self.as_of_ms
+        if self.degraded is not None:
+            record["degraded"] = self.degraded
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -351,6 +356,7 @@ class PredictionRecord:
             ),
             row_status=cls._row_status(f),
             as_of_ms=f.opt_integer("as_of_ms"),
+            degraded=None if f.obj.get("degraded") is None else f.strings("degraded"),
             v=f.version,
         )
 

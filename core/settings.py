@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import annotated_types
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -223,6 +223,42 @@ class Settings(BaseSettings):
     # `behind`; "empty" serves the view's empty values, flagged alike; "reject" answers 503
     # (features_behind) naming the views.
     serve_behind: Literal["flag", "empty", "reject"] = "flag"
+    # Deadlines on the request path (serving/deadlines.py, serving/breaker.py). Every Redis
+    # client connects within redis_connect_timeout_ms and waits at most redis_timeout_ms for a
+    # reply (writers: the stream, backfills); the predictor's feature reads wait at most
+    # redis_read_timeout_ms. A /predict answers within its deadline: request_deadline_ms, or
+    # the caller's (body deadline_ms or header X-Request-Timeout-Ms) capped at
+    # request_deadline_max_ms. When the online store is slow or down, serve_store_unavailable
+    # decides: "degraded" answers with the views' empty values, each row flagged `degraded`;
+    # "reject" answers 503 (feature_store_unavailable), or 504 (deadline_exceeded) when the
+    # deadline passes first. After breaker_failures failed reads in a row the predictor stops
+    # asking Redis for breaker_open_ms, then lets one read through to probe it.
+    redis_connect_timeout_ms: float = Field(default=500.0, ge=1, le=60_000)
+    redis_timeout_ms: float = Field(default=10_000.0, ge=1, le=600_000)
+    redis_read_timeout_ms: float = Field(default=100.0, ge=1, le=60_000)
+    request_deadline_ms: float = Field(default=1_000.0, ge=1, le=600_000)
+    request_deadline_max_ms: float = Field(default=30_000.0, ge=1, le=600_000)
+    serve_store_unavailable: Literal["degraded", "reject"] = "degraded"
+    breaker_failures: int = Field(default=3, ge=1, le=1_000)
+    breaker_open_ms: float = Field(default=500.0, ge=1, le=600_000)
+
+    @field_validator("request_deadline_max_ms")
+    @classmethod
+    def _check_deadline_max(cls, value: float, info: ValidationInfo) -> float:
+        default = info.data.get("request_deadline_ms")
+        if default is not None and value < default:
+            raise ValueError(
+                f"{value:g} is below request_deadline_ms ({default:g}); "
+                "the maximum must allow the default deadline"
+            )
+        return value
+
+    @field_validator("serve_store_unavailable", mode="before")
+    @classmethod
+    def _check_store_unavailable(cls, value: Any) -> Any:
+        if value not in ("degraded", "reject"):
+            raise ValueError(f"expected degraded or reject, got {str(value)[:40]!r}")
+        return value
 
     @field_validator("serve_behind", mode="before")
     @classmethod

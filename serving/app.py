@@ -40,7 +40,9 @@ from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
+from serving import deadlines
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
+from serving.breaker import STATE_VALUE, BreakerState, CircuitBreaker, GuardedReader
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
@@ -83,6 +85,7 @@ class Predictor:
     executor: ThreadPoolExecutor
     served: dict[str, Served] = field(default_factory=dict)
     recent: RecentPredictions = field(default_factory=RecentPredictions)
+    breaker: CircuitBreaker | None = None  # in front of reader (serving/breaker.py)
 
     def get(self, name: str | None) -> Served:
         name = name or self.settings.serve_models[0]
@@ -133,7 +136,12 @@ class Predictor:
             self.metrics.batch_size.labels(name).set(controller.size)
 
         batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: predict_batch(self.reader, items, serve_behind=s.serve_behind),
+            lambda items: predict_batch(
+                self.reader,
+                items,
+                serve_behind=s.serve_behind,
+                on_unavailable=s.serve_store_unavailable,
+            ),
             controller,
             max_delay_s=s.max_batch_delay_ms / 1000,
             executor=self.executor,
@@ -162,6 +170,8 @@ class Predictor:
         joined = prediction.joined
         m = self.metrics
         m.predictions.labels(prediction.model, str(prediction.version)).inc()
+        if joined.degraded:
+            m.degraded_rows.labels(prediction.model, joined.degraded_reason or "").inc()
         for view, age in joined.ages_ms.items():
             if view in joined.missing:
                 m.missing.labels(view).inc()
@@ -185,6 +195,7 @@ class Predictor:
             window_ends_ms=joined.window_ends_ms,
             row_status={view: status.value for view, status in joined.status.items()},
             as_of_ms=joined.as_of_ms,
+            degraded=joined.degraded or None,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -253,19 +264,33 @@ def _build(
         retries=settings.prediction_log_retries,
         on_outcome=lambda outcome, topic: metrics.log_records.labels(topic, outcome).inc(),
     )
+    breaker = _breaker(settings, metrics)
     predictor = Predictor(
         settings=settings,
         registry=registry or ModelRegistry(settings.models_dir),
         services=services,
-        reader=reader or open_online_store(settings),
+        reader=GuardedReader(reader or open_online_store(settings), breaker),
         log=kafka_log,
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+        breaker=breaker,
     )
     for name in settings.serve_models:
         predictor.served[name] = predictor.serve(name)
     kafka_log.start()
     return predictor
+
+
+def _breaker(settings: Settings, metrics: ServingMetrics) -> CircuitBreaker:
+    """The online store's breaker, its state and transitions in the metrics."""
+
+    def moved(before: BreakerState, after: BreakerState) -> None:
+        metrics.breaker_state.set(STATE_VALUE[after])
+        metrics.breaker_transitions.labels(after.value).inc()
+
+    return CircuitBreaker(
+        settings.breaker_failures, settings.breaker_open_ms / 1000, on_transition=moved
+    )
 
 
 class _RequestMetrics:
@@ -325,9 +350,15 @@ def _routes(app: FastAPI) -> None:
         responses={
             422: {"description": "invalid request: each bad field named, with the reason"},
             503: {
-                "description": "the online store is down (feature_store_unavailable), the "
-                "queue is full (overloaded), or with serve_behind=reject some rows' features "
-                "are behind the availability contract (features_behind, naming the views)"
+                "description": "the online store is down (feature_store_unavailable, with "
+                "serve_store_unavailable=reject; by default such rows are answered from the "
+                "views' empty values and listed under `degraded`), the queue is full "
+                "(overloaded), or with serve_behind=reject some rows' features are behind the "
+                "availability contract (features_behind, naming the views)"
+            },
+            504: {
+                "description": "with serve_store_unavailable=reject: the request's deadline "
+                f"(deadline_ms, header {deadlines.HEADER}) passed first (deadline_exceeded)"
             },
         },
     )
@@ -344,8 +375,13 @@ def _routes(app: FastAPI) -> None:
             for row, t in checked
         ]
         predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        budget = deadlines.budget_s(
+            body.deadline_ms, request.headers.get(deadlines.HEADER), predictor.settings
+        )
         try:
-            results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
+            results = await deadlines.predict_within(
+                served.batcher, items, budget, started, predictor.settings.serve_store_unavailable
+            )
         except QueueFullError as exc:
             raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
         predictor.count_contract(results)
@@ -364,6 +400,7 @@ def _routes(app: FastAPI) -> None:
                 "missing": prediction.joined.missing,
                 "stale": prediction.joined.stale,
                 "behind": prediction.joined.behind,
+                "degraded": prediction.joined.degraded,
             }
             if body.return_features:
                 answer["features"] = prediction.joined.values
@@ -440,6 +477,7 @@ def _routes(app: FastAPI) -> None:
             "status": "ok",
             "models": {n: s.slot.state.production.version for n, s in predictor.served.items()},
             "log": vars(predictor.log.counts) | {"pending": predictor.log.counts.pending},
+            "feature_store": predictor.breaker.state.value if predictor.breaker else None,
         }
 
     @app.get("/metrics")

@@ -94,6 +94,7 @@ class AdaptiveBatcher(Generic[In, Out]):
         self._on_batch = on_batch
         self._worker: asyncio.Task[None] | None = None
         self.batches = 0
+        self.withdrawn = 0  # requests cancelled before their batch ran
 
     @property
     def queued(self) -> int:
@@ -115,12 +116,17 @@ class AdaptiveBatcher(Generic[In, Out]):
 
     async def submit(self, item: In) -> Out:
         """Queue one request and wait for its result (or the batch's exception)."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: In) -> asyncio.Future[Out]:
+        """Queue one request; its future gets the result. Cancelling the future (the caller's
+        deadline passed) withdraws the request: a batch leaves cancelled requests out."""
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Pending(item, future))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self._queue.maxsize} requests queued") from None
-        return await future
+        return future
 
     async def _next_batch(self) -> list[_Pending[In, Out]]:
         batch = [await self._queue.get()]
@@ -145,7 +151,14 @@ class AdaptiveBatcher(Generic[In, Out]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            taken = await self._next_batch()
+            # Requests whose callers gave up (deadline) are not worth a feature read.
+            batch = [pending for pending in taken if not pending.future.done()]
+            for _ in range(len(taken) - len(batch)):
+                self._queue.task_done()
+            self.withdrawn += len(taken) - len(batch)
+            if not batch:
+                continue
             items = [pending.item for pending in batch]
             started = self._clock()
             try:

@@ -12,6 +12,7 @@ from core.errors import ExitCode, SluiceError
 from models.errors import ModelNotFoundError, ModelRegistryError
 
 __all__ = [
+    "DeadlineExceededError",
     "FeatureStoreUnavailableError",
     "FeaturesBehindError",
     "InvalidRequestError",
@@ -85,3 +86,11 @@ class FeaturesBehindError(SluiceServingError):
             "views": self.views,
             "rows": [{"row": i, "views": views} for i, views in self.rows.items()],
         }
+
+
+class DeadlineExceededError(SluiceServingError):
+    """The request's deadline passed before its answer was ready (serve_store_unavailable =
+    "reject"; with "degraded" the row is answered from the views' empty values instead)."""
+
+    exit_code = ExitCode.DEADLINE
+    code = "deadline_exceeded"

@@ -75,6 +75,25 @@ class ServingMetrics:
             ["topic", "outcome"],
             registry=r,
         )
+        self.degraded_rows = Counter(
+            "sluice_degraded_rows",
+            "Rows answered from the views' empty values without reading the online store, by "
+            "reason: store_unavailable (the read failed or timed out), breaker_open (not "
+            "asked), deadline (the request's deadline came before its batch)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "sluice_breaker_state",
+            "The online store's circuit breaker: 0 closed, 1 half-open (probing), 2 open",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "sluice_breaker_transitions",
+            "Moves of the online store's circuit breaker, by the state moved to",
+            ["to"],
+            registry=r,
+        )
         self.model_swaps = Counter(
             "sluice_model_swaps", "Promotions applied (hot swaps)", ["model"], registry=r
         )

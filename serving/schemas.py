@@ -87,6 +87,16 @@ class PredictRequest(BaseModel):
         },
     )
     return_features: bool = Field(False, description="Also answer with the feature values used.")
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=3_600_000,
+        description="Answer within this many milliseconds (also the header "
+        "X-Request-Timeout-Ms; the smaller wins). Default and maximum are server settings "
+        "(request_deadline_ms, request_deadline_max_ms: a larger value is capped). Rows whose "
+        "features are not read in time are answered from the views' empty values and listed "
+        "under `degraded`, or the request is a 504 when the server rejects instead.",
+    )
 
 
 class RowPrediction(BaseModel):
@@ -110,6 +120,12 @@ class RowPrediction(BaseModel):
     behind: list[str] = Field(
         description="Views whose newest servable row is older than the window the contract "
         "asks for at t (the stream is late); served as the serve_behind setting says."
+    )
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Views served their empty values without reading the online store, "
+        "because it was slow or down or the request's deadline came first (as `missing`, "
+        "but no row was looked for).",
     )
     features: dict[str, Any] | None = None
 
