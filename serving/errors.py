@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRegistryError",
     "OverloadedError",
+    "PredictionLogError",
     "SluiceServingError",
 ]
 
@@ -60,6 +61,14 @@ class OverloadedError(SluiceServingError):
 
     exit_code = ExitCode.UNAVAILABLE
     code = "overloaded"
+
+
+class PredictionLogError(SluiceServingError):
+    """The prediction log's local write-ahead directory cannot be used (locked by another
+    predictor, unwritable, or corrupt)."""
+
+    exit_code = ExitCode.STORAGE
+    code = "prediction_log_unavailable"
 
 
 class FeaturesBehindError(SluiceServingError):

@@ -68,13 +68,7 @@ class ServingMetrics:
             ["view", "status"],
             registry=r,
         )
-        self.log_records = Counter(
-            "sluice_log_records",
-            "Prediction-log and feedback records by topic and outcome "
-            "(produced, delivered, retried, failed, dropped)",
-            ["topic", "outcome"],
-            registry=r,
-        )
+        # sluice_log_records_total and the log's gauges: serving.prediction_log.LogCollector.
         self.model_swaps = Counter(
             "sluice_model_swaps", "Promotions applied (hot swaps)", ["model"], registry=r
         )
