@@ -53,6 +53,7 @@ _MAX_BACKOFF_S = 10.0
 # (the spill), not in memory.
 MAX_IN_FLIGHT = 10_000
 _READ_BATCH = 1000
+SPILL_AFTER_S = 1.0
 OUTCOMES = ("logged", "dropped", "replayed", "delivered", "failed", "retried")
 
 
@@ -138,7 +139,8 @@ class KafkaLog:
         self._resume_at = 0.0
         self._failure_rounds = 0
         self._generation = 0
-        self.spilling = prepare is not None  # until the broker has answered
+        self._ready = prepare is None
+        self._last_progress = time.monotonic()
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._thread: threading.Thread | None = None
@@ -173,6 +175,15 @@ class KafkaLog:
             "spilling": self.spilling,
         }
 
+    @property
+    def spilling(self) -> bool:
+        """Whether records wait on disk for the broker: the topics could not be created yet,
+        or records are pending and none was acknowledged (nor the log idle) for SPILL_AFTER_S."""
+        if not self._ready:
+            return True
+        waiting = self._unfinished or self._position < self.wal.end
+        return bool(waiting) and time.monotonic() - self._last_progress > SPILL_AFTER_S
+
     # -- the request side ---------------------------------------------------------------------
 
     def send(self, topic: str, key: bytes, value: bytes) -> bool:
@@ -201,17 +212,18 @@ class KafkaLog:
             self._thread.start()
 
     def _run(self) -> None:
-        prepared = self._prepare is None
         while not self._done():
-            if not prepared:
-                prepared = self._try_prepare()
+            if not self._ready:
+                self._ready = self._try_prepare()
                 continue
             handed = 0
             if time.monotonic() >= self._resume_at:
                 handed = self._hand_over_retries() + self._hand_over_new()
             self._producer.poll(0 if handed else 0.01)  # serves delivery reports
             self.wal.commit(self._commit_point())
-        if prepared:  # reports of what is still in flight, so the commit is as far as it can be
+            if not self._unfinished and self._position >= self.wal.end:
+                self._last_progress = time.monotonic()  # idle counts as keeping up
+        if self._ready:  # reports of what is still in flight, so the commit is as far as it can be
             self._producer.poll(0.1)
             self.wal.commit(self._commit_point())
 
@@ -289,7 +301,7 @@ class KafkaLog:
                 del self._unfinished[entry.offset]
                 self._count("delivered", entry.topic)
                 self._failure_rounds = 0
-                self.spilling = False
+                self._last_progress = time.monotonic()
                 return
             code = err.code() if hasattr(err, "code") else None
             if code in self._refused and record.attempts > self._retries:
@@ -302,8 +314,6 @@ class KafkaLog:
                 return
             self._count("retried", entry.topic)
             heapq.heappush(self._retry, entry.offset)
-            if code not in self._refused:
-                self.spilling = True
             now = time.monotonic()
             if now >= self._resume_at:  # the first failure of a round backs off further
                 self._failure_rounds += 1
