@@ -187,11 +187,18 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=256, ge=1, le=100_000)
     batch_increase: int = Field(default=2, ge=1, le=1_000)
     batch_backoff: float = Field(default=0.5, gt=0, lt=1)
-    # Prediction log and feedback topics; the in-memory queue in front of the producer is
-    # bounded so that a slow broker never blocks or exhausts a request path.
+    # Prediction log and feedback topics. Records go through a local write-ahead log
+    # (serving/wal.py) in prediction_log_dir (default <state_dir>/prediction-log, one per
+    # predictor), bounded by prediction_log_max_bytes (beyond: dropped, counted), fsynced every
+    # prediction_log_fsync_ms (a machine crash loses at most that much; a process crash
+    # nothing; 0 syncs every record). A record the broker refuses for itself (too large, not
+    # authorised) is given up after prediction_log_retries more attempts; an unreachable
+    # broker never fails a record, it waits on disk.
     prediction_topic: str = "sluice.predictions"
     feedback_topic: str = "sluice.feedback"
-    prediction_log_queue: int = Field(default=100_000, ge=1)
+    prediction_log_dir: Path | None = None
+    prediction_log_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    prediction_log_fsync_ms: float = Field(default=100.0, ge=0, le=60_000)
     prediction_log_retries: int = Field(default=5, ge=0, le=1_000)
     # Model selection among versions: 0 serves the production version only; above 0, an
     # epsilon-greedy choice among the production version and the bandit_arms - 1 newest other

@@ -4,7 +4,8 @@ Producers publish JSON to each source's raw topic. Ingest validates every record
 source's schema. A valid event is forwarded as canonical JSON to the source's topic, keyed by the
 source key, with the Kafka timestamp set to the event time (engines read event time from there).
 An invalid one goes to the dead-letter topic with its original bytes and key (a too_large one:
-its first TOO_LARGE_PREFIX_BYTES), and headers that say why. Offsets are committed only after the broker acknowledged the outputs (at least once),
+its first TOO_LARGE_PREFIX_BYTES), and headers that say why. Offsets are committed only after
+the broker acknowledged the outputs (at least once),
 and every record is counted: received == valid + dead_lettered.
 
 Heartbeats (settings.ingest_heartbeat_ms; 0 disables): a partition of ``events.<source>`` that
@@ -115,9 +116,7 @@ class IngestRouter:
         dead_letter_topic: str,
         max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
-        self._by_raw_topic = {
-            s.raw_topic: (s, EventValidator(s, max_event_bytes)) for s in sources
-        }
+        self._by_raw_topic = {s.raw_topic: (s, EventValidator(s, max_event_bytes)) for s in sources}
         self.dead_letter_topic = dead_letter_topic
         self.counts = IngestCounts()
 
@@ -358,7 +357,9 @@ def run_ingest(
             last_message_at = time.monotonic()
             first_record_at = first_record_at or last_message_at
             largest = max(len(msg) for msg in batch)  # len: the value's size, not copied
-            poll_records = max(1, min(2 * poll_records, POLL_RECORDS, POLL_BYTES // max(largest, 1)))
+            poll_records = max(
+                1, min(2 * poll_records, POLL_RECORDS, POLL_BYTES // max(largest, 1))
+            )
             for msg in batch:
                 err = msg.error()
                 if err is not None:

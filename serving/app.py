@@ -7,8 +7,9 @@ availability contract serves at the row's t (its arrival, or its event_time), jo
 model's order with the request features, predicts with LightGBM in a worker thread and answers
 each row with its prediction, model version, prediction id, the window ends served, feature
 ages and missing/stale/behind flags (serve_behind decides what a row behind the contract
-gets). Every prediction is logged to Kafka without waiting (prediction_log.KafkaLog) as a
-core.records.PredictionRecord, feedback as a FeedbackRecord.
+gets). Every prediction is logged to Kafka without waiting for the broker (prediction_log.KafkaLog,
+through a local write-ahead log) as a core.records.PredictionRecord, feedback as a
+FeedbackRecord.
 
 Errors: serving.errors types, mapped to HTTP statuses by one exception handler; request
 validation failures (FastAPI's and the per-model row checks) answer 422 with
@@ -47,7 +48,7 @@ from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedEr
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
-from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
+from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
 from serving.schemas import (
     FeedbackRequest,
     FeedbackResponse,
@@ -252,31 +253,27 @@ def _build(
 
     if services is None:
         services = load_registry(settings.definitions_module).services
-    if producer is None:
-        from core.kafka import ensure_topics
-
-        ensure_topics(settings, [settings.prediction_topic, settings.feedback_topic])
-        producer = kafka_producer(settings)
     metrics = ServingMetrics()
-    kafka_log = KafkaLog(
-        producer,
-        max_queue=settings.prediction_log_queue,
-        retries=settings.prediction_log_retries,
-        on_outcome=lambda outcome, topic: metrics.log_records.labels(topic, outcome).inc(),
-    )
-    breaker = _breaker(settings, metrics)
-    predictor = Predictor(
-        settings=settings,
-        registry=registry or ModelRegistry(settings.models_dir),
-        services=services,
-        reader=GuardedReader(reader or open_online_store(settings), breaker),
-        log=kafka_log,
-        metrics=metrics,
-        executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
-        breaker=breaker,
-    )
-    for name in settings.serve_models:
-        predictor.served[name] = predictor.serve(name)
+    # No broker needed to start: the log keeps records on local disk until it answers.
+    kafka_log = open_prediction_log(settings, producer)
+    try:
+        metrics.registry.register(LogCollector(kafka_log))
+        breaker = _breaker(settings, metrics)
+        predictor = Predictor(
+            settings=settings,
+            registry=registry or ModelRegistry(settings.models_dir),
+            services=services,
+            reader=GuardedReader(reader or open_online_store(settings), breaker),
+            log=kafka_log,
+            metrics=metrics,
+            executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+            breaker=breaker,
+        )
+        for name in settings.serve_models:
+            predictor.served[name] = predictor.serve(name)
+    except BaseException:
+        kafka_log.close(0)  # release the log's directory for the next attempt
+        raise
     kafka_log.start()
     return predictor
 
@@ -476,7 +473,7 @@ def _routes(app: FastAPI) -> None:
         return {
             "status": "ok",
             "models": {n: s.slot.state.production.version for n, s in predictor.served.items()},
-            "log": vars(predictor.log.counts) | {"pending": predictor.log.counts.pending},
+            "log": predictor.log.summary(),
             "feature_store": predictor.breaker.state.value if predictor.breaker else None,
         }
 

@@ -20,6 +20,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRegistryError",
     "OverloadedError",
+    "PredictionLogError",
     "SluiceServingError",
 ]
 
@@ -61,6 +62,14 @@ class OverloadedError(SluiceServingError):
 
     exit_code = ExitCode.UNAVAILABLE
     code = "overloaded"
+
+
+class PredictionLogError(SluiceServingError):
+    """The prediction log's local write-ahead directory cannot be used (locked by another
+    predictor, unwritable, or corrupt)."""
+
+    exit_code = ExitCode.STORAGE
+    code = "prediction_log_unavailable"
 
 
 class FeaturesBehindError(SluiceServingError):

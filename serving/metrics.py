@@ -68,13 +68,7 @@ class ServingMetrics:
             ["view", "status"],
             registry=r,
         )
-        self.log_records = Counter(
-            "sluice_log_records",
-            "Prediction-log and feedback records by topic and outcome "
-            "(produced, delivered, retried, failed, dropped)",
-            ["topic", "outcome"],
-            registry=r,
-        )
+        # sluice_log_records_total and the log's gauges: serving.prediction_log.LogCollector.
         self.degraded_rows = Counter(
             "sluice_degraded_rows",
             "Rows answered from the views' empty values without reading the online store, by "

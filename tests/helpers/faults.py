@@ -54,7 +54,7 @@ def own_redis(state_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     log = open(state_dir / "redis.log", "wb")  # noqa: SIM115  # closed in finally
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "no", "--dir", str(state_dir)],
+        + ["--appendonly", "no", "--dir", str(state_dir)],  # noqa: RUF005
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -120,10 +120,13 @@ class FakeMessage:
 
 
 class FakeProducer:
-    """Delivers on poll; the first ``failures`` deliveries fail (to exercise retries)."""
+    """Delivers on poll; the first ``failures`` deliveries fail with ``error`` (to exercise
+    retries); while ``down``, poll reports nothing (a stopped broker)."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, error: Any = "_MSG_TIMED_OUT") -> None:
         self.failures = failures
+        self.error = error
+        self.down = False
         self.pending: list[tuple[FakeMessage, Any]] = []
         self.delivered: list[FakeMessage] = []
         self.lock = threading.Lock()
@@ -133,12 +136,14 @@ class FakeProducer:
             self.pending.append((FakeMessage(topic, key, value), on_delivery))
 
     def poll(self, timeout: float) -> int:
+        if self.down:
+            return 0
         with self.lock:
             pending, self.pending = self.pending, []
         for message, callback in pending:
             if self.failures > 0:
                 self.failures -= 1
-                callback("_MSG_TIMED_OUT", message)
+                callback(self.error, message)
             else:
                 self.delivered.append(message)
                 callback(None, message)

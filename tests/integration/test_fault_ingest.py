@@ -112,7 +112,9 @@ def test_fuzzed_events_are_dead_lettered_with_reasons(stack_settings: Settings, 
     rng = random.Random(14)
     now_ms = int(time.time() * 1000)
     # The broker may refuse what the producer hands over; that is counted, never assumed.
-    producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS, **{"message.max.bytes": 4 * MiB}))
+    producer = Producer(
+        settings.kafka_client_config(**PRODUCER_DEFAULTS, **{"message.max.bytes": 4 * MiB})
+    )
     sent: dict[str, tuple[str, bytes | None]] = {}
     delivered: set[str] = set()
     refused: Counter[str] = Counter()
@@ -204,11 +206,11 @@ def test_fuzzed_events_are_dead_lettered_with_reasons(stack_settings: Settings, 
         k: [r.value] for k, r in want_dead.items()
     }, "each bad record dead-lettered once, with its reason"
     forwarded = [
-        m.value() or b""
-        for m in read_all(settings, orders.topic)
-        if not is_heartbeat(m.headers())
+        m.value() or b"" for m in read_all(settings, orders.topic) if not is_heartbeat(m.headers())
     ]
     assert sorted(forwarded) == sorted(want_good)
     by_reason = Counter(r.value for r in want_dead.values())
-    print(f"fuzz: {len(sent)} sent, {len(delivered)} accepted, {len(want_good)} forwarded, "
-          f"{len(want_dead)} dead-lettered {dict(by_reason)}")
+    print(
+        f"fuzz: {len(sent)} sent, {len(delivered)} accepted, {len(want_good)} forwarded, "
+        f"{len(want_dead)} dead-lettered {dict(by_reason)}"
+    )

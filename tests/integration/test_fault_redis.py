@@ -131,7 +131,22 @@ def test_redis_sigstop_under_load_answers_within_deadlines(
     stopped_at, continued_at = fired[WARM_S], fired[WARM_S + STOP_S]
 
     import json as _j
-    Path("/tmp/fault_shots.json").write_text(_j.dumps([(s.index, s.sent_s, s.latency_s, s.status, s.body and s.body["predictions"][0]["degraded"]) for s in shots] + [[stopped_at, continued_at]]))
+
+    Path("/tmp/fault_shots.json").write_text(
+        _j.dumps(
+            [
+                (
+                    s.index,
+                    s.sent_s,
+                    s.latency_s,
+                    s.status,
+                    s.body and s.body["predictions"][0]["degraded"],
+                )
+                for s in shots
+            ]
+            + [[stopped_at, continued_at]]
+        )
+    )
     # Every request sent was answered, 200, within its deadline.
     unanswered = [s for s in shots if s.latency_s is None]
     assert unanswered == [], unanswered[:5]

@@ -53,9 +53,9 @@ def check_outcome(out: ValidEvent | Rejection, raw: bytes) -> None:
         return
     # A valid event: canonical, in range for both engines, and canonical again when re-read.
     assert set(out.values) == set(FIELDS)
-    assert all(
-        INT64_MIN <= v <= INT64_MAX for v in out.values.values() if isinstance(v, int)
-    ), out.values
+    assert all(INT64_MIN <= v <= INT64_MAX for v in out.values.values() if isinstance(v, int)), (
+        out.values
+    )
     again = VALIDATOR.validate(out.to_json(), now_ms=NOW_MS)
     assert again == out, (raw, again)
 
@@ -141,7 +141,10 @@ def test_huge_numbers_and_payloads() -> None:
 fuzzed_records = st.one_of(
     st.binary(max_size=300),
     st.builds(orjson.dumps, st.dictionaries(st.sampled_from(FIELDS), json_values)),
-    st.builds(lambda changes: orjson.dumps(GOOD | changes), st.dictionaries(st.sampled_from(FIELDS), json_scalars)),
+    st.builds(
+        lambda changes: orjson.dumps(GOOD | changes),
+        st.dictionaries(st.sampled_from(FIELDS), json_scalars),
+    ),
     st.just(orjson.dumps(GOOD)),
     st.just(b"\x7b" * 300_000),  # too large
     st.none(),  # a tombstone
