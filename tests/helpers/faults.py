@@ -52,9 +52,9 @@ def own_redis(state_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     assert binary is not None, "redis-server is not on PATH"
     port = free_port()
     log = open(state_dir / "redis.log", "wb")  # noqa: SIM115  # closed in finally
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "no", "--dir", str(state_dir)],  # noqa: RUF005
+        [*args, "--dir", str(state_dir)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
