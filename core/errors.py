@@ -28,6 +28,9 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 10  # a dependency is down or the server is overloaded: retry later
     CONFLICT = 11  # the request contradicts what exists (a model reads features a service lacks)
     UNBALANCED = 12  # what went in and what came out do not add up: something was lost
+    UNAUTHENTICATED = 13  # no credentials, or credentials nobody issued (an API token)
+    FORBIDDEN = 14  # the credentials are valid but do not allow this (a token's scope)
+    TOO_LARGE = 15  # the input exceeds a configured limit (a request body's size)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -39,6 +42,9 @@ _HTTP_STATUS: dict[ExitCode, int] = {
     ExitCode.DATA: 400,
     ExitCode.UNREACHABLE: 503,
     ExitCode.UNAVAILABLE: 503,
+    ExitCode.UNAUTHENTICATED: 401,
+    ExitCode.FORBIDDEN: 403,
+    ExitCode.TOO_LARGE: 413,
 }
 
 

@@ -22,7 +22,6 @@ from features.schema import FieldType
 from serving.errors import InvalidRequestError, ModelIncompatibleError
 from serving.features import FeaturePlan
 
-MAX_ROWS = 1000
 EVENT_TIME = "event_time"  # the row field that replays a row at a time of the caller's
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -67,9 +66,9 @@ class PredictRequest(BaseModel):
     model: str | None = Field(None, description="Model name; default: the first served model.")
     rows: list[dict[str, Any]] = Field(
         min_length=1,
-        max_length=MAX_ROWS,
         description="Entity keys and request features, one object per prediction; "
-        f"optionally '{EVENT_TIME}' (replays).",
+        f"optionally '{EVENT_TIME}' (replays). At most max_request_rows (a setting, default "
+        "1000) per request.",
         json_schema_extra={
             "items": {
                 "type": "object",
@@ -226,10 +225,14 @@ def problems_of(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> list
 
 
 def validate_rows(
-    model: type[BaseModel], rows: Sequence[dict[str, Any]]
+    model: type[BaseModel], rows: Sequence[dict[str, Any]], max_rows: int
 ) -> list[tuple[dict[str, Any], int | None]]:
-    """Every row checked; one 422 naming every bad field of every row. Per row: the entity
-    keys and request features, and its event_time in epoch ms (None when not given)."""
+    """Every row checked; one 422 naming every bad field of every row (or `rows` alone when
+    there are more than max_rows). Per row: the entity keys and request features, and its
+    event_time in epoch ms (None when not given)."""
+    if len(rows) > max_rows:
+        reason = f"at most {max_rows} rows per request (setting max_request_rows), got {len(rows)}"
+        raise InvalidRequestError([{"field": "rows", "reason": reason}])
     problems: list[dict[str, Any]] = []
     valid: list[tuple[dict[str, Any], int | None]] = []
     for index, row in enumerate(rows):
