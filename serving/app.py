@@ -16,7 +16,7 @@ validation failures (FastAPI's and the per-model row checks) answer 422 with
 (404, 405, a body that does not parse: 400) come in the same shape.
 
 Access: bearer tokens by scope (serving/auth.py: routes declare ``require(Scope...)``), and a
-body size limit before parsing (serving/limits.py).
+body size limit before parsing and strict JSON (serving/limits.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from serving.auth import Scope, require
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
-from serving.limits import BodyLimit
+from serving.limits import BodyLimit, JsonRoute
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
 from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
@@ -235,6 +235,7 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    app.router.route_class = JsonRoute  # before any route: each parses JSON with orjson
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # inside the metrics
     _routes(app)
     auth.install(app, settings)

@@ -11,6 +11,7 @@ picks the rows servable then instead of at the request's arrival (serving/featur
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -121,7 +122,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prediction_id: str = Field(min_length=1, max_length=64)
-    label: float = Field(allow_inf_nan=False, description="The observed outcome.")
+    label: float = Field(strict=True, allow_inf_nan=False, description="The observed outcome.")
 
 
 class FeedbackResponse(BaseModel):
@@ -219,9 +220,31 @@ def problems_of(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> list
             "reason": error["msg"],
         }
         if error.get("type") != "missing" and "input" in error:
-            problem["input"] = error["input"]
+            shown = _shown_input(error["input"])
+            if shown is not _HIDDEN:
+                problem["input"] = shown
         out.append(problem)
     return out
+
+
+_HIDDEN = object()
+_MAX_SHOWN = 100  # characters of a bad string value echoed back
+_MAX_INT = 2**63
+
+
+def _shown_input(value: Any) -> Any:
+    """A bad value as the answer may echo it: scalars only (an object or list could be
+    megabytes, or nested deeper than the encoder recurses), strings and huge integers cut
+    short, and NaN/infinity as text (JSON has no such numbers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_INT < value < _MAX_INT else f"{str(value)[:20]}... (an integer)"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    return _HIDDEN
 
 
 def validate_rows(
