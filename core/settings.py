@@ -18,7 +18,9 @@ belongs to Sluice alone.
 Secrets never leave this object in clear: the password of ``redis_url`` and secret
 ``kafka_config`` values (``sasl.password``, ``ssl.key.password``, ...) are masked in ``repr``,
 in error messages and in logs (core/logs.py scrubs them); ``mask_url`` and
-``mask_kafka_config`` do the same for anything that displays settings.
+``mask_kafka_config`` do the same for anything that displays settings. API tokens
+(``admin_tokens``, ``predict_tokens``, ``feedback_tokens``) are SecretStr: only
+serving/auth.py reads their values, and no error message echoes them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from urllib.parse import urlparse
 
 import annotated_types
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -55,6 +57,9 @@ _SECRET_KEY = re.compile(r"password|secret|token|jaas|credential|\.pem$|oauthbea
 _NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z0-9_.-]+\s*=)")
 MASK = "***"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# An API token: printable ASCII without spaces or commas (commas separate tokens), long enough
+# not to be guessed.
+_TOKEN = re.compile(r"^[!-+\--~]{16,512}$")
 # Data paths default under the checkout, so `sluice` and `feast` (run in feature_repo/) agree.
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -267,6 +272,21 @@ class Settings(BaseSettings):
             raise ValueError(f"expected degraded or reject, got {str(value)[:40]!r}")
         return value
 
+    # API bearer tokens (serving/auth.py): each a list (tok1,tok2 or a JSON list) of secrets
+    # of 16 to 512 printable characters. admin_tokens may promote and manage models (and do
+    # anything else); without one, those routes answer 403. predict_tokens (POST /predict,
+    # GET /models) and feedback_tokens (POST /feedback) are optional: a scope without tokens
+    # is open to anyone. `sluice serve` refuses a non-loopback host while predict or feedback
+    # is open, unless --allow-unauthenticated.
+    admin_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    predict_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    feedback_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Request limits: bodies above max_request_bytes answer 413 before they are parsed (also
+    # when chunked, without Content-Length); a /predict with more rows than max_request_rows
+    # answers 422 naming `rows`.
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
+    max_request_rows: int = Field(default=1000, ge=1, le=1_000_000)
+
     @field_validator("serve_behind", mode="before")
     @classmethod
     def _check_serve_behind(cls, value: Any) -> Any:
@@ -278,6 +298,21 @@ class Settings(BaseSettings):
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         return _parse_list(value)
+
+    @field_validator("admin_tokens", "predict_tokens", "feedback_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        tokens = _parse_list(value)
+        if isinstance(tokens, list):
+            for n, token in enumerate(tokens, 1):
+                text = token.get_secret_value() if isinstance(token, SecretStr) else token
+                if not isinstance(text, str) or not _TOKEN.match(text):
+                    # Never the value: it is (or was meant to be) a secret.
+                    raise ValueError(
+                        f"token {n} is not 16 to 512 printable characters without spaces or "
+                        "commas (expected tok1,tok2 or a JSON list of tokens)"
+                    )
+        return tokens
 
     @field_validator("kafka_config", mode="before")
     @classmethod
@@ -382,7 +417,7 @@ class Settings(BaseSettings):
 
 
 # Settings whose given value is never echoed in an error (it may hold a secret).
-_SECRET_FIELDS = frozenset({"kafka_config"})
+_SECRET_FIELDS = frozenset({"kafka_config", "admin_tokens", "predict_tokens", "feedback_tokens"})
 
 
 def env_name(field: str) -> str:
@@ -447,6 +482,8 @@ def expected(field: str) -> str:
         return "one name, name1,name2 or a JSON list of names"
     if field == "kafka_config":
         return "key=value,key2=value2 or a JSON object of librdkafka settings"
+    if field.endswith("_tokens"):
+        return "tok1,tok2 or a JSON list of tokens (16 to 512 printable characters each)"
     bounds = _bounds(info.metadata)
     return f"{kind} {' and '.join(bounds)}".strip() if bounds else kind or "a valid value"
 

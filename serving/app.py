@@ -13,7 +13,11 @@ FeedbackRecord.
 
 Errors: serving.errors types, mapped to HTTP statuses by one exception handler; request
 validation failures (FastAPI's and the per-model row checks) answer 422 with
-{"error": "invalid_request", "detail": [{"field": ..., "reason": ...}]}.
+{"error": "invalid_request", "detail": [{"field": ..., "reason": ...}]}; Starlette's own
+(404, 405, a body that does not parse: 400) come in the same shape.
+
+Access: bearer tokens by scope (serving/auth.py: routes declare ``require(Scope...)``), and a
+body size limit before parsing and strict JSON (serving/limits.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -34,18 +39,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from core.errors import SluiceError, http_status
 from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
-from serving import deadlines
+from serving import auth, deadlines
+from serving.auth import Scope, require
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
 from serving.breaker import STATE_VALUE, BreakerState, CircuitBreaker, GuardedReader
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
+from serving.limits import BodyLimit, JsonRoute
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
 from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
@@ -237,7 +246,10 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    app.router.route_class = JsonRoute  # before any route: each parses JSON with orjson
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # inside the metrics
     _routes(app)
+    auth.install(app, settings)
     return app
 
 
@@ -297,7 +309,7 @@ class _RequestMetrics:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -332,7 +344,15 @@ def _routes(app: FastAPI) -> None:
         status = http_status(exc)
         if status >= 500:
             log.error("request failed", extra={"path": request.url.path, "error": str(exc)})
-        return JSONResponse(jsonable_encoder(exc.body()), status_code=status)
+        headers = getattr(exc, "headers", None)
+        return JSONResponse(jsonable_encoder(exc.body()), status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (404, 405, 400 for a body that does not parse) as ours."""
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        body = {"error": code, "detail": exc.detail}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -343,6 +363,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post(
         "/predict",
+        dependencies=[require(Scope.PREDICT)],
         response_model=PredictResponse,
         responses={
             422: {"description": "invalid request: each bad field named, with the reason"},
@@ -365,7 +386,7 @@ def _routes(app: FastAPI) -> None:
         arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
         predictor = _predictor(request)
         served = predictor.get(body.model)
-        checked = validate_rows(served.rows, body.rows)
+        checked = validate_rows(served.rows, body.rows, predictor.settings.max_request_rows)
         rows = [row for row, _ in checked]
         items = [
             PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
@@ -406,7 +427,12 @@ def _routes(app: FastAPI) -> None:
         # our own answer again costs more than the prediction on the hot path.
         return Response(orjson.dumps({"predictions": out}), media_type="application/json")
 
-    @app.post("/feedback", response_model=FeedbackResponse, status_code=202)
+    @app.post(
+        "/feedback",
+        dependencies=[require(Scope.FEEDBACK)],
+        response_model=FeedbackResponse,
+        status_code=202,
+    )
     async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """The observed label of a prediction: to the feedback topic, and to the bandit."""
         predictor = _predictor(request)
@@ -429,7 +455,7 @@ def _routes(app: FastAPI) -> None:
             prediction_id=body.prediction_id, matched=known is not None, error=error
         )
 
-    @app.get("/models")
+    @app.get("/models", dependencies=[require(Scope.PREDICT)])
     async def models(request: Request) -> dict[str, Any]:
         """Models in the registry (versions, metrics, production) and what this server runs."""
         predictor = _predictor(request)
@@ -446,7 +472,11 @@ def _routes(app: FastAPI) -> None:
         }
         return {"registry": registry, "serving": serving}
 
-    @app.post("/models/{name}/versions/{version}:promote", response_model=PromoteResponse)
+    @app.post(
+        "/models/{name}/versions/{version}:promote",
+        dependencies=[require(Scope.ADMIN)],
+        response_model=PromoteResponse,
+    )
     async def promote(name: str, version: int, request: Request) -> PromoteResponse:
         """Make a version production; a served model is swapped without dropping requests.
 

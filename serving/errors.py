@@ -15,18 +15,45 @@ __all__ = [
     "DeadlineExceededError",
     "FeatureStoreUnavailableError",
     "FeaturesBehindError",
+    "ForbiddenError",
     "InvalidRequestError",
     "ModelIncompatibleError",
     "ModelNotFoundError",
     "ModelRegistryError",
     "OverloadedError",
     "PredictionLogError",
+    "RequestTooLargeError",
     "SluiceServingError",
+    "UnauthenticatedError",
 ]
 
 
 class SluiceServingError(SluiceError):
-    """Base of every serving error."""
+    """Base of every serving error; ``headers`` go with its HTTP answer."""
+
+    headers: dict[str, str] | None = None
+
+
+class UnauthenticatedError(SluiceServingError):
+    """No bearer token, or one that no setting lists (401, asking for a Bearer token)."""
+
+    exit_code = ExitCode.UNAUTHENTICATED
+    code = "unauthenticated"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012  # read-only: RFC 6750's challenge
+
+
+class ForbiddenError(SluiceServingError):
+    """A valid token without the route's scope, or an admin route while no admin token is set."""
+
+    exit_code = ExitCode.FORBIDDEN
+    code = "forbidden"
+
+
+class RequestTooLargeError(SluiceServingError):
+    """A request body above the max_request_bytes setting (refused before it is parsed)."""
+
+    exit_code = ExitCode.TOO_LARGE
+    code = "request_too_large"
 
 
 class ModelIncompatibleError(SluiceServingError):

@@ -11,6 +11,7 @@ picks the rows servable then instead of at the request's arrival (serving/featur
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,6 @@ from features.schema import FieldType
 from serving.errors import InvalidRequestError, ModelIncompatibleError
 from serving.features import FeaturePlan
 
-MAX_ROWS = 1000
 EVENT_TIME = "event_time"  # the row field that replays a row at a time of the caller's
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -67,9 +67,9 @@ class PredictRequest(BaseModel):
     model: str | None = Field(None, description="Model name; default: the first served model.")
     rows: list[dict[str, Any]] = Field(
         min_length=1,
-        max_length=MAX_ROWS,
         description="Entity keys and request features, one object per prediction; "
-        f"optionally '{EVENT_TIME}' (replays).",
+        f"optionally '{EVENT_TIME}' (replays). At most max_request_rows (a setting, default "
+        "1000) per request.",
         json_schema_extra={
             "items": {
                 "type": "object",
@@ -138,7 +138,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prediction_id: str = Field(min_length=1, max_length=64)
-    label: float = Field(allow_inf_nan=False, description="The observed outcome.")
+    label: float = Field(strict=True, allow_inf_nan=False, description="The observed outcome.")
 
 
 class FeedbackResponse(BaseModel):
@@ -236,16 +236,42 @@ def problems_of(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> list
             "reason": error["msg"],
         }
         if error.get("type") != "missing" and "input" in error:
-            problem["input"] = error["input"]
+            shown = _shown_input(error["input"])
+            if shown is not _HIDDEN:
+                problem["input"] = shown
         out.append(problem)
     return out
 
 
+_HIDDEN = object()
+_MAX_SHOWN = 100  # characters of a bad string value echoed back
+_MAX_INT = 2**63
+
+
+def _shown_input(value: Any) -> Any:
+    """A bad value as the answer may echo it: scalars only (an object or list could be
+    megabytes, or nested deeper than the encoder recurses), strings and huge integers cut
+    short, and NaN/infinity as text (JSON has no such numbers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_INT < value < _MAX_INT else f"{str(value)[:20]}... (an integer)"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    return _HIDDEN
+
+
 def validate_rows(
-    model: type[BaseModel], rows: Sequence[dict[str, Any]]
+    model: type[BaseModel], rows: Sequence[dict[str, Any]], max_rows: int
 ) -> list[tuple[dict[str, Any], int | None]]:
-    """Every row checked; one 422 naming every bad field of every row. Per row: the entity
-    keys and request features, and its event_time in epoch ms (None when not given)."""
+    """Every row checked; one 422 naming every bad field of every row (or `rows` alone when
+    there are more than max_rows). Per row: the entity keys and request features, and its
+    event_time in epoch ms (None when not given)."""
+    if len(rows) > max_rows:
+        reason = f"at most {max_rows} rows per request (setting max_request_rows), got {len(rows)}"
+        raise InvalidRequestError([{"field": "rows", "reason": reason}])
     problems: list[dict[str, Any]] = []
     valid: list[tuple[dict[str, Any], int | None]] = []
     for index, row in enumerate(rows):

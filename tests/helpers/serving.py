@@ -19,6 +19,9 @@ from models.fit import fit, model_features
 from models.registry import ModelRegistry
 
 START_MS = 1_795_000_000_000 - 1_795_000_000_000 % 86_400_000
+# The admin token of test apps (settings admin_tokens), and the header that sends it.
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def synthetic_training_set(service: FeatureService, n: int = 600, seed: int = 1) -> pd.DataFrame:

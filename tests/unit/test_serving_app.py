@@ -28,7 +28,14 @@ from features.contract import window_end_at
 from features.definitions import FeatureView
 from models.registry import ModelRegistry
 from serving.app import create_app
-from tests.helpers.serving import FakeProducer, FakeReader, random_row, trained_registry
+from tests.helpers.serving import (
+    ADMIN,
+    ADMIN_TOKEN,
+    FakeProducer,
+    FakeReader,
+    random_row,
+    trained_registry,
+)
 
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
 
@@ -69,6 +76,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     return load_settings(
         models_dir=str(tmp_path / "models"),
         serve_models=["delivery_eta", "delivery_eta_batch_only"],
+        admin_tokens=[ADMIN_TOKEN],
         **overrides,
     )
 
@@ -201,7 +209,7 @@ def test_malformed_json_and_unknown_models(client):
     answer = client.post("/predict", json={"model": "nope", "rows": [row()]})
     assert answer.status_code == 404
     assert answer.json()["error"] == "model_not_found"
-    answer = client.post("/models/delivery_eta/versions/9:promote")
+    answer = client.post("/models/delivery_eta/versions/9:promote", headers=ADMIN)
     assert (answer.status_code, answer.json()["error"]) == (404, "model_not_found")
 
 
@@ -277,7 +285,7 @@ def test_promote_swaps_models_without_failing_requests(tmp_path, registry, reade
             loaders = [asyncio.ensure_future(load(k)) for k in range(8)]
             while len(answers) < 50:
                 await asyncio.sleep(0.005)
-            promoted = await client.post("/models/delivery_eta/versions/2:promote")
+            promoted = await client.post("/models/delivery_eta/versions/2:promote", headers=ADMIN)
             promoted_at.append(len(answers))
             await asyncio.gather(*loaders)
             return answers, promoted
