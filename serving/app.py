@@ -45,13 +45,18 @@ from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedEr
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
+from serving.oip import router as oip_router
+from serving.openapi import install as install_openapi
 from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
 from serving.schemas import (
+    PREDICT_BODY,
+    ErrorBody,
     FeedbackRequest,
     FeedbackResponse,
-    PredictRequest,
+    InvalidRequestBody,
     PredictResponse,
     PromoteResponse,
+    parse_predict,
     problems_of,
     row_model,
     validate_rows,
@@ -157,6 +162,37 @@ class Predictor:
         if behind:
             raise FeaturesBehindError(behind)
 
+    async def predict_rows(
+        self, served: Served, rows: Sequence[Any], version: int | None = None
+    ) -> list[Prediction]:
+        """The predict path of every route (/predict, OIP infer): check the rows, queue each
+        to the model's batcher (the policy chooses the version, unless ``version`` names a
+        served one), count the contract's verdicts, log every prediction."""
+        started = time.perf_counter()
+        arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
+        checked = validate_rows(served.rows, rows)
+        fixed = None if version is None else served.slot.state.arms.get(version)
+        if version is not None and fixed is None:
+            raise ModelNotFoundError(
+                f"model {served.slot.name!r} version {version} is not served here "
+                f"(served: {', '.join(map(str, sorted(served.slot.state.arms)))})"
+            )
+        items = [
+            PredictItem(fixed or served.slot.choose(), row, arrived_ms if t is None else t)
+            for row, t in checked
+        ]
+        self.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        try:
+            results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
+        except QueueFullError as exc:
+            raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
+        self.count_contract(results)
+        self.reject_behind(results)
+        latency_ms = (time.perf_counter() - started) * 1000
+        for (row, _), prediction in zip(checked, results, strict=True):
+            self.record(prediction, latency_ms, row)
+        return results
+
     def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
         """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
         joined = prediction.joined
@@ -226,6 +262,8 @@ def create_app(
         lifespan=lifespan,
     )
     _routes(app)
+    app.include_router(oip_router)
+    install_openapi(app)
     return app
 
 
@@ -322,38 +360,31 @@ def _routes(app: FastAPI) -> None:
     @app.post(
         "/predict",
         response_model=PredictResponse,
+        # The body is read and checked by parse_predict (orjson + the served models' row
+        # models); its schema, with each model's rows, is set by serving.openapi.
+        openapi_extra={"requestBody": PREDICT_BODY},
         responses={
-            422: {"description": "invalid request: each bad field named, with the reason"},
+            404: {"model": ErrorBody, "description": "the model is not served here"},
+            413: {"model": ErrorBody, "description": "the body is larger than allowed"},
+            422: {
+                "model": InvalidRequestBody,
+                "description": "invalid request: each bad field named, with the reason",
+            },
             503: {
+                "model": ErrorBody,
                 "description": "the online store is down (feature_store_unavailable), the "
                 "queue is full (overloaded), or with serve_behind=reject some rows' features "
-                "are behind the availability contract (features_behind, naming the views)"
+                "are behind the availability contract (features_behind, naming the views)",
             },
         },
     )
-    async def predict(body: PredictRequest, request: Request) -> Response:
+    async def predict(request: Request) -> Response:
         """Predict one or many rows; each row joins whatever batch its model is forming."""
-        started = time.perf_counter()
-        arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
+        body = parse_predict(await request.body())
         predictor = _predictor(request)
-        served = predictor.get(body.model)
-        checked = validate_rows(served.rows, body.rows)
-        rows = [row for row, _ in checked]
-        items = [
-            PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
-            for row, t in checked
-        ]
-        predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
-        try:
-            results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
-        except QueueFullError as exc:
-            raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
-        predictor.count_contract(results)
-        predictor.reject_behind(results)
-        latency_ms = (time.perf_counter() - started) * 1000
+        answered = await predictor.predict_rows(predictor.get(body.model), body.rows)
         out = []
-        for row, prediction in zip(rows, results, strict=True):
-            predictor.record(prediction, latency_ms, row)
+        for prediction in answered:
             answer = {
                 "prediction_id": prediction.prediction_id,
                 "prediction": prediction.prediction,
@@ -372,7 +403,12 @@ def _routes(app: FastAPI) -> None:
         # our own answer again costs more than the prediction on the hot path.
         return Response(orjson.dumps({"predictions": out}), media_type="application/json")
 
-    @app.post("/feedback", response_model=FeedbackResponse, status_code=202)
+    @app.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        status_code=202,
+        responses={422: {"model": InvalidRequestBody, "description": "invalid request"}},
+    )
     async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """The observed label of a prediction: to the feedback topic, and to the bandit."""
         predictor = _predictor(request)
@@ -412,7 +448,18 @@ def _routes(app: FastAPI) -> None:
         }
         return {"registry": registry, "serving": serving}
 
-    @app.post("/models/{name}/versions/{version}:promote", response_model=PromoteResponse)
+    @app.post(
+        "/models/{name}/versions/{version}:promote",
+        response_model=PromoteResponse,
+        responses={
+            404: {"model": ErrorBody, "description": "no such model or version"},
+            409: {
+                "model": ErrorBody,
+                "description": "the version reads features its feature service no longer provides",
+            },
+            422: {"model": InvalidRequestBody, "description": "invalid version"},
+        },
+    )
     async def promote(name: str, version: int, request: Request) -> PromoteResponse:
         """Make a version production; a served model is swapped without dropping requests.
 
@@ -442,7 +489,7 @@ def _routes(app: FastAPI) -> None:
             "log": vars(predictor.log.counts) | {"pending": predictor.log.counts.pending},
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
         """Prometheus text format."""
         registry = _predictor(request).metrics.registry
