@@ -57,13 +57,18 @@ from serving.features import FeatureReader
 from serving.limits import BodyLimit, JsonRoute
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
+from serving.oip import router as oip_router
+from serving.openapi import install as install_openapi
 from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
 from serving.schemas import (
+    PREDICT_BODY,
+    ErrorBody,
     FeedbackRequest,
     FeedbackResponse,
-    PredictRequest,
+    InvalidRequestBody,
     PredictResponse,
     PromoteResponse,
+    parse_predict,
     problems_of,
     row_model,
     validate_rows,
@@ -175,6 +180,46 @@ class Predictor:
         if behind:
             raise FeaturesBehindError(behind)
 
+    async def predict_rows(
+        self,
+        served: Served,
+        rows: Sequence[Any],
+        version: int | None = None,
+        deadline_ms: int | None = None,
+        timeout_header: str | None = None,
+    ) -> list[Prediction]:
+        """The predict path of every route (/predict, OIP infer): check the rows, queue each
+        to the model's batcher (the policy chooses the version, unless ``version`` names a
+        served one), answer within the request's deadline (serving.deadlines), count the
+        contract's verdicts, log every prediction."""
+        started = time.perf_counter()
+        arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
+        checked = validate_rows(served.rows, rows, self.settings.max_request_rows)
+        fixed = None if version is None else served.slot.state.arms.get(version)
+        if version is not None and fixed is None:
+            raise ModelNotFoundError(
+                f"model {served.slot.name!r} version {version} is not served here "
+                f"(served: {', '.join(map(str, sorted(served.slot.state.arms)))})"
+            )
+        items = [
+            PredictItem(fixed or served.slot.choose(), row, arrived_ms if t is None else t)
+            for row, t in checked
+        ]
+        self.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        budget = deadlines.budget_s(deadline_ms, timeout_header, self.settings)
+        try:
+            results = await deadlines.predict_within(
+                served.batcher, items, budget, started, self.settings.serve_store_unavailable
+            )
+        except QueueFullError as exc:
+            raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
+        self.count_contract(results)
+        self.reject_behind(results)
+        latency_ms = (time.perf_counter() - started) * 1000
+        for (row, _), prediction in zip(checked, results, strict=True):
+            self.record(prediction, latency_ms, row)
+        return results
+
     def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
         """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
         joined = prediction.joined
@@ -249,6 +294,10 @@ def create_app(
     app.router.route_class = JsonRoute  # before any route: each parses JSON with orjson
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # inside the metrics
     _routes(app)
+    # The OIP routes join the app's own list (an included router would be one opaque entry
+    # there, hidden from the checks that walk app.routes: auth's scopes, the OpenAPI ones).
+    app.router.routes.extend(oip_router.routes)
+    install_openapi(app)
     auth.install(app, settings)
     return app
 
@@ -365,49 +414,43 @@ def _routes(app: FastAPI) -> None:
         "/predict",
         dependencies=[require(Scope.PREDICT)],
         response_model=PredictResponse,
+        # The body is read and checked by parse_predict (orjson + the served models' row
+        # models); its schema, with each model's rows, is set by serving.openapi.
+        openapi_extra={"requestBody": PREDICT_BODY},
         responses={
-            422: {"description": "invalid request: each bad field named, with the reason"},
+            404: {"model": ErrorBody, "description": "the model is not served here"},
+            413: {"model": ErrorBody, "description": "the body is larger than allowed"},
+            422: {
+                "model": InvalidRequestBody,
+                "description": "invalid request: each bad field named, with the reason",
+            },
             503: {
+                "model": ErrorBody,
                 "description": "the online store is down (feature_store_unavailable, with "
                 "serve_store_unavailable=reject; by default such rows are answered from the "
                 "views' empty values and listed under `degraded`), the queue is full "
                 "(overloaded), or with serve_behind=reject some rows' features are behind the "
-                "availability contract (features_behind, naming the views)"
+                "availability contract (features_behind, naming the views)",
             },
             504: {
+                "model": ErrorBody,
                 "description": "with serve_store_unavailable=reject: the request's deadline "
-                f"(deadline_ms, header {deadlines.HEADER}) passed first (deadline_exceeded)"
+                f"(deadline_ms, header {deadlines.HEADER}) passed first (deadline_exceeded)",
             },
         },
     )
-    async def predict(body: PredictRequest, request: Request) -> Response:
+    async def predict(request: Request) -> Response:
         """Predict one or many rows; each row joins whatever batch its model is forming."""
-        started = time.perf_counter()
-        arrived_ms = int(time.time() * 1000)  # t of the contract, unless a row has event_time
+        body = parse_predict(await request.body())
         predictor = _predictor(request)
-        served = predictor.get(body.model)
-        checked = validate_rows(served.rows, body.rows, predictor.settings.max_request_rows)
-        rows = [row for row, _ in checked]
-        items = [
-            PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
-            for row, t in checked
-        ]
-        predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
-        budget = deadlines.budget_s(
-            body.deadline_ms, request.headers.get(deadlines.HEADER), predictor.settings
+        answered = await predictor.predict_rows(
+            predictor.get(body.model),
+            body.rows,
+            deadline_ms=body.deadline_ms,
+            timeout_header=request.headers.get(deadlines.HEADER),
         )
-        try:
-            results = await deadlines.predict_within(
-                served.batcher, items, budget, started, predictor.settings.serve_store_unavailable
-            )
-        except QueueFullError as exc:
-            raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
-        predictor.count_contract(results)
-        predictor.reject_behind(results)
-        latency_ms = (time.perf_counter() - started) * 1000
         out = []
-        for row, prediction in zip(rows, results, strict=True):
-            predictor.record(prediction, latency_ms, row)
+        for prediction in answered:
             answer = {
                 "prediction_id": prediction.prediction_id,
                 "prediction": prediction.prediction,
@@ -432,6 +475,7 @@ def _routes(app: FastAPI) -> None:
         dependencies=[require(Scope.FEEDBACK)],
         response_model=FeedbackResponse,
         status_code=202,
+        responses={422: {"model": InvalidRequestBody, "description": "invalid request"}},
     )
     async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
         """The observed label of a prediction: to the feedback topic, and to the bandit."""
@@ -476,6 +520,14 @@ def _routes(app: FastAPI) -> None:
         "/models/{name}/versions/{version}:promote",
         dependencies=[require(Scope.ADMIN)],
         response_model=PromoteResponse,
+        responses={
+            404: {"model": ErrorBody, "description": "no such model or version"},
+            409: {
+                "model": ErrorBody,
+                "description": "the version reads features its feature service no longer provides",
+            },
+            422: {"model": InvalidRequestBody, "description": "invalid version"},
+        },
     )
     async def promote(name: str, version: int, request: Request) -> PromoteResponse:
         """Make a version production; a served model is swapped without dropping requests.
@@ -507,7 +559,7 @@ def _routes(app: FastAPI) -> None:
             "feature_store": predictor.breaker.state.value if predictor.breaker else None,
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
         """Prometheus text format."""
         registry = _predictor(request).metrics.registry

@@ -36,6 +36,9 @@ OPEN_ROUTES = {
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),
     ("GET", "/redoc"),
+    ("GET", "/v2"),  # OIP server metadata and health: probed without credentials
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
 }
 ROW = {"restaurant_id": "r001", "zone_id": "z1", "distance_km": 2.0, "hour_of_day": 12, "items": 2}
 
