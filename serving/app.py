@@ -39,12 +39,15 @@ from core.errors import SluiceError, http_status
 from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
+from features.labels import Labels
 from models.registry import ModelRegistry
+from serving.bandit import Bandit
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
+from serving.policy_state import PolicyStore
 from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
 from serving.schemas import (
     FeedbackRequest,
@@ -56,7 +59,7 @@ from serving.schemas import (
     row_model,
     validate_rows,
 )
-from serving.selection import EpsilonGreedy, ModelSlot, RecentPredictions
+from serving.selection import ModelSlot, RecentPredictions
 
 log = logging.getLogger("sluice.serving")
 
@@ -81,6 +84,7 @@ class Predictor:
     log: KafkaLog
     metrics: ServingMetrics
     executor: ThreadPoolExecutor
+    bandit: Bandit
     served: dict[str, Served] = field(default_factory=dict)
     recent: RecentPredictions = field(default_factory=RecentPredictions)
 
@@ -98,10 +102,10 @@ class Predictor:
 
     def arms(self, name: str, production: int) -> dict[int, LoadedModel]:
         """Bandit arms besides production: the newest other versions."""
-        if self.settings.bandit_epsilon <= 0:
+        if self.bandit.arms <= 1:
             return {}
         others = [v for v in self.registry.versions(name) if v != production]
-        newest = others[-(self.settings.bandit_arms - 1) :] if self.settings.bandit_arms > 1 else []
+        newest = others[-(self.bandit.arms - 1) :]
         return {v: self.load(name, v) for v in newest}
 
     def serve(self, name: str) -> Served:
@@ -112,13 +116,9 @@ class Predictor:
                 "(run `sluice train`, or promote a version)"
             )
         production = self.load(name, version)
-        bandit = (
-            EpsilonGreedy(self.settings.bandit_epsilon)
-            if self.settings.bandit_epsilon > 0
-            else None
-        )
-        slot = ModelSlot(production, bandit)
+        slot = ModelSlot(production, self.bandit.policy(name))
         slot.swap(production, self.arms(name, version))
+        ensemble = self.bandit.ensemble(slot)  # Exp4: every arm predicts each row
         s = self.settings
         controller = AimdController(
             objective_ms=s.latency_objective_ms,
@@ -133,7 +133,9 @@ class Predictor:
             self.metrics.batch_size.labels(name).set(controller.size)
 
         batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: predict_batch(self.reader, items, serve_behind=s.serve_behind),
+            lambda items: (ensemble.predict if ensemble else predict_batch)(
+                self.reader, items, serve_behind=s.serve_behind
+            ),
             controller,
             max_delay_s=s.max_batch_delay_ms / 1000,
             executor=self.executor,
@@ -185,6 +187,7 @@ class Predictor:
             window_ends_ms=joined.window_ends_ms,
             row_status={view: status.value for view, status in joined.status.items()},
             as_of_ms=joined.as_of_ms,
+            ensemble=prediction.ensemble,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -198,12 +201,19 @@ def create_app(
     registry: ModelRegistry | None = None,
     producer: ProducerLike | None = None,
     services: Mapping[str, FeatureService] | None = None,
+    policy_store: PolicyStore | None = None,
+    labels: Sequence[Labels] | None = None,
 ) -> FastAPI:
-    """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir)."""
+    """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir).
+
+    The feedback consumer (serving/feedback.py) runs when the producer is Kafka's (not given)
+    and the selection policy learns; ``labels`` default to the domain's declarations."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        predictor = await asyncio.to_thread(_build, settings, reader, registry, producer, services)
+        predictor = await asyncio.to_thread(
+            _build, settings, reader, registry, producer, services, policy_store, labels
+        )
         app.state.predictor = predictor
         for served in predictor.served.values():
             served.batcher.start()
@@ -212,6 +222,7 @@ def create_app(
         finally:
             for served in predictor.served.values():
                 await served.batcher.stop()
+            await asyncio.to_thread(predictor.bandit.close)
             counts = await asyncio.to_thread(predictor.log.close)
             predictor.executor.shutdown(wait=True)
             close = getattr(predictor.reader, "close", None)
@@ -235,16 +246,21 @@ def _build(
     registry: ModelRegistry | None,
     producer: ProducerLike | None,
     services: Mapping[str, FeatureService] | None,
+    policy_store: PolicyStore | None = None,
+    labels: Sequence[Labels] | None = None,
 ) -> Predictor:
     from feature_repo.online_store import open_online_store
     from features.registry import load_registry
 
     if services is None:
         services = load_registry(settings.definitions_module).services
+    bandit = Bandit.create(settings, policy_store)
+    consume = producer is None
     if producer is None:
         from core.kafka import ensure_topics
 
-        ensure_topics(settings, [settings.prediction_topic, settings.feedback_topic])
+        topics = [settings.prediction_topic, settings.feedback_topic]
+        ensure_topics(settings, topics + bandit.label_topics(labels))
         producer = kafka_producer(settings)
     metrics = ServingMetrics()
     kafka_log = KafkaLog(
@@ -261,10 +277,16 @@ def _build(
         log=kafka_log,
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+        bandit=bandit,
     )
     for name in settings.serve_models:
         predictor.served[name] = predictor.serve(name)
     kafka_log.start()
+
+    def slots() -> dict[str, ModelSlot]:
+        return {name: served.slot for name, served in predictor.served.items()}
+
+    bandit.start(slots, consume=consume, labels=labels, registry=metrics.registry)
     return predictor
 
 
@@ -339,8 +361,13 @@ def _routes(app: FastAPI) -> None:
         served = predictor.get(body.model)
         checked = validate_rows(served.rows, body.rows)
         rows = [row for row, _ in checked]
+        context = predictor.settings.bandit_context_field
         items = [
-            PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
+            PredictItem(
+                served.slot.choose(str(row.get(context, "")) if context else ""),
+                row,
+                arrived_ms if t is None else t,
+            )
             for row, t in checked
         ]
         predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
@@ -365,6 +392,8 @@ def _routes(app: FastAPI) -> None:
                 "stale": prediction.joined.stale,
                 "behind": prediction.joined.behind,
             }
+            if prediction.ensemble is not None:
+                answer["ensemble"] = prediction.ensemble
             if body.return_features:
                 answer["features"] = prediction.joined.values
             out.append(answer)
@@ -374,7 +403,9 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/feedback", response_model=FeedbackResponse, status_code=202)
     async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
-        """The observed label of a prediction: to the feedback topic, and to the bandit."""
+        """The observed label of a prediction, to the feedback topic; the feedback consumer
+        (serving/feedback.py) joins it with the prediction log and teaches the policy once,
+        whichever replica made the prediction."""
         predictor = _predictor(request)
         known = predictor.recent.pop(body.prediction_id)
         error = None
@@ -385,9 +416,6 @@ def _routes(app: FastAPI) -> None:
             record = FeedbackRecord(
                 body.prediction_id, body.label, record.time_ms, model, version, value
             )
-            served = predictor.served.get(model)
-            if served is not None and served.slot.policy is not None:
-                served.slot.policy.reward(version, -abs(error))
         predictor.log.send(
             predictor.settings.feedback_topic, body.prediction_id.encode(), record.encode()
         )
