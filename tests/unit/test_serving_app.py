@@ -346,6 +346,7 @@ def test_bandit_serves_several_versions_and_feedback_goes_to_the_topic_only(
         for m in producer.delivered
         if m.topic() == settings.feedback_topic
     ]
-    assert len(feedback) == 40 and all(record.matched for record in feedback)
+    assert len(feedback) == 40
+    assert all(record.matched for record in feedback)
     # The policy learns only from the feedback consumer (each label once, on any replica).
     assert store.hashes == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -102,7 +103,8 @@ def test_cached_state_reads_a_new_key_once_then_serves_the_copy_until_refresh():
     assert cache.get(key) == {"lw:1": -1.0}
     reads = store.reads
     store.apply(key, {}, {"lw:1": -1.0})
-    assert cache.get(key) == {"lw:1": -1.0} and store.reads == reads  # no round trip
+    assert cache.get(key) == {"lw:1": -1.0}
+    assert store.reads == reads
     cache.refresh()
     assert cache.get(key) == {"lw:1": -2.0}
 
@@ -180,7 +182,8 @@ def test_label_event_joins_the_nearest_prediction_of_its_entities_within_the_win
     join.expire(now_ms=12_000)  # labels waited 2 s; "c" (t 9 s) is inside the 10 s horizon
     assert (join.counts.unmatched, join.counts.invalid, join.counts.expired) == (2, 1, 0)
     join.expire(now_ms=20_000)
-    assert join.counts.expired == 1 and join.buffered == 0
+    assert join.counts.expired == 1
+    assert join.buffered == 0
 
 
 def test_updater_applies_losses_to_the_shared_state_per_context():
@@ -198,7 +201,8 @@ def test_updater_applies_losses_to_the_shared_state_per_context():
     slot.policy = Exp3(eta=0.5, read=lambda ctx: cache.get(state_key("delivery_eta", "exp3", ctx)))
     from serving.selection import SlotState
 
-    slot.state = SlotState(Arm(1), {1: Arm(1), 2: Arm(2)})  # type: ignore[arg-type]
+    arms: Any = {1: Arm(1), 2: Arm(2)}  # what the updater reads of a model: its version
+    slot.state = SlotState(arms[1], arms)
     updater = PolicyUpdater(lambda: {"delivery_eta": slot}, cache, scale=100.0)
     pending = [Pending(f"p{i}", "delivery_eta", 2, 500.0, i, "z1", None) for i in range(2)]
     updater.apply([Match(pending[0], 550.0), Match(pending[1], 550.0)])
