@@ -38,6 +38,7 @@ from serving.selection import ModelSlot, StateUpdate, loss_of
 log = logging.getLogger("sluice.serving.feedback")
 _POLL_S = 0.05
 _BATCH = 500
+_RETRY_S = 1.0
 
 
 class PolicyUpdater:
@@ -169,7 +170,12 @@ class FeedbackConsumer:
             predictions = self._predictions_consumer()
             labels = self._labels_consumer()
             while not self._stop.is_set():
-                self.step(predictions, labels)
+                try:
+                    self.step(predictions, labels)
+                except Exception:  # Redis or the broker away: log, wait, go on
+                    self.errors += 1
+                    log.exception("feedback step failed")
+                    self._stop.wait(_RETRY_S)
         except Exception:
             self.errors += 1
             log.exception("feedback consumer stopped")

@@ -41,6 +41,8 @@ from serving.model import LoadedModel
 
 StateReader = Callable[[str], Mapping[str, float]]  # context value -> the state's fields
 MAX_STEP = 50.0  # the most one update moves a log-weight (exp(-50) ~ 2e-22)
+# A label judges a choice made seconds ago: the arm's probability may have underflowed since.
+_TINY = 1e-300
 
 
 def loss_of(label: float, prediction: float, scale: float) -> float:
@@ -188,7 +190,7 @@ class Exp3:
         log_w = log_weights(fields, versions)
         p = softmax(log_w, self.gamma)
         add = {
-            f"lw:{v}": -min(MAX_STEP, self.eta * loss / p[v])
+            f"lw:{v}": -min(MAX_STEP, self.eta * loss / max(p[v], _TINY))
             for v, loss in losses.items()
             if v in p
         }
