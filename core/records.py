@@ -296,6 +296,10 @@ class PredictionRecord:
     # Views served their empty values without reading the online store (slow, down, or the
     # request's deadline first); None when every view was read, and in older records.
     degraded: list[str] | None = None
+    # Exp4 ensembles (serving/ensemble.py), optional: {"predictions": {version: value} of the
+    # versions that answered in time, "weights": {version: weight}, "used": [...],
+    # "missing": [...], "fallback": bool}; each version's loss is learnt from its prediction.
+    ensemble: dict[str, Any] | None = None
     v: int = VERSION
 
     def encode(self) -> bytes:
@@ -321,6 +325,8 @@ class PredictionRecord:
             record["as_of_ms"] = self.as_of_ms
         if self.degraded is not None:
             record["degraded"] = self.degraded
+        if self.ensemble is not None:
+            record["ensemble"] = self.ensemble
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -334,6 +340,26 @@ class PredictionRecord:
         for view, status in value.items():
             if not isinstance(status, str):
                 f.fail(f"row_status.{view}", f"expected a string, got {_json_type(status)}")
+        return value
+
+    @staticmethod
+    def _ensemble(f: _Fields) -> dict[str, Any] | None:
+        value = f.obj.get("ensemble")
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            f.fail("ensemble", f"expected an object, got {_json_type(value)}")
+        predictions = value.get("predictions")
+        if not isinstance(predictions, dict):
+            f.fail("ensemble.predictions", f"expected an object, got {_json_type(predictions)}")
+        for version, number in predictions.items():
+            if not version.isdigit():
+                f.fail("ensemble.predictions", f"{version[:20]!r} is not a version number")
+            if not isinstance(number, int | float) or isinstance(number, bool):
+                f.fail(
+                    f"ensemble.predictions.{version}",
+                    f"expected a number, got {_json_type(number)}",
+                )
         return value
 
     @classmethod
@@ -357,6 +383,7 @@ class PredictionRecord:
             row_status=cls._row_status(f),
             as_of_ms=f.opt_integer("as_of_ms"),
             degraded=None if f.obj.get("degraded") is None else f.strings("degraded"),
+            ensemble=cls._ensemble(f),
             v=f.version,
         )
 

@@ -205,11 +205,33 @@ class Settings(BaseSettings):
     prediction_log_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
     prediction_log_fsync_ms: float = Field(default=100.0, ge=0, le=60_000)
     prediction_log_retries: int = Field(default=5, ge=0, le=1_000)
-    # Model selection among versions: 0 serves the production version only; above 0, an
-    # epsilon-greedy choice among the production version and the bandit_arms - 1 newest other
-    # versions, rewarded by -|error| from /feedback.
+    # Model selection among the production version and the bandit_arms - 1 newest other
+    # versions (serving/selection.py): "fixed" serves production only; "epsilon_greedy"
+    # (bandit_epsilon), "exp3" and "exp4" (an ensemble of every arm) learn from labels joined
+    # with the prediction log by the feedback consumer (serving/feedback.py). bandit_epsilon > 0
+    # with selection_policy "fixed" means epsilon_greedy (the setting predates the others).
+    selection_policy: Literal["fixed", "epsilon_greedy", "exp3", "exp4"] = "fixed"
     bandit_epsilon: float = Field(default=0.0, ge=0, le=1)
     bandit_arms: int = Field(default=2, ge=1, le=20)
+    # Exp3/Exp4 learning rate, and Exp3's share of uniform exploration (0: Clipper's p = w/sum).
+    bandit_eta: float = Field(default=0.1, gt=0, le=10)
+    bandit_exploration: float = Field(default=0.0, ge=0, lt=1)
+    # Loss = |label - prediction| / bandit_loss_scale, clipped to 1 (in the label's unit).
+    bandit_loss_scale: float = Field(default=600.0, gt=0)
+    # A request field whose value keeps its own policy state (e.g. zone_id); empty: one state.
+    bandit_context_field: str = ""
+    # The feedback consumer: its group (shared by replicas: each label is applied once), how
+    # long a prediction waits for its label (also how far back a restart re-reads the
+    # prediction log), and how close in time a label event (e.g. a
+    # delivery) must be to a prediction of the same entities to be its label.
+    feedback_group: str = "sluice-feedback"
+    feedback_horizon_s: float = Field(default=7200.0, gt=0, le=7 * 86_400)
+    feedback_match_ms: int = Field(default=60_000, ge=0, le=86_400_000)
+    # Ensembles (exp4): versions not back within ensemble_deadline_ms of the batch's predict
+    # step are left out and named; with fewer than ensemble_min_models answers (capped at the
+    # number of arms) the production version's answer is returned, flagged as the fallback.
+    ensemble_deadline_ms: float = Field(default=20.0, gt=0, le=60_000)
+    ensemble_min_models: int = Field(default=2, ge=1, le=20)
     # Monitoring (`sluice monitor`, monitoring/): results and alerts go to monitoring_topic;
     # statistics cover tumbling periods of monitor_period_s (epoch-aligned, by record time);
     # a period closes once every active partition's records passed its end plus
@@ -292,6 +314,15 @@ class Settings(BaseSettings):
     def _check_serve_behind(cls, value: Any) -> Any:
         if value not in ("flag", "empty", "reject"):
             raise ValueError(f"expected flag, empty or reject, got {str(value)[:40]!r}")
+        return value
+
+    @field_validator("selection_policy", mode="before")
+    @classmethod
+    def _check_selection_policy(cls, value: Any) -> Any:
+        if value not in ("fixed", "epsilon_greedy", "exp3", "exp4"):
+            raise ValueError(
+                f"expected fixed, epsilon_greedy, exp3 or exp4, got {str(value)[:40]!r}"
+            )
         return value
 
     @field_validator("serve_models", mode="before")

@@ -47,9 +47,11 @@ from core.errors import SluiceError, http_status
 from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
+from features.labels import Labels
 from models.registry import ModelRegistry
 from serving import auth, deadlines
 from serving.auth import Scope, require
+from serving.bandit import Bandit
 from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
 from serving.breaker import STATE_VALUE, BreakerState, CircuitBreaker, GuardedReader
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
@@ -59,6 +61,7 @@ from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
 from serving.oip import router as oip_router
 from serving.openapi import install as install_openapi
+from serving.policy_state import PolicyStore
 from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
 from serving.schemas import (
     PREDICT_BODY,
@@ -73,7 +76,7 @@ from serving.schemas import (
     row_model,
     validate_rows,
 )
-from serving.selection import EpsilonGreedy, ModelSlot, RecentPredictions
+from serving.selection import ModelSlot, RecentPredictions
 
 log = logging.getLogger("sluice.serving")
 
@@ -98,6 +101,7 @@ class Predictor:
     log: KafkaLog
     metrics: ServingMetrics
     executor: ThreadPoolExecutor
+    bandit: Bandit
     served: dict[str, Served] = field(default_factory=dict)
     recent: RecentPredictions = field(default_factory=RecentPredictions)
     breaker: CircuitBreaker | None = None  # in front of reader (serving/breaker.py)
@@ -116,10 +120,10 @@ class Predictor:
 
     def arms(self, name: str, production: int) -> dict[int, LoadedModel]:
         """Bandit arms besides production: the newest other versions."""
-        if self.settings.bandit_epsilon <= 0:
+        if self.bandit.arms <= 1:
             return {}
         others = [v for v in self.registry.versions(name) if v != production]
-        newest = others[-(self.settings.bandit_arms - 1) :] if self.settings.bandit_arms > 1 else []
+        newest = others[-(self.bandit.arms - 1) :]
         return {v: self.load(name, v) for v in newest}
 
     def serve(self, name: str) -> Served:
@@ -130,13 +134,9 @@ class Predictor:
                 "(run `sluice train`, or promote a version)"
             )
         production = self.load(name, version)
-        bandit = (
-            EpsilonGreedy(self.settings.bandit_epsilon)
-            if self.settings.bandit_epsilon > 0
-            else None
-        )
-        slot = ModelSlot(production, bandit)
+        slot = ModelSlot(production, self.bandit.policy(name))
         slot.swap(production, self.arms(name, version))
+        ensemble = self.bandit.ensemble(slot)  # Exp4: every arm predicts each row
         s = self.settings
         controller = AimdController(
             objective_ms=s.latency_objective_ms,
@@ -151,7 +151,7 @@ class Predictor:
             self.metrics.batch_size.labels(name).set(controller.size)
 
         batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: predict_batch(
+            lambda items: (ensemble.predict if ensemble else predict_batch)(
                 self.reader,
                 items,
                 serve_behind=s.serve_behind,
@@ -201,8 +201,13 @@ class Predictor:
                 f"model {served.slot.name!r} version {version} is not served here "
                 f"(served: {', '.join(map(str, sorted(served.slot.state.arms)))})"
             )
+        context = self.settings.bandit_context_field  # Exp4/contextual state per value
         items = [
-            PredictItem(fixed or served.slot.choose(), row, arrived_ms if t is None else t)
+            PredictItem(
+                fixed or served.slot.choose(str(row.get(context, "")) if context else ""),
+                row,
+                arrived_ms if t is None else t,
+            )
             for row, t in checked
         ]
         self.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
@@ -251,6 +256,7 @@ class Predictor:
             row_status={view: status.value for view, status in joined.status.items()},
             as_of_ms=joined.as_of_ms,
             degraded=joined.degraded or None,
+            ensemble=prediction.ensemble,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -264,12 +270,19 @@ def create_app(
     registry: ModelRegistry | None = None,
     producer: ProducerLike | None = None,
     services: Mapping[str, FeatureService] | None = None,
+    policy_store: PolicyStore | None = None,
+    labels: Sequence[Labels] | None = None,
 ) -> FastAPI:
-    """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir)."""
+    """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir).
+
+    The feedback consumer (serving/feedback.py) runs when the producer is Kafka's (not given)
+    and the selection policy learns; ``labels`` default to the domain's declarations."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        predictor = await asyncio.to_thread(_build, settings, reader, registry, producer, services)
+        predictor = await asyncio.to_thread(
+            _build, settings, reader, registry, producer, services, policy_store, labels
+        )
         app.state.predictor = predictor
         for served in predictor.served.values():
             served.batcher.start()
@@ -278,6 +291,7 @@ def create_app(
         finally:
             for served in predictor.served.values():
                 await served.batcher.stop()
+            await asyncio.to_thread(predictor.bandit.close)
             counts = await asyncio.to_thread(predictor.log.close)
             predictor.executor.shutdown(wait=True)
             close = getattr(predictor.reader, "close", None)
@@ -308,12 +322,17 @@ def _build(
     registry: ModelRegistry | None,
     producer: ProducerLike | None,
     services: Mapping[str, FeatureService] | None,
+    policy_store: PolicyStore | None = None,
+    labels: Sequence[Labels] | None = None,
 ) -> Predictor:
     from feature_repo.online_store import open_online_store
     from features.registry import load_registry
 
     if services is None:
         services = load_registry(settings.definitions_module).services
+    bandit = Bandit.create(settings, policy_store)
+    # The feedback consumer needs Kafka; with a given producer (tests) there is none.
+    consume = producer is None
     metrics = ServingMetrics()
     # No broker needed to start: the log keeps records on local disk until it answers.
     kafka_log = open_prediction_log(settings, producer)
@@ -328,14 +347,21 @@ def _build(
             log=kafka_log,
             metrics=metrics,
             executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+            bandit=bandit,
             breaker=breaker,
         )
         for name in settings.serve_models:
             predictor.served[name] = predictor.serve(name)
     except BaseException:
         kafka_log.close(0)  # release the log's directory for the next attempt
+        bandit.close()
         raise
     kafka_log.start()
+
+    def slots() -> dict[str, ModelSlot]:
+        return {name: served.slot for name, served in predictor.served.items()}
+
+    bandit.start(slots, consume=consume, labels=labels, registry=metrics.registry)
     return predictor
 
 
@@ -463,6 +489,8 @@ def _routes(app: FastAPI) -> None:
                 "behind": prediction.joined.behind,
                 "degraded": prediction.joined.degraded,
             }
+            if prediction.ensemble is not None:
+                answer["ensemble"] = prediction.ensemble
             if body.return_features:
                 answer["features"] = prediction.joined.values
             out.append(answer)
@@ -478,7 +506,9 @@ def _routes(app: FastAPI) -> None:
         responses={422: {"model": InvalidRequestBody, "description": "invalid request"}},
     )
     async def feedback(body: FeedbackRequest, request: Request) -> FeedbackResponse:
-        """The observed label of a prediction: to the feedback topic, and to the bandit."""
+        """The observed label of a prediction, to the feedback topic; the feedback consumer
+        (serving/feedback.py) joins it with the prediction log and teaches the policy once,
+        whichever replica made the prediction."""
         predictor = _predictor(request)
         known = predictor.recent.pop(body.prediction_id)
         error = None
@@ -489,9 +519,6 @@ def _routes(app: FastAPI) -> None:
             record = FeedbackRecord(
                 body.prediction_id, body.label, record.time_ms, model, version, value
             )
-            served = predictor.served.get(model)
-            if served is not None and served.slot.policy is not None:
-                served.slot.policy.reward(version, -abs(error))
         predictor.log.send(
             predictor.settings.feedback_topic, body.prediction_id.encode(), record.encode()
         )

@@ -100,6 +100,7 @@ class Prediction:
     prediction: float
     time_ms: int
     joined: JoinedRow
+    ensemble: dict[str, Any] | None = None  # Exp4 (serving/ensemble.py): who answered, weights
 
 
 def predict_batch(

@@ -332,17 +332,29 @@ def _booster(model_str: str) -> Any:
     return lgb.Booster(model_str=model_str)
 
 
-def test_bandit_serves_several_versions_and_learns_from_feedback(
+def test_bandit_serves_several_versions_and_feedback_goes_to_the_topic_only(
     tmp_path, registry, reader, producer
 ):
+    from core.records import FeedbackRecord
+    from serving.policy_state import MemoryPolicyStore
+
     settings = settings_for(tmp_path, bandit_epsilon=1.0, bandit_arms=2)
-    app = create_app(settings, reader=reader, registry=registry, producer=producer)
+    store = MemoryPolicyStore()
+    app = create_app(
+        settings, reader=reader, registry=registry, producer=producer, policy_store=store
+    )
     with TestClient(app) as client:
         answer = client.post("/predict", json={"rows": [row(i) for i in range(40)]}).json()
         versions = {p["model_version"] for p in answer["predictions"]}
         assert versions == {1, 2}  # epsilon 1: always exploring both arms
         for p in answer["predictions"]:
             client.post("/feedback", json={"prediction_id": p["prediction_id"], "label": 600.0})
-        bandit = app.state.predictor.served["delivery_eta"].slot.policy
-        assert sum(stats.n for stats in bandit.stats.values()) == 40
-        assert all(stats.mean <= 0 for stats in bandit.stats.values())  # reward = -|error|
+    feedback = [
+        FeedbackRecord.decode(m.value())
+        for m in producer.delivered
+        if m.topic() == settings.feedback_topic
+    ]
+    assert len(feedback) == 40
+    assert all(record.matched for record in feedback)
+    # The policy learns only from the feedback consumer (each label once, on any replica).
+    assert store.hashes == {}
