@@ -293,7 +293,14 @@ class PredictionRecord:
     window_ends_ms: dict[str, int | None] | None = None
     row_status: dict[str, str] | None = None
     as_of_ms: int | None = None
+    # Shadow traffic (serving/rollout.py), optional: a candidate version's prediction on a
+    # mirrored request, never answered; shadow_of is the prediction_id of the answer it shadows.
+    shadow_of: str | None = None
     v: int = VERSION
+
+    @property
+    def shadow(self) -> bool:
+        return self.shadow_of is not None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -316,6 +323,8 @@ class PredictionRecord:
             record["row_status"] = self.row_status
         if self.as_of_ms is not None:
             record["as_of_ms"] = self.as_of_ms
+        if self.shadow_of is not None:
+            record["shadow_of"] = self.shadow_of
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -351,6 +360,7 @@ class PredictionRecord:
             ),
             row_status=cls._row_status(f),
             as_of_ms=f.opt_integer("as_of_ms"),
+            shadow_of=f.opt_text("shadow_of"),
             v=f.version,
         )
 

@@ -18,9 +18,10 @@ validation failures (FastAPI's and the per-model row checks) answer 422 with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,18 +41,19 @@ from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from features.definitions import FeatureService
 from models.registry import ModelRegistry
-from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
+from serving.batcher import AdaptiveBatcher, AimdController, KeyedBatchers, QueueFullError
+from serving.cache import CacheCollector, PredictionCache
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
 from serving.prediction_log import KafkaLog, ProducerLike, kafka_producer
+from serving.rollout import RedisBus, RolloutBus, Rollouts, ShadowRunner, Target, rollout_router
 from serving.schemas import (
     FeedbackRequest,
     FeedbackResponse,
     PredictRequest,
     PredictResponse,
-    PromoteResponse,
     problems_of,
     row_model,
     validate_rows,
@@ -63,11 +65,15 @@ log = logging.getLogger("sluice.serving")
 
 @dataclass
 class Served:
-    """One served model name: its versions, its row validator and its batcher."""
+    """One served model name: its versions, its row validator and a batcher per version."""
 
     slot: ModelSlot
     rows: type[BaseModel]
-    batcher: AdaptiveBatcher[PredictItem, Prediction]
+    batchers: KeyedBatchers[int, PredictItem, Prediction]
+
+    def submit(self, item: PredictItem, arrived: float | None = None) -> Awaitable[Prediction]:
+        """Queue a row in the batch of its model version (``arrived``: time.perf_counter)."""
+        return self.batchers.get(item.model.version).submit(item, arrived)
 
 
 @dataclass
@@ -81,8 +87,11 @@ class Predictor:
     log: KafkaLog
     metrics: ServingMetrics
     executor: ThreadPoolExecutor
+    cache: PredictionCache | None = None
     served: dict[str, Served] = field(default_factory=dict)
     recent: RecentPredictions = field(default_factory=RecentPredictions)
+    rollouts: Rollouts | None = None
+    shadows: ShadowRunner | None = None
 
     def get(self, name: str | None) -> Served:
         name = name or self.settings.serve_models[0]
@@ -96,13 +105,12 @@ class Predictor:
     def load(self, name: str, version: int) -> LoadedModel:
         return load_model(self.registry, self.services, name, version)
 
-    def arms(self, name: str, production: int) -> dict[int, LoadedModel]:
+    def arm_versions(self, name: str, production: int) -> list[int]:
         """Bandit arms besides production: the newest other versions."""
-        if self.settings.bandit_epsilon <= 0:
-            return {}
+        if self.settings.bandit_epsilon <= 0 or self.settings.bandit_arms <= 1:
+            return []
         others = [v for v in self.registry.versions(name) if v != production]
-        newest = others[-(self.settings.bandit_arms - 1) :] if self.settings.bandit_arms > 1 else []
-        return {v: self.load(name, v) for v in newest}
+        return others[-(self.settings.bandit_arms - 1) :]
 
     def serve(self, name: str) -> Served:
         version = self.registry.production(name)
@@ -118,29 +126,51 @@ class Predictor:
             else None
         )
         slot = ModelSlot(production, bandit)
-        slot.swap(production, self.arms(name, version))
+        arms = {v: self.load(name, v) for v in self.arm_versions(name, version)}
+        slot.swap(production, arms)
+        return Served(slot, row_model(production.plan, name), KeyedBatchers(self._batcher(name)))
+
+    def _batcher(self, name: str) -> Callable[[int], AdaptiveBatcher[PredictItem, Prediction]]:
+        """The batcher factory of one model name: one AIMD controller per version."""
         s = self.settings
-        controller = AimdController(
-            objective_ms=s.latency_objective_ms,
-            max_size=s.max_batch_size,
-            increase=s.batch_increase,
-            backoff=s.batch_backoff,
-        )
 
-        def on_batch(rows: int, latency_ms: float) -> None:
-            self.metrics.batch_rows.labels(name).observe(rows)
-            self.metrics.batch_latency.labels(name).observe(latency_ms / 1000)
-            self.metrics.batch_size.labels(name).set(controller.size)
+        def make(version: int) -> AdaptiveBatcher[PredictItem, Prediction]:
+            controller = AimdController(
+                objective_ms=s.latency_objective_ms,
+                max_size=s.max_batch_size,
+                increase=s.batch_increase,
+                backoff=s.batch_backoff,
+            )
+            m, label = self.metrics, str(version)
 
-        batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: predict_batch(self.reader, items, serve_behind=s.serve_behind),
-            controller,
-            max_delay_s=s.max_batch_delay_ms / 1000,
-            executor=self.executor,
-            on_batch=on_batch,
-        )
-        self.metrics.batch_size.labels(name).set(controller.size)
-        return Served(slot, row_model(production.plan, name), batcher)
+            def on_batch(rows: int, latency_ms: float, process_ms: float) -> None:
+                m.batch_rows.labels(name).observe(rows)
+                m.batch_latency.labels(name).observe(process_ms / 1000)
+                m.batch_request_latency.labels(name, label).observe(latency_ms / 1000)
+                m.batch_size.labels(name, label).set(controller.size)
+
+            m.batch_size.labels(name, label).set(controller.size)
+            return AdaptiveBatcher(
+                lambda items: predict_batch(
+                    self.reader, items, serve_behind=s.serve_behind, cache=self.cache
+                ),
+                controller,
+                max_delay_s=s.max_batch_delay_ms / 1000,
+                executor=self.executor,
+                on_batch=on_batch,
+            )
+
+        return make
+
+    def applied(self, name: str, before: Target, after: Target) -> None:
+        """After a rollout swap: stop the batchers of versions gone, count a new production."""
+        served = self.served[name]
+        served.batchers.retain(served.slot.models())
+        for version in before.versions() - after.versions():
+            with contextlib.suppress(KeyError):  # no gauge when it never had a batcher
+                self.metrics.batch_size.remove(name, str(version))
+        if before.production != after.production:
+            self.metrics.model_swaps.labels(name).inc()
 
     def count_contract(self, predictions: Sequence[Prediction]) -> None:
         """sluice_contract_rows_total{view,status}: every row's verdict, answered or not."""
@@ -157,19 +187,30 @@ class Predictor:
         if behind:
             raise FeaturesBehindError(behind)
 
-    def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
-        """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
+    def record(
+        self,
+        prediction: Prediction,
+        latency_ms: float,
+        row: Mapping[str, Any],
+        shadow_of: str | None = None,
+    ) -> None:
+        """Metrics, feedback lookup and the (non-blocking) prediction log of one row (a shadow
+        prediction: only the log, marked with the answer it shadows)."""
         joined = prediction.joined
         m = self.metrics
-        m.predictions.labels(prediction.model, str(prediction.version)).inc()
-        for view, age in joined.ages_ms.items():
-            if view in joined.missing:
-                m.missing.labels(view).inc()
-            if age is not None:
-                m.feature_age.labels(view).observe(age / 1000)
-        self.recent.add(
-            prediction.prediction_id, prediction.model, prediction.version, prediction.prediction
-        )
+        if shadow_of is None:
+            m.predictions.labels(prediction.model, str(prediction.version)).inc()
+            for view, age in joined.ages_ms.items():
+                if view in joined.missing:
+                    m.missing.labels(view).inc()
+                if age is not None:
+                    m.feature_age.labels(view).observe(age / 1000)
+            self.recent.add(
+                prediction.prediction_id,
+                prediction.model,
+                prediction.version,
+                prediction.prediction,
+            )
         record = PredictionRecord(
             prediction_id=prediction.prediction_id,
             time_ms=prediction.time_ms,
@@ -185,6 +226,7 @@ class Predictor:
             window_ends_ms=joined.window_ends_ms,
             row_status={view: status.value for view, status in joined.status.items()},
             as_of_ms=joined.as_of_ms,
+            shadow_of=shadow_of,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -198,6 +240,7 @@ def create_app(
     registry: ModelRegistry | None = None,
     producer: ProducerLike | None = None,
     services: Mapping[str, FeatureService] | None = None,
+    bus: RolloutBus | None = None,
 ) -> FastAPI:
     """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir)."""
 
@@ -205,13 +248,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         predictor = await asyncio.to_thread(_build, settings, reader, registry, producer, services)
         app.state.predictor = predictor
-        for served in predictor.served.values():
-            served.batcher.start()
+        predictor.rollouts = _rollouts(predictor, bus)
+        predictor.rollouts.start()
         try:
             yield
         finally:
+            await predictor.rollouts.stop()
+            if predictor.shadows is not None:
+                await predictor.shadows.drain()
             for served in predictor.served.values():
-                await served.batcher.stop()
+                await served.batchers.stop()
             counts = await asyncio.to_thread(predictor.log.close)
             predictor.executor.shutdown(wait=True)
             close = getattr(predictor.reader, "close", None)
@@ -226,7 +272,29 @@ def create_app(
         lifespan=lifespan,
     )
     _routes(app)
+    app.include_router(rollout_router())
     return app
+
+
+def _rollouts(predictor: Predictor, bus: RolloutBus | None) -> Rollouts:
+    """Rollout propagation and shadow traffic (serving/rollout.py) of a built predictor."""
+    s = predictor.settings
+    predictor.shadows = ShadowRunner(
+        lambda item: predictor.served[item.model.name].submit(item),
+        lambda prediction, row, shadow_of: predictor.record(prediction, 0.0, row, shadow_of),
+        lambda model, version, outcome: predictor.metrics.shadow_predictions.labels(
+            model, str(version), outcome
+        ).inc(),
+    )
+    return Rollouts(
+        predictor.registry,
+        {name: served.slot for name, served in predictor.served.items()},
+        predictor.load,
+        predictor.arm_versions,
+        bus or RedisBus(s.redis_url, s.serve_models),
+        s.rollout_poll_s,
+        predictor.applied,
+    )
 
 
 def _build(
@@ -253,6 +321,9 @@ def _build(
         retries=settings.prediction_log_retries,
         on_outcome=lambda outcome, topic: metrics.log_records.labels(topic, outcome).inc(),
     )
+    cache = PredictionCache(settings.cache_max_bytes) if settings.cache_max_bytes > 0 else None
+    if cache is not None:
+        metrics.registry.register(CacheCollector(cache))
     predictor = Predictor(
         settings=settings,
         registry=registry or ModelRegistry(settings.models_dir),
@@ -261,6 +332,7 @@ def _build(
         log=kafka_log,
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
+        cache=cache,
     )
     for name in settings.serve_models:
         predictor.served[name] = predictor.serve(name)
@@ -339,17 +411,20 @@ def _routes(app: FastAPI) -> None:
         served = predictor.get(body.model)
         checked = validate_rows(served.rows, body.rows)
         rows = [row for row, _ in checked]
+        state = served.slot.state  # one state for the choices and the shadows
         items = [
-            PredictItem(served.slot.choose(), row, arrived_ms if t is None else t)
+            PredictItem(served.slot.choose(state), row, arrived_ms if t is None else t)
             for row, t in checked
         ]
-        predictor.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        predictor.metrics.queue_depth.labels(served.slot.name).set(served.batchers.queued)
         try:
-            results = await asyncio.gather(*(served.batcher.submit(item) for item in items))
+            results = await asyncio.gather(*(served.submit(item, started) for item in items))
         except QueueFullError as exc:
             raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
         predictor.count_contract(results)
         predictor.reject_behind(results)
+        if state.shadows and predictor.shadows is not None:
+            predictor.shadows.mirror(state.shadows, [(i.row, i.t_ms) for i in items], results)
         latency_ms = (time.perf_counter() - started) * 1000
         out = []
         for row, prediction in zip(rows, results, strict=True):
@@ -400,38 +475,8 @@ def _routes(app: FastAPI) -> None:
         """Models in the registry (versions, metrics, production) and what this server runs."""
         predictor = _predictor(request)
         registry = await asyncio.to_thread(predictor.registry.describe)
-        serving = {
-            name: {
-                "production": served.slot.state.production.version,
-                "versions": sorted(served.slot.state.arms),
-                "batch_size": served.batcher.controller.size,
-                "queued": served.batcher.queued,
-                "features": list(served.slot.state.production.plan.refs),
-            }
-            for name, served in predictor.served.items()
-        }
+        serving = {name: _serving(served) for name, served in predictor.served.items()}
         return {"registry": registry, "serving": serving}
-
-    @app.post("/models/{name}/versions/{version}:promote", response_model=PromoteResponse)
-    async def promote(name: str, version: int, request: Request) -> PromoteResponse:
-        """Make a version production; a served model is swapped without dropping requests.
-
-        The new version is loaded completely first; queued and running batches finish with the
-        model they were given, new requests get the new one.
-        """
-        predictor = _predictor(request)
-        new = await asyncio.to_thread(predictor.load, name, version)
-        previous = await asyncio.to_thread(predictor.registry.production, name)
-        await asyncio.to_thread(predictor.registry.promote, name, version)
-        served = predictor.served.get(name)
-        if served is not None:
-            arms = await asyncio.to_thread(predictor.arms, name, version)
-            served.slot.swap(new, arms)
-            predictor.metrics.model_swaps.labels(name).inc()
-        log.info("promoted", extra={"model": name, "version": version, "previous": previous})
-        return PromoteResponse(
-            model=name, version=version, previous_version=previous, served=served is not None
-        )
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -447,3 +492,23 @@ def _routes(app: FastAPI) -> None:
         """Prometheus text format."""
         registry = _predictor(request).metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _serving(served: Served) -> dict[str, Any]:
+    """What one model name serves here (GET /models)."""
+    state = served.slot.state
+    production = state.production.version
+    batchers = served.batchers.batchers
+    return {
+        "production": production,
+        "versions": sorted(state.arms),
+        "canary": None
+        if state.canary is None
+        else {"version": state.canary.version, "share": state.canary_share},
+        "shadows": [m.version for m in state.shadows],
+        # AIMD per version; "batch_size" is production's (1 until its first request).
+        "batch_size": batchers[production].controller.size if production in batchers else 1,
+        "batch_sizes": {str(v): b.controller.size for v, b in sorted(batchers.items())},
+        "queued": served.batchers.queued,
+        "features": list(state.production.plan.refs),
+    }

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from feature_repo.errors import OnlineStoreError
 from features.definitions import FeatureService
 from models.registry import ModelMetadata, ModelRegistry
+from serving.cache import PredictionCache
 from serving.errors import FeatureStoreUnavailableError, ModelIncompatibleError, ModelRegistryError
 from serving.features import (
     FeaturePlan,
@@ -103,9 +104,11 @@ def predict_batch(
     items: Sequence[PredictItem],
     now_ms: int | None = None,
     serve_behind: ServeBehind = "flag",
+    cache: PredictionCache | None = None,
 ) -> list[Prediction]:
     """Read every feature the batch needs in one round trip, join (each row at its own t, see
-    serving.features), predict per model version."""
+    serving.features), predict per model version (through the cache, when given: only the
+    input vectors it lacks reach the model)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
         lookup = read_rows(reader, [(item.model.plan, item.row) for item in items])
@@ -121,7 +124,12 @@ def predict_batch(
             join(model.plan, items[i].row, lookup, now, items[i].t_ms, serve_behind)
             for i in indices
         ]
-        predicted = model.predict(rows_to_matrix(model.plan, joined))
+        matrix = rows_to_matrix(model.plan, joined)
+        predicted = (
+            model.predict(matrix)
+            if cache is None
+            else cache.predict(model.name, model.version, matrix, model.predict)
+        )
         for i, row, value in zip(indices, joined, predicted, strict=True):
             out[i] = Prediction(uuid.uuid4().hex, model.name, model.version, float(value), now, row)
     return [p for p in out if p is not None]

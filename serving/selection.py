@@ -82,6 +82,11 @@ class EpsilonGreedy:
 class SlotState:
     production: LoadedModel
     arms: Mapping[int, LoadedModel]  # includes production
+    # Rollout (serving/rollout.py): the canary answers canary_share of requests before any
+    # policy is asked; shadows predict on every request too, never answer.
+    canary: LoadedModel | None = None
+    canary_share: float = 0.0
+    shadows: tuple[LoadedModel, ...] = ()
 
 
 class ModelSlot:
@@ -91,19 +96,34 @@ class ModelSlot:
         self.name = production.name
         self.policy = policy
         self.state = SlotState(production, {production.version: production})
+        self.rng = random.Random()
 
-    def choose(self) -> LoadedModel:
-        state = self.state  # one read: the whole choice uses one state
+    def choose(self, state: SlotState | None = None) -> LoadedModel:
+        state = state or self.state  # one read: the whole choice uses one state
+        if state.canary is not None and self.rng.random() < state.canary_share:
+            return state.canary
         if self.policy is None or len(state.arms) == 1:
             return state.production
         version = self.policy.choose(sorted(state.arms), state.production.version)
         return state.arms[version]
 
     def swap(
-        self, production: LoadedModel, others: Mapping[int, LoadedModel] | None = None
+        self,
+        production: LoadedModel,
+        others: Mapping[int, LoadedModel] | None = None,
+        *,
+        canary: LoadedModel | None = None,
+        canary_share: float = 0.0,
+        shadows: tuple[LoadedModel, ...] = (),
     ) -> None:
         arms = {**(others or {}), production.version: production}
-        self.state = SlotState(production, arms)
+        self.state = SlotState(production, arms, canary, canary_share, shadows)
+
+    def models(self) -> dict[int, LoadedModel]:
+        """Every version the state serves, answering or shadowing."""
+        state = self.state
+        extra = [state.canary] if state.canary is not None else []
+        return {m.version: m for m in (*state.arms.values(), *extra, *state.shadows)}
 
 
 class RecentPredictions:
