@@ -300,7 +300,14 @@ class PredictionRecord:
     # versions that answered in time, "weights": {version: weight}, "used": [...],
     # "missing": [...], "fallback": bool}; each version's loss is learnt from its prediction.
     ensemble: dict[str, Any] | None = None
+    # Shadow traffic (serving/rollout.py), optional: a candidate version's prediction on a
+    # mirrored request, never answered; shadow_of is the prediction_id of the answer it shadows.
+    shadow_of: str | None = None
     v: int = VERSION
+
+    @property
+    def shadow(self) -> bool:
+        return self.shadow_of is not None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -327,6 +334,8 @@ class PredictionRecord:
             record["degraded"] = self.degraded
         if self.ensemble is not None:
             record["ensemble"] = self.ensemble
+        if self.shadow_of is not None:
+            record["shadow_of"] = self.shadow_of
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -384,6 +393,7 @@ class PredictionRecord:
             as_of_ms=f.opt_integer("as_of_ms"),
             degraded=None if f.obj.get("degraded") is None else f.strings("degraded"),
             ensemble=cls._ensemble(f),
+            shadow_of=f.opt_text("shadow_of"),
             v=f.version,
         )
 

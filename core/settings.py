@@ -184,14 +184,25 @@ class Settings(BaseSettings):
     serve_port: int = Field(default=8000, ge=1, le=65535)
     # Models served: each needs a production version in the registry (see `sluice train`).
     serve_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["delivery_eta"])
-    # Adaptive batching (Clipper's AIMD): a batch's feature read + predict must stay within the
-    # objective; the size grows by batch_increase while it does and is multiplied by
-    # batch_backoff when it does not. max_batch_delay_ms waits to fill a batch (0: never wait).
+    # Adaptive batching (Clipper's AIMD), one batch size per model version: a request's whole
+    # time in the server (queue + feature read + predict) must stay within the objective; the
+    # size grows by batch_increase while it does and is multiplied by batch_backoff (Clipper:
+    # ~10% less) when it does not (serving/batcher.py). max_batch_delay_ms waits to fill a
+    # batch (0: never wait).
     latency_objective_ms: float = Field(default=20.0, gt=0, le=60_000)
     max_batch_delay_ms: float = Field(default=1.0, ge=0, le=1_000)
     max_batch_size: int = Field(default=256, ge=1, le=100_000)
     batch_increase: int = Field(default=2, ge=1, le=1_000)
-    batch_backoff: float = Field(default=0.5, gt=0, lt=1)
+    batch_backoff: float = Field(default=0.9, gt=0, lt=1)
+    # Prediction cache (serving/cache.py): predictions by (model, version, feature vector), LRU
+    # within this many bytes (0: no cache).
+    cache_max_bytes: int = Field(default=64 * 2**20, ge=0)
+    # Rollout (promote, rollback, canary, shadow): changes reach every replica through Redis
+    # pub/sub at once, and each replica re-reads the registry every rollout_poll_s anyway (so a
+    # missed notice is repaired within that time).
+    rollout_poll_s: float = Field(default=1.0, gt=0, le=3_600)
+    # "local": notices within this process only (one replica; the poll still syncs others).
+    rollout_bus: Literal["redis", "local"] = "redis"
     # Prediction log and feedback topics. Records go through a local write-ahead log
     # (serving/wal.py) in prediction_log_dir (default <state_dir>/prediction-log, one per
     # predictor), bounded by prediction_log_max_bytes (beyond: dropped, counted), fsynced every

@@ -23,9 +23,10 @@ body size limit before parsing and strict JSON (serving/limits.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,8 +53,9 @@ from models.registry import ModelRegistry
 from serving import auth, deadlines
 from serving.auth import Scope, require
 from serving.bandit import Bandit
-from serving.batcher import AdaptiveBatcher, AimdController, QueueFullError
+from serving.batcher import AdaptiveBatcher, AimdController, KeyedBatchers, QueueFullError
 from serving.breaker import STATE_VALUE, BreakerState, CircuitBreaker, GuardedReader
+from serving.cache import CacheCollector, PredictionCache
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.limits import BodyLimit, JsonRoute
@@ -63,6 +65,15 @@ from serving.oip import router as oip_router
 from serving.openapi import install as install_openapi
 from serving.policy_state import PolicyStore
 from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
+from serving.rollout import (
+    LocalBus,
+    RedisBus,
+    RolloutBus,
+    Rollouts,
+    ShadowRunner,
+    Target,
+    rollout_router,
+)
 from serving.schemas import (
     PREDICT_BODY,
     ErrorBody,
@@ -70,7 +81,6 @@ from serving.schemas import (
     FeedbackResponse,
     InvalidRequestBody,
     PredictResponse,
-    PromoteResponse,
     parse_predict,
     problems_of,
     row_model,
@@ -83,11 +93,21 @@ log = logging.getLogger("sluice.serving")
 
 @dataclass
 class Served:
-    """One served model name: its versions, its row validator and its batcher."""
+    """One served model name: its versions, its row validator and a batcher per version."""
 
     slot: ModelSlot
     rows: type[BaseModel]
-    batcher: AdaptiveBatcher[PredictItem, Prediction]
+    batchers: KeyedBatchers[int, PredictItem, Prediction]
+
+    def submit(self, item: PredictItem, arrived: float | None = None) -> Awaitable[Prediction]:
+        """Queue a row in the batch of its model version (``arrived``: time.perf_counter)."""
+        return self.batchers.get(item.model.version).submit(item, arrived)
+
+    def enqueue(
+        self, item: PredictItem, arrived: float | None = None
+    ) -> asyncio.Future[Prediction]:
+        """As submit, the future returned at once (cancelling it withdraws the row)."""
+        return self.batchers.get(item.model.version).enqueue(item, arrived)
 
 
 @dataclass
@@ -102,8 +122,11 @@ class Predictor:
     metrics: ServingMetrics
     executor: ThreadPoolExecutor
     bandit: Bandit
+    cache: PredictionCache | None = None
     served: dict[str, Served] = field(default_factory=dict)
     recent: RecentPredictions = field(default_factory=RecentPredictions)
+    rollouts: Rollouts | None = None
+    shadows: ShadowRunner | None = None
     breaker: CircuitBreaker | None = None  # in front of reader (serving/breaker.py)
 
     def get(self, name: str | None) -> Served:
@@ -118,13 +141,12 @@ class Predictor:
     def load(self, name: str, version: int) -> LoadedModel:
         return load_model(self.registry, self.services, name, version)
 
-    def arms(self, name: str, production: int) -> dict[int, LoadedModel]:
+    def arm_versions(self, name: str, production: int) -> list[int]:
         """Bandit arms besides production: the newest other versions."""
         if self.bandit.arms <= 1:
-            return {}
+            return []
         others = [v for v in self.registry.versions(name) if v != production]
-        newest = others[-(self.bandit.arms - 1) :]
-        return {v: self.load(name, v) for v in newest}
+        return others[-(self.bandit.arms - 1) :]
 
     def serve(self, name: str) -> Served:
         version = self.registry.production(name)
@@ -135,35 +157,68 @@ class Predictor:
             )
         production = self.load(name, version)
         slot = ModelSlot(production, self.bandit.policy(name))
-        slot.swap(production, self.arms(name, version))
+        arms = {v: self.load(name, v) for v in self.arm_versions(name, version)}
+        slot.swap(production, arms)
+        return Served(slot, row_model(production.plan, name), KeyedBatchers(self._batcher(slot)))
+
+    def _batcher(
+        self, slot: ModelSlot
+    ) -> Callable[[int], AdaptiveBatcher[PredictItem, Prediction]]:
+        """The batcher factory of one model name: one AIMD controller per version."""
+        s, name = self.settings, slot.name
         ensemble = self.bandit.ensemble(slot)  # Exp4: every arm predicts each row
-        s = self.settings
-        controller = AimdController(
-            objective_ms=s.latency_objective_ms,
-            max_size=s.max_batch_size,
-            increase=s.batch_increase,
-            backoff=s.batch_backoff,
-        )
 
-        def on_batch(rows: int, latency_ms: float) -> None:
-            self.metrics.batch_rows.labels(name).observe(rows)
-            self.metrics.batch_latency.labels(name).observe(latency_ms / 1000)
-            self.metrics.batch_size.labels(name).set(controller.size)
-
-        batcher: AdaptiveBatcher[PredictItem, Prediction] = AdaptiveBatcher(
-            lambda items: (ensemble.predict if ensemble else predict_batch)(
+        def predict(items: Sequence[PredictItem]) -> list[Prediction]:
+            if ensemble is not None:  # not cached: its weights move with every label
+                return ensemble.predict(
+                    self.reader,
+                    items,
+                    serve_behind=s.serve_behind,
+                    on_unavailable=s.serve_store_unavailable,
+                )
+            return predict_batch(
                 self.reader,
                 items,
                 serve_behind=s.serve_behind,
                 on_unavailable=s.serve_store_unavailable,
-            ),
-            controller,
-            max_delay_s=s.max_batch_delay_ms / 1000,
-            executor=self.executor,
-            on_batch=on_batch,
-        )
-        self.metrics.batch_size.labels(name).set(controller.size)
-        return Served(slot, row_model(production.plan, name), batcher)
+                cache=self.cache,
+            )
+
+        def make(version: int) -> AdaptiveBatcher[PredictItem, Prediction]:
+            controller = AimdController(
+                objective_ms=s.latency_objective_ms,
+                max_size=s.max_batch_size,
+                increase=s.batch_increase,
+                backoff=s.batch_backoff,
+            )
+            m, label = self.metrics, str(version)
+
+            def on_batch(rows: int, latency_ms: float, process_ms: float) -> None:
+                m.batch_rows.labels(name).observe(rows)
+                m.batch_latency.labels(name).observe(process_ms / 1000)
+                m.batch_request_latency.labels(name, label).observe(latency_ms / 1000)
+                m.batch_size.labels(name, label).set(controller.size)
+
+            m.batch_size.labels(name, label).set(controller.size)
+            return AdaptiveBatcher(
+                predict,
+                controller,
+                max_delay_s=s.max_batch_delay_ms / 1000,
+                executor=self.executor,
+                on_batch=on_batch,
+            )
+
+        return make
+
+    def applied(self, name: str, before: Target, after: Target) -> None:
+        """After a rollout swap: stop the batchers of versions gone, count a new production."""
+        served = self.served[name]
+        served.batchers.retain(served.slot.models())
+        for version in before.versions() - after.versions():
+            with contextlib.suppress(KeyError):  # no gauge when it never had a batcher
+                self.metrics.batch_size.remove(name, str(version))
+        if before.production != after.production:
+            self.metrics.model_swaps.labels(name).inc()
 
     def count_contract(self, predictions: Sequence[Prediction]) -> None:
         """sluice_contract_rows_total{view,status}: every row's verdict, answered or not."""
@@ -202,44 +257,58 @@ class Predictor:
                 f"(served: {', '.join(map(str, sorted(served.slot.state.arms)))})"
             )
         context = self.settings.bandit_context_field  # Exp4/contextual state per value
+        state = served.slot.state  # one state for the choices and the shadows
         items = [
             PredictItem(
-                fixed or served.slot.choose(str(row.get(context, "")) if context else ""),
+                fixed or served.slot.choose(str(row.get(context, "")) if context else "", state),
                 row,
                 arrived_ms if t is None else t,
             )
             for row, t in checked
         ]
-        self.metrics.queue_depth.labels(served.slot.name).set(served.batcher.queued)
+        self.metrics.queue_depth.labels(served.slot.name).set(served.batchers.queued)
         budget = deadlines.budget_s(deadline_ms, timeout_header, self.settings)
         try:
             results = await deadlines.predict_within(
-                served.batcher, items, budget, started, self.settings.serve_store_unavailable
+                served.enqueue, items, budget, started, self.settings.serve_store_unavailable
             )
         except QueueFullError as exc:
             raise OverloadedError(f"model {served.slot.name!r}: {exc}") from None
         self.count_contract(results)
         self.reject_behind(results)
+        if state.shadows and self.shadows is not None:
+            self.shadows.mirror(state.shadows, [(i.row, i.t_ms) for i in items], results)
         latency_ms = (time.perf_counter() - started) * 1000
         for (row, _), prediction in zip(checked, results, strict=True):
             self.record(prediction, latency_ms, row)
         return results
 
-    def record(self, prediction: Prediction, latency_ms: float, row: Mapping[str, Any]) -> None:
-        """Metrics, feedback lookup and the (non-blocking) prediction log of one row."""
+    def record(
+        self,
+        prediction: Prediction,
+        latency_ms: float,
+        row: Mapping[str, Any],
+        shadow_of: str | None = None,
+    ) -> None:
+        """Metrics, feedback lookup and the (non-blocking) prediction log of one row (a shadow
+        prediction: only the log, marked with the answer it shadows)."""
         joined = prediction.joined
         m = self.metrics
-        m.predictions.labels(prediction.model, str(prediction.version)).inc()
-        if joined.degraded:
-            m.degraded_rows.labels(prediction.model, joined.degraded_reason or "").inc()
-        for view, age in joined.ages_ms.items():
-            if view in joined.missing:
-                m.missing.labels(view).inc()
-            if age is not None:
-                m.feature_age.labels(view).observe(age / 1000)
-        self.recent.add(
-            prediction.prediction_id, prediction.model, prediction.version, prediction.prediction
-        )
+        if shadow_of is None:
+            m.predictions.labels(prediction.model, str(prediction.version)).inc()
+            if joined.degraded:
+                m.degraded_rows.labels(prediction.model, joined.degraded_reason or "").inc()
+            for view, age in joined.ages_ms.items():
+                if view in joined.missing:
+                    m.missing.labels(view).inc()
+                if age is not None:
+                    m.feature_age.labels(view).observe(age / 1000)
+            self.recent.add(
+                prediction.prediction_id,
+                prediction.model,
+                prediction.version,
+                prediction.prediction,
+            )
         record = PredictionRecord(
             prediction_id=prediction.prediction_id,
             time_ms=prediction.time_ms,
@@ -257,6 +326,7 @@ class Predictor:
             as_of_ms=joined.as_of_ms,
             degraded=joined.degraded or None,
             ensemble=prediction.ensemble,
+            shadow_of=shadow_of,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()
@@ -272,6 +342,7 @@ def create_app(
     services: Mapping[str, FeatureService] | None = None,
     policy_store: PolicyStore | None = None,
     labels: Sequence[Labels] | None = None,
+    bus: RolloutBus | None = None,
 ) -> FastAPI:
     """The predictor app. Unset dependencies come from settings (Redis, Kafka, models_dir).
 
@@ -284,13 +355,16 @@ def create_app(
             _build, settings, reader, registry, producer, services, policy_store, labels
         )
         app.state.predictor = predictor
-        for served in predictor.served.values():
-            served.batcher.start()
+        predictor.rollouts = _rollouts(predictor, bus)
+        predictor.rollouts.start()
         try:
             yield
         finally:
+            await predictor.rollouts.stop()
+            if predictor.shadows is not None:
+                await predictor.shadows.drain()
             for served in predictor.served.values():
-                await served.batcher.stop()
+                await served.batchers.stop()
             await asyncio.to_thread(predictor.bandit.close)
             counts = await asyncio.to_thread(predictor.log.close)
             predictor.executor.shutdown(wait=True)
@@ -311,9 +385,31 @@ def create_app(
     # The OIP routes join the app's own list (an included router would be one opaque entry
     # there, hidden from the checks that walk app.routes: auth's scopes, the OpenAPI ones).
     app.router.routes.extend(oip_router.routes)
+    app.router.routes.extend(rollout_router().routes)
     install_openapi(app)
     auth.install(app, settings)
     return app
+
+
+def _rollouts(predictor: Predictor, bus: RolloutBus | None) -> Rollouts:
+    """Rollout propagation and shadow traffic (serving/rollout.py) of a built predictor."""
+    s = predictor.settings
+    predictor.shadows = ShadowRunner(
+        lambda item: predictor.served[item.model.name].submit(item),
+        lambda prediction, row, shadow_of: predictor.record(prediction, 0.0, row, shadow_of),
+        lambda model, version, outcome: predictor.metrics.shadow_predictions.labels(
+            model, str(version), outcome
+        ).inc(),
+    )
+    return Rollouts(
+        predictor.registry,
+        {name: served.slot for name, served in predictor.served.items()},
+        predictor.load,
+        predictor.arm_versions,
+        bus or (RedisBus(s.redis_url, s.serve_models) if s.rollout_bus == "redis" else LocalBus()),
+        s.rollout_poll_s,
+        predictor.applied,
+    )
 
 
 def _build(
@@ -339,6 +435,9 @@ def _build(
     try:
         metrics.registry.register(LogCollector(kafka_log))
         breaker = _breaker(settings, metrics)
+        cache = PredictionCache(settings.cache_max_bytes) if settings.cache_max_bytes else None
+        if cache is not None:
+            metrics.registry.register(CacheCollector(cache))
         predictor = Predictor(
             settings=settings,
             registry=registry or ModelRegistry(settings.models_dir),
@@ -349,6 +448,7 @@ def _build(
             executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="sluice-batch"),
             bandit=bandit,
             breaker=breaker,
+            cache=cache,
         )
         for name in settings.serve_models:
             predictor.served[name] = predictor.serve(name)
@@ -531,50 +631,8 @@ def _routes(app: FastAPI) -> None:
         """Models in the registry (versions, metrics, production) and what this server runs."""
         predictor = _predictor(request)
         registry = await asyncio.to_thread(predictor.registry.describe)
-        serving = {
-            name: {
-                "production": served.slot.state.production.version,
-                "versions": sorted(served.slot.state.arms),
-                "batch_size": served.batcher.controller.size,
-                "queued": served.batcher.queued,
-                "features": list(served.slot.state.production.plan.refs),
-            }
-            for name, served in predictor.served.items()
-        }
+        serving = {name: _serving(served) for name, served in predictor.served.items()}
         return {"registry": registry, "serving": serving}
-
-    @app.post(
-        "/models/{name}/versions/{version}:promote",
-        dependencies=[require(Scope.ADMIN)],
-        response_model=PromoteResponse,
-        responses={
-            404: {"model": ErrorBody, "description": "no such model or version"},
-            409: {
-                "model": ErrorBody,
-                "description": "the version reads features its feature service no longer provides",
-            },
-            422: {"model": InvalidRequestBody, "description": "invalid version"},
-        },
-    )
-    async def promote(name: str, version: int, request: Request) -> PromoteResponse:
-        """Make a version production; a served model is swapped without dropping requests.
-
-        The new version is loaded completely first; queued and running batches finish with the
-        model they were given, new requests get the new one.
-        """
-        predictor = _predictor(request)
-        new = await asyncio.to_thread(predictor.load, name, version)
-        previous = await asyncio.to_thread(predictor.registry.production, name)
-        await asyncio.to_thread(predictor.registry.promote, name, version)
-        served = predictor.served.get(name)
-        if served is not None:
-            arms = await asyncio.to_thread(predictor.arms, name, version)
-            served.slot.swap(new, arms)
-            predictor.metrics.model_swaps.labels(name).inc()
-        log.info("promoted", extra={"model": name, "version": version, "previous": previous})
-        return PromoteResponse(
-            model=name, version=version, previous_version=previous, served=served is not None
-        )
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -591,3 +649,23 @@ def _routes(app: FastAPI) -> None:
         """Prometheus text format."""
         registry = _predictor(request).metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _serving(served: Served) -> dict[str, Any]:
+    """What one model name serves here (GET /models)."""
+    state = served.slot.state
+    production = state.production.version
+    batchers = served.batchers.batchers
+    return {
+        "production": production,
+        "versions": sorted(state.arms),
+        "canary": None
+        if state.canary is None
+        else {"version": state.canary.version, "share": state.canary_share},
+        "shadows": [m.version for m in state.shadows],
+        # AIMD per version; "batch_size" is production's (1 until its first request).
+        "batch_size": batchers[production].controller.size if production in batchers else 1,
+        "batch_sizes": {str(v): b.controller.size for v, b in sorted(batchers.items())},
+        "queued": served.batchers.queued,
+        "features": list(state.production.plan.refs),
+    }

@@ -24,10 +24,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from core.settings import Settings
-from serving.batcher import AdaptiveBatcher
 from serving.errors import DeadlineExceededError, InvalidRequestError
 from serving.model import Prediction, PredictItem, StoreUnavailable, predict_degraded
 
@@ -63,7 +62,7 @@ def budget_s(body_ms: float | None, header: str | None, settings: Settings) -> f
 
 
 async def predict_within(
-    batcher: AdaptiveBatcher[PredictItem, Prediction],
+    enqueue: Callable[[PredictItem, float], asyncio.Future[Prediction]],
     items: Sequence[PredictItem],
     budget: float,
     started: float,
@@ -78,7 +77,7 @@ async def predict_within(
     futures: list[asyncio.Future[Prediction]] = []
     try:
         for item in items:
-            futures.append(batcher.enqueue(item))
+            futures.append(enqueue(item, started))  # arrival: the objective covers the queue
     except BaseException:
         for future in futures:
             future.cancel()

@@ -29,7 +29,10 @@ class ServingMetrics:
             registry=r,
         )
         self.batch_size = Gauge(
-            "sluice_batch_size", "Current AIMD batch size limit per model", ["model"], registry=r
+            "sluice_batch_size",
+            "Current AIMD batch size limit per model version",
+            ["model", "version"],
+            registry=r,
         )
         self.batch_rows = Histogram(
             "sluice_batch_rows",
@@ -43,6 +46,20 @@ class ServingMetrics:
             "Feature read + predict time per batch",
             ["model"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_request_latency = Histogram(
+            "sluice_batch_request_latency_seconds",
+            "Per batch, its slowest request's time in the server (queue + feature read + "
+            "predict): what AIMD holds to the latency objective",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_predictions = Counter(
+            "sluice_shadow_predictions",
+            "Shadow rows by model, version and outcome (logged, dropped: queue full, failed)",
+            ["model", "version", "outcome"],
             registry=r,
         )
         self.queue_depth = Gauge(

@@ -15,6 +15,7 @@ from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
 from features.definitions import FeatureService
 from models.registry import ModelMetadata, ModelRegistry
 from serving.breaker import BreakerOpenError
+from serving.cache import PredictionCache
 from serving.errors import FeatureStoreUnavailableError, ModelIncompatibleError, ModelRegistryError
 from serving.features import (
     FeaturePlan,
@@ -109,9 +110,11 @@ def predict_batch(
     now_ms: int | None = None,
     serve_behind: ServeBehind = "flag",
     on_unavailable: StoreUnavailable = "reject",
+    cache: PredictionCache | None = None,
 ) -> list[Prediction]:
     """Read every feature the batch needs in one round trip, join (each row at its own t, see
-    serving.features), predict per model version.
+    serving.features), predict per model version (through the cache, when given: only the
+    input vectors it lacks reach the model).
 
     When the store is slow or down (OnlineStoreUnavailableError, the breaker's refusal too),
     "reject" raises FeatureStoreUnavailableError (503) and "degraded" predicts every row from
@@ -123,18 +126,22 @@ def predict_batch(
         if on_unavailable == "reject":
             raise FeatureStoreUnavailableError(str(exc)) from exc
         reason = "breaker_open" if isinstance(exc, BreakerOpenError) else "store_unavailable"
-        return predict_degraded(items, reason, now)
+        return predict_degraded(items, reason, now, cache)
     except OnlineStoreError as exc:
         raise FeatureStoreUnavailableError(str(exc)) from exc
     return _predict(
         items,
         lambda item: join(item.model.plan, item.row, lookup, now, item.t_ms, serve_behind),
         now,
+        cache,
     )
 
 
 def predict_degraded(
-    items: Sequence[PredictItem], reason: str, now_ms: int | None = None
+    items: Sequence[PredictItem],
+    reason: str,
+    now_ms: int | None = None,
+    cache: PredictionCache | None = None,
 ) -> list[Prediction]:
     """Predictions without the online store: every view's empty values, flagged ``degraded``
     with ``reason``. Cheap (no I/O; LightGBM on a few rows takes microseconds), so the event
@@ -146,11 +153,15 @@ def predict_degraded(
             item.model.plan, item.row, now if item.t_ms is None else item.t_ms, reason
         ),
         now,
+        cache,
     )
 
 
 def _predict(
-    items: Sequence[PredictItem], joiner: Callable[[PredictItem], JoinedRow], now: int
+    items: Sequence[PredictItem],
+    joiner: Callable[[PredictItem], JoinedRow],
+    now: int,
+    cache: PredictionCache | None = None,
 ) -> list[Prediction]:
     groups: dict[int, list[int]] = {}
     for index, item in enumerate(items):
@@ -159,7 +170,12 @@ def _predict(
     for indices in groups.values():
         model = items[indices[0]].model
         joined = [joiner(items[i]) for i in indices]
-        predicted = model.predict(rows_to_matrix(model.plan, joined))
+        matrix = rows_to_matrix(model.plan, joined)
+        predicted = (
+            model.predict(matrix)
+            if cache is None
+            else cache.predict(model.name, model.version, matrix, model.predict)
+        )
         for i, row, value in zip(indices, joined, predicted, strict=True):
             out[i] = Prediction(uuid.uuid4().hex, model.name, model.version, float(value), now, row)
     return [p for p in out if p is not None]

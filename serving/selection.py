@@ -223,6 +223,11 @@ class Exp4:
 class SlotState:
     production: LoadedModel
     arms: Mapping[int, LoadedModel]  # includes production
+    # Rollout (serving/rollout.py): the canary answers canary_share of requests before any
+    # policy is asked; shadows predict on every request too, never answer.
+    canary: LoadedModel | None = None
+    canary_share: float = 0.0
+    shadows: tuple[LoadedModel, ...] = ()
 
 
 class ModelSlot:
@@ -232,19 +237,34 @@ class ModelSlot:
         self.name = production.name
         self.policy: SelectionPolicy = policy or FixedPolicy()
         self.state = SlotState(production, {production.version: production})
+        self.rng = random.Random()
 
-    def choose(self, context: str = "") -> LoadedModel:
-        state = self.state  # one read: the whole choice uses one state
+    def choose(self, context: str = "", state: SlotState | None = None) -> LoadedModel:
+        state = state or self.state  # one read: the whole choice uses one state
+        if state.canary is not None and self.rng.random() < state.canary_share:
+            return state.canary
         if len(state.arms) == 1:
             return state.production
         version = self.policy.choose(sorted(state.arms), state.production.version, context)
         return state.arms[version]
 
     def swap(
-        self, production: LoadedModel, others: Mapping[int, LoadedModel] | None = None
+        self,
+        production: LoadedModel,
+        others: Mapping[int, LoadedModel] | None = None,
+        *,
+        canary: LoadedModel | None = None,
+        canary_share: float = 0.0,
+        shadows: tuple[LoadedModel, ...] = (),
     ) -> None:
         arms = {**(others or {}), production.version: production}
-        self.state = SlotState(production, arms)
+        self.state = SlotState(production, arms, canary, canary_share, shadows)
+
+    def models(self) -> dict[int, LoadedModel]:
+        """Every version the state serves, answering or shadowing."""
+        state = self.state
+        extra = [state.canary] if state.canary is not None else []
+        return {m.version: m for m in (*state.arms.values(), *extra, *state.shadows)}
 
 
 class RecentPredictions:

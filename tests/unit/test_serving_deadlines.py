@@ -126,7 +126,7 @@ def test_a_stuck_store_is_answered_degraded_within_the_deadline(registry, reader
             first = asyncio.ensure_future(one(0))
             await asyncio.sleep(0.05)
             answers = await asyncio.gather(first, *(one(i) for i in range(1, 6)))
-            batcher = app.state.predictor.served["delivery_eta"].batcher
+            batcher = app.state.predictor.served["delivery_eta"].batchers.batchers[1]
             assert batcher.batches <= 1  # answered before the stuck batch came back
             return answers
 
