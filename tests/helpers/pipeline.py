@@ -24,7 +24,7 @@ from tests.helpers.stream import read_all
 REPO = Path(__file__).resolve().parents[2]
 SLUICE = str(Path(sys.executable).parent / "sluice")
 
-DEFINITIONS = '''"""Written by tests/helpers/pipeline.py for one test: courier pings on topics of its own."""
+DEFINITIONS = '''"""Written by tests/helpers/pipeline.py: courier pings on topics of one test."""
 from examples.delivery import features as delivery
 from examples.delivery import sources as examples
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
@@ -39,7 +39,9 @@ pipe_view = FeatureView(
     entity=delivery.zone,
     source=pings,
     aggregations=(
-        Aggregation(function=AggregationFunction.COUNT, windows=(Window.sliding("5m", every="1m"),)),
+        Aggregation(
+            function=AggregationFunction.COUNT, windows=(Window.sliding("5m", every="1m"),)
+        ),
         Aggregation(
             function=AggregationFunction.MEAN,
             column="speed_kmh",

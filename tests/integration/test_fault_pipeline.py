@@ -44,7 +44,14 @@ from tests.helpers.pipeline import (
     kill_tree,
     sluice_env,
 )
-from tests.helpers.stream import PARTITIONS, START, closing_end, hand_made, row_differences
+from tests.helpers.stream import (
+    PARTITIONS,
+    START,
+    Topic,
+    closing_end,
+    hand_made,
+    row_differences,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.slow]
 MINUTE = 60_000
@@ -205,4 +212,133 @@ def test_ingest_sigkill_and_restart_counts_each_event_once(
         f"{len(records)} records in {source.topic} ({copies} copies); stream: "
         f"{stats.aggregated} counted, {stats.duplicates} duplicates and {stats.late} late "
         f"dropped; {len(want)} rows equal to the reference ({repeats} repeated records)"
+    )
+
+
+def checkpoints(settings: Settings) -> list[Path]:
+    """Completed checkpoints of every job under the state directory, oldest first."""
+    found = (settings.state_dir / "flink").glob("*/checkpoints/*/chk-*/_metadata")
+    return [p.parent for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+
+
+def row_is_online(settings: Settings, view: FeatureView, entity: str, end: int) -> bool:
+    with open_online_store(settings) as store:
+        row = store.read(view, [entity])[0]
+    return row is not None and row.window_end_ms >= end
+
+
+def wait_for(what: str, check: Any, proc: subprocess.Popen[bytes], log: Path, limit_s: float):
+    deadline = time.monotonic() + limit_s
+    while not check():
+        assert proc.poll() is None, f"sluice stream exited before {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} within {limit_s:.0f} s:\n{log.read_text()}"
+        time.sleep(0.5)
+
+
+def test_stream_sigkill_restores_the_latest_checkpoint(stack_settings: Settings, tmp_path: Path):
+    settings, module, _ = isolated(stack_settings, tmp_path)
+    view: FeatureView = module.pipe_view
+    source = module.pings
+    env = sluice_env(settings, module, SLUICE_FLINK_CHECKPOINT_INTERVAL_S="2", COLUMNS="1000")
+    topic = Topic(settings, source)
+    lateness = int(source.allowed_lateness.total_seconds() * 1000)
+    events = [e.values for e in pings(module, 0, 25)]
+
+    # Phase A: 15 minutes of pings and a probe at minute 2: its closing row, at minute 13,
+    # shows the job has made progress.
+    probe_time = START + 2 * MINUTE
+    probe_end = closing_end(view, probe_time)
+    phase_a = [e for e in events if e[source.event_time_field] < START + 15 * MINUTE]
+    for e in phase_a:
+        topic.produce(e)
+    topic.produce(hand_made(source, probe_time, "z-probe"))
+    topic.flush()
+
+    log = tmp_path / "stream.log"
+    argv = [SLUICE, "stream", "--report-every", "2"]
+    with log.open("ab") as out:
+        first = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            "probe row online",
+            lambda: row_is_online(settings, view, "z-probe", probe_end),
+            first,
+            log,
+            180,
+        )
+        wait_for("checkpoint", lambda: checkpoints(settings), first, log, 60)
+        # Phase B arrives while the job runs (in batches, a checkpoint every 2 s); half way
+        # through, the job and its JVM and workers die.
+        phase_b = events[len(phase_a) :]
+        size = len(phase_b) // 10 + 1
+        batches = [phase_b[i : i + size] for i in range(0, len(phase_b), size)]
+        for batch in batches[: len(batches) // 2]:
+            for e in batch:
+                topic.produce(e)
+            topic.flush()
+            time.sleep(1.0)
+    finally:
+        killed = kill_tree(first.pid)
+        first.wait(10)
+    assert first.returncode == -signal.SIGKILL
+    produced_at_kill = len(topic.events)
+    retained = checkpoints(settings)
+    assert retained, "the killed job left no checkpoint"
+
+    for batch in batches[len(batches) // 2 :]:
+        for e in batch:
+            topic.produce(e)
+    newest = max(e[source.event_time_field] for e in events)
+    final_w = closing_end(view, newest)
+    final_probe = final_w - view.max_window.size_ms - view.slide_ms
+    topic.produce(hand_made(source, final_probe, "z-final"))
+    for p in range(PARTITIONS):
+        topic.produce(hand_made(source, final_w + lateness, f"z-end-{p}"), p)
+    topic.flush()
+
+    restarted = time.monotonic()
+    with log.open("ab") as out:
+        second = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            "final row online",
+            lambda: row_is_online(settings, view, "z-final", final_w),
+            second,
+            log,
+            180,
+        )
+        caught_up_s = time.monotonic() - restarted
+        second.send_signal(signal.SIGINT)  # stops with a savepoint
+        assert second.wait(120) == 0, log.read_text()
+    finally:
+        if second.poll() is None:
+            kill_tree(second.pid)
+            second.wait(10)
+    text = log.read_text()
+    restoring = re.findall(r"restoring (\S+?)\)", text)
+    assert restoring == [str(retained[-1])], "the second run restores the newest checkpoint"
+    # The second run's counts (operator counters restart with it): its last progress line.
+    name = re.escape(view.name)
+    line = re.findall(rf"{name}: ([\d,]+) events.*?late ([\d,]+).*?duplicates ([\d,]+)", text)
+    assert line, text
+    reread, late, duplicates = (int(n.replace(",", "")) for n in line[-1])
+    assert late == duplicates == 0
+    # It read everything after its checkpoint: more than what came after the kill.
+    after_kill = len(topic.events) - produced_at_kill
+    assert reread > after_kill
+
+    want = {
+        k: v
+        for k, v in with_closing_rows(view, compute_view(view, topic.unique_events())).items()
+        if k[1] <= final_w
+    }
+    got, repeats = feature_rows(settings, view)
+    assert row_differences(got, want) == []
+    assert online_differences(settings, view, want) == []
+    print(
+        f"stream SIGKILL ({killed} processes): {len(topic.events)} events, "
+        f"{produced_at_kill} produced before the kill, restored {retained[-1].name}; the second "
+        f"run re-read {reread} ({reread - after_kill} read again after the checkpoint), "
+        f"0 late, 0 duplicates; final row online {caught_up_s:.1f} s after the restart; "
+        f"{len(want)} rows equal to the reference ({repeats} rows emitted twice, same values)"
     )
