@@ -191,9 +191,11 @@ def apps(settings: Settings) -> Iterator[dict[str, Any]]:
         client.__exit__(None, None, None)
 
 
-def start(settings: Settings, labels: list[Any]) -> tuple[Any, TestClient]:
+def start(settings: Settings, labels: list[Any], name: str) -> tuple[Any, TestClient]:
+    """A replica with its own write-ahead log directory (one predictor per directory)."""
+    log_dir = Path(settings.models_dir).parent / f"prediction-log-{name}"
     app = create_app(
-        settings,
+        settings.model_copy(update={"prediction_log_dir": log_dir}),
         reader=FakeReader(),
         registry=ModelRegistry(settings.models_dir),
         labels=labels,
@@ -208,8 +210,8 @@ def test_exp3_moves_traffic_to_the_best_version_across_replicas_and_restarts(
     settings: Settings, apps: dict[str, Any]
 ) -> None:
     started = time.monotonic()
-    app_a, client_a = start(settings, apps["labels"])
-    app_b, client_b = start(settings, apps["labels"])
+    app_a, client_a = start(settings, apps["labels"], "a")
+    app_b, client_b = start(settings, apps["labels"], "b")
     apps["open"] = [client_a, client_b]
     labeller = Labeller(settings, apps["topic"])
     counter = [0]
@@ -260,7 +262,7 @@ def test_exp3_moves_traffic_to_the_best_version_across_replicas_and_restarts(
 
         # Phase 2: restart replica B; the state is in Redis, so its traffic stays on the best.
         client_b.__exit__(None, None, None)
-        app_b, client_b = start(settings, apps["labels"])
+        app_b, client_b = start(settings, apps["labels"], "b2")
         apps["open"] = [client_a, client_b]
         served = [p["model_version"] for p in send(client_b, rows(200, counter))]
         shares["B restarted"] = served.count(BEST) / len(served)
