@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,9 +39,10 @@ CANARY_TOLERANCE = 0.07  # ~4.5 standard deviations
 
 
 class Replicas:
-    def __init__(self, a: ServeProcess, b: ServeProcess, topic: str) -> None:
+    def __init__(self, a: ServeProcess, b: ServeProcess, topic: str, env: dict[str, str]) -> None:
         self.a, self.b = a, b
         self.topic = topic
+        self.env = env  # a replica's settings: another one may join
         self.rows = 0
 
     def batch(self, n: int) -> list[dict[str, Any]]:
@@ -87,7 +89,7 @@ def replicas(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     b = ServeProcess(stack_settings, root / "log-b", root / "serve-b.log", env)
     try:
         start_all([a, b])
-        yield Replicas(a, b, topic)
+        yield Replicas(a, b, topic, env)
     finally:
         a.stop()
         b.stop()
@@ -222,6 +224,37 @@ def test_shadow_predicts_on_both_replicas_is_logged_and_never_answers(
     answers_logged = [r for r in records if r.shadow_of is None and r.prediction_id in ids]
     assert len(answers_logged) == len(ids)
     assert {r.model_version for r in answers_logged} == {1}
+    at_rest(replicas)
+
+
+def test_a_replica_started_during_a_canary_and_shadow_serves_them_at_once(
+    replicas: Replicas, stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Started while a canary and a shadow are on: it serves them from the start, not from
+    its first registry poll (REGISTRY_POLL_S away)."""
+    a, b = replicas.a, replicas.b
+    at_rest(replicas)
+    a.post(f"/models/{MODEL}/versions/2:canary", {"share": 0.5}, headers=ADMIN)
+    a.post(f"/models/{MODEL}/versions/3:shadow", headers=ADMIN)
+    c = ServeProcess(stack_settings, tmp_path / "log-c", tmp_path / "serve-c.log", replicas.env)
+    try:
+        start_all([c])
+        state = serving(c)
+        served = versions(replicas.predict(c, 200))
+    finally:
+        c.stop()
+        a.post(f"/models/{MODEL}/versions/2:canary", {"share": 0}, headers=ADMIN)
+        propagate(
+            lambda: a.post(f"/models/{MODEL}/versions/3:shadow", {"enabled": False}, headers=ADMIN),
+            b,
+            lambda s: s["canary"] is None and s["shadows"] == [],
+        )
+    print(
+        f"\nreplica started during canary + shadow: {state['canary']}, shadows {state['shadows']}"
+    )
+    assert state["canary"] == {"version": 2, "share": 0.5}
+    assert state["shadows"] == [3]
+    assert set(served) == {1, 2}, served
     at_rest(replicas)
 
 
