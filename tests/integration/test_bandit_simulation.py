@@ -249,7 +249,9 @@ def test_exp3_moves_traffic_to_the_best_version_across_replicas_and_restarts(
         drained = time.monotonic() + 15
         while time.monotonic() < drained:
             total = [consumer_counts(app) for app in (app_a, app_b)]
-            if sum(c["matched"] for c in total) >= labeller.sent:
+            # A consumer counts a label matched, then applied once its batch's update is in
+            # Redis: wait for the last of the two.
+            if sum(c["applied"] + c["stale"] for c in total) >= labeller.sent:
                 break
             time.sleep(0.1)
         for key in ("labels", "matched", "applied", "unmatched", "invalid", "stale"):
