@@ -126,6 +126,16 @@ def versions(answers: list[Any]) -> Counter[int]:
     return Counter(int(p["model_version"]) for p in answers)
 
 
+def canary_change(source: ServeProcess, other: ServeProcess, share: float) -> float:
+    """Seconds a canary share change through ``source`` takes to reach ``other``."""
+    _, took = propagate(
+        lambda: source.post(f"/models/{MODEL}/versions/2:canary", {"share": share}, headers=ADMIN),
+        other,
+        lambda s: s["canary"] == {"version": 2, "share": share},
+    )
+    return took
+
+
 def test_canary_reaches_the_other_replica_and_answers_its_share(replicas: Replicas) -> None:
     a, b = replicas.a, replicas.b
     at_rest(replicas)
@@ -145,18 +155,11 @@ def test_canary_reaches_the_other_replica_and_answers_its_share(replicas: Replic
         assert set(served) <= {1, 2}, served
         shares[name] = served[2] / CANARY_ROWS
     # More samples of the propagation time: share changes through A and B in turn.
-    times = []
-    for i in range(1, CHANGES + 1):
-        source, other = (a, b) if i % 2 else (b, a)
-        share = round(0.01 * i, 2)
-        _, took = propagate(
-            lambda source=source, share=share: source.post(
-                f"/models/{MODEL}/versions/2:canary", {"share": share}, headers=ADMIN
-            ),
-            other,
-            lambda s, share=share: s["canary"] == {"version": 2, "share": share},
-        )
-        times.append(took * 1000)
+    times = [
+        1000 * canary_change(source, other, round(0.01 * i, 2))
+        for i in range(1, CHANGES + 1)
+        for source, other in [(a, b) if i % 2 else (b, a)]
+    ]
     times.sort()
     _, took_off = propagate(
         lambda: b.post(f"/models/{MODEL}/versions/2:canary", {"share": 0}, headers=ADMIN),
