@@ -1,6 +1,7 @@
 """Faults on the prediction log (issue 14), with processes these tests start and stop by pid:
 a broker of their own (SIGSTOP for 30 s under 300 requests/s) and `sluice serve` subprocesses
-(SIGKILL under load, restarted on the same write-ahead log).
+(SIGKILL under load, restarted on the same write-ahead log). The load is open loop, from a
+process of its own (tests/helpers/load.py).
 
 What goes in (answered requests, each with its prediction_id) is compared with what comes out
 (the prediction topic, read from the start) and with the server's own counts."""
