@@ -147,8 +147,9 @@ def test_ingest_sigkill_and_restart_counts_each_event_once(
             stderr=subprocess.STDOUT,
         )
     try:
-        # Killed as soon as it has forwarded half of phase A: none of it is committed yet
-        # (ingest commits every 50,000 records and when it stops).
+        # Killed once it has forwarded at least half of phase A (the check reads the topic
+        # for a second: by then it has usually forwarded all of it). None of it is committed
+        # yet: ingest commits every 50,000 records and when it stops.
         deadline = time.monotonic() + 90
         while len(events_in_topic(settings, source.topic)) < len(phase_a) // 2:
             assert first.poll() is None, log.read_text()
