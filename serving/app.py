@@ -39,6 +39,7 @@ from features.definitions import FeatureService
 from features.labels import Labels
 from models.registry import ModelRegistry
 from serving import auth, routes
+from serving.fastpath import PredictFastPath
 from serving.features import FeatureReader
 from serving.limits import BodyLimit, JsonRoute
 from serving.oip import router as oip_router
@@ -100,6 +101,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.router.route_class = JsonRoute  # before any route: each parses JSON with orjson
+    app.add_middleware(PredictFastPath)  # innermost: the body limit and the metrics apply
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # inside the metrics
     routes.install(app)
     # The OIP routes join the app's own list (an included router would be one opaque entry

@@ -80,14 +80,53 @@ def _predictor(request: Request) -> Predictor:
     return predictor
 
 
+def error_response(exc: SluiceError, path: str) -> JSONResponse:
+    """A SluiceError as the HTTP answer: its status (core.errors.http_status), its body."""
+    status = http_status(exc)
+    if status >= 500:
+        log.error("request failed", extra={"path": path, "error": str(exc)})
+    headers = getattr(exc, "headers", None)
+    return JSONResponse(jsonable_encoder(exc.body()), status_code=status, headers=headers)
+
+
+async def predict_answer(predictor: Predictor, raw: bytes, timeout_header: str | None) -> bytes:
+    """The /predict answer (JSON bytes) to a raw body; raises SluiceError for a bad request."""
+    body = parse_predict(raw)
+    answered = await predictor.predict_rows(
+        predictor.get(body.model),
+        body.rows,
+        deadline_ms=body.deadline_ms,
+        timeout_header=timeout_header,
+    )
+    out = []
+    for prediction in answered:
+        joined = prediction.joined
+        answer = {
+            "prediction_id": prediction.prediction_id,
+            "prediction": prediction.prediction,
+            "model": prediction.model,
+            "model_version": prediction.version,
+            "feature_ages_ms": joined.ages_ms,
+            "window_ends_ms": joined.window_ends_ms,
+            "missing": joined.missing,
+            "stale": joined.stale,
+            "behind": joined.behind,
+            "degraded": joined.degraded,
+        }
+        if prediction.ensemble is not None:
+            answer["ensemble"] = prediction.ensemble
+        if body.return_features:
+            answer["features"] = joined.values
+        out.append(answer)
+    # Built as PredictResponse documents it; returned as bytes directly, since validating
+    # our own answer again costs more than the prediction on the hot path.
+    return orjson.dumps({"predictions": out})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(SluiceError)
     async def sluice_error(request: Request, exc: SluiceError) -> JSONResponse:
-        status = http_status(exc)
-        if status >= 500:
-            log.error("request failed", extra={"path": request.url.path, "error": str(exc)})
-        headers = getattr(exc, "headers", None)
-        return JSONResponse(jsonable_encoder(exc.body()), status_code=status, headers=headers)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -133,37 +172,13 @@ def install(app: FastAPI) -> None:
         },
     )
     async def predict(request: Request) -> Response:
-        """Predict one or many rows; each row joins whatever batch its model is forming."""
-        body = parse_predict(await request.body())
-        predictor = _predictor(request)
-        answered = await predictor.predict_rows(
-            predictor.get(body.model),
-            body.rows,
-            deadline_ms=body.deadline_ms,
-            timeout_header=request.headers.get(deadlines.HEADER),
+        """Predict one or many rows; each row joins whatever batch its model is forming.
+        (serving/fastpath.py answers POST /predict before the router; this route documents
+        it and answers when the app runs without that middleware.)"""
+        answer = await predict_answer(
+            _predictor(request), await request.body(), request.headers.get(deadlines.HEADER)
         )
-        out = []
-        for prediction in answered:
-            answer = {
-                "prediction_id": prediction.prediction_id,
-                "prediction": prediction.prediction,
-                "model": prediction.model,
-                "model_version": prediction.version,
-                "feature_ages_ms": prediction.joined.ages_ms,
-                "window_ends_ms": prediction.joined.window_ends_ms,
-                "missing": prediction.joined.missing,
-                "stale": prediction.joined.stale,
-                "behind": prediction.joined.behind,
-                "degraded": prediction.joined.degraded,
-            }
-            if prediction.ensemble is not None:
-                answer["ensemble"] = prediction.ensemble
-            if body.return_features:
-                answer["features"] = prediction.joined.values
-            out.append(answer)
-        # Built as PredictResponse documents it; returned as bytes directly, since validating
-        # our own answer again costs more than the prediction on the hot path.
-        return Response(orjson.dumps({"predictions": out}), media_type="application/json")
+        return Response(answer, media_type="application/json")
 
     @app.post(
         "/feedback",
