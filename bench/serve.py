@@ -163,16 +163,11 @@ def baseline_app(settings: Settings) -> Any:
     return app
 
 
-def run_server(kind: str, port: int, workers: int) -> None:
+def run_server(port: int) -> None:
+    """The baseline server (sluice's: python -m serving.workers)."""
     import uvicorn
 
-    from serving.workers import serve
-
-    settings = load_settings()
-    if kind == "sluice":
-        serve(settings, "127.0.0.1", port, workers)
-        return
-    app = baseline_app(settings)
+    app = baseline_app(load_settings())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -260,8 +255,11 @@ def measure_server(
     """Start one server, then run each (name, clients, bodies) load against it in turn."""
     port = free_port()
     env = os.environ | {"SLUICE_CONFIG": str(config)}
-    command = [sys.executable, "-m", "bench.serve", "--run-server", kind, "--port", str(port)]
-    process = subprocess.Popen([*command, "--workers", str(workers)], env=env)
+    if kind == "sluice":  # serving.workers: the main module each worker imports again
+        command = [sys.executable, "-m", "serving.workers", "--workers", str(workers)]
+    else:
+        command = [sys.executable, "-m", "bench.serve", "--run-server", kind]
+    process = subprocess.Popen([*command, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     out: dict[str, dict[str, float]] = {}
     try:
@@ -406,11 +404,11 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=10_000, help="Rows of the Zipf load.")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of that load.")
     parser.add_argument("--running", action="store_true", help="Use the running stack.")
-    parser.add_argument("--run-server", choices=["sluice", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-server", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_server:
-        run_server(args.run_server, args.port, args.workers)
+        run_server(args.port)
         return
     with tempfile.TemporaryDirectory(prefix="sluice-bench-serve-") as name:
         tmp = Path(name)

@@ -35,6 +35,7 @@ from core.errors import UsageError
 from core.settings import Settings, load_settings
 
 MAX_WORKERS = 256
+HEALTHCHECK_S = 60
 _claimed: list[int] = []  # the claim's file descriptor, held for the process's life
 
 
@@ -95,4 +96,26 @@ def serve(
         port=port,
         log_level="warning",
         access_log=False,
+        # A worker answers the supervisor's pings once it has imported what it runs; on a
+        # loaded machine that can take longer than uvicorn's 5 s, and it would be restarted
+        # again and again.
+        timeout_worker_healthcheck=HEALTHCHECK_S,
     )
+
+
+def main() -> None:
+    """``python -m serving.workers --port P --workers N``: serve with settings from the
+    environment (bench/serve.py starts the predictor so: a light main module, which each
+    spawned worker imports again)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the predictor (see serving/workers.py).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    serve(load_settings(), args.host, args.port, args.workers)
+
+
+if __name__ == "__main__":
+    main()
