@@ -1,10 +1,5 @@
-"""Fault-injection helpers: a Redis of the test's own (to SIGSTOP), the predictor as a
-subprocess (`sluice serve` on loopback), and an open-loop load generator that records every
-request it sent and what came back.
-
-Open loop: request i is sent at start + i / rate whether or not earlier ones were answered, so
-a stalled server shows up as slow answers instead of as fewer requests.
-"""
+"""Fault-injection helpers: a Redis of the test's own (to SIGSTOP) and the predictor as a
+subprocess (`sluice serve` on loopback). The load is tests/helpers/load.py."""
 
 from __future__ import annotations
 
@@ -13,13 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -106,85 +98,3 @@ def predictor(env: Mapping[str, str], log_path: Path) -> Iterator[str]:
     finally:
         stop_process(proc)
         log.close()
-
-
-@dataclass
-class Shot:
-    """One request of the load: when it was sent (seconds from the start) and what came back."""
-
-    index: int
-    sent_s: float
-    latency_s: float | None = None  # None: no answer (client timeout or connection error)
-    status: int | None = None
-    body: dict[str, Any] | None = None
-    error: str | None = None
-
-
-def open_loop(
-    url: str,
-    rate: float,
-    duration_s: float,
-    request: Callable[[int], dict[str, Any]],
-    *,
-    headers: Mapping[str, str] | None = None,
-    events: Mapping[float, Callable[[], None]] | None = None,
-    workers: int = 48,
-    client_timeout_s: float = 10.0,
-) -> tuple[list[Shot], dict[float, float]]:
-    """POST request(i) to url at start + i / rate for duration_s; ``events`` run at their
-    offsets (seconds) from the start, on the caller's thread. Returns every request sent, and
-    per event offset the time (from the start) its action had completed."""
-    count = int(rate * duration_s)
-    shots = [Shot(i, i / rate) for i in range(count)]
-    # One client for all threads (its pool is thread-safe): building one per thread loads the
-    # CA bundle 48 times, seconds of CPU that would starve the server at the start.
-    client = httpx.Client(
-        timeout=client_timeout_s,
-        headers=dict(headers or {}),
-        limits=httpx.Limits(max_connections=workers, max_keepalive_connections=workers),
-    )
-    ready = threading.Barrier(workers + 1)
-    start = 0.0
-
-    def work(k: int) -> None:
-        ready.wait()
-        for shot in shots[k::workers]:
-            delay = start + shot.sent_s - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            began = time.perf_counter()
-            shot.sent_s = began - start
-            try:
-                answer = client.post(url, json=request(shot.index))
-            except httpx.HTTPError as exc:
-                shot.error = f"{type(exc).__name__}: {exc}"
-                continue
-            shot.latency_s = time.perf_counter() - began
-            shot.status = answer.status_code
-            shot.body = answer.json()
-
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
-    for thread in threads:
-        thread.start()
-    start = time.perf_counter() + 0.2
-    ready.wait()
-    fired: dict[float, float] = {}
-    for offset, action in sorted((events or {}).items()):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        action()
-        fired[offset] = time.perf_counter() - start
-    for thread in threads:
-        thread.join(duration_s + client_timeout_s + 30)
-    client.close()
-    return shots, fired
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), nearest rank; nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
