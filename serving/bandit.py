@@ -140,7 +140,7 @@ class _BanditCollector(Collector):
         feedback = CounterMetricFamily(
             "sluice_feedback",
             "Feedback consumer: predictions buffered, labels read, matched, unmatched, expired, "
-            "evicted, invalid; policy updates applied and stale",
+            "evicted, invalid; shadow predictions left out; policy updates applied and stale",
             labels=["outcome"],
         )
         consumer = self.bandit.consumer

@@ -244,6 +244,7 @@ class FeedbackConsumer:
         return self.join.counts.as_dict() | {
             "applied": self.updater.applied,
             "stale": self.updater.stale,
+            "shadows": self.join.shadows,
             "buffered": self.join.buffered,
             "waiting": self.join.waiting,
         }

@@ -10,7 +10,8 @@ Two kinds of label:
   nearest in time, within ``match_ms``, is the one labelled. One label event labels one
   prediction of each served model trained on those labels.
 
-Each prediction is labelled at most once (a match removes it). Predictions wait for their
+Each prediction is labelled at most once (a match removes it). Shadow predictions (never
+answered) are left out and counted. Predictions wait for their
 label ``horizon_ms`` (by their own time), then expire, counted. A label may be read before its
 prediction (the two come from different topics and partitions, and from other replicas): it
 waits ``label_wait_ms`` of the clock for the prediction, then counts as unmatched.
@@ -141,6 +142,7 @@ class FeedbackJoin:
         # (model, label source, key values) -> predictions sorted by time, and their times
         self._by_entity: dict[tuple[str, str, tuple[str, ...]], list[Pending]] = {}
         self._waiting: list[_Waiting] = []
+        self.shadows = 0  # shadow prediction records read and left out
 
     def _source_of(self, model: str) -> LabelSource | None:
         service = self.services_of.get(model)
@@ -148,6 +150,11 @@ class FeedbackJoin:
 
     def add_prediction(self, record: PredictionRecord, now_ms: int) -> None:
         """Buffer a prediction (``retry`` then answers labels that were waiting for it)."""
+        if record.shadow_of is not None:
+            # A shadow version's prediction on a mirrored row (serving/rollout.py): nobody got
+            # it, so no label judges it; buffered, it could take the answer's label by entity.
+            self.shadows += 1
+            return
         t = record.as_of_ms if record.as_of_ms is not None else record.time_ms
         if t < now_ms - self.horizon_ms or record.prediction_id in self._by_id:
             return  # too old to be labelled here, or read twice (a restart re-reads)

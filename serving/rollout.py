@@ -223,17 +223,20 @@ class Rollouts:
             if target is None or target == before:
                 return False
             state = await asyncio.to_thread(self._models, name, target, slot.models())
-            slot.swap(
-                state.production,
-                state.arms,
-                canary=state.canary,
-                canary_share=state.canary_share,
-                shadows=state.shadows,
-            )
-            self.applied += 1
-        self.on_applied(name, before, target)
-        log.info("rollout applied", extra={"model": name, "before": before, "after": target})
+            self._swap(name, state, before, target)
         return True
+
+    def _swap(self, name: str, state: SlotState, before: Target, after: Target) -> None:
+        self.slots[name].swap(
+            state.production,
+            state.arms,
+            canary=state.canary,
+            canary_share=state.canary_share,
+            shadows=state.shadows,
+        )
+        self.applied += 1
+        self.on_applied(name, before, after)
+        log.info("rollout applied", extra={"model": name, "before": before, "after": after})
 
     async def _refresh_quietly(self, names: Sequence[str]) -> None:
         for name in names:
@@ -242,8 +245,28 @@ class Rollouts:
             except (SluiceError, OSError) as exc:  # keep serving what we have
                 log.warning("rollout refresh failed", extra={"model": name, "error": str(exc)})
 
+    def catch_up(self) -> None:
+        """Apply the registry's state to every slot now, blocking: at startup, before the
+        first request, so that a replica (re)started during a canary or shadow serves it from
+        its first answer rather than from its first poll. A failure keeps what was built."""
+        for name, slot in self.slots.items():
+            try:
+                target = self.target(name)
+                before = Target.of(slot.state)
+                if target is None or target == before:
+                    continue
+                state = self._models(name, target, slot.models())
+            except (SluiceError, OSError) as exc:
+                log.warning("rollout catch-up failed", extra={"model": name, "error": str(exc)})
+                continue
+            self._swap(name, state, before, target)
+
     async def _watch(self) -> None:
         names = list(self.slots)
+        # Subscribe, then read the registry once more: a change made between catch_up and the
+        # subscription would otherwise wait for the poll.
+        await self.bus.next_change(0.0)
+        await self._refresh_quietly(names)
         while True:
             changed = await self.bus.next_change(self.poll_s)
             # A notice: that model now. No notice within poll_s: every model (the fallback).
@@ -252,7 +275,10 @@ class Rollouts:
             )
 
     def start(self) -> None:
+        """Catch up with the registry (blocking: called once, before requests are taken), then
+        watch for changes."""
         if self._watcher is None and self.slots:
+            self.catch_up()
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
