@@ -4,16 +4,23 @@ Starts its own broker and Redis on free loopback ports (or, with --running, uses
 SLUICE_* settings point at), applies the Feast registry, writes online rows for --entities
 restaurants and zones, trains a small LightGBM model on synthetic rows and registers it. Then:
 
-  1. HTTP load: concurrent async httpx clients post single-row /predict requests for
-     --seconds against (a) `sluice serve` (AIMD batching, one Redis round trip per batch,
-     prediction log to Kafka) and (b) a baseline FastAPI app that calls Feast's
-     get_online_features and LightGBM's predict for each request. Each server runs alone
-     in its own uvicorn process; the load generator runs here. Reported: throughput and p50/p99.
-  2. Feature read of 100 entities (every view of the service): OnlineStore.read_many (one
+  1. HTTP load: concurrent keep-alive clients post single-row /predict requests for --seconds
+     at each of --clients (8, 32, 128) against (a) `sluice serve --workers N` (default: one
+     process per core; AIMD batching, one Redis round trip per batch, prediction log to Kafka)
+     and (b) a baseline FastAPI app in one uvicorn process that calls Feast's
+     get_online_features and LightGBM's predict for each request. Every request row is
+     distinct (its distance_km never repeats), so the prediction cache cannot help here; its
+     hit rate is printed to show that. Reported: throughput, p50, p99, and sluice's p99 against
+     the latency objective (settings.latency_objective_ms).
+  2. The prediction cache at a realistic repeat rate: requests drawn from --distinct rows by a
+     Zipf law (exponent --zipf; popular restaurant/zone/order rows asked again, as an ETA
+     refreshed in an app), against sluice with the cache (cache_max_bytes) and without (0).
+  3. Feature read of 100 entities (every view of the service): OnlineStore.read_many (one
      pipeline; each entity's newest row and the previous one the availability contract may
      need) against Feast's get_online_features (newest rows only), in this process.
-Ratios: for throughput sluice / baseline (higher is better), for latency baseline / sluice
-(higher is better: how many times faster). Run: `python -m bench.serve`.
+Ratios: for throughput sluice / baseline (higher is better), for latency sluice / baseline
+(lower is better: 0.5 is half the baseline's). The load generator runs in this process, on the
+same machine: with two cores, it takes CPU from both servers. Run: `python -m bench.serve`.
 """
 
 from __future__ import annotations
@@ -97,13 +104,22 @@ def prepare(settings: Settings, entities: int) -> None:
 
 
 def row(i: int, entities: int) -> dict[str, Any]:
+    """Request row i: distinct for every i (distance_km), entities spread over the range."""
     return {
         "restaurant_id": f"r{(i * 7919) % entities}",
         "zone_id": f"z{(i * 104729) % entities}",
-        "distance_km": 0.5 + i % 10,
+        "distance_km": 0.5 + (i % 1_000_000) / 100_000,
         "hour_of_day": i % 24,
         "items": 1 + i % 5,
     }
+
+
+def zipf_rows(distinct: int, exponent: float, n: int, entities: int, seed: int = 7) -> list[int]:
+    """n request indices drawn from ``distinct`` rows, rank r with probability ~ 1 / r**exponent."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, distinct + 1, dtype=float)
+    p = ranks**-exponent
+    return [int(i) for i in rng.choice(distinct, size=n, p=p / p.sum())]
 
 
 # --- the baseline server: Feast per request, one row at a time --------------------------------
@@ -147,13 +163,11 @@ def baseline_app(settings: Settings) -> Any:
     return app
 
 
-def run_server(kind: str, port: int) -> None:
+def run_server(port: int) -> None:
+    """The baseline server (sluice's: python -m serving.workers)."""
     import uvicorn
 
-    from serving.app import create_app
-
-    settings = load_settings()
-    app = create_app(settings) if kind == "sluice" else baseline_app(settings)
+    app = baseline_app(load_settings())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -184,40 +198,72 @@ class _Connection:
 
 
 async def _load(
-    port: int, seconds: float, concurrency: int, entities: int
+    port: int, seconds: float, concurrency: int, bodies: list[bytes]
 ) -> tuple[int, list[float]]:
+    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
-    bodies = [orjson.dumps({"rows": [row(i, entities)]}) for i in range(4096)]
+    cursor = 0
 
-    async def worker(offset: int) -> None:
-        nonlocal errors
+    async def worker() -> None:
+        nonlocal errors, cursor
         connection = _Connection(*await asyncio.open_connection("127.0.0.1", port))
-        i = offset
         while time.perf_counter() < deadline:
+            body = bodies[cursor % len(bodies)]
+            cursor += 1
             started = time.perf_counter()
-            status = await connection.post(f"127.0.0.1:{port}", "/predict", bodies[i % len(bodies)])
+            status = await connection.post(f"127.0.0.1:{port}", "/predict", body)
             if status != 200:
                 errors += 1
             else:
                 latencies.append(time.perf_counter() - started)
-            i += concurrency
         connection.writer.close()
 
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return errors, latencies
 
 
-def measure_server(kind: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
+def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "throughput": len(ms) / seconds,
+        "p50": ms[len(ms) // 2],
+        "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+    }
+
+
+def _hit_rate(url: str) -> float:
+    """The prediction cache's hit rate since the server started, from /metrics (with several
+    workers: the one worker that answers the scrape, see serving/workers.py)."""
+    hits = misses = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("sluice_cache_hits_total"):
+            hits += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("sluice_cache_misses_total"):
+            misses += float(line.rsplit(" ", 1)[1])
+    return hits / (hits + misses) if hits + misses else 0.0
+
+
+def measure_server(
+    kind: str,
+    config: Path,
+    args: argparse.Namespace,
+    loads: list[tuple[str, int, list[bytes]]],
+    workers: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Start one server, then run each (name, clients, bodies) load against it in turn."""
     port = free_port()
     env = os.environ | {"SLUICE_CONFIG": str(config)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.serve", "--run-server", kind, "--port", str(port)], env=env
-    )
+    if kind == "sluice":  # serving.workers: the main module each worker imports again
+        command = [sys.executable, "-m", "serving.workers", "--workers", str(workers)]
+    else:
+        command = [sys.executable, "-m", "bench.serve", "--run-server", kind]
+    process = subprocess.Popen([*command, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
+    out: dict[str, dict[str, float]] = {}
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -227,23 +273,19 @@ def measure_server(kind: str, config: Path, args: argparse.Namespace) -> dict[st
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"{kind} server did not start")
             time.sleep(0.3)
-        asyncio.run(_load(port, 2.0, args.concurrency, args.entities))  # warm-up
-        errors, latencies = asyncio.run(_load(port, args.seconds, args.concurrency, args.entities))
-        if errors:
-            raise RuntimeError(f"{kind}: {errors} requests failed")
-        batch = ""
-        if kind == "sluice":
-            batch = httpx.get(f"{url}/models").json()["serving"][SERVICE.name]["batch_size"]
+        time.sleep(2.0 if workers > 1 else 0.0)  # the other workers finish starting
+        for name, clients, bodies in loads:
+            asyncio.run(_load(port, 2.0, clients, bodies[::-1]))  # warm-up, other rows first
+            errors, latencies = asyncio.run(_load(port, args.seconds, clients, bodies))
+            if errors:
+                raise RuntimeError(f"{kind} {name}: {errors} requests failed")
+            out[name] = _summary(latencies, args.seconds)
+            if kind == "sluice":
+                out[name]["hit_rate"] = _hit_rate(url)  # cumulative: this and earlier loads
     finally:
         process.terminate()
-        process.wait(30)
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "throughput": len(ms) / args.seconds,
-        "p50": ms[len(ms) // 2],
-        "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
-        "batch": float(batch or 0),
-    }
+        process.wait(60)
+    return out
 
 
 def measure_reads(
@@ -277,46 +319,96 @@ def measure_reads(
 
 def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     prepare(settings, args.entities)
-    config = tmp / "bench.yaml"
     values = settings.model_dump(mode="json")
+    config = tmp / "bench.yaml"
     config.write_text(yaml.safe_dump(values))
-    sluice = measure_server("sluice", config, args)
-    baseline = measure_server("baseline", config, args)
+    no_cache = tmp / "bench-no-cache.yaml"
+    no_cache.write_text(yaml.safe_dump(values | {"cache_max_bytes": 0}))
+    # Distinct rows: enough that no row is asked twice in a run (the cache cannot help).
+    unique = [orjson.dumps({"rows": [row(i, args.entities)]}) for i in range(args.unique_rows)]
+    zipf = [
+        orjson.dumps({"rows": [row(i, args.entities)]})
+        for i in zipf_rows(args.distinct, args.zipf, 50_000, args.entities)
+    ]
+    zipf_repeats = 1 - len(set(zipf)) / len(zipf)
+    chunk = len(unique) // len(args.clients)  # each load its own rows
+    uniform = [
+        (f"uniform@{c}", c, unique[k * chunk : (k + 1) * chunk]) for k, c in enumerate(args.clients)
+    ]
+    main_clients = 32 if 32 in args.clients else args.clients[0]
+    cached = [("zipf", main_clients, zipf)]
+    sluice = measure_server("sluice", config, args, uniform, args.workers)
+    sluice |= measure_server("sluice", config, args, cached, args.workers)
+    sluice_off = measure_server("sluice", no_cache, args, cached, args.workers)
+    baseline = measure_server("baseline", config, args, uniform)
     reads = measure_reads(settings, args.entities)
+    objective = settings.latency_objective_ms
 
     print(
-        f"\nHTTP /predict, 1 row per request, {args.concurrency} concurrent clients, "
-        f"{args.seconds:.0f} s each, loopback; latency objective {settings.latency_objective_ms} ms"
+        f"\nHTTP /predict, 1 distinct row per request, {args.seconds:.0f} s per load, loopback; "
+        f"sluice: {args.workers} worker process(es), baseline: 1 process; "
+        f"{os.cpu_count()} cores shared with the load generator"
     )
-    print(f"{'measure':28} {'sluice':>10} {'baseline':>10} {'ratio':>7}")
     print(
-        f"{'throughput (req/s)':28} {sluice['throughput']:10,.0f} {baseline['throughput']:10,.0f} "
-        f"{sluice['throughput'] / baseline['throughput']:7.2f}"
+        f"{'clients':>7} {'measure':18} {'sluice':>10} {'baseline':>10} {'ratio':>7}  "
+        f"sluice p99 vs objective {objective:g} ms"
+    )
+    for clients in args.clients:
+        ours, theirs = sluice[f"uniform@{clients}"], baseline[f"uniform@{clients}"]
+        print(
+            f"{clients:7d} {'throughput (req/s)':18} {ours['throughput']:10,.0f} "
+            f"{theirs['throughput']:10,.0f} {ours['throughput'] / theirs['throughput']:7.2f}"
+        )
+        print(
+            f"{'':7} {'p50 (ms)':18} {ours['p50']:10.2f} {theirs['p50']:10.2f} "
+            f"{ours['p50'] / theirs['p50']:7.2f}"
+        )
+        verdict = "met" if ours["p99"] <= objective else "MISSED"
+        print(
+            f"{'':7} {'p99 (ms)':18} {ours['p99']:10.2f} {theirs['p99']:10.2f} "
+            f"{ours['p99'] / theirs['p99']:7.2f}  {ours['p99'] / objective:.2f}x: {verdict}"
+        )
+        print(f"{'':7} {'cache hit rate':18} {ours['hit_rate']:10.1%}  (since start)")
+    head, off = sluice["zipf"], sluice_off["zipf"]
+    print(
+        f"\nprediction cache, {main_clients} clients, Zipf({args.zipf:g}) over {args.distinct:,} "
+        f"distinct rows ({zipf_repeats:.0%} of requests repeat an earlier row)"
+    )
+    print(f"{'measure':28} {'cache on':>10} {'cache off':>10} {'ratio':>7}")
+    print(
+        f"{'throughput (req/s)':28} {head['throughput']:10,.0f} {off['throughput']:10,.0f} "
+        f"{head['throughput'] / off['throughput']:7.2f}"
     )
     for key in ("p50", "p99"):
-        print(
-            f"{key + ' latency (ms)':28} {sluice[key]:10.2f} {baseline[key]:10.2f} "
-            f"{baseline[key] / sluice[key]:7.2f}"
-        )
-    print(f"(sluice AIMD batch size at the end: {sluice['batch']:.0f})")
-    ours, feast = reads["sluice"], reads["feast"]
-    print("\nfeature read, 100 entities x 3 views (12 features)")
+        print(f"{key + ' (ms)':28} {head[key]:10.2f} {off[key]:10.2f} {head[key] / off[key]:7.2f}")
+    print(f"{'hit rate':28} {head['hit_rate']:10.1%} {off['hit_rate']:10.1%}")
+    ours_r, feast = reads["sluice"], reads["feast"]
+    print("\nfeature read, 100 entities x 3 views (12 features), in process")
     print(f"{'measure':28} {'sluice':>10} {'feast':>10} {'ratio':>7}")
-    print(f"{'median (ms)':28} {ours[0]:10.2f} {feast[0]:10.2f} {feast[0] / ours[0]:7.2f}")
-    print(f"{'p99 (ms)':28} {ours[1]:10.2f} {feast[1]:10.2f} {feast[1] / ours[1]:7.2f}")
+    print(f"{'median (ms)':28} {ours_r[0]:10.2f} {feast[0]:10.2f} {feast[0] / ours_r[0]:7.2f}")
+    print(f"{'p99 (ms)':28} {ours_r[1]:10.2f} {feast[1]:10.2f} {feast[1] / ours_r[1]:7.2f}")
+    print("(feature read ratio: feast / sluice, higher is better)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[8, 32, 128], help="Concurrent clients."
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="Sluice server processes."
+    )
     parser.add_argument("--entities", type=int, default=1000)
+    parser.add_argument("--unique-rows", type=int, default=200_000)
+    parser.add_argument("--distinct", type=int, default=10_000, help="Rows of the Zipf load.")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of that load.")
     parser.add_argument("--running", action="store_true", help="Use the running stack.")
-    parser.add_argument("--run-server", choices=["sluice", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-server", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_server:
-        run_server(args.run_server, args.port)
+        run_server(args.port)
         return
     with tempfile.TemporaryDirectory(prefix="sluice-bench-serve-") as name:
         tmp = Path(name)

@@ -46,6 +46,7 @@ def train(
 
 
 def serve(
+    ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Bind address (default: setting).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: setting).")] = None,
     allow_unauthenticated: Annotated[
@@ -56,14 +57,20 @@ def serve(
             "(SLUICE_PREDICT_TOKENS, SLUICE_FEEDBACK_TOKENS unset); logs a warning.",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port (one per core pays; each has its own "
+            "prediction log directory and metrics: see serving/workers.py).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the predictor (FastAPI on uvicorn): /predict, /feedback, /models, /metrics, /docs."""
-    import uvicorn
-
     from models.errors import ModelNotFoundError
     from models.registry import ModelRegistry
-    from serving.app import create_app
     from serving.auth import check_bind
+    from serving.workers import serve as run_server
 
     s = settings()
     host = host or s.serve_host
@@ -74,13 +81,8 @@ def serve(
             raise ModelNotFoundError(
                 f"model {name!r} has no production version in {s.models_dir}: run `sluice train`"
             )
-    uvicorn.run(
-        create_app(s),
-        host=host,
-        port=port or s.serve_port,
-        log_level="warning",
-        access_log=False,
-    )
+    config = ctx.parent.params.get("config") if ctx.parent is not None else None
+    run_server(s, host, port or s.serve_port, workers, config)
 
 
 def retrain(

@@ -33,7 +33,7 @@ from serving.features import FeaturePlan
 from serving.schemas import EVENT_TIME, problems_of
 
 if TYPE_CHECKING:
-    from serving.app import Predictor, Served
+    from serving.predictor import Predictor, Served
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 

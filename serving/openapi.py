@@ -20,7 +20,7 @@ from serving.features import FeaturePlan
 from serving.schemas import EVENT_TIME, EVENT_TIME_DOC, MIN_EVENT_TIME_MS, PredictRequest
 
 if TYPE_CHECKING:
-    from serving.app import Served
+    from serving.predictor import Served
 
 _JSON_TYPES = {FieldType.INT: "integer", FieldType.FLOAT: "number", FieldType.BOOL: "boolean"}
 
