@@ -98,7 +98,10 @@ class Sampler(threading.Thread):
         rng = random.Random(10)
         by_name = {v.name: v for v in VIEWS}
         try:
-            with open_online_store(self.settings) as store:
+            # The predictor's read timeout (100 ms) is a deadline for requests; this sampler
+            # checks values, not latency, and a loaded CI machine may take longer to answer.
+            patient = self.settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
+            with open_online_store(patient) as store:
                 while not self.done.is_set():
                     requests = [(v, [rng.choice(KEYS[v.name])]) for v in VIEWS]
                     t_ms = int(time.time() * 1000)
