@@ -219,6 +219,27 @@ class Settings(BaseSettings):
     # `behind`; "empty" serves the view's empty values, flagged alike; "reject" answers 503
     # (features_behind) naming the views.
     serve_behind: Literal["flag", "empty", "reject"] = "flag"
+    # Object store (core/uris.py resolves every path): the endpoint of an S3-compatible store
+    # (empty: AWS itself) and its keys. A path setting may be an s3://bucket/prefix URI.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    # Checkpoints and savepoints of `sluice stream`: a URI shared by the Flink cluster (empty:
+    # <state_dir>/flink, which only a local mini-cluster or a one-machine cluster can see).
+    flink_checkpoint_dir: str = ""
+    # `sluice up --cluster` (infra/cluster.py) on loopback: ports used where spark_master,
+    # flink_jobmanager and s3_endpoint do not name one, and sizes for a 2-core machine.
+    cluster_flink_rest_port: int = Field(default=8081, ge=1, le=65535)
+    cluster_spark_master_port: int = Field(default=7077, ge=1, le=65535)
+    cluster_spark_ui_port: int = Field(default=8080, ge=1, le=65535)
+    cluster_spark_worker_ui_port: int = Field(default=8082, ge=1, le=65535)
+    cluster_object_store_port: int = Field(default=9000, ge=1, le=65535)
+    cluster_flink_jobmanager_memory: str = "768m"
+    cluster_flink_taskmanager_memory: str = "1600m"
+    cluster_flink_slots: int = Field(default=2, ge=1, le=64)
+    cluster_spark_worker_memory: str = "2g"
+    cluster_spark_worker_cores: int = Field(default=2, ge=1, le=256)
 
     @field_validator("serve_behind", mode="before")
     @classmethod
@@ -273,6 +294,25 @@ class Settings(BaseSettings):
             raise ValueError("a model is named twice")
         return value
 
+    @field_validator("flink_checkpoint_dir", "s3_endpoint")
+    @classmethod
+    def _check_storage(cls, value: str, info: Any) -> str:
+        if not value:
+            return value
+        if info.field_name == "s3_endpoint":
+            parsed = urlparse(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not http(s)://host:port of an S3 endpoint")
+            return value
+        from core.errors import StorageError
+        from core.uris import parse
+
+        try:
+            parse(value, info.field_name)
+        except StorageError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return value
+
     @field_validator("flink_jobmanager")
     @classmethod
     def _check_jobmanager(cls, value: str) -> str:
@@ -301,6 +341,8 @@ class Settings(BaseSettings):
                 yield name, mask_url(value)
             elif name == "kafka_config":
                 yield name, mask_kafka_config(value)
+            elif name == "s3_secret_key" and value:
+                yield name, MASK
             else:
                 yield name, value
 
@@ -335,7 +377,7 @@ class Settings(BaseSettings):
 
 
 # Settings whose given value is never echoed in an error (it may hold a secret).
-_SECRET_FIELDS = frozenset({"kafka_config"})
+_SECRET_FIELDS = frozenset({"kafka_config", "s3_secret_key"})
 
 
 def env_name(field: str) -> str:

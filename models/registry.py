@@ -27,14 +27,16 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlparse
 
 import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.errors import StorageError
+from core.uris import S3Options, filesystem
 from models.errors import ModelNotFoundError, ModelRegistryError
 
 MODEL_FILE = "model.txt"
@@ -169,9 +171,16 @@ class RetrainDecision(BaseModel):
 class ModelRegistry:
     """Save, list, load and promote model versions under one root URI or directory."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, s3: S3Options | None = None) -> None:
+        """``root``: a directory, file:// or s3:// URI (core/uris.py resolves it; ``s3``
+        defaults to the process's s3_* settings)."""
         try:
-            self._fs, path = pafs.FileSystem.from_uri(root if "://" in root else _abs(root))
+            if urlparse(root).scheme in ("", "file", "s3"):
+                self._fs, path = filesystem(root, s3, field="models_dir")
+            else:  # gs://, hdfs://: pyarrow's own resolution
+                self._fs, path = pafs.FileSystem.from_uri(root)
+        except StorageError as exc:
+            raise ModelRegistryError(str(exc)) from None
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ModelRegistryError(f"models_dir {root!r}: {exc}") from None
         self.root = root
@@ -364,7 +373,3 @@ def _check_name(name: str) -> None:
 def _check_period(period: str) -> None:
     if not _PERIOD.match(period):
         raise ModelRegistryError(f"{period!r} is not a period name (letters, digits, _ . -)")
-
-
-def _abs(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
