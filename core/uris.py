@@ -87,7 +87,8 @@ class StorageUri:
 
 
 def parse(value: str | Path | StorageUri, field: str = "path") -> StorageUri:
-    """A plain path (made absolute), ``file:///abs`` or ``s3://bucket/key`` as a StorageUri.
+    """A plain path (made absolute), ``file:///abs`` (or Flink's ``file:/abs``) or
+    ``s3://bucket/key`` as a StorageUri.
 
     Anything else is a StorageError naming ``field`` (the setting) and what is expected."""
     if isinstance(value, StorageUri):
@@ -95,7 +96,7 @@ def parse(value: str | Path | StorageUri, field: str = "path") -> StorageUri:
     text = str(value).strip()
     if not text:
         raise StorageError(f"{field}: empty (expected a directory, file:///dir or s3://bucket/dir)")
-    if "://" not in text:
+    if "://" not in text and not text.lower().startswith("file:/"):
         return StorageUri("file", str(Path(text).expanduser().resolve()))
     parsed = urlparse(text)
     scheme = parsed.scheme.lower()

@@ -29,6 +29,7 @@ def test_plain_paths_become_absolute_file_uris(tmp_path: Path, monkeypatch: pyte
     assert uri == StorageUri("file", str(tmp_path / "data" / "history"))
     assert str(uri) == (tmp_path / "data" / "history").as_uri()
     assert parse(str(uri)) == uri  # round trip
+    assert parse(f"file:{tmp_path}/x") == parse(tmp_path / "x")  # as Flink writes them
     assert parse(tmp_path) == StorageUri("file", str(tmp_path))
     assert uri.local_path() == tmp_path / "data" / "history"
 
