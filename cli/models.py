@@ -57,7 +57,7 @@ def serve(
     from serving.app import create_app
 
     s = settings()
-    models = ModelRegistry(s.models_dir)
+    models = ModelRegistry.from_settings(s)
     for name in s.serve_models:  # fail here with one clear line, not in uvicorn's startup
         if models.production(name) is None:
             raise ModelNotFoundError(

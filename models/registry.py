@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import StorageError
+from core.settings import Settings
 from core.uris import S3Options, filesystem
 from models.errors import ModelNotFoundError, ModelRegistryError
 
@@ -185,6 +186,11 @@ class ModelRegistry:
             raise ModelRegistryError(f"models_dir {root!r}: {exc}") from None
         self.root = root
         self._path = path.rstrip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """The registry at settings.models_dir, with the object store of the same settings."""
+        return cls(settings.models_dir, S3Options.from_settings(settings))
 
     def _p(self, *parts: str | int) -> str:
         return "/".join([self._path, *(str(p) for p in parts)])

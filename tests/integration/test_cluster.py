@@ -13,24 +13,35 @@ session's broker and Redis; every test here runs against them:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
+from batch.train import build_labels
 from core.kafka import ensure_topics
 from core.records import FeatureRow
 from core.settings import Settings
-from core.uris import exists, parse
-from examples.delivery.features import zone_couriers
+from core.uris import S3Options, exists, parse
+from examples.delivery.features import delivery_times, zone_couriers
+from examples.delivery.produce import produce_synthetic
 from examples.delivery.simulate import DeliverySimulator
 from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
+from features.registry import load_registry
 from infra.cluster import (
     cluster_down,
     cluster_status,
@@ -41,9 +52,11 @@ from infra.cluster import (
     kill_taskmanager,
 )
 from infra.stack import free_port
+from models.registry import ModelRegistry
 from streaming.compile import compile_view, features_topic
 from streaming.job import JobOptions, job_dir, job_name
 from streaming.runner import run as run_stream
+from tests.helpers.spark import isolated_settings, to_datetime, to_ms
 from tests.helpers.stream import (
     PARTITIONS,
     START,
@@ -55,6 +68,8 @@ from tests.helpers.stream import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.spark, pytest.mark.slow]
+SLUICE = str(Path(sys.executable).parent / "sluice")
+BATCH_START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: busy windows
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +228,92 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
         got[key] = row.values
     assert row_differences(got, want) == []
     assert ("z-probe", closing_end(view, probe_time)) in got
+
+
+def _sluice(config: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [SLUICE, "--config", str(config), *args],
+        env=os.environ | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, f"sluice {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _spark_apps(settings: Settings) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{settings.cluster_spark_ui_port}/json/"
+    with urllib.request.urlopen(url, timeout=5) as page:
+        master = json.loads(page.read())
+    return list(master["completedapps"]) + list(master["activeapps"])
+
+
+def test_backfill_train_and_score_on_the_spark_master(cluster: Settings, tmp_path: Path):
+    """`sluice backfill`, `train` and `score` as subprocesses on spark://, the model registry
+    in the object store; `score` on the cluster equals `score` in local mode."""
+    settings = isolated_settings(
+        cluster,
+        tmp_path,
+        "cluster_batch",
+        spark_master=cluster.spark_master,
+        models_dir="s3://sluice/models-batch",
+        serve_models=["delivery_eta"],
+    )
+    report = produce_synthetic(
+        settings,
+        8000,
+        start_ms=to_ms(BATCH_START),
+        to_kafka=False,
+        history_dir=settings.history_dir,
+    )
+    first = to_datetime(report.first_event_ms).date() - timedelta(days=1)
+    last = to_datetime(report.last_event_ms).date() + timedelta(days=2)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    apps_before = len(_spark_apps(settings))
+
+    _sluice(config, "backfill", "--start", first.isoformat(), "--end", last.isoformat())
+    assert any((settings.offline_store_dir).rglob("*.parquet"))
+    _sluice(config, "train", "--rounds", "20")
+    registry = ModelRegistry(settings.models_dir, S3Options.from_settings(settings))
+    assert registry.production("delivery_eta") == 1
+    assert exists(
+        "s3://sluice/models-batch/delivery_eta/1/model.txt", S3Options.from_settings(settings)
+    )
+
+    labels = build_labels(
+        settings, load_registry(settings.definitions_module), delivery_times
+    ).frame
+    rows = labels.sort_values("event_timestamp", kind="stable").iloc[-300:].copy()
+    rows["row_id"] = [f"r{i}" for i in range(len(rows))]
+    columns = ["row_id", "restaurant_id", "zone_id", "distance_km", "hour_of_day", "items"]
+    rows[[*columns, "event_timestamp"]].to_parquet(tmp_path / "rows.parquet")
+    _sluice(
+        config,
+        "score",
+        str(tmp_path / "rows.parquet"),
+        str(tmp_path / "on-cluster"),
+        "--predictor",
+        "native",
+    )
+    assert len(_spark_apps(settings)) >= apps_before + 3, "the three commands ran on the master"
+
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        yaml.safe_dump(settings.model_dump(mode="json") | {"spark_master": "local[2]"})
+    )
+    _sluice(
+        local,
+        "score",
+        str(tmp_path / "rows.parquet"),
+        str(tmp_path / "in-local"),
+        "--predictor",
+        "native",
+    )
+    on_cluster = pd.read_parquet(tmp_path / "on-cluster").set_index("row_id").sort_index()
+    in_local = pd.read_parquet(tmp_path / "in-local").set_index("row_id").sort_index()
+    assert len(on_cluster) == len(rows) == len(in_local)
+    assert on_cluster["prediction"].notna().all()
+    assert np.allclose(on_cluster["prediction"], in_local["prediction"], rtol=1e-12, atol=0)
