@@ -115,3 +115,30 @@ def status() -> None:
         raise StackError(f"not answering: {what}; {hint}")
     if topics is None:
         raise StackError(f"the broker at {broker.address} answered but did not list its topics")
+
+
+def jobs(
+    cancel: Annotated[
+        str | None, typer.Option(help="Cancel this job id (its checkpoints are retained).")
+    ] = None,
+) -> None:
+    """List the jobs of the Flink session cluster at flink_jobmanager, or cancel one."""
+    from infra.cluster import cancel_flink_job, flink_jobs
+
+    if not settings().flink_jobmanager:
+        raise StackError(
+            "flink_jobmanager is not set: `sluice stream` runs on a local mini-cluster; "
+            "set SLUICE_FLINK_JOBMANAGER=host:port (see `sluice up --cluster`)"
+        )
+    if cancel is not None:
+        cancel_flink_job(settings(), cancel)
+        console.print(f"cancelled {cancel}")
+        return
+    table = Table(title=f"Flink jobs at {settings().flink_jobmanager}")
+    table.add_column("job id", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("running for", no_wrap=True, justify="right")
+    for job in flink_jobs(settings()):
+        table.add_row(job["jid"], job["name"], job["state"], f"{job['duration'] / 1000:.0f} s")
+    console.print(table)

@@ -294,6 +294,28 @@ class Settings(BaseSettings):
             raise ValueError("a model is named twice")
         return value
 
+    @field_validator("history_dir", "offline_store_dir", "feast_registry", mode="before")
+    @classmethod
+    def _local_uri(cls, value: Any, info: Any) -> Any:
+        """A file:// URI is its path; s3:// is refused until Spark and Feast read it here."""
+        text = str(value)
+        if "://" not in text and not text.startswith("file:/"):
+            return value
+        from core.errors import StorageError
+        from core.uris import parse
+
+        try:
+            uri = parse(text, info.field_name)
+        except StorageError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        if not uri.is_local:
+            raise ValueError(
+                f"{text!r}: object storage is not supported for this setting yet (Spark "
+                "reads it through s3a, which needs hadoop-aws on the cluster; see "
+                "docs/deployment.md): use a directory that every worker mounts"
+            )
+        return uri.path
+
     @field_validator("flink_checkpoint_dir", "s3_endpoint")
     @classmethod
     def _check_storage(cls, value: str, info: Any) -> str:

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from batch.score import score
 from batch.train import build_labels
 from core.kafka import ensure_topics
 from core.records import FeatureRow
@@ -214,6 +215,12 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
     assert parse(report.savepoint).path.startswith(f"{checkpoints.path}/savepoints/")
     assert exists(parse(report.savepoint).join("_metadata"))
 
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    listed = _sluice(config, "jobs")
+    assert job_name([compile_view(view)]) in listed
+    assert "FINISHED" in listed
+
     want = {
         k: v
         for k, v in with_closing_rows(view, compute_view(view, topic.events)).items()
@@ -231,6 +238,7 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
 
 
 def _sluice(config: Path, *args: str) -> str:
+    began = time.monotonic()
     proc = subprocess.run(
         [SLUICE, "--config", str(config), *args],
         env=os.environ | {"COLUMNS": "200"},
@@ -240,6 +248,7 @@ def _sluice(config: Path, *args: str) -> str:
         check=False,
     )
     assert proc.returncode == 0, f"sluice {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    print(f"sluice {args[0]}: {time.monotonic() - began:.1f} s")  # shown with -s
     return proc.stdout
 
 
@@ -250,7 +259,9 @@ def _spark_apps(settings: Settings) -> list[dict[str, Any]]:
     return list(master["completedapps"]) + list(master["activeapps"])
 
 
-def test_backfill_train_and_score_on_the_spark_master(cluster: Settings, tmp_path: Path):
+def test_backfill_train_and_score_on_the_spark_master(
+    cluster: Settings, spark: Any, tmp_path: Path
+):
     """`sluice backfill`, `train` and `score` as subprocesses on spark://, the model registry
     in the object store; `score` on the cluster equals `score` in local mode."""
     settings = isolated_settings(
@@ -289,29 +300,14 @@ def test_backfill_train_and_score_on_the_spark_master(cluster: Settings, tmp_pat
     rows = labels.sort_values("event_timestamp", kind="stable").iloc[-300:].copy()
     rows["row_id"] = [f"r{i}" for i in range(len(rows))]
     columns = ["row_id", "restaurant_id", "zone_id", "distance_km", "hour_of_day", "items"]
-    rows[[*columns, "event_timestamp"]].to_parquet(tmp_path / "rows.parquet")
-    _sluice(
-        config,
-        "score",
-        str(tmp_path / "rows.parquet"),
-        str(tmp_path / "on-cluster"),
-        "--predictor",
-        "native",
-    )
+    rows_file = str(tmp_path / "rows.parquet")
+    rows[[*columns, "event_timestamp"]].to_parquet(rows_file)
+    _sluice(config, "score", rows_file, str(tmp_path / "on-cluster"), "--predictor", "native")
     assert len(_spark_apps(settings)) >= apps_before + 3, "the three commands ran on the master"
 
-    local = tmp_path / "local.yaml"
-    local.write_text(
-        yaml.safe_dump(settings.model_dump(mode="json") | {"spark_master": "local[2]"})
-    )
-    _sluice(
-        local,
-        "score",
-        str(tmp_path / "rows.parquet"),
-        str(tmp_path / "in-local"),
-        "--predictor",
-        "native",
-    )
+    # The same rows scored in local mode, in this process (the session's local Spark).
+    local = settings.model_copy(update={"spark_master": "local[2]"})
+    score(local, rows_file, str(tmp_path / "in-local"), predictor="native", spark=spark)
     on_cluster = pd.read_parquet(tmp_path / "on-cluster").set_index("row_id").sort_index()
     in_local = pd.read_parquet(tmp_path / "in-local").set_index("row_id").sort_index()
     assert len(on_cluster) == len(rows) == len(in_local)
