@@ -274,7 +274,7 @@ def test_backfill_train_and_score_on_the_spark_master(
     )
     report = produce_synthetic(
         settings,
-        8000,
+        5000,
         start_ms=to_ms(BATCH_START),
         to_kafka=False,
         history_dir=settings.history_dir,
