@@ -405,13 +405,15 @@ def cluster_up(settings: Settings) -> list[ClusterStatus]:
         jm = records.get("flink-jobmanager")
         # A TaskManager must read the JobManager's RPC port from the same configuration.
         rpc_port = _recorded_rpc_port(settings) if jm is not None and _is_ours(jm) else None
-        for c in plan(settings, rpc_port):
-            record = records.get(c.name)
+        components = plan(settings, rpc_port)
+        for c in components:  # all checked before anything starts
             if c.host not in LOOPBACK_HOSTS:
                 raise StackError(
                     f"{c.name} is set to {c.address}, not loopback: `up --cluster` starts "
                     "processes on this machine only; unset the setting or run down"
                 )
+        for c in components:
+            record = records.get(c.name)
             if record is not None and _is_ours(record):
                 _event(logging.INFO, "already running", component=c.name, pid=record.pid)
                 continue
