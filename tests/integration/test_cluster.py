@@ -8,7 +8,7 @@ session's broker and Redis; every test here runs against them:
   the TaskManager is SIGKILLed once mid-run, a new one is started, and the job restores from
   its last checkpoint in the shared checkpoint storage; the rows it emits equal the reference;
 - backfill, train and score run on the spark:// master, with the model registry in the
-  object store (s3://).
+  object store (s3://); the cluster's scores equal local mode's.
 """
 
 from __future__ import annotations
@@ -259,11 +259,35 @@ def _spark_apps(settings: Settings) -> list[dict[str, Any]]:
     return list(master["completedapps"]) + list(master["activeapps"])
 
 
+def _sluice_session(config: Path, *commands: list[str]) -> None:
+    """Run sluice commands one after the other in one subprocess (cli.main.run each)."""
+    script = (
+        "import sys, json, time\n"
+        "from cli.main import run\n"
+        "for args in json.loads(sys.argv[2]):\n"
+        "    began = time.monotonic()\n"
+        "    code = run(['--config', sys.argv[1], *args])\n"
+        "    print(f'sluice {args[0]}: {time.monotonic() - began:.1f} s', flush=True)\n"
+        "    if code:\n"
+        "        sys.exit(code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(config), json.dumps(commands)],
+        env=os.environ | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=480,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{commands}:\n{proc.stdout}\n{proc.stderr}"
+    print(proc.stdout)  # shown with -s: what each command said and took
+
+
 def test_backfill_train_and_score_on_the_spark_master(
     cluster: Settings, spark: Any, tmp_path: Path
 ):
-    """`sluice backfill`, `train` and `score` as subprocesses on spark://, the model registry
-    in the object store; `score` on the cluster equals `score` in local mode."""
+    """`sluice backfill`, `train` and `score` (the CLI, in a subprocess) on spark://, the model
+    registry in the object store; `score` on the cluster equals `score` in local mode."""
     settings = isolated_settings(
         cluster,
         tmp_path,
@@ -285,25 +309,29 @@ def test_backfill_train_and_score_on_the_spark_master(
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     apps_before = len(_spark_apps(settings))
 
-    _sluice(config, "backfill", "--start", first.isoformat(), "--end", last.isoformat())
-    assert any((settings.offline_store_dir).rglob("*.parquet"))
-    _sluice(config, "train", "--rounds", "20")
-    registry = ModelRegistry(settings.models_dir, S3Options.from_settings(settings))
-    assert registry.production("delivery_eta") == 1
-    assert exists(
-        "s3://sluice/models-batch/delivery_eta/1/model.txt", S3Options.from_settings(settings)
-    )
-
-    labels = build_labels(
-        settings, load_registry(settings.definitions_module), delivery_times
-    ).frame
+    definitions = load_registry(settings.definitions_module)
+    labels = build_labels(settings, definitions, delivery_times).frame  # from the history
     rows = labels.sort_values("event_timestamp", kind="stable").iloc[-300:].copy()
     rows["row_id"] = [f"r{i}" for i in range(len(rows))]
     columns = ["row_id", "restaurant_id", "zone_id", "distance_km", "hour_of_day", "items"]
     rows_file = str(tmp_path / "rows.parquet")
     rows[[*columns, "event_timestamp"]].to_parquet(rows_file)
-    _sluice(config, "score", rows_file, str(tmp_path / "on-cluster"), "--predictor", "native")
-    assert len(_spark_apps(settings)) >= apps_before + 3, "the three commands ran on the master"
+
+    # Three commands in one process, as a scheduler's script would run them: one Spark
+    # application on the master (a standalone app's executors cost seconds to start).
+    _sluice_session(
+        config,
+        ["backfill", "--start", first.isoformat(), "--end", last.isoformat()],
+        ["train", "--rounds", "20"],
+        ["score", rows_file, str(tmp_path / "on-cluster"), "--predictor", "native"],
+    )
+    apps = _spark_apps(settings)
+    assert len(apps) == apps_before + 1, "the commands ran as an application on the master"
+    assert all(app["name"] == "sluice" for app in apps)
+    assert any(settings.offline_store_dir.rglob("*.parquet"))
+    s3 = S3Options.from_settings(settings)
+    assert ModelRegistry(settings.models_dir, s3).production("delivery_eta") == 1
+    assert exists("s3://sluice/models-batch/delivery_eta/1/model.txt", s3)
 
     # The same rows scored in local mode, in this process (the session's local Spark).
     local = settings.model_copy(update={"spark_master": "local[2]"})
