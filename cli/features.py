@@ -169,7 +169,7 @@ def _describe_view(view: FeatureView, registry: Registry, settings: Settings) ->
     if view.kind == "stream":
         inputs.insert(0, f"{source.raw_topic} -> ingest -> {source.topic} (flink)")
     online = (
-        f"Redis {settings.redis_url}, project {settings.feast_project}, one hash per "
+        f"Redis {settings.redis_url_masked}, project {settings.feast_project}, one hash per "
         f"{view.entity.join_key}, fields _ts:{view.name}"
         if view.online
         else "not served online"

@@ -48,6 +48,14 @@ def train(
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default: setting).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: setting).")] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Listen beyond loopback although /predict or /feedback need no token "
+            "(SLUICE_PREDICT_TOKENS, SLUICE_FEEDBACK_TOKENS unset); logs a warning.",
+        ),
+    ] = False,
 ) -> None:
     """Run the predictor (FastAPI on uvicorn): /predict, /feedback, /models, /metrics, /docs."""
     import uvicorn
@@ -55,8 +63,11 @@ def serve(
     from models.errors import ModelNotFoundError
     from models.registry import ModelRegistry
     from serving.app import create_app
+    from serving.auth import check_bind
 
     s = settings()
+    host = host or s.serve_host
+    check_bind(host, s, allow_unauthenticated)  # before anything is loaded or bound
     models = ModelRegistry.from_settings(s)
     for name in s.serve_models:  # fail here with one clear line, not in uvicorn's startup
         if models.production(name) is None:
@@ -65,7 +76,7 @@ def serve(
             )
     uvicorn.run(
         create_app(s),
-        host=host or s.serve_host,
+        host=host,
         port=port or s.serve_port,
         log_level="warning",
         access_log=False,

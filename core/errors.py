@@ -28,6 +28,10 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 10  # a dependency is down or the server is overloaded: retry later
     CONFLICT = 11  # the request contradicts what exists (a model reads features a service lacks)
     UNBALANCED = 12  # what went in and what came out do not add up: something was lost
+    DEADLINE = 13  # a deadline passed before the work was done: retry, or allow more time
+    UNAUTHENTICATED = 14  # no credentials, or credentials nobody issued (an API token)
+    FORBIDDEN = 15  # the credentials are valid but do not allow this (a token's scope)
+    TOO_LARGE = 16  # the input exceeds a configured limit (a request body's size)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -39,6 +43,10 @@ _HTTP_STATUS: dict[ExitCode, int] = {
     ExitCode.DATA: 400,
     ExitCode.UNREACHABLE: 503,
     ExitCode.UNAVAILABLE: 503,
+    ExitCode.DEADLINE: 504,
+    ExitCode.UNAUTHENTICATED: 401,
+    ExitCode.FORBIDDEN: 403,
+    ExitCode.TOO_LARGE: 413,
 }
 
 

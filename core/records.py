@@ -293,7 +293,21 @@ class PredictionRecord:
     window_ends_ms: dict[str, int | None] | None = None
     row_status: dict[str, str] | None = None
     as_of_ms: int | None = None
+    # Views served their empty values without reading the online store (slow, down, or the
+    # request's deadline first); None when every view was read, and in older records.
+    degraded: list[str] | None = None
+    # Exp4 ensembles (serving/ensemble.py), optional: {"predictions": {version: value} of the
+    # versions that answered in time, "weights": {version: weight}, "used": [...],
+    # "missing": [...], "fallback": bool}; each version's loss is learnt from its prediction.
+    ensemble: dict[str, Any] | None = None
+    # Shadow traffic (serving/rollout.py), optional: a candidate version's prediction on a
+    # mirrored request, never answered; shadow_of is the prediction_id of the answer it shadows.
+    shadow_of: str | None = None
     v: int = VERSION
+
+    @property
+    def shadow(self) -> bool:
+        return self.shadow_of is not None
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {
@@ -316,6 +330,12 @@ class PredictionRecord:
             record["row_status"] = self.row_status
         if self.as_of_ms is not None:
             record["as_of_ms"] = self.as_of_ms
+        if self.degraded is not None:
+            record["degraded"] = self.degraded
+        if self.ensemble is not None:
+            record["ensemble"] = self.ensemble
+        if self.shadow_of is not None:
+            record["shadow_of"] = self.shadow_of
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -329,6 +349,26 @@ class PredictionRecord:
         for view, status in value.items():
             if not isinstance(status, str):
                 f.fail(f"row_status.{view}", f"expected a string, got {_json_type(status)}")
+        return value
+
+    @staticmethod
+    def _ensemble(f: _Fields) -> dict[str, Any] | None:
+        value = f.obj.get("ensemble")
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            f.fail("ensemble", f"expected an object, got {_json_type(value)}")
+        predictions = value.get("predictions")
+        if not isinstance(predictions, dict):
+            f.fail("ensemble.predictions", f"expected an object, got {_json_type(predictions)}")
+        for version, number in predictions.items():
+            if not version.isdigit():
+                f.fail("ensemble.predictions", f"{version[:20]!r} is not a version number")
+            if not isinstance(number, int | float) or isinstance(number, bool):
+                f.fail(
+                    f"ensemble.predictions.{version}",
+                    f"expected a number, got {_json_type(number)}",
+                )
         return value
 
     @classmethod
@@ -351,6 +391,9 @@ class PredictionRecord:
             ),
             row_status=cls._row_status(f),
             as_of_ms=f.opt_integer("as_of_ms"),
+            degraded=None if f.obj.get("degraded") is None else f.strings("degraded"),
+            ensemble=cls._ensemble(f),
+            shadow_of=f.opt_text("shadow_of"),
             v=f.version,
         )
 

@@ -3,8 +3,9 @@
 Producers publish JSON to each source's raw topic. Ingest validates every record against the
 source's schema. A valid event is forwarded as canonical JSON to the source's topic, keyed by the
 source key, with the Kafka timestamp set to the event time (engines read event time from there).
-An invalid one goes to the dead-letter topic with its original bytes and key, and headers that
-say why. Offsets are committed only after the broker acknowledged the outputs (at least once),
+An invalid one goes to the dead-letter topic with its original bytes and key (a too_large one:
+its first TOO_LARGE_PREFIX_BYTES), and headers that say why. Offsets are committed only after
+the broker acknowledged the outputs (at least once),
 and every record is counted: received == valid + dead_lettered.
 
 Heartbeats (settings.ingest_heartbeat_ms; 0 disables): a partition of ``events.<source>`` that
@@ -44,10 +45,20 @@ from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, DeadLetter, Headers
 from core.settings import Settings
 from events.errors import IngestError
 from features.schema import EventSource
-from features.validation import EventValidator, Rejection, RejectReason
+from features.validation import MAX_EVENT_BYTES, EventValidator, Rejection, RejectReason
 
 log = logging.getLogger("sluice.ingest")
 JOIN_TIMEOUT_S = 60.0
+# A poll holds its whole batch in memory (librdkafka's prefetch limit does not bound a batch:
+# measured 35 MiB in one poll with a 4 MiB queue). So a poll asks for few records at first and
+# doubles up to POLL_RECORDS while records stay small: a batch holds about POLL_BYTES, or one
+# batch of the previous size when records suddenly grow.
+POLL_RECORDS = 1000
+POLL_FIRST = 16
+POLL_BYTES = 8 << 20
+# A too_large event's dead letter keeps only this prefix of its bytes: the whole may not fit in
+# a record; its headers name the raw topic, partition and offset where it stays in full.
+TOO_LARGE_PREFIX_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +110,13 @@ def dead_letter(
 class IngestRouter:
     """Kafka-free core of ingest: decides where each raw record goes, and counts."""
 
-    def __init__(self, sources: Sequence[EventSource], dead_letter_topic: str) -> None:
-        self._by_raw_topic = {s.raw_topic: (s, EventValidator(s)) for s in sources}
+    def __init__(
+        self,
+        sources: Sequence[EventSource],
+        dead_letter_topic: str,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        self._by_raw_topic = {s.raw_topic: (s, EventValidator(s, max_event_bytes)) for s in sources}
         self.dead_letter_topic = dead_letter_topic
         self.counts = IngestCounts()
 
@@ -128,10 +144,13 @@ class IngestRouter:
         if isinstance(outcome, Rejection):
             self.counts.dead_lettered += 1
             self.counts.by_reason[outcome.reason.value] += 1
+            kept = value or b""
+            if outcome.reason is RejectReason.TOO_LARGE:
+                kept = kept[:TOO_LARGE_PREFIX_BYTES]
             return OutRecord(
                 topic=self.dead_letter_topic,
                 key=key,
-                value=value or b"",
+                value=kept,
                 timestamp_ms=0,
                 headers=dead_letter(outcome, source.name, topic, partition, offset).to_headers(),
             )
@@ -276,7 +295,7 @@ def run_ingest(
     reliable "end" while producers are active (and Tansu reports it approximately). An
     idle_timeout_s of 0 or less never stops on idleness (a live ingest: heartbeats go on).
     """
-    router = IngestRouter(sources, settings.dead_letter_topic)
+    router = IngestRouter(sources, settings.dead_letter_topic, settings.ingest_max_event_bytes)
     ensure_topics(settings, output_topics(sources, settings))
     consumer = Consumer(
         settings.kafka_client_config(
@@ -285,6 +304,9 @@ def run_ingest(
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": 6000,
+                # Prefetch about 16 MiB (librdkafka's default is 64 MiB): ~50k ordinary
+                # events, and less memory when records are large.
+                "queued.max.messages.kbytes": 16 * 1024,
             }
         )
     )
@@ -302,9 +324,12 @@ def run_ingest(
     join_deadline = time.monotonic() + JOIN_TIMEOUT_S
     last_message_at = first_record_at = 0.0
     since_commit = 0
+    poll_records = POLL_FIRST
     try:
         while not should_stop():
-            budget = 1000 if max_events is None else min(1000, max_events - router.counts.received)
+            budget = poll_records
+            if max_events is not None:
+                budget = min(budget, max_events - router.counts.received)
             if budget <= 0:
                 break
             batch = consumer.consume(num_messages=budget, timeout=wait_s)
@@ -331,6 +356,10 @@ def run_ingest(
                 continue
             last_message_at = time.monotonic()
             first_record_at = first_record_at or last_message_at
+            largest = max(len(msg) for msg in batch)  # len: the value's size, not copied
+            poll_records = max(
+                1, min(2 * poll_records, POLL_RECORDS, POLL_BYTES // max(largest, 1))
+            )
             for msg in batch:
                 err = msg.error()
                 if err is not None:

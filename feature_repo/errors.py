@@ -27,3 +27,11 @@ class OnlineStoreError(FeatureRepoError):
 
     exit_code = ExitCode.STORAGE
     code = "online_store_error"
+
+
+class OnlineStoreUnavailableError(OnlineStoreError):
+    """The store did not answer in time, or refused the connection: it is slow or down, which
+    a caller may wait out (serving/breaker.py counts these), unlike a bad row or value."""
+
+    exit_code = ExitCode.UNAVAILABLE
+    code = "online_store_unavailable"

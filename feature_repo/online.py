@@ -39,7 +39,7 @@ import redis
 
 from core.settings import Settings
 from feature_repo import codec
-from feature_repo.errors import OnlineStoreError
+from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
 from feature_repo.online_store import (
     OnlineRow,
     OnlineStore,
@@ -143,30 +143,54 @@ class RedisOnlineStore(OnlineStore):
     """Batched, ordered writes and one-round-trip reads of a project's online feature rows."""
 
     def __init__(
-        self, redis_url: str, project: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
+        self,
+        redis_url: str,
+        project: str,
+        *,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        connect_timeout_s: float | None = None,
+        timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
     ) -> None:
+        """Timeouts (None: wait forever, redis-py's default): connecting, any reply (writes),
+        and the replies of read_many and ping, which the predictor waits on per request.
+        Reads use their own connection pool, so a writer's long timeout never applies to them."""
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         self.project = project
         self.batch_rows = batch_rows
-        self._client = redis.Redis.from_url(redis_url)
+        self._client = redis.Redis.from_url(
+            redis_url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s
+        )
+        self._reads = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=read_timeout_s if read_timeout_s is not None else timeout_s,
+        )
         self._script = self._client.register_script(_WRITE_IF_NOT_OLDER)
         self._layouts: dict[str, _Layout] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
-        return cls(settings.redis_url, settings.feast_project)
+        return cls(
+            settings.redis_url,
+            settings.feast_project,
+            connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
+            timeout_s=settings.redis_timeout_ms / 1000,
+            read_timeout_s=settings.redis_read_timeout_ms / 1000,
+        )
 
     def ping(self) -> float:
         started = time.perf_counter()
         try:
-            self._client.ping()
+            self._reads.ping()
         except redis.RedisError as exc:
-            raise OnlineStoreError(f"Redis did not answer a ping: {exc}") from exc
+            raise OnlineStoreUnavailableError(f"Redis did not answer a ping: {exc}") from exc
         return time.perf_counter() - started
 
     def close(self) -> None:
         self._client.close()
+        self._reads.close()
 
     def _layout(self, view: FeatureView) -> _Layout:
         cached = self._layouts.get(view.name)
@@ -281,6 +305,11 @@ class RedisOnlineStore(OnlineStore):
                 parts += (layout.hmget_head, _resp_bulk(hash_key), layout.hmget_fields)
         try:
             replies = self._pipelined(b"".join(parts), len(parts) // 3) if parts else []
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            names = ", ".join(repr(view.name) for view, _ in requests)
+            raise OnlineStoreUnavailableError(
+                f"view(s) {names}: Redis did not answer: {exc}"
+            ) from exc
         except redis.RedisError as exc:
             names = ", ".join(repr(view.name) for view, _ in requests)
             raise OnlineStoreError(f"view(s) {names}: Redis read failed: {exc}") from exc
@@ -296,15 +325,20 @@ class RedisOnlineStore(OnlineStore):
         """Send packed commands in one write and read their ``count`` replies: one round trip.
 
         Reads are idempotent, so a pooled connection that went stale (Redis restarted) is
-        retried once on a fresh one, as redis-py's pipeline does.
+        retried once on a fresh one, as redis-py's pipeline does. A timeout is not retried: a
+        Redis that did not answer within the read timeout would only make the caller wait
+        twice as long (the predictor's deadline counts on one timeout per read).
         """
-        pool = self._client.connection_pool
+        pool = self._reads.connection_pool
         for attempt in (1, 2):
             connection = pool.get_connection()
             try:
                 connection.send_packed_command([commands])
                 return [connection.read_response() for _ in range(count)]
-            except (redis.ConnectionError, redis.TimeoutError):
+            except redis.TimeoutError:
+                connection.disconnect()  # replies may still arrive on it
+                raise
+            except redis.ConnectionError:
                 connection.disconnect()
                 if attempt == 2:
                     raise

@@ -30,3 +30,11 @@ class TrainingDataError(ModelError):
 
     exit_code = ExitCode.DATA
     code = "training_data_error"
+
+
+class RolloutConflictError(ModelError):
+    """A rollout change contradicts the state: a canary or shadow of the production version, a
+    rollback with no previous production."""
+
+    exit_code = ExitCode.CONFLICT
+    code = "rollout_conflict"

@@ -5,7 +5,9 @@ Layout under the root (settings.models_dir)::
     <name>/<version>/model.txt        LightGBM's native text format
     <name>/<version>/metadata.json    feature service, feature order, windows, metrics, versions
     <name>/<version>/reference.json   the training reference (optional; monitoring/ reads it)
+    <name>/<version>/.claim-<id>      the trainer that allocated the version (see save)
     <name>/production                 the production version number, as text
+    <name>/rollout.json               canary, shadows, history of production (models/rollout.py)
     <name>/decisions/<period>.json    `sluice retrain`'s decision for one label period
 
 Versions are 1, 2, 3...; a version counts once its metadata.json exists, which is written last,
@@ -14,8 +16,15 @@ distribution of every input feature and of the predictions on the training set, 
 monitoring) travels with the metadata that ``models.fit`` builds but is stored beside it, so
 that listing models stays cheap; versions saved before references existed have none
 (``reference()`` returns None). The production pointer is one small object replaced in one
-step (rename on a local disk, a single PUT on an object store). One trainer at a time per model
-name: two concurrent saves could pick the same version number.
+step (rename on a local disk, a single PUT on an object store).
+
+Concurrent trainers (threads, processes, hosts sharing the root) get distinct versions: a save
+claims the next free number by writing an empty ``.claim-<random id>`` file into its directory,
+then lists that directory; it owns the number only when its claim is the only entry there.
+Otherwise it deletes its claim and tries again (after a random pause). Two trainers cannot both
+win: the later of the two claims is written after the earlier, so the later trainer's listing
+sees the earlier claim (winners never delete theirs); both may lose, and retry. This needs only
+read-after-write consistent listings (local disks, S3, GCS), no lock and no conditional write.
 
 The decisions log holds one RetrainDecision per model and label period (what `sluice retrain`
 trained, the numbers it compared and whether it promoted); it is written whole in one step,
@@ -24,7 +33,9 @@ and a period with a decision is not decided again unless forced.
 
 from __future__ import annotations
 
+import random
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -39,12 +50,15 @@ from core.errors import StorageError
 from core.settings import Settings
 from core.uris import S3Options, filesystem
 from models.errors import ModelNotFoundError, ModelRegistryError
+from models.rollout import ROLLOUT_FILE, RolloutState
 
 MODEL_FILE = "model.txt"
 METADATA_FILE = "metadata.json"
 REFERENCE_FILE = "reference.json"
 PRODUCTION_FILE = "production"
 DECISIONS_DIR = "decisions"
+CLAIM_PREFIX = ".claim-"
+ALLOCATE_ATTEMPTS = 200
 _PERIOD = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]*$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -235,18 +249,54 @@ class ModelRegistry:
                 complete.append(number)
         return complete
 
+    def _entries(self, path: str) -> list[str]:
+        try:
+            infos = self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except (OSError, pa.ArrowException) as exc:
+            raise ModelRegistryError(f"cannot list {path}: {exc}") from exc
+        return [info.base_name for info in infos]
+
+    def _next_free(self, name: str) -> int:
+        """One above the highest version directory holding anything (an empty one is a claim
+        given back: free again)."""
+        numbers = [int(c) for c in self._children(self._p(name)) if c.isdigit()]
+        for number in sorted(numbers, reverse=True):
+            if self._entries(self._p(name, number)):
+                return number + 1
+        return 1
+
+    def _allocate(self, name: str) -> int:
+        """A version number that no concurrent trainer gets (the protocol: module docstring)."""
+        pause = random.Random()
+        for attempt in range(ALLOCATE_ATTEMPTS):
+            version = self._next_free(name)
+            directory = self._p(name, version)
+            claim = f"{CLAIM_PREFIX}{uuid.uuid4().hex}"
+            try:
+                self._fs.create_dir(directory, recursive=True)
+                with self._fs.open_output_stream(f"{directory}/{claim}"):
+                    pass
+            except (OSError, pa.ArrowException) as exc:
+                raise ModelRegistryError(f"cannot claim version {version}: {exc}") from exc
+            if self._entries(directory) == [claim]:
+                return version
+            try:
+                self._fs.delete_file(f"{directory}/{claim}")
+            except (OSError, pa.ArrowException) as exc:
+                raise ModelRegistryError(f"cannot give back version {version}: {exc}") from exc
+            time.sleep(pause.uniform(0, 0.002 * min(attempt + 1, 10)))
+        raise ModelRegistryError(
+            f"model {name!r}: no version allocated after {ALLOCATE_ATTEMPTS} attempts "
+            "(too many concurrent trainers)"
+        )
+
     def save(self, model_text: str, metadata: ModelMetadata) -> ModelMetadata:
         """Store a new version of metadata.name (and its reference, when it has one); returns
         the metadata with its version, as ``metadata()`` reads it back."""
         _check_name(metadata.name)
-        existing = self._children(self._p(metadata.name))
-        version = max((int(c) for c in existing if c.isdigit()), default=0) + 1
+        version = self._allocate(metadata.name)
         # As metadata() reads it back: the reference is stored apart (reference()).
         stored = metadata.model_copy(update={"version": version, "reference": None})
-        try:
-            self._fs.create_dir(self._p(metadata.name, version), recursive=True)
-        except (OSError, pa.ArrowException) as exc:
-            raise ModelRegistryError(f"cannot create version {version}: {exc}") from exc
         self._write(self._p(metadata.name, version, MODEL_FILE), model_text.encode())
         if metadata.reference is not None:
             self._write(
@@ -303,10 +353,48 @@ class ModelRegistry:
             raise ModelRegistryError(f"model {name!r}: production pointer {text!r} is no version")
         return int(text)
 
-    def promote(self, name: str, version: int) -> None:
-        """Point production at a version (which must exist)."""
+    def promote(self, name: str, version: int) -> int | None:
+        """Point production at a version (which must exist); returns the previous production.
+        The change joins the rollout history; the version's canary or shadow ends."""
         self.metadata(name, version)
+        previous = self.production(name)
+        self.set_rollout(name, self.rollout(name).promoted(version, previous))
         self._write(self._p(name, PRODUCTION_FILE), f"{version}\n".encode())
+        return previous
+
+    def rollback(self, name: str) -> tuple[int, int]:
+        """Production back to the version the current one replaced; every canary and shadow
+        ends. Returns (from, to)."""
+        current = self.production(name)
+        if current is None:
+            raise ModelNotFoundError(f"model {name!r} has no production version to roll back")
+        state = self.rollout(name)
+        target = state.rollback_target(current)
+        self.metadata(name, target)
+        self.set_rollout(name, state.rolled_back(current, target))
+        self._write(self._p(name, PRODUCTION_FILE), f"{target}\n".encode())
+        return current, target
+
+    def rollout(self, name: str) -> RolloutState:
+        """Canary, shadows and production history of a model (empty when never set)."""
+        _check_name(name)
+        data = self._read(self._p(name, ROLLOUT_FILE))
+        if data is None:
+            return RolloutState()
+        try:
+            return RolloutState.model_validate(orjson.loads(data))
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            raise ModelRegistryError(f"model {name!r}: bad {ROLLOUT_FILE}: {exc}") from None
+
+    def set_rollout(self, name: str, state: RolloutState) -> None:
+        """Store the rollout state whole; every version it names must exist."""
+        _check_name(name)
+        for version in {*state.shadows, *([state.canary.version] if state.canary else [])}:
+            self.metadata(name, version)
+        self._write(
+            self._p(name, ROLLOUT_FILE),
+            orjson.dumps(state.model_dump(mode="json"), option=orjson.OPT_INDENT_2),
+        )
 
     def record_decision(self, decision: RetrainDecision) -> None:
         """Store a retrain decision (replacing one of the same period: a forced re-run)."""

@@ -12,19 +12,48 @@ from core.errors import ExitCode, SluiceError
 from models.errors import ModelNotFoundError, ModelRegistryError
 
 __all__ = [
+    "DeadlineExceededError",
     "FeatureStoreUnavailableError",
     "FeaturesBehindError",
+    "ForbiddenError",
     "InvalidRequestError",
     "ModelIncompatibleError",
     "ModelNotFoundError",
     "ModelRegistryError",
     "OverloadedError",
+    "PredictionLogError",
+    "RequestTooLargeError",
     "SluiceServingError",
+    "UnauthenticatedError",
 ]
 
 
 class SluiceServingError(SluiceError):
-    """Base of every serving error."""
+    """Base of every serving error; ``headers`` go with its HTTP answer."""
+
+    headers: dict[str, str] | None = None
+
+
+class UnauthenticatedError(SluiceServingError):
+    """No bearer token, or one that no setting lists (401, asking for a Bearer token)."""
+
+    exit_code = ExitCode.UNAUTHENTICATED
+    code = "unauthenticated"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012  # read-only: RFC 6750's challenge
+
+
+class ForbiddenError(SluiceServingError):
+    """A valid token without the route's scope, or an admin route while no admin token is set."""
+
+    exit_code = ExitCode.FORBIDDEN
+    code = "forbidden"
+
+
+class RequestTooLargeError(SluiceServingError):
+    """A request body above the max_request_bytes setting (refused before it is parsed)."""
+
+    exit_code = ExitCode.TOO_LARGE
+    code = "request_too_large"
 
 
 class ModelIncompatibleError(SluiceServingError):
@@ -62,6 +91,14 @@ class OverloadedError(SluiceServingError):
     code = "overloaded"
 
 
+class PredictionLogError(SluiceServingError):
+    """The prediction log's local write-ahead directory cannot be used (locked by another
+    predictor, unwritable, or corrupt)."""
+
+    exit_code = ExitCode.STORAGE
+    code = "prediction_log_unavailable"
+
+
 class FeaturesBehindError(SluiceServingError):
     """With serve_behind = "reject": some rows' newest servable row of a view is older than the
     window the availability contract asks for (the stream is late). Retry later."""
@@ -85,3 +122,11 @@ class FeaturesBehindError(SluiceServingError):
             "views": self.views,
             "rows": [{"row": i, "views": views} for i, views in self.rows.items()],
         }
+
+
+class DeadlineExceededError(SluiceServingError):
+    """The request's deadline passed before its answer was ready (serve_store_unavailable =
+    "reject"; with "degraded" the row is answered from the views' empty values instead)."""
+
+    exit_code = ExitCode.DEADLINE
+    code = "deadline_exceeded"

@@ -25,6 +25,9 @@ Defaults (the documented contract of the predictor):
 - A row older than its view's ttl is still used (Feast does the same online) but its view is
   listed under ``stale``; ``feature_ages_ms`` gives now minus the served row's window end per
   view, ``window_ends_ms`` that window end (null when no row's values were served).
+- When the store is slow or down (or the request's deadline comes first), a row may be served
+  without reading it at all (``degraded_join``): every view's empty values, every view listed
+  under ``degraded``; serving/deadlines.py says when.
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ class JoinedRow:
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     behind: list[str] = field(default_factory=list)
+    # Views served their empty values because the store was not read (slow, down, or the
+    # request's deadline came first); degraded_reason says which (serving/deadlines.py).
+    degraded: list[str] = field(default_factory=list)
+    degraded_reason: str | None = None
 
 
 RowLookup = Mapping[tuple[str, str], OnlineRow | None]
@@ -223,6 +230,18 @@ def join(
         if value is None:
             joined.missing.append(item.ref)
         joined.values[item.ref] = value
+    return joined
+
+
+def degraded_join(plan: FeaturePlan, row: Mapping[str, Any], t_ms: int, reason: str) -> JoinedRow:
+    """The model's inputs for one row when the online store could not be read: every view's
+    empty values (as for an entity without a row), every view listed under ``degraded``."""
+    joined = JoinedRow(values={}, ages_ms={}, as_of_ms=t_ms, degraded_reason=reason)
+    for view in plan.views:
+        joined.ages_ms[view.name] = joined.window_ends_ms[view.name] = None
+        joined.degraded.append(view.name)
+    for item in plan.inputs:
+        joined.values[item.ref] = row[item.name] if item.view is None else item.default
     return joined
 
 

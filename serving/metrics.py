@@ -29,7 +29,10 @@ class ServingMetrics:
             registry=r,
         )
         self.batch_size = Gauge(
-            "sluice_batch_size", "Current AIMD batch size limit per model", ["model"], registry=r
+            "sluice_batch_size",
+            "Current AIMD batch size limit per model version",
+            ["model", "version"],
+            registry=r,
         )
         self.batch_rows = Histogram(
             "sluice_batch_rows",
@@ -43,6 +46,20 @@ class ServingMetrics:
             "Feature read + predict time per batch",
             ["model"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_request_latency = Histogram(
+            "sluice_batch_request_latency_seconds",
+            "Per batch, its slowest request's time in the server (queue + feature read + "
+            "predict): what AIMD holds to the latency objective",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_predictions = Counter(
+            "sluice_shadow_predictions",
+            "Shadow rows by model, version and outcome (logged, dropped: queue full, failed)",
+            ["model", "version", "outcome"],
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -68,11 +85,24 @@ class ServingMetrics:
             ["view", "status"],
             registry=r,
         )
-        self.log_records = Counter(
-            "sluice_log_records",
-            "Prediction-log and feedback records by topic and outcome "
-            "(produced, delivered, retried, failed, dropped)",
-            ["topic", "outcome"],
+        # sluice_log_records_total and the log's gauges: serving.prediction_log.LogCollector.
+        self.degraded_rows = Counter(
+            "sluice_degraded_rows",
+            "Rows answered from the views' empty values without reading the online store, by "
+            "reason: store_unavailable (the read failed or timed out), breaker_open (not "
+            "asked), deadline (the request's deadline came before its batch)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "sluice_breaker_state",
+            "The online store's circuit breaker: 0 closed, 1 half-open (probing), 2 open",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "sluice_breaker_transitions",
+            "Moves of the online store's circuit breaker, by the state moved to",
+            ["to"],
             registry=r,
         )
         self.model_swaps = Counter(

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from feature_repo.errors import OnlineStoreError
+from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
 from features.definitions import FeatureService
 from models.registry import ModelMetadata, ModelRegistry
+from serving.breaker import BreakerOpenError
+from serving.cache import PredictionCache
 from serving.errors import FeatureStoreUnavailableError, ModelIncompatibleError, ModelRegistryError
 from serving.features import (
     FeaturePlan,
@@ -21,10 +23,13 @@ from serving.features import (
     JoinedRow,
     ServeBehind,
     build_plan,
+    degraded_join,
     join,
     read_rows,
 )
 from serving.features import to_matrix as rows_to_matrix
+
+StoreUnavailable = Literal["degraded", "reject"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +101,7 @@ class Prediction:
     prediction: float
     time_ms: int
     joined: JoinedRow
+    ensemble: dict[str, Any] | None = None  # Exp4 (serving/ensemble.py): who answered, weights
 
 
 def predict_batch(
@@ -103,25 +109,73 @@ def predict_batch(
     items: Sequence[PredictItem],
     now_ms: int | None = None,
     serve_behind: ServeBehind = "flag",
+    on_unavailable: StoreUnavailable = "reject",
+    cache: PredictionCache | None = None,
 ) -> list[Prediction]:
     """Read every feature the batch needs in one round trip, join (each row at its own t, see
-    serving.features), predict per model version."""
+    serving.features), predict per model version (through the cache, when given: only the
+    input vectors it lacks reach the model).
+
+    When the store is slow or down (OnlineStoreUnavailableError, the breaker's refusal too),
+    "reject" raises FeatureStoreUnavailableError (503) and "degraded" predicts every row from
+    the views' empty values, flagged (predict_degraded)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
         lookup = read_rows(reader, [(item.model.plan, item.row) for item in items])
+    except OnlineStoreUnavailableError as exc:
+        if on_unavailable == "reject":
+            raise FeatureStoreUnavailableError(str(exc)) from exc
+        reason = "breaker_open" if isinstance(exc, BreakerOpenError) else "store_unavailable"
+        return predict_degraded(items, reason, now, cache)
     except OnlineStoreError as exc:
         raise FeatureStoreUnavailableError(str(exc)) from exc
+    return _predict(
+        items,
+        lambda item: join(item.model.plan, item.row, lookup, now, item.t_ms, serve_behind),
+        now,
+        cache,
+    )
+
+
+def predict_degraded(
+    items: Sequence[PredictItem],
+    reason: str,
+    now_ms: int | None = None,
+    cache: PredictionCache | None = None,
+) -> list[Prediction]:
+    """Predictions without the online store: every view's empty values, flagged ``degraded``
+    with ``reason``. Cheap (no I/O; LightGBM on a few rows takes microseconds), so the event
+    loop may call it when a request's deadline comes before its batch."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    return _predict(
+        items,
+        lambda item: degraded_join(
+            item.model.plan, item.row, now if item.t_ms is None else item.t_ms, reason
+        ),
+        now,
+        cache,
+    )
+
+
+def _predict(
+    items: Sequence[PredictItem],
+    joiner: Callable[[PredictItem], JoinedRow],
+    now: int,
+    cache: PredictionCache | None = None,
+) -> list[Prediction]:
     groups: dict[int, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(id(item.model), []).append(index)
     out: list[Prediction | None] = [None] * len(items)
     for indices in groups.values():
         model = items[indices[0]].model
-        joined = [
-            join(model.plan, items[i].row, lookup, now, items[i].t_ms, serve_behind)
-            for i in indices
-        ]
-        predicted = model.predict(rows_to_matrix(model.plan, joined))
+        joined = [joiner(items[i]) for i in indices]
+        matrix = rows_to_matrix(model.plan, joined)
+        predicted = (
+            model.predict(matrix)
+            if cache is None
+            else cache.predict(model.name, model.version, matrix, model.predict)
+        )
         for i, row, value in zip(indices, joined, predicted, strict=True):
             out[i] = Prediction(uuid.uuid4().hex, model.name, model.version, float(value), now, row)
     return [p for p in out if p is not None]

@@ -11,6 +11,7 @@ picks the rows servable then instead of at the request's arrival (serving/featur
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,13 +23,12 @@ from features.schema import FieldType
 from serving.errors import InvalidRequestError, ModelIncompatibleError
 from serving.features import FeaturePlan
 
-MAX_ROWS = 1000
 EVENT_TIME = "event_time"  # the row field that replays a row at a time of the caller's
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
-_MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as for events (features/validation.py)
+MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as for events (features/validation.py)
 _MAX_FUTURE_MS = 5 * 60_000  # as for events: clocks may differ, by minutes at most
-_EVENT_TIME_DOC = (
+EVENT_TIME_DOC = (
     "Optional, for replays: the time to serve this row at, as epoch milliseconds or an "
     "ISO-8601 string with a timezone (from 2000-01-01 to 5 minutes past the server's clock). "
     "Default: the server's clock when the request arrives. Online feature rows are chosen by "
@@ -44,49 +44,68 @@ _PY_TYPES: dict[FieldType, type] = {
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "delivery_eta",
-                    "rows": [
-                        {
-                            "restaurant_id": "r00012",
-                            "zone_id": "z03",
-                            "distance_km": 2.4,
-                            "hour_of_day": 12,
-                            "items": 3,
-                        }
-                    ],
-                }
-            ]
-        },
-    )
+    """/predict's body as parsed; its documented schema is serving.openapi's."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model name; default: the first served model.")
     rows: list[dict[str, Any]] = Field(
         min_length=1,
-        max_length=MAX_ROWS,
         description="Entity keys and request features, one object per prediction; "
-        f"optionally '{EVENT_TIME}' (replays).",
-        json_schema_extra={
-            "items": {
-                "type": "object",
-                "properties": {
-                    EVENT_TIME: {
-                        "anyOf": [
-                            {"type": "integer", "minimum": _MIN_EVENT_TIME_MS},
-                            {"type": "string", "format": "date-time"},
-                        ],
-                        "description": _EVENT_TIME_DOC,
-                    }
-                },
-                "additionalProperties": True,
-            }
-        },
+        f"optionally '{EVENT_TIME}' (replays). At most max_request_rows (a setting, default "
+        "1000) per request.",
     )
-    return_features: bool = Field(False, description="Also answer with the feature values used.")
+    return_features: bool = Field(
+        False, strict=True, description="Also answer with the feature values used."
+    )
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=3_600_000,
+        description="Answer within this many milliseconds (also the header "
+        "X-Request-Timeout-Ms; the smaller wins). Default and maximum are server settings "
+        "(request_deadline_ms, request_deadline_max_ms: a larger value is capped). Rows whose "
+        "features are not read in time are answered from the views' empty values and listed "
+        "under `degraded`, or the request is a 504 when the server rejects instead.",
+    )
+
+
+# /predict's request body in the OpenAPI document: serving.openapi replaces the schema with
+# one alternative per served model (its rows' required fields and types from its plan).
+PREDICT_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+}
+
+
+def parse_predict(raw: bytes) -> PredictRequest:
+    """A /predict body (JSON parsed and checked in one pass by pydantic-core)."""
+    try:
+        return PredictRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError(problems_of(exc.errors())) from None
+
+
+class Problem(BaseModel):
+    field: str = Field(description="Where: 'body', 'rows[0].distance_km', ...")
+    reason: str
+    input: Any = Field(None, description="The value refused, when there was one.")
+
+
+class InvalidRequestBody(BaseModel):
+    """422: every bad field of the request named, with the reason."""
+
+    error: str = Field(description="'invalid_request'")
+    detail: list[Problem]
+
+
+class ErrorBody(BaseModel):
+    """Every other error: a machine-readable code and a sentence saying what to do."""
+
+    model_config = ConfigDict(extra="allow")  # e.g. features_behind adds views and rows
+
+    error: str = Field(description="e.g. model_not_found, overloaded, features_behind")
+    detail: str
 
 
 class RowPrediction(BaseModel):
@@ -111,6 +130,12 @@ class RowPrediction(BaseModel):
         description="Views whose newest servable row is older than the window the contract "
         "asks for at t (the stream is late); served as the serve_behind setting says."
     )
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Views served their empty values without reading the online store, "
+        "because it was slow or down or the request's deadline came first (as `missing`, "
+        "but no row was looked for).",
+    )
     features: dict[str, Any] | None = None
 
 
@@ -122,7 +147,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prediction_id: str = Field(min_length=1, max_length=64)
-    label: float = Field(allow_inf_nan=False, description="The observed outcome.")
+    label: float = Field(strict=True, allow_inf_nan=False, description="The observed outcome.")
 
 
 class FeedbackResponse(BaseModel):
@@ -154,9 +179,9 @@ def event_time_ms(value: Any) -> int | None:
         value = (parsed - _EPOCH) // _ONE_MS
     assert isinstance(value, int)
     latest = int(time.time() * 1000) + _MAX_FUTURE_MS
-    if not _MIN_EVENT_TIME_MS <= value <= latest:
+    if not MIN_EVENT_TIME_MS <= value <= latest:
         raise ValueError(
-            f"{value} is outside [{_MIN_EVENT_TIME_MS} (2000-01-01), {latest} (now + 5 min)]"
+            f"{value} is outside [{MIN_EVENT_TIME_MS} (2000-01-01), {latest} (now + 5 min)]"
         )
     return value
 
@@ -190,7 +215,7 @@ def row_model(plan: FeaturePlan, name: str) -> type[BaseModel]:
             f"model {name!r}: {EVENT_TIME!r} names an entity key or request feature, but rows "
             "use it for replays; rename it"
         )
-    fields[EVENT_TIME] = (EventTime, Field(None, description=_EVENT_TIME_DOC))
+    fields[EVENT_TIME] = (EventTime, Field(None, description=EVENT_TIME_DOC))
     model: type[BaseModel] = create_model(
         f"{name}_row", __config__=ConfigDict(extra="forbid"), **fields
     )
@@ -210,26 +235,52 @@ def problems_of(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> list
     """Pydantic/FastAPI errors as [{field, reason, input?}]."""
     out = []
     for error in errors:
-        if error.get("type") == "json_invalid":  # loc is ('body', <character position>)
+        if error.get("type") == "json_invalid":  # FastAPI: loc ('body', <character position>)
             detail = (error.get("ctx") or {}).get("error", "")
-            where = error["loc"][-1]
-            out.append({"field": "body", "reason": f"invalid JSON at character {where}: {detail}"})
+            where = f" at character {error['loc'][-1]}" if error["loc"] else ""
+            out.append({"field": "body", "reason": f"invalid JSON{where}: {detail}"})
             continue
         problem: dict[str, Any] = {
             "field": field_path([*prefix, *error["loc"]]),
             "reason": error["msg"],
         }
         if error.get("type") != "missing" and "input" in error:
-            problem["input"] = error["input"]
+            shown = _shown_input(error["input"])
+            if shown is not _HIDDEN:
+                problem["input"] = shown
         out.append(problem)
     return out
 
 
+_HIDDEN = object()
+_MAX_SHOWN = 100  # characters of a bad string value echoed back
+_MAX_INT = 2**63
+
+
+def _shown_input(value: Any) -> Any:
+    """A bad value as the answer may echo it: scalars only (an object or list could be
+    megabytes, or nested deeper than the encoder recurses), strings and huge integers cut
+    short, and NaN/infinity as text (JSON has no such numbers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_INT < value < _MAX_INT else f"{str(value)[:20]}... (an integer)"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    return _HIDDEN
+
+
 def validate_rows(
-    model: type[BaseModel], rows: Sequence[dict[str, Any]]
+    model: type[BaseModel], rows: Sequence[dict[str, Any]], max_rows: int
 ) -> list[tuple[dict[str, Any], int | None]]:
-    """Every row checked; one 422 naming every bad field of every row. Per row: the entity
-    keys and request features, and its event_time in epoch ms (None when not given)."""
+    """Every row checked; one 422 naming every bad field of every row (or `rows` alone when
+    there are more than max_rows). Per row: the entity keys and request features, and its
+    event_time in epoch ms (None when not given)."""
+    if len(rows) > max_rows:
+        reason = f"at most {max_rows} rows per request (setting max_request_rows), got {len(rows)}"
+        raise InvalidRequestError([{"field": "rows", "reason": reason}])
     problems: list[dict[str, Any]] = []
     valid: list[tuple[dict[str, Any], int | None]] = []
     for index, row in enumerate(rows):

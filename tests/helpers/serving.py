@@ -19,6 +19,9 @@ from models.fit import fit, model_features
 from models.registry import ModelRegistry
 
 START_MS = 1_795_000_000_000 - 1_795_000_000_000 % 86_400_000
+# The admin token of test apps (settings admin_tokens), and the header that sends it.
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def synthetic_training_set(service: FeatureService, n: int = 600, seed: int = 1) -> pd.DataFrame:
@@ -120,10 +123,13 @@ class FakeMessage:
 
 
 class FakeProducer:
-    """Delivers on poll; the first ``failures`` deliveries fail (to exercise retries)."""
+    """Delivers on poll; the first ``failures`` deliveries fail with ``error`` (to exercise
+    retries); while ``down``, poll reports nothing (a stopped broker)."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, error: Any = "_MSG_TIMED_OUT") -> None:
         self.failures = failures
+        self.error = error
+        self.down = False
         self.pending: list[tuple[FakeMessage, Any]] = []
         self.delivered: list[FakeMessage] = []
         self.lock = threading.Lock()
@@ -133,12 +139,14 @@ class FakeProducer:
             self.pending.append((FakeMessage(topic, key, value), on_delivery))
 
     def poll(self, timeout: float) -> int:
+        if self.down:
+            return 0
         with self.lock:
             pending, self.pending = self.pending, []
         for message, callback in pending:
             if self.failures > 0:
                 self.failures -= 1
-                callback("_MSG_TIMED_OUT", message)
+                callback(self.error, message)
             else:
                 self.delivered.append(message)
                 callback(None, message)
