@@ -11,7 +11,8 @@ availability contract of features/contract.py; Feast's point-in-time join keys o
 ``created_timestamp`` (when the row was written, timestamp[us, UTC]), then one column per
 feature in ``view.features()`` order (int64 for counts, double for floats, the column's type
 for ``last``). Closing rows (all features empty) are included. The ``date`` column lives in
-the path only. (entity, event_timestamp) is unique.
+the path only. (entity, event_timestamp) is unique. A view without rows holds one empty file
+with this schema under ``date=1970-01-01`` (feature_repo/offline.py), so that Feast can read it.
 
 Writes replace whole date partitions (Spark's dynamic partition overwrite): re-running a range
 replaces its dates and never duplicates rows; dates outside the range are left alone. Also here:
@@ -35,10 +36,9 @@ import pyarrow.parquet as pq
 from batch.compile import EVENT_TIMESTAMP, spark_type
 from batch.errors import OfflineStoreError
 from core.settings import Settings
-from events.history import arrow_type
+from feature_repo.offline import offline_arrow_schema, settle_placeholder
 from features.contract import lateness_ms
 from features.definitions import FeatureView
-from features.schema import FieldType
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -63,20 +63,6 @@ def offline_columns(view: FeatureView) -> list[str]:
     """Column names of the store's files, in order."""
     features = [spec.name for spec in view.features()]
     return [view.entity.join_key, EVENT_TIMESTAMP, SERVABLE_TIMESTAMP, CREATED_TIMESTAMP, *features]
-
-
-def offline_arrow_schema(view: FeatureView) -> pa.Schema:
-    """The store's files as pyarrow reads them (Spark writes timestamps as UTC micros)."""
-    stamp = arrow_type(FieldType.TIMESTAMP, "us")
-    return pa.schema(
-        [
-            pa.field(view.entity.join_key, pa.string()),
-            pa.field(EVENT_TIMESTAMP, stamp),
-            pa.field(SERVABLE_TIMESTAMP, stamp),
-            pa.field(CREATED_TIMESTAMP, stamp),
-            *(pa.field(spec.name, arrow_type(spec.dtype, "us")) for spec in view.features()),
-        ]
-    )
 
 
 def offline_schema(view: FeatureView) -> StructType:
@@ -143,6 +129,8 @@ def write_offline(
             shutil.rmtree(directory)
             continue
         written += sum(pq.ParquetFile(directory / name).metadata.num_rows for name in files)
+    # Readable by Feast with or without rows: an empty file while the view has none.
+    settle_placeholder(view_dir(settings, view), view)
     return written
 
 

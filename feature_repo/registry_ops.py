@@ -18,6 +18,7 @@ from core.settings import Settings
 from feature_repo.config import feature_store
 from feature_repo.definitions import feast_objects
 from feature_repo.errors import FeastRegistryError
+from feature_repo.offline import settle_placeholders
 from features.registry import Registry
 
 Change = Literal["added", "changed", "removed"]
@@ -182,6 +183,14 @@ def _plan_and_maybe_apply(
             f"Feast could not {verb} the definitions of {registry.module} against the "
             f"registry {settings.feast_registry}: {type(exc).__name__}: {exc}"
         ) from exc
+    if apply:
+        # Every applied view is readable offline at once, before its first rows exist.
+        try:
+            settle_placeholders(settings, registry.views.values())
+        except OSError as exc:
+            raise FeastRegistryError(
+                f"cannot write empty offline partitions under {settings.offline_store_dir}: {exc}"
+            ) from exc
     return changes
 
 

@@ -118,6 +118,9 @@ class WriteAheadLog:
         self.fsync_interval_s = fsync_interval_s
         self.segment_bytes = segment_bytes or max(64 * 1024, min(64 << 20, max_bytes // 8))
         self._lock = threading.Lock()  # appends, rotation, the segment list
+        # One sync at a time (the background loop's and a caller's): when sync() returns, what
+        # it found committed is persisted and its segments are gone, not half-way in another.
+        self._sync_lock = threading.Lock()
         self._segments: list[int] = []  # start offsets, ascending; the last is being written
         self._fd = -1  # the last segment, open for append
         self._end = 0  # logical offset after the last whole frame
@@ -354,6 +357,10 @@ class WriteAheadLog:
 
     def sync(self) -> None:
         """fsync appended data, persist the committed offset, delete acknowledged segments."""
+        with self._sync_lock:
+            self._sync()
+
+    def _sync(self) -> None:
         with self._lock:
             end, fd, rotated = self._end, self._fd, self._unsynced_fds
             self._unsynced_fds = []
