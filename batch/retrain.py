@@ -222,7 +222,7 @@ def retrain(
 
     margin = settings.retrain_margin if margin is None else margin
     registry = load_registry(settings.definitions_module)
-    models = ModelRegistry(settings.models_dir)
+    models = ModelRegistry.from_settings(settings)
     outcomes: list[RetrainOutcome] = []
     for labels_name, group in plan(registry, services).items():
         rows = build_labels(settings, registry, registry.labels[labels_name])

@@ -347,7 +347,7 @@ def score(
 
     began = time.perf_counter()
     scored_at = datetime.now(UTC)
-    models = ModelRegistry(settings.models_dir)
+    models = ModelRegistry.from_settings(settings)
     name = model or settings.serve_models[0]
     if version is None:
         version = models.production(name)

@@ -15,8 +15,11 @@ import sys
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
-from core.settings import Settings
+from core.settings import LOOPBACK_HOSTS, Settings
+from core.shipping import code_archive
+from core.uris import S3Options, spark_conf
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -44,6 +47,18 @@ def session_config(settings: Settings) -> dict[str, str]:
         # Plain-text driver logs: Spark 4's JSON log lines bury the one line that matters.
         "spark.log.structuredLogging.enabled": "false",
     }
+    if settings.s3_endpoint:
+        config |= spark_conf(S3Options.from_settings(settings))
+    if not local and urlparse(settings.spark_master).hostname in LOOPBACK_HOSTS:
+        # A standalone cluster on this machine (`sluice up --cluster`): executors reach the
+        # driver on loopback; few shuffle partitions for few cores.
+        config |= {
+            "spark.sql.shuffle.partitions": str(LOCAL_SHUFFLE_PARTITIONS),
+            "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.ui.enabled": "false",
+            "spark.executor.memory": "1g",
+        }
     if local:
         config |= {
             "spark.sql.shuffle.partitions": str(LOCAL_SHUFFLE_PARTITIONS),
@@ -82,6 +97,10 @@ def spark_session(settings: Settings, extra: Mapping[str, str] | None = None) ->
             builder = builder.config(key, value)
         session = builder.getOrCreate()
         session.sparkContext.setLogLevel("ERROR")
+        if not settings.spark_master.startswith("local"):
+            # Executors run our Python (mapInPandas in `sluice score`) from the shipped code.
+            code = code_archive(settings.state_dir / "spark", (settings.definitions_module,))
+            session.sparkContext.addPyFile(str(code))
         _session = session
         return session
 

@@ -171,7 +171,7 @@ def train_models(
     registry = load_registry(settings.definitions_module)
     todo = plan(registry, services)
     spark = spark_session(settings)
-    models = ModelRegistry(settings.models_dir)
+    models = ModelRegistry.from_settings(settings)
     all_rows: list[LabelRows] = []
     trained: list[TrainedVersion] = []
     for labels_name, group in todo.items():

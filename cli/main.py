@@ -54,6 +54,7 @@ for command in (
     stack.up,
     stack.down,
     stack.status,
+    stack.jobs,
     events.produce,
     events.ingest,
     archive.archive,

@@ -75,7 +75,7 @@ def serve(
     s = settings()
     host = host or s.serve_host
     check_bind(host, s, allow_unauthenticated)  # before anything is loaded or bound
-    models = ModelRegistry(s.models_dir)
+    models = ModelRegistry.from_settings(s)
     for name in s.serve_models:  # fail here with one clear line, not in uvicorn's startup
         if models.production(name) is None:
             raise ModelNotFoundError(

@@ -79,6 +79,13 @@ class StackError(SluiceError):
     code = "stack_error"
 
 
+class StorageError(SluiceError):
+    """A storage URI (file:// or s3://) is malformed, or its store cannot be reached."""
+
+    exit_code = ExitCode.USAGE
+    code = "storage_error"
+
+
 class BrokerUnreachableError(SluiceError):
     """The Kafka broker at settings.kafka_bootstrap did not answer a metadata request."""
 

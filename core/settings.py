@@ -322,6 +322,27 @@ class Settings(BaseSettings):
     # answers 422 naming `rows`.
     max_request_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
     max_request_rows: int = Field(default=1000, ge=1, le=1_000_000)
+    # Object store (core/uris.py resolves every path): the endpoint of an S3-compatible store
+    # (empty: AWS itself) and its keys. A path setting may be an s3://bucket/prefix URI.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    # Checkpoints and savepoints of `sluice stream`: a URI shared by the Flink cluster (empty:
+    # <state_dir>/flink, which only a local mini-cluster or a one-machine cluster can see).
+    flink_checkpoint_dir: str = ""
+    # `sluice up --cluster` (infra/cluster.py) on loopback: ports used where spark_master,
+    # flink_jobmanager and s3_endpoint do not name one, and sizes for a 2-core machine.
+    cluster_flink_rest_port: int = Field(default=8081, ge=1, le=65535)
+    cluster_spark_master_port: int = Field(default=7077, ge=1, le=65535)
+    cluster_spark_ui_port: int = Field(default=8080, ge=1, le=65535)
+    cluster_spark_worker_ui_port: int = Field(default=8082, ge=1, le=65535)
+    cluster_object_store_port: int = Field(default=9000, ge=1, le=65535)
+    cluster_flink_jobmanager_memory: str = "768m"
+    cluster_flink_taskmanager_memory: str = "1600m"
+    cluster_flink_slots: int = Field(default=2, ge=1, le=64)
+    cluster_spark_worker_memory: str = "2g"
+    cluster_spark_worker_cores: int = Field(default=2, ge=1, le=256)
 
     @field_validator("serve_behind", mode="before")
     @classmethod
@@ -400,6 +421,47 @@ class Settings(BaseSettings):
             raise ValueError("a model is named twice")
         return value
 
+    @field_validator("history_dir", "offline_store_dir", "feast_registry", mode="before")
+    @classmethod
+    def _local_uri(cls, value: Any, info: Any) -> Any:
+        """A file:// URI is its path; s3:// is refused until Spark and Feast read it here."""
+        text = str(value)
+        if "://" not in text and not text.startswith("file:/"):
+            return value
+        from core.errors import StorageError
+        from core.uris import parse
+
+        try:
+            uri = parse(text, info.field_name)
+        except StorageError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        if not uri.is_local:
+            raise ValueError(
+                f"{text!r}: object storage is not supported for this setting yet (Spark "
+                "reads it through s3a, which needs hadoop-aws on the cluster; see "
+                "docs/deployment.md): use a directory that every worker mounts"
+            )
+        return uri.path
+
+    @field_validator("flink_checkpoint_dir", "s3_endpoint")
+    @classmethod
+    def _check_storage(cls, value: str, info: Any) -> str:
+        if not value:
+            return value
+        if info.field_name == "s3_endpoint":
+            parsed = urlparse(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not http(s)://host:port of an S3 endpoint")
+            return value
+        from core.errors import StorageError
+        from core.uris import parse
+
+        try:
+            parse(value, info.field_name)
+        except StorageError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return value
+
     @field_validator("flink_jobmanager")
     @classmethod
     def _check_jobmanager(cls, value: str) -> str:
@@ -428,6 +490,8 @@ class Settings(BaseSettings):
                 yield name, mask_url(value)
             elif name == "kafka_config":
                 yield name, mask_kafka_config(value)
+            elif name == "s3_secret_key" and value:
+                yield name, MASK
             else:
                 yield name, value
 
@@ -462,7 +526,9 @@ class Settings(BaseSettings):
 
 
 # Settings whose given value is never echoed in an error (it may hold a secret).
-_SECRET_FIELDS = frozenset({"kafka_config", "admin_tokens", "predict_tokens", "feedback_tokens"})
+_SECRET_FIELDS = frozenset(
+    {"kafka_config", "admin_tokens", "predict_tokens", "feedback_tokens", "s3_secret_key"}
+)
 
 
 def env_name(field: str) -> str:

@@ -77,6 +77,8 @@ class ProcessRecord:
     command: list[str]
     started_at: float  # time.time()
     log_path: str
+    # The program the pid runs when it is not command[0] (a script that execs java).
+    binary: str = ""
 
     @property
     def address(self) -> str:
@@ -94,8 +96,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def load_records(state_dir: Path) -> dict[str, ProcessRecord]:
-    path = state_dir / STATE_FILE
+def load_records(state_dir: Path, file: str = STATE_FILE) -> dict[str, ProcessRecord]:
+    path = state_dir / file
     try:
         raw = json.loads(path.read_text())["components"]
         return {name: ProcessRecord(**fields) for name, fields in raw.items()}
@@ -107,13 +109,15 @@ def load_records(state_dir: Path) -> dict[str, ProcessRecord]:
         raise StackError(message) from exc
 
 
-def save_records(state_dir: Path, records: dict[str, ProcessRecord]) -> None:
+def save_records(
+    state_dir: Path, records: dict[str, ProcessRecord], file: str = STATE_FILE
+) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a stack.json."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+    tmp = state_dir / f".{file}.{os.getpid()}.tmp"
     data = {"components": {name: asdict(record) for name, record in records.items()}}
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, state_dir / STATE_FILE)
+    os.replace(tmp, state_dir / file)
 
 
 @contextmanager
@@ -156,7 +160,7 @@ def _is_ours(record: ProcessRecord) -> bool:
         cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return cmdline_matches(cmdline, Path(record.command[0]).name)
+    return cmdline_matches(cmdline, record.binary or Path(record.command[0]).name)
 
 
 def _wait_until(check: Callable[[], bool], timeout_s: float) -> bool:

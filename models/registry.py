@@ -38,14 +38,17 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlparse
 
 import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.errors import StorageError
+from core.settings import Settings
+from core.uris import S3Options, filesystem
 from models.errors import ModelNotFoundError, ModelRegistryError
 from models.rollout import ROLLOUT_FILE, RolloutState
 
@@ -183,13 +186,25 @@ class RetrainDecision(BaseModel):
 class ModelRegistry:
     """Save, list, load and promote model versions under one root URI or directory."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, s3: S3Options | None = None) -> None:
+        """``root``: a directory, file:// or s3:// URI (core/uris.py resolves it; ``s3``
+        defaults to the process's s3_* settings)."""
         try:
-            self._fs, path = pafs.FileSystem.from_uri(root if "://" in root else _abs(root))
+            if urlparse(root).scheme in ("", "file", "s3"):
+                self._fs, path = filesystem(root, s3, field="models_dir")
+            else:  # gs://, hdfs://: pyarrow's own resolution
+                self._fs, path = pafs.FileSystem.from_uri(root)
+        except StorageError as exc:
+            raise ModelRegistryError(str(exc)) from None
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ModelRegistryError(f"models_dir {root!r}: {exc}") from None
         self.root = root
         self._path = path.rstrip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """The registry at settings.models_dir, with the object store of the same settings."""
+        return cls(settings.models_dir, S3Options.from_settings(settings))
 
     def _p(self, *parts: str | int) -> str:
         return "/".join([self._path, *(str(p) for p in parts)])
@@ -452,7 +467,3 @@ def _check_name(name: str) -> None:
 def _check_period(period: str) -> None:
     if not _PERIOD.match(period):
         raise ModelRegistryError(f"{period!r} is not a period name (letters, digits, _ . -)")
-
-
-def _abs(path: str) -> str:
-    return str(Path(path).expanduser().resolve())

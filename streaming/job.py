@@ -20,13 +20,18 @@ interpreter in the JVM and needs PYTHONPATH set for the worker; process mode nee
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from core.shipping import code_archive
+from core.uris import S3Options, StorageUri, filesystem, parse
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
@@ -67,6 +72,10 @@ class JobOptions:
     # tile (streaming/tiles.py). A view the tile engine cannot run exactly runs per event.
     # None: settings.stream_engine (streaming.runner.run resolves it).
     engine: str | None = None
+    # Where a remote job's code archive (python.files) is built; None: a temporary folder.
+    code_dir: Path | None = None
+    # Packages shipped beside the checkout's own (the definitions module's, when elsewhere).
+    ship_packages: tuple[str, ...] = ()
 
 
 def job_name(views: list[CompiledView]) -> str:
@@ -79,8 +88,9 @@ def uses_tiles(compiled: CompiledView, options: JobOptions) -> bool:
     return options.engine == "tiles" and tile_support(compiled) is None
 
 
-def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> Path:
-    """Checkpoints and savepoints of one set of view definitions live here.
+def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> StorageUri:
+    """Checkpoints and savepoints of one set of view definitions (and engine) live here: under
+    settings.flink_checkpoint_dir (a URI the cluster shares) or <state_dir>/flink.
 
     The directory names a hash of the definitions: tiles in a snapshot are laid out for the
     definitions that wrote them, so a changed view starts afresh (from the earliest offsets)
@@ -92,27 +102,47 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
     if engine not in (None, "events"):
         definitions += f"engine={engine}".encode()
     digest = hashlib.sha256(definitions).hexdigest()[:12]
-    return settings.state_dir / "flink" / f"{job_name(views)}-{digest}"
+    root = parse(
+        settings.flink_checkpoint_dir or settings.state_dir / "flink", "flink_checkpoint_dir"
+    )
+    return root.join(f"{job_name(views)}-{digest}")
 
 
-def latest_snapshot(directory: Path) -> Path | None:
-    """The newest completed checkpoint or savepoint (its directory holds _metadata)."""
-    found = list(directory.glob("checkpoints/*/chk-*/_metadata"))
-    found += list(directory.glob("savepoints/*/_metadata"))
+def latest_snapshot(directory: Path | StorageUri, s3: S3Options | None = None) -> str | None:
+    """The URI of the newest completed checkpoint or savepoint (its directory holds _metadata),
+    listed through core/uris, so a shared object store works as a local directory does."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(directory, s3, "flink_checkpoint_dir")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StreamJobError(f"cannot list snapshots under {parse(directory)}: {exc}") from None
+    found = []
+    for info in infos:
+        rel = info.path[len(root) :].strip("/").split("/")
+        if info.base_name != "_metadata" or info.type != pafs.FileType.File:
+            continue
+        if (len(rel) == 4 and rel[0] == "checkpoints" and rel[2].startswith("chk-")) or (
+            len(rel) == 3 and rel[0] == "savepoints"
+        ):
+            found.append(info)
     if not found:
         return None
-    return max(found, key=lambda p: p.stat().st_mtime).parent
+    newest = max(found, key=lambda i: (i.mtime_ns or 0, i.path))
+    return str(parse(directory).join(newest.path[len(root) :].strip("/").rsplit("/", 1)[0]))
 
 
 def flink_configuration(
-    base: Path,
+    base: Path | StorageUri,
     name: str,
     options: JobOptions,
     *,
     bounded: bool,
-    restore_from: Path | None,
+    restore_from: Path | str | None,
 ) -> dict[str, str]:
     """Flink settings of the job; ``base`` holds its checkpoints and savepoints."""
+    where = parse(base, "flink_checkpoint_dir")
     conf = {
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
@@ -125,8 +155,8 @@ def flink_configuration(
         "execution.buffer-timeout.interval": f"{options.buffer_timeout_ms} ms",
         "state.backend.type": "hashmap",
         "execution.checkpointing.interval": f"{int(options.checkpoint_interval_s * 1000)} ms",
-        "execution.checkpointing.dir": (base / "checkpoints").resolve().as_uri(),
-        "execution.checkpointing.savepoint-dir": (base / "savepoints").resolve().as_uri(),
+        "execution.checkpointing.dir": where.join("checkpoints").for_flink(),
+        "execution.checkpointing.savepoint-dir": where.join("savepoints").for_flink(),
         # A cancelled or stopped live job leaves its last checkpoint for the next start; a
         # bounded run is finished when it ends and leaves none behind.
         "execution.checkpointing.externalized-checkpoint-retention": (
@@ -137,12 +167,23 @@ def flink_configuration(
         "restart-strategy.fixed-delay.delay": "5 s",
     }
     if restore_from is not None:
-        conf["execution.state-recovery.path"] = restore_from.resolve().as_uri()
+        conf["execution.state-recovery.path"] = parse(restore_from).for_flink()
     if options.jobmanager:
         host, _, port = options.jobmanager.rpartition(":")
         if not host or not port.isdigit():
             raise StreamJobError(f"jobmanager {options.jobmanager!r} is not host:port")
-        conf |= {"execution.target": "remote", "rest.address": host, "rest.port": port}
+        conf |= {
+            "execution.target": "remote",
+            "rest.address": host,
+            "rest.port": port,
+            # The Python operators' runtime (pyflink/opt), shipped as `flink run -py` does.
+            "pipeline.jars": _flink_python_jar().as_uri(),
+        }
+        # A cluster's Python workers run the job's code from what the job ships, not from
+        # whatever version of Sluice their machine has installed.
+        code_dir = options.code_dir or Path(tempfile.gettempdir()) / "sluice-flink-code"
+        archive = code_archive(code_dir, options.ship_packages)
+        conf["python.files"] = str(archive)
     return conf
 
 
@@ -153,7 +194,7 @@ def build_job(
     options: JobOptions,
     *,
     stop_offsets: dict[str, dict[int, int]] | None,
-    restore_from: Path | None,
+    restore_from: Path | str | None,
 ) -> Any:
     """A StreamExecutionEnvironment holding the job, ready for execute_async."""
     from pyflink.common import Configuration, Types
@@ -166,6 +207,12 @@ def build_job(
     conf = Configuration()
     bounded = stop_offsets is not None
     base = job_dir(settings, views, options.engine)
+    if options.jobmanager and options.code_dir is None:
+        options = dataclasses.replace(
+            options,
+            code_dir=settings.state_dir / "flink",
+            ship_packages=(settings.definitions_module,),
+        )
     for key, value in flink_configuration(
         base, name, options, bounded=bounded, restore_from=restore_from
     ).items():
@@ -175,7 +222,15 @@ def build_job(
         from streaming.udf import udf_jar
 
         conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
-    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    if options.jobmanager:
+        # get_execution_environment always builds a local one; this one honours
+        # execution.target=remote and submits to the session cluster.
+        from pyflink.java_gateway import get_gateway
+
+        jvm_env = get_gateway().jvm.org.apache.flink.streaming.api.environment
+        env = StreamExecutionEnvironment(jvm_env.StreamExecutionEnvironment(conf._j_configuration))
+    else:
+        env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     if tiles:
         from streaming.udf import FUNCTIONS
@@ -241,3 +296,13 @@ def _tile_pipeline(t_env: Any, compiled: CompiledView, table: str, ctx: JobConte
 
 def _entity_of(event: tuple[str, int, Any]) -> str:
     return event[0]
+
+
+def _flink_python_jar() -> Path:
+    spec = importlib.util.find_spec("pyflink")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamJobError("apache-flink is not installed")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("opt/flink-python-*.jar"))
+    if not found:
+        raise StreamJobError("pyflink/opt/flink-python-*.jar is missing: reinstall apache-flink")
+    return found[-1]

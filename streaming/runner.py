@@ -14,6 +14,7 @@ from types import FrameType
 
 from core.kafka import ensure_topics
 from core.settings import Settings
+from core.uris import S3Options
 from features.definitions import FeatureView
 from streaming.compile import CompiledView, compile_view, features_topic
 from streaming.errors import StreamJobError
@@ -65,7 +66,9 @@ def run(
     bounded = stop_offsets is not None
     name = job_name(compiled)
     restore_from = (
-        latest_snapshot(job_dir(settings, compiled, options.engine))
+        latest_snapshot(
+            job_dir(settings, compiled, options.engine), S3Options.from_settings(settings)
+        )
         if restore and not bounded
         else None
     )
@@ -87,7 +90,15 @@ def run(
         )
         client = env.execute_async(name)
         status, savepoint = _wait(
-            client, board, compiled, bounded, report_every_s, echo, interrupted, should_stop
+            client,
+            board,
+            compiled,
+            bounded,
+            report_every_s,
+            echo,
+            interrupted,
+            should_stop,
+            savepoint_dir=job_dir(settings, compiled).join("savepoints").for_flink(),
         )
         # Operators send their final counts as they close; wait for them a little.
         deadline = time.monotonic() + FINAL_STATS_TIMEOUT_S
@@ -160,6 +171,7 @@ def _wait(
     echo: Callable[[str], None],
     interrupted: threading.Event,
     should_stop: Callable[[], bool],
+    savepoint_dir: str | None = None,
 ) -> tuple[str, str | None]:
     """Follow the job until it ends or is stopped; (final status, savepoint path or None)."""
     result = client.get_job_execution_result()  # type: ignore[attr-defined]
@@ -171,7 +183,7 @@ def _wait(
         board.poll(POLL_S)
         if interrupted.is_set() or should_stop():
             echo("stopping: " + ("cancelling the bounded run" if bounded else "taking a savepoint"))
-            return _stop(client, result, bounded)
+            return _stop(client, result, bounded, savepoint_dir)
         if time.monotonic() - last_report >= report_every_s:
             elapsed = time.monotonic() - last_report
             last_report = time.monotonic()
@@ -188,17 +200,19 @@ def _wait(
     return "FINISHED", None
 
 
-def _stop(client: object, result: object, bounded: bool) -> tuple[str, str | None]:
+def _stop(
+    client: object, result: object, bounded: bool, savepoint_dir: str | None = None
+) -> tuple[str, str | None]:
     savepoint = None
     if bounded:
         client.cancel()  # type: ignore[attr-defined]
     else:
-        savepoint = _await(_stop_with_savepoint(client), "stop with a savepoint")
+        savepoint = _await(_stop_with_savepoint(client, savepoint_dir), "stop with a savepoint")
     _await(result, "the job to end", ignore_errors=True)
     return ("CANCELED" if bounded else "STOPPED"), savepoint
 
 
-def _stop_with_savepoint(client: object) -> object:
+def _stop_with_savepoint(client: object, directory: str | None = None) -> object:
     """JobClient.stopWithSavepoint; PyFlink 2.0's wrapper still calls the removed 2-argument
     Java method, so the 3-argument one (with the savepoint format) is called directly. The
     directory is the job's execution.checkpointing.savepoint-dir."""
@@ -207,7 +221,9 @@ def _stop_with_savepoint(client: object) -> object:
 
     formats = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType
     j_client = client._j_job_client  # type: ignore[attr-defined]
-    return CompletableFuture(j_client.stopWithSavepoint(False, None, formats.CANONICAL), str)
+    # The directory is given explicitly: a session cluster does not read the job's
+    # savepoint-dir setting when asked to stop it.
+    return CompletableFuture(j_client.stopWithSavepoint(False, directory, formats.CANONICAL), str)
 
 
 def _await(future: object, what: str, *, ignore_errors: bool = False) -> str | None:
