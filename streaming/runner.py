@@ -98,7 +98,9 @@ def run(
             echo,
             interrupted,
             should_stop,
-            savepoint_dir=job_dir(settings, compiled).join("savepoints").for_flink(),
+            savepoint_dir=job_dir(settings, compiled, options.engine)
+            .join("savepoints")
+            .for_flink(),
         )
         # Operators send their final counts as they close; wait for them a little.
         deadline = time.monotonic() + FINAL_STATS_TIMEOUT_S
