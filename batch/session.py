@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from core.settings import LOOPBACK_HOSTS, Settings
+from core.settings import Settings
+from core.settings_values import LOOPBACK_HOSTS
 from core.shipping import code_archive
 from core.uris import S3Options, spark_conf
 

@@ -10,8 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.records import PrepareCounts
 from core.settings import Settings
+from core.stream_stats import PrepareCounts
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.sources import COURIER_PINGS, ORDERS
 from streaming.compile import compile_view, source_table_sql

@@ -14,7 +14,8 @@ from rich.text import Text
 
 from core.errors import BrokerUnreachableError, ExitCode, SluiceError, UsageError
 from core.logs import scrub
-from core.settings import LOOPBACK_HOSTS, Settings
+from core.settings import Settings
+from core.settings_values import LOOPBACK_HOSTS
 
 console = Console()
 # Errors and warnings: stderr, never wrapped (one message is one line), never read as markup.

@@ -39,7 +39,8 @@ from cli.common import loaded_settings, print_error, print_warning, set_settings
 from cli.features import features_app
 from core.errors import ExitCode, SluiceError
 from core.logs import configure_logging, scrub
-from core.settings import default_state_dir, load_settings, unknown_variables
+from core.settings import load_settings, unknown_variables
+from core.settings_values import default_state_dir
 
 __all__ = ["app", "main", "run", "settings"]
 

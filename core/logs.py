@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from core.settings import LIBRDKAFKA_LOGGER, MASK, is_secret_key
+from core.settings_values import LIBRDKAFKA_LOGGER, MASK, is_secret_key
 
 # Attributes every LogRecord has; anything else came from `extra=` and belongs in the line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

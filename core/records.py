@@ -6,6 +6,7 @@ PredictionRecord  settings.prediction_topic   serving/app.py                demo
 FeedbackRecord    settings.feedback_topic     serving/app.py                demo, tests
 DeadLetter        settings.dead_letter_topic  events/ingest.py, sinks.py    replay tools, tests
 StreamStats       sluice.stream-stats         streaming/sinks.py            streaming/monitor.py
+                  (defined in core/stream_stats.py)
 heartbeat         events.<source>             events/ingest.py              the stream (skips it)
 
 Writers build a record and call ``encode()`` (orjson bytes); readers call ``decode(bytes)``,
@@ -34,14 +35,14 @@ partition is quiet. They are not events: every reader of an events topic recogni
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import orjson
 
 from core.errors import RecordError
+from core.record_fields import Fields, check_version, json_type
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -62,16 +63,6 @@ HEARTBEAT_HEADERS: Headers = [(H_KIND, KIND_HEARTBEAT.encode())]
 HEARTBEAT_VALUE = b""
 
 
-_JSON_TYPES = (
-    (type(None), "null"),
-    (bool, "boolean"),  # before int: a bool is an int in Python
-    (int, "integer"),
-    (float, "number"),
-    (str, "string"),
-    (list, "array"),
-)
-
-
 def is_heartbeat(
     headers: Iterable[tuple[str, str | bytes | None]] | Mapping[str, Any] | None,
 ) -> bool:
@@ -86,127 +77,6 @@ def is_heartbeat(
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
             return text == KIND_HEARTBEAT
     return False
-
-
-def _json_type(value: Any) -> str:
-    return next((name for t, name in _JSON_TYPES if isinstance(value, t)), "object")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float)
-
-
-class _Fields:
-    """Checked access to one record's decoded JSON object: each problem names its field."""
-
-    __slots__ = ("kind", "obj", "version")
-
-    def __init__(self, kind: str, data: bytes | None, supported: int) -> None:
-        self.kind = kind
-        if data is None:
-            self.fail(None, "the record has no value")
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            self.fail(None, f"not JSON ({exc})")
-        if not isinstance(obj, dict):
-            self.fail(None, f"expected a JSON object, got {_json_type(obj)}")
-        self.obj: dict[str, Any] = obj
-        self.version = _check_version(kind, "v", obj.get("v", 1), supported)
-
-    def fail(self, name: str | None, reason: str) -> NoReturn:
-        raise RecordError(self.kind, name, reason)
-
-    def _get(self, name: str) -> Any:
-        if name not in self.obj:
-            self.fail(name, "missing")
-        return self.obj[name]
-
-    def _wrong(self, name: str, expected: str, value: Any) -> NoReturn:
-        self.fail(name, f"expected {expected}, got {_json_type(value)}")
-
-    def text(self, name: str) -> str:
-        value = self._get(name)
-        if not isinstance(value, str):
-            self._wrong(name, "a string", value)
-        return value
-
-    def integer(self, name: str) -> int:
-        value = self._get(name)
-        if not _is_int(value):
-            self._wrong(name, "an integer", value)
-        return int(value)
-
-    def opt_integer(self, name: str) -> int | None:
-        return None if self.obj.get(name) is None else self.integer(name)
-
-    def number(self, name: str) -> float:
-        value = self._get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self._wrong(name, "a number", value)
-        return float(value)
-
-    def opt_number(self, name: str) -> float | None:
-        return None if self.obj.get(name) is None else self.number(name)
-
-    def opt_text(self, name: str) -> str | None:
-        return None if self.obj.get(name) is None else self.text(name)
-
-    def boolean(self, name: str) -> bool:
-        value = self._get(name)
-        if not isinstance(value, bool):
-            self._wrong(name, "true or false", value)
-        return value
-
-    def _object(self, name: str) -> dict[str, Any]:
-        value = self._get(name)
-        if not isinstance(value, dict):
-            self._wrong(name, "an object", value)
-        return value
-
-    def scalars(self, name: str) -> dict[str, Any]:
-        """An object of JSON scalars (string, number, boolean or null): feature values."""
-        value = self._object(name)
-        for key, item in value.items():
-            if not _is_scalar(item):
-                self.fail(f"{name}.{key}", f"expected a scalar, got {_json_type(item)}")
-        return value
-
-    def opt_integers(self, name: str) -> dict[str, int | None]:
-        value = self._object(name)
-        for key, item in value.items():
-            if item is not None and not _is_int(item):
-                self.fail(f"{name}.{key}", f"expected an integer or null, got {_json_type(item)}")
-        return value
-
-    def int_map(self, name: str) -> dict[int, int]:
-        """An object of integer keys (written as strings) to integers: offsets per partition."""
-        out: dict[int, int] = {}
-        for key, item in self._object(name).items():
-            if not key.lstrip("-").isdigit() or not _is_int(item):
-                self.fail(f"{name}.{key}", "expected an integer key and an integer value")
-            out[int(key)] = item
-        return out
-
-    def strings(self, name: str) -> list[str]:
-        value = self._get(name)
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            self._wrong(name, "an array of strings", value)
-        return value
-
-
-def _check_version(kind: str, name: str, version: Any, supported: int) -> int:
-    if not _is_int(version) or version < 1:
-        raise RecordError(kind, name, f"expected a version number >= 1, got {version!r}")
-    if version > supported:
-        raise RecordError(
-            kind, name, f"version {version} is newer than this Sluice reads ({supported})"
-        )
-    return int(version)
 
 
 # --- features.<view> ------------------------------------------------------------------------
@@ -254,7 +124,7 @@ class FeatureRow:
 
     @classmethod
     def decode(cls, data: bytes | None) -> FeatureRow:
-        f = _Fields(cls.KIND, data, cls.VERSION)
+        f = Fields(cls.KIND, data, cls.VERSION)
         return cls(
             view=f.text("view"),
             entity_key=f.text("entity_key"),
@@ -340,40 +210,40 @@ class PredictionRecord:
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
     @staticmethod
-    def _row_status(f: _Fields) -> dict[str, str] | None:
+    def _row_status(f: Fields) -> dict[str, str] | None:
         value = f.obj.get("row_status")
         if value is None:
             return None
         if not isinstance(value, dict):
-            f.fail("row_status", f"expected an object, got {_json_type(value)}")
+            f.fail("row_status", f"expected an object, got {json_type(value)}")
         for view, status in value.items():
             if not isinstance(status, str):
-                f.fail(f"row_status.{view}", f"expected a string, got {_json_type(status)}")
+                f.fail(f"row_status.{view}", f"expected a string, got {json_type(status)}")
         return value
 
     @staticmethod
-    def _ensemble(f: _Fields) -> dict[str, Any] | None:
+    def _ensemble(f: Fields) -> dict[str, Any] | None:
         value = f.obj.get("ensemble")
         if value is None:
             return None
         if not isinstance(value, dict):
-            f.fail("ensemble", f"expected an object, got {_json_type(value)}")
+            f.fail("ensemble", f"expected an object, got {json_type(value)}")
         predictions = value.get("predictions")
         if not isinstance(predictions, dict):
-            f.fail("ensemble.predictions", f"expected an object, got {_json_type(predictions)}")
+            f.fail("ensemble.predictions", f"expected an object, got {json_type(predictions)}")
         for version, number in predictions.items():
             if not version.isdigit():
                 f.fail("ensemble.predictions", f"{version[:20]!r} is not a version number")
             if not isinstance(number, int | float) or isinstance(number, bool):
                 f.fail(
                     f"ensemble.predictions.{version}",
-                    f"expected a number, got {_json_type(number)}",
+                    f"expected a number, got {json_type(number)}",
                 )
         return value
 
     @classmethod
     def decode(cls, data: bytes | None) -> PredictionRecord:
-        f = _Fields(cls.KIND, data, cls.VERSION)
+        f = Fields(cls.KIND, data, cls.VERSION)
         return cls(
             prediction_id=f.text("prediction_id"),
             time_ms=f.integer("time_ms"),
@@ -438,7 +308,7 @@ class FeedbackRecord:
 
     @classmethod
     def decode(cls, data: bytes | None) -> FeedbackRecord:
-        f = _Fields(cls.KIND, data, cls.VERSION)
+        f = Fields(cls.KIND, data, cls.VERSION)
         return cls(
             prediction_id=f.text("prediction_id"),
             label=f.number("label"),
@@ -522,119 +392,5 @@ class DeadLetter:
             partition=integer(H_PARTITION),
             offset=integer(H_OFFSET),
             view=text.get(H_VIEW) or None,
-            v=_check_version(cls.KIND, H_VERSION, version, cls.VERSION),
-        )
-
-
-# --- the stream's progress (sluice.stream-stats) --------------------------------------------
-
-
-@dataclass(slots=True)
-class PrepareCounts:
-    """Cumulative counters of one prepare instance (parse, filter, late check)."""
-
-    events: int = 0
-    late: int = 0
-    filtered: int = 0
-    rejected: int = 0  # dead-lettered for another reason than late (bypassed ingest)
-    heartbeats: int = 0  # heartbeat records read and dropped: not events, not in `events`
-    first_at_ms: int = 0
-    last_at_ms: int = 0
-    watermark: int | None = None
-    # partition -> next offset to read
-    offsets: dict[int, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class WindowCounts:
-    """Cumulative counters of one window instance."""
-
-    aggregated: int = 0  # events added to a key's tiles
-    duplicates: int = 0  # events whose id the key's tile already held: counted once
-
-
-@dataclass(slots=True)
-class PublishCounts:
-    """Cumulative counters of the rows one window instance wrote."""
-
-    rows: int = 0
-    online_written: int = 0
-    online_skipped_older: int = 0
-    max_end_ms: int | None = None
-    watermark: int | None = None
-
-
-StageCounts = PrepareCounts | WindowCounts | PublishCounts
-# The "op" of a stats record names which counters it carries.
-_COUNTS: dict[str, type[PrepareCounts] | type[WindowCounts] | type[PublishCounts]] = {
-    "prepare": PrepareCounts,
-    "windows": WindowCounts,
-    "publish": PublishCounts,
-}
-_OPS = {cls: op for op, cls in _COUNTS.items()}
-_COUNTER_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _OPS}
-# How each counter is read back, by its annotation.
-_COUNT_READERS: dict[str, Callable[[_Fields, str], Any]] = {
-    "int": _Fields.integer,
-    "int | None": _Fields.opt_integer,
-    "dict[int, int]": _Fields.int_map,
-}
-# Counters added after version 1 was written: records without them read as 0.
-_ADDED_COUNTERS = frozenset({"heartbeats", "duplicates"})
-
-
-@dataclass(slots=True)
-class StreamStats:
-    """Counters of one operator instance of one run; the newest record per instance wins.
-
-    JSON: the head (run, view, op, subtask) and the counters side by side, then final and at_ms.
-    """
-
-    KIND: ClassVar[str] = "stream stats"
-    VERSION: ClassVar[int] = 1
-
-    run: str
-    view: str
-    subtask: int
-    counts: StageCounts
-    final: bool  # the instance closed: these counts are its last
-    at_ms: int  # wall clock of the report
-    v: int = VERSION
-
-    @property
-    def op(self) -> str:
-        return _OPS[type(self.counts)]
-
-    @property
-    def instance(self) -> tuple[str, str, int]:
-        return self.view, self.op, self.subtask
-
-    def encode(self) -> bytes:
-        c = self.counts
-        record = {"v": self.VERSION, "run": self.run, "view": self.view, "op": self.op}
-        record["subtask"] = self.subtask
-        record |= {name: getattr(c, name) for name in _COUNTER_NAMES[type(c)]}
-        record |= {"final": self.final, "at_ms": self.at_ms}
-        return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS)
-
-    @classmethod
-    def decode(cls, data: bytes | None) -> StreamStats:
-        f = _Fields(cls.KIND, data, cls.VERSION)
-        op = f.text("op")
-        counts_type = _COUNTS.get(op)
-        if counts_type is None:
-            f.fail("op", f"{op!r} is not one of {', '.join(_COUNTS)}")
-        counters = {
-            c.name: _COUNT_READERS[str(c.type)](f, c.name)
-            for c in dataclasses.fields(counts_type)
-            if c.name not in _ADDED_COUNTERS or c.name in f.obj
-        }
-        return cls(
-            run=f.text("run"),
-            view=f.text("view"),
-            subtask=f.integer("subtask"),
-            counts=counts_type(**counters),
-            final=f.boolean("final"),
-            at_ms=f.integer("at_ms"),
-            v=f.version,
+            v=check_version(cls.KIND, H_VERSION, version, cls.VERSION),
         )

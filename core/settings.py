@@ -26,10 +26,8 @@ serving/auth.py reads their values, and no error message echoes them.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -43,102 +41,25 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from core.errors import SettingsError
+from core.settings_values import (
+    DATA_DIR,
+    LIBRDKAFKA_LOGGER,
+    MASK,
+    TOKEN_TEXT,
+    TOPIC_NAME,
+    default_state_dir,
+    mask_kafka_config,
+    mask_url,
+    parse_list,
+    parse_mapping,
+)
 
 ENV_PREFIX = "SLUICE_"
 # SLUICE_* variables that are not settings but are read by Sluice or feature_store.yaml.
 OTHER_VARIABLES = frozenset({"SLUICE_CONFIG", "SLUICE_FEAST_REDIS_CONNECTION"})
+
+
 # librdkafka logs go to this logger (not to stderr); core/logs.py decides what shows.
-LIBRDKAFKA_LOGGER = "sluice.librdkafka"
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-# kafka_config keys whose values are secrets (librdkafka: sasl.password, ssl.key.password,
-# ssl.keystore.password, ssl.key.pem, sasl.oauthbearer.client.secret, ...; Java: *.jaas.config).
-_SECRET_KEY = re.compile(r"password|secret|token|jaas|credential|\.pem$|oauthbearer\.config", re.I)
-# Where "key=value,key2=value2" splits: at a comma followed by the next "key=".
-_NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z0-9_.-]+\s*=)")
-MASK = "***"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-# An API token: printable ASCII without spaces or commas (commas separate tokens), long enough
-# not to be guessed.
-_TOKEN = re.compile(r"^[!-+\--~]{16,512}$")
-# Data paths default under the checkout, so `sluice` and `feast` (run in feature_repo/) agree.
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "sluice"
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***: safe to print and log."""
-    parsed = urlparse(url)
-    if not parsed.password:
-        return url
-    user = parsed.username or ""
-    host = parsed.netloc.rpartition("@")[2]
-    return parsed._replace(netloc=f"{user}:{MASK}@{host}").geturl()
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(key))
-
-
-def mask_kafka_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """kafka_config with secret values (passwords, keys, tokens) replaced by ***."""
-    return {k: MASK if is_secret_key(k) else v for k, v in config.items()}
-
-
-def _parse_list(value: Any) -> Any:
-    """One name, names separated by commas, or a JSON list; anything else is left to pydantic."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a JSON list ({exc.msg} at character {exc.pos})") from None
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _scalar_text(value: Any) -> Any:
-    """A JSON/YAML scalar as librdkafka's text (True -> "true"); other values unchanged."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-def _parse_mapping(value: Any) -> Any:
-    """``key=value,key2=value2`` or a JSON object. Never echoes the text: it may hold secrets."""
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return {}
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"not a JSON object ({exc.msg} at character {exc.pos}); write a JSON object "
-                    "or key=value,key2=value2"
-                ) from None
-        else:
-            pairs: dict[str, str] = {}
-            for n, item in enumerate(_NEXT_PAIR.split(text), 1):
-                key, sep, val = item.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError(
-                        f"item {n} is not key=value; write key=value,key2=value2 or a JSON object"
-                    )
-                pairs[key.strip()] = val.strip()
-            return pairs
-    if isinstance(value, dict):
-        return {k: _scalar_text(v) for k, v in value.items()}
-    return value
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
@@ -363,16 +284,16 @@ class Settings(BaseSettings):
     @field_validator("serve_models", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        return _parse_list(value)
+        return parse_list(value)
 
     @field_validator("admin_tokens", "predict_tokens", "feedback_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
-        tokens = _parse_list(value)
+        tokens = parse_list(value)
         if isinstance(tokens, list):
             for n, token in enumerate(tokens, 1):
                 text = token.get_secret_value() if isinstance(token, SecretStr) else token
-                if not isinstance(text, str) or not _TOKEN.match(text):
+                if not isinstance(text, str) or not TOKEN_TEXT.match(text):
                     # Never the value: it is (or was meant to be) a secret.
                     raise ValueError(
                         f"token {n} is not 16 to 512 printable characters without spaces or "
@@ -383,7 +304,7 @@ class Settings(BaseSettings):
     @field_validator("kafka_config", mode="before")
     @classmethod
     def _split_mapping(cls, value: Any) -> Any:
-        return _parse_mapping(value)
+        return parse_mapping(value)
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -397,7 +318,7 @@ class Settings(BaseSettings):
     @field_validator("prediction_topic", "feedback_topic", "dead_letter_topic", "monitoring_topic")
     @classmethod
     def _check_topic(cls, value: str) -> str:
-        if not _TOPIC.match(value):
+        if not TOPIC_NAME.match(value):
             raise ValueError(f"{value!r} is not a Kafka topic name (letters, digits, . _ -)")
         return value
 

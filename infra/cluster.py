@@ -36,7 +36,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from core.errors import StackError
-from core.settings import LOOPBACK_HOSTS, Settings
+from core.settings import Settings
+from core.settings_values import LOOPBACK_HOSTS
 from core.uris import flink_conf
 from infra import object_store
 from infra.stack import (

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StackError
-from core.settings import LOOPBACK_HOSTS, Settings
+from core.settings import Settings
+from core.settings_values import LOOPBACK_HOSTS
 
 log = logging.getLogger("sluice.stack")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.kafka import CountingProducer
-from core.records import PrepareCounts, WindowCounts
+from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import SOURCE_COLUMNS, CompiledView
 from streaming.prepare import EventPreparer, Filtered

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from core.records import PrepareCounts, PublishCounts, StreamStats, WindowCounts, is_heartbeat
+from core.records import is_heartbeat
 from core.settings import Settings
+from core.stream_stats import PrepareCounts, PublishCounts, StreamStats, WindowCounts
 from streaming.errors import StreamJobError
 from streaming.sinks import STATS_TOPIC
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.kafka import CountingProducer
-from core.records import FeatureRow, PublishCounts, StageCounts, StreamStats
+from core.records import FeatureRow
 from core.settings import Settings
+from core.stream_stats import PublishCounts, StageCounts, StreamStats
 from events.ingest import dead_letter
 from features.definitions import FeatureView
 from features.validation import Rejection

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from core.kafka import CountingProducer
-from core.records import PrepareCounts, WindowCounts
+from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
 from streaming.functions import on_bundle_end

@@ -23,11 +23,8 @@ from core.records import (
     FeatureRow,
     FeedbackRecord,
     PredictionRecord,
-    PrepareCounts,
-    PublishCounts,
-    StreamStats,
-    WindowCounts,
 )
+from core.stream_stats import PrepareCounts, PublishCounts, StreamStats, WindowCounts
 from events.ingest import IngestRouter
 from examples.delivery.sources import COURIER_PINGS, SOURCES
 

@@ -14,15 +14,8 @@ from typer.testing import CliRunner
 
 from core.errors import SettingsError
 from core.logs import JsonFormatter, configure_logging, scrub
-from core.settings import (
-    LIBRDKAFKA_LOGGER,
-    Settings,
-    expected,
-    load_settings,
-    mask_kafka_config,
-    mask_url,
-    unknown_variables,
-)
+from core.settings import Settings, expected, load_settings, unknown_variables
+from core.settings_values import LIBRDKAFKA_LOGGER, mask_kafka_config, mask_url
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,124 @@
+"""The stream's progress records (topic sluice.stream-stats): each operator instance's cumulative
+counters, written by streaming/sinks.py and read by streaming/monitor.py and `sluice stream`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from core.record_fields import Fields
+
+
+@dataclass(slots=True)
+class PrepareCounts:
+    """Cumulative counters of one prepare instance (parse, filter, late check)."""
+
+    events: int = 0
+    late: int = 0
+    filtered: int = 0
+    rejected: int = 0  # dead-lettered for another reason than late (bypassed ingest)
+    heartbeats: int = 0  # heartbeat records read and dropped: not events, not in `events`
+    first_at_ms: int = 0
+    last_at_ms: int = 0
+    watermark: int | None = None
+    # partition -> next offset to read
+    offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WindowCounts:
+    """Cumulative counters of one window instance."""
+
+    aggregated: int = 0  # events added to a key's tiles
+    duplicates: int = 0  # events whose id the key's tile already held: counted once
+
+
+@dataclass(slots=True)
+class PublishCounts:
+    """Cumulative counters of the rows one window instance wrote."""
+
+    rows: int = 0
+    online_written: int = 0
+    online_skipped_older: int = 0
+    max_end_ms: int | None = None
+    watermark: int | None = None
+
+
+StageCounts = PrepareCounts | WindowCounts | PublishCounts
+# The "op" of a stats record names which counters it carries.
+_COUNTS: dict[str, type[PrepareCounts] | type[WindowCounts] | type[PublishCounts]] = {
+    "prepare": PrepareCounts,
+    "windows": WindowCounts,
+    "publish": PublishCounts,
+}
+_OPS = {cls: op for op, cls in _COUNTS.items()}
+_COUNTER_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _OPS}
+# How each counter is read back, by its annotation.
+_COUNT_READERS: dict[str, Callable[[Fields, str], Any]] = {
+    "int": Fields.integer,
+    "int | None": Fields.opt_integer,
+    "dict[int, int]": Fields.int_map,
+}
+# Counters added after version 1 was written: records without them read as 0.
+_ADDED_COUNTERS = frozenset({"heartbeats", "duplicates"})
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """Counters of one operator instance of one run; the newest record per instance wins.
+
+    JSON: the head (run, view, op, subtask) and the counters side by side, then final and at_ms.
+    """
+
+    KIND: ClassVar[str] = "stream stats"
+    VERSION: ClassVar[int] = 1
+
+    run: str
+    view: str
+    subtask: int
+    counts: StageCounts
+    final: bool  # the instance closed: these counts are its last
+    at_ms: int  # wall clock of the report
+    v: int = VERSION
+
+    @property
+    def op(self) -> str:
+        return _OPS[type(self.counts)]
+
+    @property
+    def instance(self) -> tuple[str, str, int]:
+        return self.view, self.op, self.subtask
+
+    def encode(self) -> bytes:
+        c = self.counts
+        record = {"v": self.VERSION, "run": self.run, "view": self.view, "op": self.op}
+        record["subtask"] = self.subtask
+        record |= {name: getattr(c, name) for name in _COUNTER_NAMES[type(c)]}
+        record |= {"final": self.final, "at_ms": self.at_ms}
+        return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS)
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> StreamStats:
+        f = Fields(cls.KIND, data, cls.VERSION)
+        op = f.text("op")
+        counts_type = _COUNTS.get(op)
+        if counts_type is None:
+            f.fail("op", f"{op!r} is not one of {', '.join(_COUNTS)}")
+        counters = {
+            c.name: _COUNT_READERS[str(c.type)](f, c.name)
+            for c in dataclasses.fields(counts_type)
+            if c.name not in _ADDED_COUNTERS or c.name in f.obj
+        }
+        return cls(
+            run=f.text("run"),
+            view=f.text("view"),
+            subtask=f.integer("subtask"),
+            counts=counts_type(**counters),
+            final=f.boolean("final"),
+            at_ms=f.integer("at_ms"),
+            v=f.version,
+        )
