@@ -318,7 +318,8 @@ def test_stream_sigkill_restores_the_latest_checkpoint(stack_settings: Settings,
             kill_tree(second.pid)
             second.wait(10)
     text = log.read_text()
-    restoring = re.findall(r"restoring (\S+?)\)", text)
+    # Snapshots are named by URI (file:///..., s3://...; core/uris.py).
+    restoring = [r.removeprefix("file://") for r in re.findall(r"restoring (\S+?)\)", text)]
     assert restoring == [str(retained[-1])], "the second run restores the newest checkpoint"
     # The second run's counts (operator counters restart with it): its last progress line.
     name = re.escape(view.name)

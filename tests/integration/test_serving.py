@@ -211,7 +211,12 @@ def test_predictions_equal_lightgbm_predict_on_the_same_rows(client, settings, m
 def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
     run = uuid.uuid4().hex[:8]  # topics of this test alone, so counts are exact
     settings = settings.model_copy(
-        update={"prediction_topic": f"test.p.{run}", "feedback_topic": f"test.f.{run}"}
+        update={
+            "prediction_topic": f"test.p.{run}",
+            "feedback_topic": f"test.f.{run}",
+            # Its own write-ahead log: the module's client holds the shared one.
+            "prediction_log_dir": settings.state_dir / f"prediction-log-{run}",
+        }
     )
     app = create_app(settings)
     ids: list[str] = []
