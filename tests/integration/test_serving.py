@@ -227,8 +227,10 @@ def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
         for prediction_id in ids[:5]:
             fed = client.post("/feedback", json={"prediction_id": prediction_id, "label": 700.0})
             assert fed.json()["matched"] is True
-        counts = app.state.predictor.log.counts
-    # Leaving the client closed the app, which drains and flushes the log.
+        prediction_log = app.state.predictor.log
+    # Leaving the client closed the app, which drains and flushes the log (counts: a snapshot
+    # when read, so read after the close).
+    counts = prediction_log.counts
     assert (counts.delivered, counts.failed, counts.dropped, counts.pending) == (55, 0, 0, 0)
     logged = [
         PredictionRecord.decode(m.value())
