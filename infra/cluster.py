@@ -5,6 +5,9 @@ the local stack's ``stack.json`` so that ``down`` stops exactly these pids:
 
 - object-store: S3-compatible (infra/object_store.py) at s3_endpoint or
   127.0.0.1:cluster_object_store_port, with the bucket ``sluice``;
+- object-store-mount: s3fs mounting that bucket at ``<s3_mount_dir>/sluice`` (default
+  ``<state_dir>/cluster/s3/sluice``), through which Flink and Spark reach s3:// locations
+  (core/uris.JvmAccess): checkpoints, savepoints, the history and the offline store;
 - flink-jobmanager, flink-taskmanager: the apache-flink package's own scripts
   (``pyflink/bin/jobmanager.sh start-foreground``, ``taskmanager.sh start-foreground``) with a
   generated configuration dir; REST and web UI at flink_jobmanager or
@@ -62,6 +65,7 @@ log = logging.getLogger("sluice.cluster")
 STATE_FILE = "cluster.json"
 COMPONENTS = (
     "object-store",
+    object_store.MOUNT_COMPONENT,
     "flink-jobmanager",
     "flink-taskmanager",
     "spark-master",
@@ -137,6 +141,7 @@ def connection_settings(settings: Settings) -> dict[str, str]:
         "SLUICE_S3_ENDPOINT": s3.endpoint,
         "SLUICE_S3_ACCESS_KEY": s3.access_key,
         "SLUICE_S3_SECRET_KEY": s3.secret_key,
+        "SLUICE_S3_MOUNT_DIR": str(object_store.mount_root(settings)),
     }
 
 
@@ -214,6 +219,15 @@ def plan(settings: Settings, rpc_port: int | None = None) -> list[Component]:
             Path(sys.executable).name,
             {},
             f"http://{s3_host}:{s3_port}",
+        ),
+        Component(
+            object_store.MOUNT_COMPONENT,
+            s3_host,
+            s3_port,
+            object_store.mount_command(settings),
+            "s3fs",
+            {},
+            str(object_store.mount_point(settings)),
         ),
         Component(
             "flink-jobmanager",
@@ -302,6 +316,9 @@ def _probe(component: str, settings: Settings, timeout_s: float) -> tuple[str | 
     if component == "object-store":
         host, port = object_store.endpoint(settings)
         return object_store.probe(host, port, timeout_s), ""
+    if component == object_store.MOUNT_COMPONENT:
+        point = object_store.mount_point(settings)
+        return object_store.probe_mount(settings), f"s3://{point.name} mounted (s3fs)"
     if component.startswith("flink"):
         host, port = flink_rest(settings)
         if not _port_answers(host, port, min(timeout_s, 1.0)):
@@ -422,6 +439,8 @@ def cluster_up(settings: Settings) -> list[ClusterStatus]:
                 c.host, c.port
             ):
                 raise StackError(f"something else already listens on {c.address} ({c.name})")
+            if c.name == object_store.MOUNT_COMPONENT:
+                object_store.prepare_mount(settings)
             _start(c, settings, records)
             if c.name == "object-store":
                 object_store.create_bucket(settings)
@@ -461,6 +480,9 @@ def cluster_down(settings: Settings) -> list[str]:
             record = records.get(name)
             if record is None:
                 continue
+            if name == object_store.MOUNT_COMPONENT:
+                # Only the mount this stack made, also when its s3fs died and left it stale.
+                object_store.unmount(object_store.mount_point(settings))
             if _is_ours(record):
                 _stop_tree(name, record)
                 stopped.append(name)
@@ -471,8 +493,8 @@ def cluster_down(settings: Settings) -> list[str]:
 
 def _stop_tree(name: str, record: ProcessRecord) -> None:
     """Stop the process; then whatever it left in its session (a TaskManager's Python workers)."""
-    if name == "flink-taskmanager" or name == "spark-worker":
-        # Both share a port with their master: only wait for the pid, not for the port.
+    if name in ("flink-taskmanager", "spark-worker", object_store.MOUNT_COMPONENT):
+        # Each shares a port with its master or store: only wait for the pid, not the port.
         _stop_pid(name, record)
     else:
         _stop(name, record)
