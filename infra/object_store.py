@@ -89,12 +89,6 @@ def mount_command(settings: Settings, bucket: str = DEFAULT_BUCKET) -> list[str]
     A one-second stat cache and no cache of missing objects: what one process has just written
     (Python through S3, Flink through the mount) is what the next one sees. The key pair goes
     in a 0600 file beside the cluster's logs, never on the command line."""
-    s3fs = shutil.which("s3fs")
-    if s3fs is None:
-        raise StackError(
-            "s3fs is not installed: apt-get install -y s3fs (the Flink and Spark workers reach "
-            "the object store through its mount of the bucket; see docs/deployment.md)"
-        )
     s3 = options(settings)
     tuning = [
         f"passwd_file={passwd_file(settings)}",
@@ -105,6 +99,7 @@ def mount_command(settings: Settings, bucket: str = DEFAULT_BUCKET) -> list[str]
         "complement_stat",
         "dbglevel=warn",
     ]
+    s3fs = shutil.which("s3fs") or "s3fs"  # prepare_mount says how to install it
     return [s3fs, bucket, str(mount_point(settings, bucket)), "-f", "-o", ",".join(tuning)]
 
 
@@ -114,6 +109,11 @@ def passwd_file(settings: Settings) -> Path:
 
 def prepare_mount(settings: Settings, bucket: str = DEFAULT_BUCKET) -> None:
     """Write s3fs's key file (0600) and create the mount point; refuse a mount already there."""
+    if shutil.which("s3fs") is None:
+        raise StackError(
+            "s3fs is not installed: apt-get install -y s3fs (the Flink and Spark workers reach "
+            "the object store through its mount of the bucket; see docs/deployment.md)"
+        )
     point = mount_point(settings, bucket)
     if is_mounted(point):
         raise StackError(
