@@ -70,7 +70,7 @@ def test_jvm_access_native_or_through_the_mount():
 
 def test_flink_job_configuration_reaches_s3_through_the_mount():
     conf = flink_configuration(
-        "s3://sluice/flink/job-abc",
+        parse("s3://sluice/flink/job-abc"),
         "job",
         JobOptions(),
         bounded=False,
