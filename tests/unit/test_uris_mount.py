@@ -85,7 +85,7 @@ def test_flink_job_configuration_reaches_s3_through_the_mount():
         "file:///mnt/s3/sluice/flink/job-abc/checkpoints/x/chk-4"
     )
     native = flink_configuration(
-        "s3://sluice/f", "job", JobOptions(), bounded=True, restore_from=None
+        parse("s3://sluice/f"), "job", JobOptions(), bounded=True, restore_from=None
     )
     assert native["execution.checkpointing.dir"] == "s3://sluice/f/checkpoints"
 
