@@ -229,7 +229,12 @@ def build_job(
     if tiles:
         from streaming.udf import udf_jar
 
-        conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+        # Beside the Python runtime jar a session cluster needs (flink_configuration).
+        jars = [
+            conf.get_string("pipeline.jars", ""),
+            udf_jar(settings.state_dir).resolve().as_uri(),
+        ]
+        conf.set_string("pipeline.jars", ";".join(j for j in jars if j))
     if options.jobmanager:
         # get_execution_environment always builds a local one; this one honours
         # execution.target=remote and submits to the session cluster.
