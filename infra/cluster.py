@@ -480,10 +480,12 @@ def cluster_down(settings: Settings) -> list[str]:
             record = records.get(name)
             if record is None:
                 continue
+            ours = _is_ours(record)
             if name == object_store.MOUNT_COMPONENT:
-                # Only the mount this stack made, also when its s3fs died and left it stale.
+                # Only the mount this stack made, also when its s3fs died and left it stale;
+                # unmounted, s3fs exits by itself.
                 object_store.unmount(object_store.mount_point(settings))
-            if _is_ours(record):
+            if ours:
                 _stop_tree(name, record)
                 stopped.append(name)
             del records[name]
