@@ -248,7 +248,9 @@ def run_cluster(sizes: list[int], seed: int, repeat: int) -> None:
     for n in sizes:
         if any(written[mode, n] != written["local", n] for mode in modes):
             raise SystemExit(f"row counts differ at {n:,} events: {written}")
-    print(f"\nbackfill, local mode against cluster mode (best of {repeat}; shared machine?)")
+    print(
+        f"\nbackfill, local against cluster mode, best of {repeat} (others may share the machine)"
+    )
     print(f"{'events':>10} {'local s':>8} {'files s':>8} {'x local':>8} {'s3 s':>8} {'x local':>8}")
     for n in sizes:
         base, files, s3 = (seconds[mode, n] for mode in modes)
