@@ -380,7 +380,8 @@ def main() -> None:
         ratio = f"{rate / base:10.2f}" if base else f"{'-':>10}"
         print(f"{engine:10} {rate:10,.0f} {seconds:10.1f} {ratio}")
     if "tiles" in rates and "tiles-cluster" in rates:
-        print(f"tiles-cluster / tiles: {rates['tiles-cluster'][0] / rates['tiles'][0]:.2f}x")
+        (on, on_s), (local, local_s) = rates["tiles-cluster"], rates["tiles"]
+        print(f"tiles-cluster / tiles: events/s {on / local:.2f}x, full run {on_s / local_s:.2f}x")
     for engine, n in rows.items():
         print(
             f"  {engine}: {n:,} rows to Redis and features.*, peak RSS of the Flink JVM and "
