@@ -71,7 +71,7 @@ COMPONENTS = (
     "spark-master",
     "spark-worker",
 )
-_PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 2.0
 # JVMs on a busy 2-core machine: a JobManager takes 5-15 s, a TaskManager registers after.
 _JVM_STARTUP_S = 90.0
 
@@ -291,12 +291,12 @@ def plan(settings: Settings, rpc_port: int | None = None) -> list[Component]:
     ]
 
 
-def _get_json(url: str, timeout_s: float) -> Any:
+def get_json(url: str, timeout_s: float) -> Any:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return json.loads(response.read())
 
 
-def probe(component: str, settings: Settings, timeout_s: float = _PROBE_TIMEOUT_S) -> str | None:
+def probe(component: str, settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the component answers its protocol, else why not; with a detail on success
     available from ``detail``."""
     try:
@@ -307,7 +307,7 @@ def probe(component: str, settings: Settings, timeout_s: float = _PROBE_TIMEOUT_
 
 def detail(component: str, settings: Settings) -> str:
     try:
-        return _probe(component, settings, _PROBE_TIMEOUT_S)[1]
+        return _probe(component, settings, PROBE_TIMEOUT_S)[1]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return ""
 
@@ -323,7 +323,7 @@ def _probe(component: str, settings: Settings, timeout_s: float) -> tuple[str | 
         host, port = flink_rest(settings)
         if not _port_answers(host, port, min(timeout_s, 1.0)):
             return f"nothing listens on {host}:{port}", ""
-        overview = _get_json(f"http://{host}:{port}/overview", timeout_s)
+        overview = get_json(f"http://{host}:{port}/overview", timeout_s)
         if component == "flink-jobmanager":
             return None, f"{overview['jobs-running']} jobs running"
         if overview["taskmanagers"] < 1:
@@ -333,7 +333,7 @@ def _probe(component: str, settings: Settings, timeout_s: float) -> tuple[str | 
     ui = settings.cluster_spark_ui_port
     if not _port_answers(host, ui, min(timeout_s, 1.0)):
         return f"the master's web UI {host}:{ui} does not answer", ""
-    master = _get_json(f"http://{host}:{ui}/json/", timeout_s)
+    master = get_json(f"http://{host}:{ui}/json/", timeout_s)
     if component == "spark-master":
         return (None if master["status"] == "ALIVE" else f"status {master['status']}"), (
             f"{master['url']}"
@@ -527,46 +527,3 @@ def kill_taskmanager(settings: Settings) -> int:
 
 def wait_until(check: Callable[[], bool], timeout_s: float) -> bool:
     return _wait_until(check, timeout_s)
-
-
-def _flink_url(settings: Settings, path: str) -> str:
-    host, port = flink_rest(settings)
-    return f"http://{host}:{port}{path}"
-
-
-def flink_jobs(settings: Settings) -> list[dict[str, Any]]:
-    """The session cluster's jobs, newest first: id, name, state, start-time, duration."""
-    try:
-        overview = _get_json(_flink_url(settings, "/jobs/overview"), _PROBE_TIMEOUT_S)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        host, port = flink_rest(settings)
-        raise StackError(f"the Flink JobManager at {host}:{port} did not answer: {exc}") from None
-    jobs = [
-        {k: job[k] for k in ("jid", "name", "state", "start-time", "duration")}
-        for job in overview["jobs"]
-    ]
-    return sorted(jobs, key=lambda j: -int(j["start-time"]))
-
-
-def flink_checkpoints(settings: Settings, job_id: str) -> dict[str, Any]:
-    """The job's checkpoint statistics: counts, latest completed and restored checkpoint."""
-    data: dict[str, Any] = _get_json(
-        _flink_url(settings, f"/jobs/{job_id}/checkpoints"), _PROBE_TIMEOUT_S
-    )
-    return data
-
-
-def cancel_flink_job(settings: Settings, job_id: str) -> None:
-    """Cancel a job on the session cluster (its retained checkpoints stay for a restart)."""
-    request = urllib.request.Request(
-        _flink_url(settings, f"/jobs/{job_id}?mode=cancel"), method="PATCH"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S * 5):
-            pass
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise StackError(f"no Flink job {job_id} on the session cluster") from None
-        raise StackError(f"cancelling Flink job {job_id}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise StackError(f"cancelling Flink job {job_id}: {exc}") from None

@@ -56,10 +56,9 @@ from infra.cluster import (
     cluster_status,
     cluster_up,
     connection_settings,
-    flink_checkpoints,
-    flink_jobs,
     kill_taskmanager,
 )
+from infra.flink_jobs import flink_checkpoints, flink_jobs
 from models.registry import ModelRegistry
 from streaming.compile import compile_view
 from streaming.job import JobOptions, job_dir, job_name
