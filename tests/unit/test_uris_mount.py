@@ -163,3 +163,30 @@ def test_s3fs_mount_shows_the_bucket_both_ways(s3_store: S3Options, tmp_path: Pa
         proc.wait(timeout=10)
     assert not object_store.is_mounted(point)
     object_store.unmount(point)  # not mounted: nothing to do
+
+
+def test_up_without_s3fs_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("infra.object_store.shutil.which", lambda name: None)
+    with pytest.raises(StackError, match=r"s3fs is not installed: apt-get install -y s3fs"):
+        object_store.prepare_mount(load_settings(state_dir=tmp_path))
+    assert not object_store.passwd_file(load_settings(state_dir=tmp_path)).exists()
+
+
+def test_down_forgets_a_dead_mount_record_and_unmounts_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A recorded s3fs whose pid is gone and whose point is not mounted: down drops the record
+    and runs no fusermount (it never touches a mount it did not record)."""
+    from infra.cluster import cluster_down
+    from infra.stack import ProcessRecord, load_records, save_records
+
+    settings = load_settings(state_dir=tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record = ProcessRecord(dead.pid, "127.0.0.1", 9000, ["s3fs"], time.time(), "log", "s3fs")
+    save_records(tmp_path, {object_store.MOUNT_COMPONENT: record}, "cluster.json")
+    calls: list[list[str]] = []
+    monkeypatch.setattr("infra.object_store.subprocess.run", lambda args, **_: calls.append(args))
+    assert cluster_down(settings) == []
+    assert load_records(tmp_path, "cluster.json") == {}
+    assert calls == []
