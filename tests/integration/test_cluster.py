@@ -15,12 +15,14 @@ through the mount (s3_mount_dir, core/uris.JvmAccess). Every test here runs agai
 - backfill, train and score run on the spark:// master: the backfill reads the history from
   s3:// and writes the offline store to s3://, whose rows equal the reference exactly as
   test_spark_parity's backfill check demands (its helpers, not a copy); the model registry
-  is in s3://; the cluster's scores equal local mode's.
+  is in s3://; the cluster's scores equal local mode's; `sluice serve` loads the model from
+  the bucket and answers a prediction with the rows the backfill materialized online.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -64,6 +66,7 @@ from streaming.compile import compile_view
 from streaming.job import JobOptions, job_dir, job_name
 from streaming.runner import run as run_stream
 from tests.helpers.cluster_stack import CourierStream, cluster_ports, row_is_online, with_storage
+from tests.helpers.serve_process import ServeProcess
 from tests.helpers.spark import canonical, isolated_settings
 from tests.helpers.stream import START, closing_end, hand_made, row_differences
 from tests.integration.test_spark_parity import (
@@ -330,6 +333,13 @@ def test_backfill_train_and_score_on_the_spark_master_with_storage_in_the_bucket
     assert ModelRegistry(settings.models_dir, s3).production("delivery_eta") == 1
     assert exists(f"s3://sluice/{tag}/models/delivery_eta/1/model.txt", s3)
 
+    # `sluice serve` loads the production model from the registry in the bucket and answers
+    # with the feature rows the backfill materialized online.
+    answer = _predict_once(settings, tag, tmp_path, rows.iloc[-1][columns[1:]].to_dict())
+    assert (answer["model"], answer["model_version"]) == ("delivery_eta", 1)
+    assert math.isfinite(answer["prediction"])
+    assert answer["window_ends_ms"]["restaurant_orders"] is not None, answer
+
     # The same rows scored in local mode, in this process (the session's local Spark).
     local = settings.model_copy(update={"spark_master": "local[2]"})
     score(local, rows_file, str(tmp_path / "in-local"), predictor="native", spark=spark)
@@ -338,6 +348,34 @@ def test_backfill_train_and_score_on_the_spark_master_with_storage_in_the_bucket
     assert len(on_cluster) == len(rows) == len(in_local)
     assert on_cluster["prediction"].notna().all()
     assert np.allclose(on_cluster["prediction"], in_local["prediction"], rtol=1e-12, atol=0)
+
+
+def _predict_once(
+    settings: Settings, tag: str, tmp_path: Path, row: dict[Any, Any]
+) -> dict[str, Any]:
+    """One /predict of ``row`` from a `sluice serve` subprocess pointed at the bucket."""
+    env = {
+        "SLUICE_MODELS_DIR": settings.models_dir,
+        "SLUICE_S3_ENDPOINT": settings.s3_endpoint,
+        "SLUICE_S3_ACCESS_KEY": settings.s3_access_key,
+        "SLUICE_S3_SECRET_KEY": settings.s3_secret_key,
+        "SLUICE_S3_MOUNT_DIR": settings.s3_mount_dir,
+        "SLUICE_OFFLINE_STORE_DIR": f"s3://sluice/{tag}/offline",
+        "SLUICE_FEAST_PROJECT": settings.feast_project,
+        "SLUICE_FEAST_REGISTRY": str(settings.feast_registry),
+        "SLUICE_DEFINITIONS_MODULE": settings.definitions_module,
+        "SLUICE_SERVE_MODELS": "delivery_eta",
+        "SLUICE_PREDICTION_TOPIC": f"{tag}.predictions",
+        "SLUICE_FEEDBACK_TOPIC": f"{tag}.feedback",
+    }
+    server = ServeProcess(settings, tmp_path / "prediction-log", tmp_path / "serve.log", env)
+    try:
+        server.wait_ready()
+        plain = {str(k): v.item() if hasattr(v, "item") else v for k, v in row.items()}
+        answer: dict[str, Any] = server.post("/predict", {"rows": [plain]})["predictions"][0]
+    finally:
+        server.stop()
+    return answer
 
 
 def _objects(where: str, s3: S3Options, suffix: str) -> list[str]:
