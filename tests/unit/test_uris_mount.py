@@ -121,6 +121,7 @@ def s3_store() -> Iterator[S3Options]:
         server.stop()
 
 
+@pytest.mark.integration  # a real FUSE mount (s3fs) of an S3 server
 @pytest.mark.skipif(shutil.which("s3fs") is None, reason="s3fs is not installed")
 def test_s3fs_mount_shows_the_bucket_both_ways(s3_store: S3Options, tmp_path: Path):
     """What `up --cluster` runs: written through the mount is an object in the bucket, and an
