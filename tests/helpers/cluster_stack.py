@@ -1,14 +1,18 @@
 """Shared by the stream restart tests (a savepoint, a killed TaskManager) and the cluster
 module: an isolated courier-pings view on its own topics, its producer, the rows the job
-emitted and the reference rows they must equal; and the settings of a `up --cluster` stack on
-free ports with every shared location in its object store."""
+emitted and the reference rows they must equal; the settings of a `up --cluster` stack on
+free ports with every shared location in its object store; and the delivery sources on topics
+of one test, for `sluice ingest` and `sluice archive` subprocesses."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from core.kafka import ensure_topics
@@ -17,6 +21,7 @@ from core.settings import Settings
 from events.history import SourceEvent
 from examples.delivery.features import zone_couriers
 from examples.delivery.simulate import DeliverySimulator
+from examples.delivery.sources import SOURCES
 from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
@@ -122,3 +127,25 @@ def with_storage(settings: Settings, **update: Any) -> Settings:
     """``settings`` with ``update`` validated as a config file's values are, so that
     ``history_dir: s3://...`` resolves under ``s3_mount_dir`` (model_copy would not)."""
     return Settings.model_validate(settings.model_dump() | update)
+
+
+def tagged_sources(directory: Path, tag: str) -> ModuleType:
+    """Write and import the definitions module ``sources_<tag>``: the delivery sources on raw
+    and events topics of their own (``<tag>.raw.<source>``, ``<tag>.events.<source>``), so
+    that `sluice ingest` and `sluice archive` subprocesses see only the test's records. Its
+    directory joins sys.path (tests/helpers/pipeline.sluice_env puts it on theirs)."""
+    name = f"sources_{tag}"
+    lines = [
+        f"{source.name} = examples.SOURCES[{i}].model_copy(\n"
+        f'    update={{"topic": "{tag}.events.{source.name}", '
+        f'"raw_topic": "{tag}.raw.{source.name}"}}\n'
+        ")"
+        for i, source in enumerate(SOURCES)
+    ]
+    (directory / f"{name}.py").write_text(
+        f'"""Written by tests/helpers/cluster_stack.py: the delivery sources of test {tag}."""\n'
+        "from examples.delivery import sources as examples\n\n" + "\n".join(lines) + "\n"
+    )
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    return importlib.import_module(name)

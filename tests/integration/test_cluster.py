@@ -12,11 +12,16 @@ through the mount (s3_mount_dir, core/uris.JvmAccess). Every test here runs agai
   the TaskManager is SIGKILLed once mid-run, a new one is started, and the job restores a
   checkpoint that was an object in the bucket when the TaskManager died (listed through S3,
   not the mount); the rows it emits equal the reference (test_flink_parity's check);
-- backfill, train and score run on the spark:// master: the backfill reads the history from
-  s3:// and writes the offline store to s3://, whose rows equal the reference exactly as
-  test_spark_parity's backfill check demands (its helpers, not a copy); the model registry
-  is in s3://; the cluster's scores equal local mode's; `sluice serve` loads the model from
-  the bucket and answers a prediction with the rows the backfill materialized online.
+- the live path writes the history: events produced out of time order to raw topics of the
+  test's own, `sluice ingest` and `sluice archive` (subprocesses) validate them and archive
+  them into history_dir = s3://..., through the mount; the archive's parts are listed through
+  S3 as objects in the bucket, every event once;
+- backfill, train and score run on the spark:// master: the backfill reads that archived
+  history from s3:// and writes the offline store to s3://, whose rows equal the reference
+  computed from the produced events exactly as test_spark_parity's backfill check demands
+  (its helpers, not a copy); the model registry is in s3://; the cluster's scores equal
+  local mode's; `sluice serve` loads the model from the bucket and answers a prediction with
+  the rows the backfill materialized online.
 """
 
 from __future__ import annotations
@@ -25,17 +30,20 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -45,9 +53,10 @@ import yaml
 from batch.offline_store import read_offline
 from batch.score import score
 from batch.train import build_labels
+from core.kafka import CountingProducer, ensure_topics
 from core.settings import Settings
 from core.uris import JvmAccess, S3Options, StorageUri, exists, filesystem, parse
-from events.history import write_history
+from events.history import SourceEvent, parse_part_name, read_history
 from examples.delivery.features import VIEWS, delivery_times
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import SOURCES
@@ -65,10 +74,18 @@ from models.registry import ModelRegistry
 from streaming.compile import compile_view
 from streaming.job import JobOptions, job_dir, job_name
 from streaming.runner import run as run_stream
-from tests.helpers.cluster_stack import CourierStream, cluster_ports, row_is_online, with_storage
+from tests.helpers.cluster_stack import (
+    CourierStream,
+    cluster_ports,
+    row_is_online,
+    tagged_sources,
+    with_storage,
+)
+from tests.helpers.pipeline import sluice_env
 from tests.helpers.serve_process import ServeProcess
 from tests.helpers.spark import canonical, isolated_settings
 from tests.helpers.stream import START, closing_end, hand_made, row_differences
+from tests.integration.test_live_consistency import background, stop
 from tests.integration.test_spark_parity import (
     DAY,
     DAY0,
@@ -281,13 +298,24 @@ def test_backfill_train_and_score_on_the_spark_master_with_storage_in_the_bucket
         models_dir=f"s3://sluice/{tag}/models",
     )
     s3 = S3Options.from_settings(settings)
-    # test_spark_parity's history, one day (plus the 6 hours its windows reach back): events
-    # out of time order, written into the bucket.
+    # test_spark_parity's events, one day (plus the 6 hours its windows reach back), out of
+    # time order, through the live path: raw topics, `sluice ingest`, `sluice archive` into
+    # the history at s3://, which the archive writes through the mount.
     sim = DeliverySimulator(seed=21, start_ms=DAY0_MS - 6 * HOUR, city=TINY_CITY)
     events = until(sim, DAY0_MS + DAY + 8 * HOUR)
     random.Random(5).shuffle(events)
-    write_history(events, settings.history_dir, SOURCES, batch_rows=500)
-    assert _objects(f"s3://sluice/{tag}/history", s3, ".parquet")
+    _ingest_and_archive(settings, tag, tmp_path, events)
+    # The archive's parts are objects in the bucket (listed through S3, not the mount), and
+    # they hold every event once.
+    for source in SOURCES:
+        parts = _objects(f"s3://sluice/{tag}/history/{source.name}", s3, ".parquet")
+        assert parts, source.name
+        names = [parse_part_name(p.rsplit("/", 1)[1]) for p in parts]
+        assert all(n is not None and n.topic == f"{tag}.events.{source.name}" for n in names)
+        fs, _ = filesystem("s3://sluice/", s3)
+        in_bucket = pads.dataset(parts, filesystem=fs, format="parquet").count_rows()
+        assert in_bucket == sum(e.source == source.name for e in events), source.name
+    assert _objects(f"s3://sluice/{tag}/history", s3, ".tmp") == [], "a temporary part was left"
     by_source = {
         s.name: [canonical(s, e.payload) for e in events if e.source == s.name] for s in SOURCES
     }
@@ -348,6 +376,55 @@ def test_backfill_train_and_score_on_the_spark_master_with_storage_in_the_bucket
     assert len(on_cluster) == len(rows) == len(in_local)
     assert on_cluster["prediction"].notna().all()
     assert np.allclose(on_cluster["prediction"], in_local["prediction"], rtol=1e-12, atol=0)
+
+
+def _ingest_and_archive(
+    settings: Settings, tag: str, tmp_path: Path, events: list[SourceEvent]
+) -> None:
+    """The live path into the history: ``events`` as raw JSON on raw topics of the test's own,
+    `sluice ingest` validating them onto its events topics and `sluice archive` beside it
+    writing them into ``settings.history_dir`` (an s3:// URI, files under the mount). Returns
+    once the history holds every event and both processes have exited cleanly."""
+    module = tagged_sources(tmp_path, tag)
+    sources = load_registry(module.__name__).sources
+    ensure_topics(settings, [s.raw_topic for s in sources.values()])
+    producer = CountingProducer(settings)
+    for event in events:
+        raw = orjson.dumps(event.payload)
+        producer.produce(sources[event.source].raw_topic, raw, event.key, event.event_time_ms)
+    assert producer.flush().delivered == len(events)
+    env = sluice_env(
+        settings,
+        module,
+        SLUICE_DEAD_LETTER_TOPIC=f"{tag}.dead-letter",
+        SLUICE_S3_MOUNT_DIR=settings.s3_mount_dir,
+        SLUICE_HISTORY_DIR=f"s3://sluice/{tag}/history",
+    )
+    logs = {name: tmp_path / f"{name}.log" for name in ("ingest", "archive")}
+    expected = Counter(e.source for e in events)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    began = time.monotonic()
+    try:
+        procs["archive"] = background(env, logs["archive"], "archive", "--flush-seconds", "1")
+        procs["ingest"] = background(
+            env, logs["ingest"], "ingest", "--idle-timeout", "3", "--group", f"{tag}-ingest"
+        )
+        assert procs["ingest"].wait(timeout=120) == 0, logs["ingest"].read_text()
+        n = len(events)
+        assert f"{n} in = {n} valid + 0 dead-lettered" in logs["ingest"].read_text()
+        deadline = time.monotonic() + 90
+        while (
+            Counter({s: read_history(settings.history_dir, sources[s]).num_rows for s in expected})
+            != expected
+        ):
+            assert procs["archive"].poll() is None, logs["archive"].read_text()
+            assert time.monotonic() < deadline, logs["archive"].read_text()
+            time.sleep(1)
+        assert stop(procs["archive"], signal.SIGTERM, 60) == 0, logs["archive"].read_text()
+    finally:
+        for proc in procs.values():
+            stop(proc, signal.SIGTERM, 30)
+    print(f"ingest + archive of {len(events)} events: {time.monotonic() - began:.1f} s")
 
 
 def _predict_once(
