@@ -21,7 +21,8 @@ Dead letters: reason ``late`` (the stream, streaming/sinks.py) is a mark (view, 
 partition, offset, event id) under ``_late/<source>/``, so that the batch engine can leave out
 for a view exactly the events the stream did not count. Other reasons are invalid input, not
 events: skipped and counted. An event value that is not canonical JSON of its source is
-skipped and counted too (ingest never writes one). Every run reports
+skipped and counted too (ingest never writes one), and so are ingest's heartbeats (reason
+``heartbeat``: no event, never parsed). Every run reports
 ``consumed = archived + late marks + skipped``.
 """
 
@@ -44,7 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from core.errors import RecordError
 from core.kafka import ensure_topics
-from core.records import DeadLetter
+from core.records import DeadLetter, is_heartbeat
 from core.settings import Settings
 from events.errors import ArchiveError, ArchiveLockedError, ArchiveOffsetError
 from events.history import (
@@ -180,6 +181,8 @@ class ArchiveWriter:
         pending.records += 1
         if topic == self.dead_letter_topic:
             self._dead_letter(pending, value or b"", headers)
+        elif is_heartbeat(headers):  # ingest's, not an event: counted apart, never parsed
+            pending.skipped["heartbeat"] += 1
         elif value is None:
             pending.skipped["no_value"] += 1
         else:

@@ -421,6 +421,10 @@ def _ingest_and_archive(
             assert time.monotonic() < deadline, logs["archive"].read_text()
             time.sleep(1)
         assert stop(procs["archive"], signal.SIGTERM, 60) == 0, logs["archive"].read_text()
+        # Every record it read was an event or ingest's heartbeat: none was skipped as invalid.
+        archived = logs["archive"].read_text()
+        assert f"{n} archived + 0 late marks" in archived, archived
+        assert "not_canonical" not in archived, archived
     finally:
         for proc in procs.values():
             stop(proc, signal.SIGTERM, 30)

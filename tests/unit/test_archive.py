@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.records import DeadLetter
+from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, DeadLetter
 from events.archive import ArchiveWriter, archive_lock
 from events.errors import ArchiveLayoutError, ArchiveLockedError
 from events.history import (
@@ -359,6 +359,18 @@ def test_values_that_are_not_canonical_are_skipped_and_counted(tmp_path: Path) -
     assert (w.counts.archived, w.counts.skipped) == (47, 4)
     assert w.counts.balanced()
     assert recover(tmp_path).next_offsets == {(ORDERS.topic, 0): 51}
+
+
+def test_ingest_heartbeats_are_skipped_as_heartbeats_not_parsed(tmp_path: Path) -> None:
+    orders = [v for t, v in canonical_events(2_000) if t == ORDERS.topic][:10]
+    w = writer(tmp_path)
+    for offset, value in enumerate(orders):
+        w.add(ORDERS.topic, 0, offset, value, None, 0, 0.0)
+        w.add(ORDERS.topic, 0, 100 + offset, HEARTBEAT_VALUE, HEARTBEAT_HEADERS, 0, 0.0)
+    w.flush_all()
+    assert w.counts.skipped_by_reason == {"heartbeat": 10}
+    assert (w.counts.archived, w.counts.consumed) == (10, 20)
+    assert w.counts.balanced()
 
 
 def test_flushes_are_due_after_flush_seconds(tmp_path: Path) -> None:
