@@ -200,29 +200,33 @@ class _Connection:
 
 async def _load(
     port: int, seconds: float, concurrency: int, bodies: list[bytes]
-) -> tuple[int, list[float]]:
-    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came."""
+) -> tuple[int, list[float], int]:
+    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came.
+    Returns the failed requests, the latencies of the answered ones and the refused ones (503:
+    shed by admission control; the client sends its next request at once)."""
     latencies: list[float] = []
-    errors = 0
+    errors = shed = 0
     deadline = time.perf_counter() + seconds
     cursor = 0
 
     async def worker() -> None:
-        nonlocal errors, cursor
+        nonlocal errors, shed, cursor
         connection = _Connection(*await asyncio.open_connection("127.0.0.1", port))
         while time.perf_counter() < deadline:
             body = bodies[cursor % len(bodies)]
             cursor += 1
             started = time.perf_counter()
             status = await connection.post(f"127.0.0.1:{port}", "/predict", body)
-            if status != 200:
-                errors += 1
-            else:
+            if status == 200:
                 latencies.append(time.perf_counter() - started)
+            elif status == 503:
+                shed += 1
+            else:
+                errors += 1
         connection.writer.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return errors, latencies
+    return errors, latencies, shed
 
 
 def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
@@ -255,7 +259,11 @@ def measure_server(
 ) -> dict[str, dict[str, float]]:
     """Start one server, then run each (name, clients, bodies) load against it in turn."""
     port = free_port()
-    env = os.environ | {"SLUICE_CONFIG": str(config)}
+    # Not PROMETHEUS_MULTIPROC_DIR: importing feast (prepare) sets it in this process, and it
+    # would put the servers' metrics in prometheus_client's multiprocess mode (a file per
+    # metric, written on every increment).
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["SLUICE_CONFIG"] = str(config)
     if kind == "sluice":  # serving.workers: the main module each worker imports again
         command = [sys.executable, "-m", "serving.workers", "--workers", str(workers)]
     else:
@@ -277,10 +285,11 @@ def measure_server(
         time.sleep(2.0 if workers > 1 else 0.0)  # the other workers finish starting
         for name, clients, bodies in loads:
             asyncio.run(_load(port, 2.0, clients, bodies[::-1]))  # warm-up, other rows first
-            errors, latencies = asyncio.run(_load(port, args.seconds, clients, bodies))
+            errors, latencies, shed = asyncio.run(_load(port, args.seconds, clients, bodies))
             if errors:
                 raise RuntimeError(f"{kind} {name}: {errors} requests failed")
             out[name] = _summary(latencies, args.seconds)
+            out[name]["shed"] = shed / (shed + len(latencies))
             if kind == "sluice":
                 out[name]["hit_rate"] = _hit_rate(url)  # cumulative: this and earlier loads
     finally:
