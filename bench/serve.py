@@ -12,9 +12,13 @@ restaurants and zones, trains a small LightGBM model on synthetic rows and regis
      distinct (its distance_km never repeats), so the prediction cache cannot help here; its
      hit rate is printed to show that. Reported: throughput, p50, p99, and sluice's p99 against
      the latency objective (settings.latency_objective_ms).
+     The same loads against sluice with admission control (serve_admission=objective):
+     requests it refuses (503) are counted as shed, latencies are the answered ones'.
   2. The prediction cache at a realistic repeat rate: requests drawn from --distinct rows by a
      Zipf law (exponent --zipf; popular restaurant/zone/order rows asked again, as an ETA
-     refreshed in an app), against sluice with the cache (cache_max_bytes) and without (0).
+     refreshed in an app), against sluice with the cache (cache_max_bytes) and without (0),
+     with the 100-tree model and with a heavier one (--heavy-trees), whose predict costs
+     more than the cache's lookup.
   3. Feature read of 100 entities (every view of the service): OnlineStore.read_many (one
      pipeline; each entity's newest row and the previous one the availability contract may
      need, decoded only where the newest is not servable yet, as the predictor reads) against
@@ -98,8 +102,14 @@ def prepare(settings: Settings, entities: int) -> None:
                     for i in range(entities)
                 ]
                 online.write(view, rows)
-    models = ModelRegistry(settings.models_dir)
-    trained = fit(synthetic_frame(SERVICE, 5000), SERVICE, label="delivery_seconds", rounds=100)
+    train_model(settings.models_dir, 100)
+
+
+def train_model(models_dir: str, rounds: int) -> None:
+    """A LightGBM model of ``rounds`` trees on synthetic rows, promoted in ``models_dir``."""
+    models = ModelRegistry(models_dir)
+    frame = synthetic_frame(SERVICE, 5000)
+    trained = fit(frame, SERVICE, label="delivery_seconds", rounds=rounds)
     stored = models.save(trained.model_text, trained.metadata)
     models.promote(SERVICE.name, stored.version)
 
@@ -332,10 +342,19 @@ def measure_reads(
 def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     prepare(settings, args.entities)
     values = settings.model_dump(mode="json")
-    config = tmp / "bench.yaml"
-    config.write_text(yaml.safe_dump(values))
-    no_cache = tmp / "bench-no-cache.yaml"
-    no_cache.write_text(yaml.safe_dump(values | {"cache_max_bytes": 0}))
+    heavy_models = str(tmp / "models-heavy")
+    train_model(heavy_models, args.heavy_trees)
+
+    def config_file(name: str, **overrides: Any) -> Path:
+        path = tmp / f"bench-{name}.yaml"
+        path.write_text(yaml.safe_dump(values | overrides))
+        return path
+
+    config = config_file("default")
+    admission = config_file("admission", serve_admission="objective")
+    no_cache = config_file("no-cache", cache_max_bytes=0)
+    heavy = config_file("heavy", models_dir=heavy_models)
+    heavy_no_cache = config_file("heavy-no-cache", models_dir=heavy_models, cache_max_bytes=0)
     # Distinct rows: enough that no row is asked twice in a run (the cache cannot help).
     unique = [orjson.dumps({"rows": [row(i, args.entities)]}) for i in range(args.unique_rows)]
     zipf = [
@@ -352,6 +371,9 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     sluice = measure_server("sluice", config, args, uniform, args.workers)
     sluice |= measure_server("sluice", config, args, cached, args.workers)
     sluice_off = measure_server("sluice", no_cache, args, cached, args.workers)
+    shedding = measure_server("sluice", admission, args, uniform, args.workers)
+    heavy_on = measure_server("sluice", heavy, args, cached, args.workers)["zipf"]
+    heavy_off = measure_server("sluice", heavy_no_cache, args, cached, args.workers)["zipf"]
     baseline = measure_server("baseline", config, args, uniform)
     reads = measure_reads(settings, args.entities)
     objective = settings.latency_objective_ms
@@ -381,19 +403,42 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
             f"{ours['p99'] / theirs['p99']:7.2f}  {ours['p99'] / objective:.2f}x: {verdict}"
         )
         print(f"{'':7} {'cache hit rate':18} {ours['hit_rate']:10.1%}  (since start)")
-    head, off = sluice["zipf"], sluice_off["zipf"]
     print(
-        f"\nprediction cache, {main_clients} clients, Zipf({args.zipf:g}) over {args.distinct:,} "
-        f"distinct rows ({zipf_repeats:.0%} of requests repeat an earlier row)"
+        "\nadmission control (serve_admission=objective): requests predicted to miss the "
+        "objective answered 503 at once; clients send their next request at once"
     )
-    print(f"{'measure':28} {'cache on':>10} {'cache off':>10} {'ratio':>7}")
     print(
-        f"{'throughput (req/s)':28} {head['throughput']:10,.0f} {off['throughput']:10,.0f} "
-        f"{head['throughput'] / off['throughput']:7.2f}"
+        f"{'clients':>7} {'answered/s':>10} {'vs base':>7} {'shed':>6} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'p99/base':>8}  p99 vs objective"
     )
-    for key in ("p50", "p99"):
-        print(f"{key + ' (ms)':28} {head[key]:10.2f} {off[key]:10.2f} {head[key] / off[key]:7.2f}")
-    print(f"{'hit rate':28} {head['hit_rate']:10.1%} {off['hit_rate']:10.1%}")
+    for clients in args.clients:
+        ours, theirs = shedding[f"uniform@{clients}"], baseline[f"uniform@{clients}"]
+        verdict = "met" if ours["p99"] <= objective else "MISSED"
+        print(
+            f"{clients:7d} {ours['throughput']:10,.0f} "
+            f"{ours['throughput'] / theirs['throughput']:7.2f} {ours['shed']:6.1%} "
+            f"{ours['p50']:7.2f} {ours['p99']:7.2f} {ours['p99'] / theirs['p99']:8.2f}  "
+            f"{ours['p99'] / objective:.2f}x: {verdict}"
+        )
+    for label, head, off in (
+        ("100 trees", sluice["zipf"], sluice_off["zipf"]),
+        (f"{args.heavy_trees} trees", heavy_on, heavy_off),
+    ):
+        print(
+            f"\nprediction cache, model of {label}, {main_clients} clients, Zipf({args.zipf:g}) "
+            f"over {args.distinct:,} distinct rows ({zipf_repeats:.0%} of requests repeat an "
+            "earlier row)"
+        )
+        print(f"{'measure':28} {'cache on':>10} {'cache off':>10} {'ratio':>7}")
+        print(
+            f"{'throughput (req/s)':28} {head['throughput']:10,.0f} {off['throughput']:10,.0f} "
+            f"{head['throughput'] / off['throughput']:7.2f}"
+        )
+        for key in ("p50", "p99"):
+            print(
+                f"{key + ' (ms)':28} {head[key]:10.2f} {off[key]:10.2f} {head[key] / off[key]:7.2f}"
+            )
+        print(f"{'hit rate':28} {head['hit_rate']:10.1%} {off['hit_rate']:10.1%}")
     ours_r, feast = reads["sluice"], reads["feast"]
     print("\nfeature read, 100 entities x 3 views (12 features), in process")
     print(f"{'measure':28} {'sluice':>10} {'feast':>10} {'ratio':>7}")
@@ -415,6 +460,9 @@ def main() -> None:
     parser.add_argument("--unique-rows", type=int, default=200_000)
     parser.add_argument("--distinct", type=int, default=10_000, help="Rows of the Zipf load.")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of that load.")
+    parser.add_argument(
+        "--heavy-trees", type=int, default=2000, help="Trees of the cache's heavier model."
+    )
     parser.add_argument("--running", action="store_true", help="Use the running stack.")
     parser.add_argument("--run-server", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -167,7 +167,13 @@ def _read_replies(connection: Any, count: int) -> list[Any]:
     while len(replies) < count:
         reply = gets()
         if reply is _NO_DATA:  # not all of it has arrived yet
-            fill()
+            try:
+                fill()
+            # As redis-py's read_response does: its parser raises the socket's own errors.
+            except TimeoutError as exc:  # socket.timeout (an OSError)
+                raise redis.TimeoutError(f"Timeout reading from socket: {exc}") from None
+            except OSError as exc:
+                raise redis.ConnectionError(f"Error reading from socket: {exc}") from None
             continue
         if isinstance(reply, Exception):  # an error reply (WRONGTYPE...), or hiredis' own
             raise reply if isinstance(reply, redis.RedisError) else redis.ResponseError(reply)

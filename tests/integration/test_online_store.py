@@ -350,6 +350,23 @@ def test_an_error_reply_in_a_batched_read_names_the_views(settings, online):
     assert online.read(zone_couriers, ["after"])[0] is not None  # the connection is usable
 
 
+def test_a_read_redis_does_not_answer_in_time_is_unavailable_and_the_next_one_works(settings):
+    import redis
+
+    from feature_repo.errors import OnlineStoreUnavailableError
+
+    with RedisOnlineStore(settings.redis_url, settings.feast_project, read_timeout_s=0.05) as slow:
+        slow.write(
+            zone_couriers, [OnlineRow("late", END, random_values(zone_couriers, random.Random(4)))]
+        )
+        client: Any = redis.Redis.from_url(settings.redis_url)
+        client.execute_command("CLIENT", "PAUSE", 300, "ALL")  # every client waits 300 ms
+        with pytest.raises(OnlineStoreUnavailableError, match="did not answer"):
+            slow.read_many([(zone_couriers, ["late"] * 50)])
+        client.execute_command("CLIENT", "UNPAUSE")
+        assert slow.read(zone_couriers, ["late"])[0] is not None
+
+
 def test_the_factory_opens_this_store_and_it_answers_a_ping(settings):
     with open_online_store(settings) as opened:
         assert isinstance(opened, RedisOnlineStore)
