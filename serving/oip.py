@@ -423,7 +423,8 @@ def _model_routes(
         return await handler(request, name, version)
 
     paths = (f"/models/{{name}}{suffix}", f"/models/{{name}}/versions/{{version}}{suffix}")
-    for path, endpoint, name, doc in zip(paths, (of_model, of_version), names, docs, strict=True):
+    endpoints: tuple[Callable[..., Awaitable[Response]], ...] = (of_model, of_version)
+    for path, endpoint, name, doc in zip(paths, endpoints, names, docs, strict=True):
         router.add_api_route(
             path,
             endpoint,
