@@ -118,10 +118,6 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=256, ge=1, le=100_000)
     batch_increase: int = Field(default=2, ge=1, le=1_000)
     batch_backoff: float = Field(default=0.9, gt=0, lt=1)
-    # Admission control (serving/admission.py): "objective" answers a request 503 (overloaded,
-    # Retry-After) at once when the replica predicts it would be answered after
-    # latency_objective_ms (event loop lag + the batches queued before it); "off" queues it.
-    serve_admission: Literal["off", "objective"] = "off"
     # Prediction cache (serving/cache.py): predictions by (model, version, feature vector), LRU
     # within this many bytes (0: no cache).
     cache_max_bytes: int = Field(default=64 * 2**20, ge=0)

@@ -78,13 +78,9 @@ def create_app(
         app.state.predictor = predictor
         predictor.rollouts = attach_rollouts(predictor, bus)
         predictor.rollouts.start()
-        if predictor.lag is not None:
-            predictor.lag.start()
         try:
             yield
         finally:
-            if predictor.lag is not None:
-                await predictor.lag.stop()
             await predictor.rollouts.stop()
             if predictor.shadows is not None:
                 await predictor.shadows.drain()

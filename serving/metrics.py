@@ -62,12 +62,6 @@ class ServingMetrics:
             ["model", "version", "outcome"],
             registry=r,
         )
-        self.shed = Counter(
-            "sluice_shed_requests",
-            "Requests refused at once (503 overloaded) by admission control, per model",
-            ["model"],
-            registry=r,
-        )
         self.queue_depth = Gauge(
             "sluice_queue_depth", "Requests waiting per model", ["model"], registry=r
         )

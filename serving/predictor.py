@@ -28,7 +28,6 @@ from features.definitions import FeatureService
 from features.labels import Labels
 from models.registry import ModelRegistry
 from serving import deadlines
-from serving.admission import Admission, LoopLag
 from serving.bandit import Bandit
 from serving.batcher import AdaptiveBatcher, AimdController, KeyedBatchers, QueueFullError
 from serving.breaker import STATE_VALUE, BreakerState, CircuitBreaker, GuardedReader
@@ -61,7 +60,6 @@ class Served:
     slot: ModelSlot
     rows: type[BaseModel]
     batchers: KeyedBatchers[int, PredictItem, Prediction]
-    admission: Admission | None = None  # serve_admission = "objective"
 
     def submit(self, item: PredictItem, arrived: float | None = None) -> Awaitable[Prediction]:
         """Queue a row in the batch of its model version (``arrived``: time.perf_counter)."""
@@ -92,7 +90,6 @@ class Predictor:
     rollouts: Rollouts | None = None
     shadows: ShadowRunner | None = None
     breaker: CircuitBreaker | None = None  # in front of reader (serving/breaker.py)
-    lag: LoopLag | None = None  # the event loop's lag, for admission control
 
     def get(self, name: str | None) -> Served:
         name = name or self.settings.serve_models[0]
@@ -124,15 +121,10 @@ class Predictor:
         slot = ModelSlot(production, self.bandit.policy(name))
         arms = {v: self.load(name, v) for v in self.arm_versions(name, version)}
         slot.swap(production, arms)
-        admission = None
-        if self.settings.serve_admission == "objective":
-            self.lag = self.lag or LoopLag()
-            admission = Admission(self.settings.latency_objective_ms, self.lag)
-        batchers = KeyedBatchers(self._batcher(slot, admission))
-        return Served(slot, row_model(production.plan, name), batchers, admission)
+        return Served(slot, row_model(production.plan, name), KeyedBatchers(self._batcher(slot)))
 
     def _batcher(
-        self, slot: ModelSlot, admission: Admission | None = None
+        self, slot: ModelSlot
     ) -> Callable[[int], AdaptiveBatcher[PredictItem, Prediction]]:
         """The batcher factory of one model name: one AIMD controller per version."""
         s, name = self.settings, slot.name
@@ -168,8 +160,6 @@ class Predictor:
                 m.batch_latency.labels(name).observe(process_ms / 1000)
                 m.batch_request_latency.labels(name, label).observe(latency_ms / 1000)
                 m.batch_size.labels(name, label).set(controller.size)
-                if admission is not None:
-                    admission.observe(process_ms)
 
             m.batch_size.labels(name, label).set(controller.size)
             return AdaptiveBatcher(
@@ -191,24 +181,6 @@ class Predictor:
                 self.metrics.batch_size.remove(name, str(version))
         if before.production != after.production:
             self.metrics.model_swaps.labels(name).inc()
-
-    def admit(self, served: Served, queued: int, rows: int) -> None:
-        """Admission control (serving/admission.py): OverloadedError (503, Retry-After) when
-        the request would be answered after the latency objective."""
-        assert served.admission is not None
-        production = served.slot.state.production.version
-        size = served.batchers.get(production).controller.size
-        predicted = served.admission.admit(queued, rows, size)
-        if predicted is None:
-            return
-        self.metrics.shed.labels(served.slot.name).inc()
-        error = OverloadedError(
-            f"model {served.slot.name!r}: this request would be answered in about "
-            f"{predicted:.0f} ms, after the latency objective of "
-            f"{served.admission.objective_ms:g} ms; retry later or elsewhere"
-        )
-        error.headers = {"Retry-After": "1"}
-        raise error
 
     def count_contract(self, predictions: Sequence[Prediction]) -> None:
         """sluice_contract_rows_total{view,status}: every row's verdict, answered or not."""
@@ -256,10 +228,7 @@ class Predictor:
             )
             for row, t in checked
         ]
-        queued = served.batchers.queued
-        self.metrics.queue_depth.labels(served.slot.name).set(queued)
-        if served.admission is not None:
-            self.admit(served, queued, len(items))
+        self.metrics.queue_depth.labels(served.slot.name).set(served.batchers.queued)
         budget = deadlines.budget_s(deadline_ms, timeout_header, self.settings)
         try:
             results = await deadlines.predict_within(

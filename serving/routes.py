@@ -29,7 +29,6 @@ from core.errors import SluiceError, http_status
 from core.records import FeedbackRecord
 from serving import deadlines
 from serving.auth import Scope, require
-from serving.errors import OverloadedError
 from serving.predictor import Predictor, Served
 from serving.schemas import (
     PREDICT_BODY,
@@ -84,7 +83,7 @@ def _predictor(request: Request) -> Predictor:
 def error_response(exc: SluiceError, path: str) -> JSONResponse:
     """A SluiceError as the HTTP answer: its status (core.errors.http_status), its body."""
     status = http_status(exc)
-    if status >= 500 and not isinstance(exc, OverloadedError):  # shed load: counted, not logged
+    if status >= 500:
         log.error("request failed", extra={"path": path, "error": str(exc)})
     headers = getattr(exc, "headers", None)
     return JSONResponse(jsonable_encoder(exc.body()), status_code=status, headers=headers)
@@ -162,16 +161,8 @@ def install(app: FastAPI) -> None:
                 "description": "the online store is down (feature_store_unavailable, with "
                 "serve_store_unavailable=reject; by default such rows are answered from the "
                 "views' empty values and listed under `degraded`), the queue is full "
-                "(overloaded), with serve_admission=objective the request would be answered "
-                "after the latency objective (overloaded, refused at once, with Retry-After), "
-                "or with serve_behind=reject some rows' features are behind the "
+                "(overloaded), or with serve_behind=reject some rows' features are behind the "
                 "availability contract (features_behind, naming the views)",
-                "headers": {
-                    "Retry-After": {
-                        "description": "seconds to wait before retrying (overloaded only)",
-                        "schema": {"type": "integer"},
-                    }
-                },
             },
             504: {
                 "model": ErrorBody,
