@@ -8,11 +8,16 @@ event engine's window code), fires the same event-time timers and writes rows, d
 and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
 (see streaming/functions.py for why that is at least once).
 
-Counters: every record of the source is one of: a heartbeat; an event of a tile row (copies =
-aggregated + duplicates, or filtered for the entity-less rows); an event of a side row
-(filtered, late or rejected, as the event engine's parser decides). So the run's counts balance
-as the event engine's do. The three records per subtask (prepare, windows, publish) come from
-this one function.
+Counters: events are counted when read, from the read rows (per partition and 100 ms of
+processing time, streaming/tiles.py), and processed when their tile closes: every event is
+then one of: an event of a tile row (copies = aggregated + duplicates, or filtered for the
+entity-less rows); an event of a side row (filtered, late or rejected, as the event engine's
+parser decides). Between the two it is ``open`` (WindowCounts): read, its tile still open in
+the SQL window state. A stop with a snapshot carries open tiles to the next run, which closes
+them (its ``open`` goes below zero by as many), so events read over runs add up to what the
+topic holds and each run balances as events == processed + open; a bounded run ends with
+every tile closed (open == 0). Heartbeats arrive as side rows. The three records per subtask
+(prepare, windows, publish) come from this one function.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from streaming.tiles import (
     HEARTBEAT,
     KEY,
     KIND,
+    KIND_READ,
     KIND_SIDE,
     LATE,
     OFF,
@@ -91,11 +97,17 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             read.first_at_ms = read.first_at_ms or read.last_at_ms
             watermark = context.timer_service().current_watermark()
             read.watermark = watermark
-            if row[KIND] == KIND_SIDE:
+            kind = row[KIND]
+            if kind == KIND_READ:
+                # Counted when read; processed (below, or in side) when its tile closes.
+                read.events += row[COPIES]
+                self.windows.open += row[COPIES]
+                return
+            if kind == KIND_SIDE:
                 self.side(row, watermark)
                 return
             copies, unique = row[COPIES], row[UNIQUE]
-            read.events += copies
+            self.windows.open -= copies
             if row[KEY] is None:
                 read.filtered += copies
                 return
@@ -113,7 +125,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             if row[HEARTBEAT]:
                 read.heartbeats += 1
                 return
-            read.events += 1
+            self.windows.open -= 1  # read (a read row counts it): processed here and now
             t = row[T]
             # Late by the SQL's check (end <= W + 1 there): at least that watermark. Not late:
             # none, and the parser names why SQL could not read the event.
