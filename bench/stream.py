@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--live-engine", default="tiles", choices=("tiles", "events"))
     parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument("--python-mode", default="process", choices=("process", "thread"))
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python
     # round trips per event, and rows that wait longer (the freshness run keeps the defaults).
     parser.add_argument("--bundle-ms", type=int, default=JobOptions.bundle_time_ms)
@@ -306,6 +307,7 @@ def main() -> None:
         parallelism=args.parallelism,
         bundle_time_ms=args.bundle_ms,
         watermark_interval_ms=args.watermark_ms,
+        python_mode=args.python_mode,
     )
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     rates: dict[str, tuple[float, float]] = {}
@@ -362,7 +364,7 @@ def main() -> None:
         f"\nthroughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
         f"(marginal over the first {args.small:.0%}), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
-        f"{args.watermark_ms} ms, {os.cpu_count()} cores"
+        f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores"
     )
     base = rates.get("baseline", (0.0, 0.0))[0]
     print(f"{'job':10} {'events/s':>10} {'full run s':>10} {'x baseline':>10}")

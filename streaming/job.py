@@ -72,6 +72,10 @@ class JobOptions:
     # tile (streaming/tiles.py). A view the tile engine cannot run exactly runs per event.
     # None: settings.stream_engine (streaming.runner.run resolves it).
     engine: str | None = None
+    # PyFlink's python.execution-mode: "process" (Beam workers, one process per Python
+    # operator) or "thread" (PEMJA: the interpreter embedded in the TaskManager's JVM; needs
+    # the venv's site-packages on the worker's PYTHONPATH, set by flink_configuration).
+    python_mode: str = "process"
     # Where a remote job's code archive (python.files) is built; None: a temporary folder.
     code_dir: Path | None = None
     # Packages shipped beside the checkout's own (the definitions module's, when elsewhere).
@@ -166,6 +170,13 @@ def flink_configuration(
         "restart-strategy.fixed-delay.attempts": str(options.restart_attempts),
         "restart-strategy.fixed-delay.delay": "5 s",
     }
+    if options.python_mode not in ("process", "thread"):
+        raise StreamJobError(f"python_mode {options.python_mode!r} is not process or thread")
+    conf["python.execution-mode"] = options.python_mode
+    if options.python_mode == "thread":
+        import sysconfig
+
+        conf["python.pythonpath"] = sysconfig.get_paths()["purelib"]
     if restore_from is not None:
         conf["execution.state-recovery.path"] = parse(restore_from).for_flink()
     if options.jobmanager:

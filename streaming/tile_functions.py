@@ -53,6 +53,7 @@ from streaming.windows import Added, Memo, WindowEngine, new_state, prune_memo
 # The entity of side rows and filtered counts (no entity's state lives under it: they carry
 # no tile).
 SIDE_KEY = ""
+END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 
 
 def entity_of(row: Any) -> str:
@@ -87,6 +88,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
+            self.ended = False  # the watermark reached its maximum: the input ended
 
         def process_element(self, row: Any, context: Any) -> None:
             read = self.read
@@ -155,6 +157,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             key = context.get_current_key()
             watermark = context.timer_service().current_watermark()
             self.publisher.counts.watermark = watermark
+            self.ended = watermark == END_OF_INPUT
             memo = self.memos.setdefault(key, {})
             for end, values in self.engine.fire(state, max(timestamp, watermark), memo):
                 self.publisher.add(key, end, values)
@@ -176,6 +179,14 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             return self.read.events
 
         def close(self) -> None:
+            if self.ended:
+                # The input ended (only its end brings the watermark to its maximum; a stop
+                # with a savepoint does not): every tile has closed, so the events read are
+                # the events processed. The read rows of the last interval may be missing:
+                # a processing-time window does not fire when a Kafka source's bounded input
+                # ends (measured), so the count is taken from the closed tiles.
+                self.read.events -= self.windows.open
+                self.windows.open = 0
             self.publisher.flush()
             self.stats.report(self.read, final=True)
             self.stats.report(self.windows, final=True)
