@@ -29,7 +29,7 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import on_bundle_end
+from streaming.functions import fire_due, flush_writers, on_bundle_end
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tiles import (
@@ -156,12 +156,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 return
             key = context.get_current_key()
             watermark = context.timer_service().current_watermark()
-            self.publisher.counts.watermark = watermark
             self.ended = watermark == END_OF_INPUT
             memo = self.memos.setdefault(key, {})
-            for end, values in self.engine.fire(state, max(timestamp, watermark), memo):
-                self.publisher.add(key, end, values)
-            following = self.engine.next_timer(state)
+            following = fire_due(
+                self.engine, self.publisher, state, key, timestamp, watermark, memo
+            )
             if following is None:
                 self.memos.pop(key, None)
                 self.state.clear()
@@ -171,11 +170,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 self.state.update(state)
 
         def flush(self) -> int:
-            self.publisher.flush()
-            self.stats.report(self.read)
-            self.stats.report(self.windows)
-            self.stats.report(self.publisher.counts)
-            self.producer.flush()
+            counts = (self.read, self.windows)
+            flush_writers(self.producer, self.publisher, self.stats, counts)
             return self.read.events
 
         def close(self) -> None:
@@ -187,11 +183,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 # ends (measured), so the count is taken from the closed tiles.
                 self.read.events -= self.windows.open
                 self.windows.open = 0
-            self.publisher.flush()
-            self.stats.report(self.read, final=True)
-            self.stats.report(self.windows, final=True)
-            self.stats.report(self.publisher.counts, final=True)
-            self.producer.flush()
-            self.publisher.close()
+            counts = (self.read, self.windows)
+            flush_writers(self.producer, self.publisher, self.stats, counts, final=True)
 
     return Tiles()
