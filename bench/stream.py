@@ -176,7 +176,10 @@ def freshness(
         producer.flush(10)
 
     def poll_redis() -> None:
-        with open_online_store(settings) as store:
+        # Patient reads: the predictor's read timeout (100 ms) is a request deadline, and on a
+        # loaded machine one read timing out would end the poller (and every sample with it).
+        patient = settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
+        with open_online_store(patient) as store:
             while not stop.is_set():
                 wall = now_ms()
                 for key, row in zip(keys, store.read(view, keys), strict=True):
