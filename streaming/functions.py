@@ -35,6 +35,17 @@ def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) 
     runtime_context.get_metrics_group().gauge(name, callback)
 
 
+def subtask_index(runtime_context: Any) -> int:
+    """This operator instance's index. PyFlink 2.0's thread mode (PEMJA) calls
+    RuntimeContext.getIndexOfThisSubtask, which Flink 2.0 removed (SystemError); its TaskInfo
+    still has it."""
+    try:
+        return int(runtime_context.get_index_of_this_subtask())
+    except SystemError:
+        java = runtime_context._runtime_context
+        return int(java.getTaskInfo().getIndexOfThisSubtask())
+
+
 def fire_due(
     engine: WindowEngine,
     publisher: RowPublisher,
@@ -88,7 +99,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.producer = CountingProducer(ctx.settings)
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.counts = PrepareCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_prepare_flush", self.flush)
@@ -144,7 +155,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.producer = CountingProducer(ctx.settings)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view)
             self.counts = WindowCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             # One reporter, two records: "windows" (these counts) and "publish" (the rows').
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)

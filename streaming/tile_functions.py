@@ -29,7 +29,7 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import fire_due, flush_writers, on_bundle_end
+from streaming.functions import fire_due, flush_writers, on_bundle_end, subtask_index
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tiles import (
@@ -84,7 +84,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.read = PrepareCounts()
             self.windows = WindowCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
