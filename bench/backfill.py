@@ -9,12 +9,19 @@ write the offline store the same way; their row counts must agree.
 
 Prints events/s per N, the ratio naive time / tile time, and how time per event grows between
 sizes (1.0 = linear). Run: ``python -m bench.backfill --events 1000000 4000000``.
+
+``--cluster``: instead of the naive baseline, the same backfill in local mode (``local[*]``,
+history and offline store on local disk) against cluster mode in one run: a `up --cluster`
+stack of its own, the backfill on its ``spark://`` master with the history and the offline
+store on local disk ("cluster, files") and in the object store at ``s3://`` URIs, reached
+through the bucket mount ("cluster, s3"). Row counts must agree across the three.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import tempfile
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -168,6 +175,88 @@ def run(sizes: list[int], seed: int, baseline: bool, repeat: int) -> None:
         print(line + " (1.0 = linear; below 1: fixed costs amortized)")
 
 
+def timed_best(
+    spark: Any, settings: Settings, start: date, end: date, repeat: int
+) -> tuple[float, dict[str, int]]:
+    """The best of ``repeat`` timed tile backfills over the range: (seconds, rows written)."""
+    runs = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        rows, _ = tiles_backfill(spark, settings, start, end)
+        runs.append((time.perf_counter() - began, rows))
+    return min(runs, key=lambda r: r[0])
+
+
+def run_cluster(sizes: list[int], seed: int, repeat: int) -> None:
+    """Local mode against cluster mode (files, then s3://) on the same histories."""
+    from batch.session import stop_session
+    from bench.cluster import own_cluster
+
+    modes = ("local", "cluster, files", "cluster, s3")
+    seconds: dict[tuple[str, int], float] = {}
+    written: dict[tuple[str, int], dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        histories = {n: write_events(Path(tmp) / f"history-{n}", n, seed) for n in sizes}
+
+        def measure(mode: str, spark: Any, settings_for: Any) -> None:
+            for i, n in enumerate(sizes):
+                start, end, _ = histories[n]
+                settings = settings_for(n)
+                if i == 0:  # the session's first jobs pay JIT and class loading: not timed
+                    tiles_backfill(spark, settings, start, start + timedelta(days=1))
+                seconds[mode, n], written[mode, n] = timed_best(spark, settings, start, end, repeat)
+                print(f"  {mode:>14}: {n:>10,} events {seconds[mode, n]:6.1f} s", flush=True)
+
+        local = load_settings(spark_master="local[*]")
+        measure(
+            "local",
+            spark_session(local),
+            lambda n: local.model_copy(
+                update={
+                    "history_dir": Path(tmp) / f"history-{n}",
+                    "offline_store_dir": Path(tmp) / f"local-{n}",
+                }
+            ),
+        )
+        stop_session()
+        with own_cluster(load_settings(), "bench-backfill") as cluster:
+            on_s3 = {
+                n: Settings.model_validate(
+                    cluster.model_dump()
+                    | {
+                        "history_dir": f"s3://sluice/bench-backfill/history-{n}",
+                        "offline_store_dir": f"s3://sluice/bench-backfill/offline-{n}",
+                    }
+                )
+                for n in sizes
+            }
+            for n in sizes:  # into the bucket, through the mount (not timed)
+                shutil.copytree(Path(tmp) / f"history-{n}", on_s3[n].history_dir)
+            spark = spark_session(cluster)
+            measure(
+                "cluster, files",
+                spark,
+                lambda n: cluster.model_copy(
+                    update={
+                        "history_dir": Path(tmp) / f"history-{n}",
+                        "offline_store_dir": Path(tmp) / f"cluster-{n}",
+                    }
+                ),
+            )
+            measure("cluster, s3", spark, lambda n: on_s3[n])
+            stop_session()
+    for n in sizes:
+        if any(written[mode, n] != written["local", n] for mode in modes):
+            raise SystemExit(f"row counts differ at {n:,} events: {written}")
+    print(
+        f"\nbackfill, local against cluster mode, best of {repeat} (others may share the machine)"
+    )
+    print(f"{'events':>10} {'local s':>8} {'files s':>8} {'x local':>8} {'s3 s':>8} {'x local':>8}")
+    for n in sizes:
+        base, files, s3 = (seconds[mode, n] for mode in modes)
+        print(f"{n:>10,} {base:8.1f} {files:8.1f} {files / base:8.2f} {s3:8.1f} {s3 / base:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,7 +265,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each; the best counts")
+    parser.add_argument(
+        "--cluster", action="store_true", help="local mode against a cluster of its own"
+    )
     args = parser.parse_args()
+    if args.cluster:
+        run_cluster(sorted(args.events), args.seed, max(1, args.repeat))
+        return
     run(sorted(args.events), args.seed, not args.no_baseline, max(1, args.repeat))
 
 

@@ -13,6 +13,8 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  each event: the cost of getting events into Python at all;
        ceiling   a Flink SQL job that reads and decodes the same columns into a blackhole
                  sink, no Python: the Java ceiling.
+       tiles-cluster  the tiles job submitted to a `up --cluster` session cluster of its
+                 own (bench/stream_jobs.on_cluster; off by default): cluster against local.
   2. freshness: events are produced live at --rate/s with event time = now into a view of
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
@@ -41,7 +43,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bench.stream_jobs import PeakRss, baseline, ceiling
+from bench.stream_jobs import PeakRss, baseline, ceiling, on_cluster
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
 from core.records import FeatureRow
 from core.settings import Settings, load_settings
@@ -294,7 +296,9 @@ def main() -> None:
     parser.add_argument("--small", type=float, default=0.1, help="share of the short runs")
     parser.add_argument("--hot-key", action="store_true", help="half the events on one key")
     parser.add_argument(
-        "--engines", default="tiles,baseline,ceiling", help="tiles,events,baseline,ceiling"
+        "--engines",
+        default="tiles,baseline,ceiling",
+        help="tiles,events,baseline,ceiling,tiles-cluster",
     )
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=60.0)
@@ -346,6 +350,12 @@ def main() -> None:
                     rates[engine] = marginal(
                         lambda o: baseline(settings, o, args.parallelism), stop, small
                     )
+                elif engine == "tiles-cluster":
+                    rates[engine] = on_cluster(
+                        settings,
+                        lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
+                        dataclasses.replace(options, engine="tiles"),
+                    )
                 elif engine == "ceiling":
                     rates[engine] = marginal(
                         lambda o: ceiling(settings, o, args.parallelism), stop, small
@@ -374,6 +384,9 @@ def main() -> None:
     for engine, (rate, seconds) in rates.items():
         ratio = f"{rate / base:10.2f}" if base else f"{'-':>10}"
         print(f"{engine:10} {rate:10,.0f} {seconds:10.1f} {ratio}")
+    if "tiles" in rates and "tiles-cluster" in rates:
+        (on, on_s), (local, local_s) = rates["tiles-cluster"], rates["tiles"]
+        print(f"tiles-cluster / tiles: events/s {on / local:.2f}x, full run {on_s / local_s:.2f}x")
     for engine, n in rows.items():
         print(
             f"  {engine}: {n:,} rows to Redis and features.*, peak RSS of the Flink JVM and "

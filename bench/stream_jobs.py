@@ -1,12 +1,15 @@
 """bench.stream's comparison jobs and measurements: the parse-only PyFlink baseline, the Flink
-SQL decode-only ceiling and the RSS of the local Flink cluster (see bench/stream.py)."""
+SQL decode-only ceiling, the RSS of the local Flink cluster, and the same job on a session
+cluster of its own (see bench/stream.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +193,18 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
     events = sum(v.events for v in report.values())
     assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
     return seconds
+
+
+def on_cluster(
+    settings: Settings,
+    measure: Callable[[Settings, JobOptions], tuple[float, float]],
+    options: JobOptions,
+) -> tuple[float, float]:
+    """``measure`` (bench.stream's marginal rate of a job) with the job submitted to a
+    `up --cluster` session cluster of its own (one TaskManager, checkpoints in its bucket
+    through the mount) instead of the local mini-cluster; the same broker and Redis."""
+    from bench.cluster import own_cluster
+
+    with own_cluster(settings, "bench-stream") as cluster:
+        assert cluster.flink_jobmanager
+        return measure(cluster, dataclasses.replace(options, jobmanager=cluster.flink_jobmanager))

@@ -123,7 +123,7 @@ def jobs(
     ] = None,
 ) -> None:
     """List the jobs of the Flink session cluster at flink_jobmanager, or cancel one."""
-    from infra.cluster import cancel_flink_job, flink_jobs
+    from infra.flink_jobs import cancel_flink_job, flink_jobs
 
     if not settings().flink_jobmanager:
         raise StackError(

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     # which bounds its memory; below librdkafka's 1,000,000-byte message limit, so that what
     # ingest forwards or dead-letters is never refused for its size.
     ingest_max_event_bytes: int = Field(default=128 * 1024, ge=1024, le=900_000)
+    # Bucket mount (core/uris.py, issue 15): the absolute directory where every Spark and Flink
+    # machine mounts the object store's buckets, <dir>/<bucket>/<key> (s3fs, Mountpoint for S3,
+    # a CSI driver; `sluice up --cluster` mounts its bucket under <state_dir>/cluster/s3). Set:
+    # the JVM engines reach s3:// locations through it, and history_dir, offline_store_dir and
+    # feast_registry may be s3:// URIs (read as files under the mount). Empty: the engines
+    # speak S3 natively (hadoop-aws for Spark, flink-s3-fs-hadoop for Flink). Declared before
+    # the path settings so that their validator sees it.
+    s3_mount_dir: str = ""
     # Where `sluice produce --history` writes parquet event history.
     history_dir: Path = DATA_DIR / "history"
     # Feature store: the Feast project, its registry and the parquet offline store.
@@ -342,27 +350,43 @@ class Settings(BaseSettings):
             raise ValueError("a model is named twice")
         return value
 
+    @field_validator("s3_mount_dir")
+    @classmethod
+    def _check_mount_dir(cls, value: str, info: Any) -> str:
+        from core.errors import StorageError
+        from core.uris import mount_dir
+
+        try:
+            mount = mount_dir(value, info.field_name)
+        except StorageError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return "" if mount is None else str(mount)
+
     @field_validator("history_dir", "offline_store_dir", "feast_registry", mode="before")
     @classmethod
     def _local_uri(cls, value: Any, info: Any) -> Any:
-        """A file:// URI is its path; s3:// is refused until Spark and Feast read it here."""
+        """A file:// URI is its path; s3://bucket/key is its path under s3_mount_dir (Spark,
+        Feast and the archive read these as files), and refused without a mount."""
         text = str(value)
         if "://" not in text and not text.startswith("file:/"):
             return value
         from core.errors import StorageError
-        from core.uris import parse
+        from core.uris import mounted_path, parse
 
         try:
             uri = parse(text, info.field_name)
         except StorageError as exc:
             raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
-        if not uri.is_local:
+        if uri.is_local:
+            return uri.path
+        mount = info.data.get("s3_mount_dir")
+        if not mount:
             raise ValueError(
-                f"{text!r}: object storage is not supported for this setting yet (Spark "
-                "reads it through s3a, which needs hadoop-aws on the cluster; see "
-                "docs/deployment.md): use a directory that every worker mounts"
+                f"{text!r}: an object-store location for this setting needs s3_mount_dir, the "
+                "directory where every worker mounts the bucket (Spark, Feast and the archive "
+                "read it as files; see docs/deployment.md)"
             )
-        return uri.path
+        return mounted_path(uri, Path(mount))
 
     @field_validator("flink_checkpoint_dir", "s3_endpoint")
     @classmethod

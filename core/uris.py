@@ -6,11 +6,15 @@ speaks:
 
 - Python code (pyarrow, the archive, the model registry): ``filesystem(uri, s3)`` gives a
   ``pyarrow.fs.FileSystem`` and the path inside it, with the object store's endpoint and keys.
-- Spark: ``uri.for_spark()`` (``s3://`` becomes Hadoop's ``s3a://``) and ``spark_conf(s3)``
-  (``spark.hadoop.fs.s3a.*``); the workers need hadoop-aws and the AWS SDK on their classpath.
-- Flink: ``uri.for_flink()`` and ``flink_conf(s3)`` (``s3.endpoint``, ...); the cluster needs the
-  flink-s3-fs-hadoop plugin in its plugins/ folder.
-- Local paths: ``uri.local_path()``, which refuses an object-store URI with a clear error.
+- The JVM engines: ``JvmAccess`` (from the ``s3_mount_dir`` setting) decides how they reach an
+  ``s3://`` location. Without a mount, natively: Spark gets ``uri.for_spark()`` (``s3a://``) and
+  ``spark_conf(s3)`` (``spark.hadoop.fs.s3a.*``; the workers need hadoop-aws and the AWS SDK),
+  Flink gets ``uri.for_flink()`` (``s3://``) and ``flink_conf(s3)`` (the flink-s3-fs-hadoop
+  plugin). With the buckets mounted at ``s3_mount_dir`` on every worker (s3fs, Mountpoint for
+  S3, a CSI driver), both get ``file:///<s3_mount_dir>/<bucket>/<key>``, and
+  ``JvmAccess.from_engine`` maps what an engine reports back to the ``s3://`` URI.
+- Local paths: ``uri.local_path()``, which refuses an object-store URI with a clear error;
+  ``mounted_path`` gives the file path of an ``s3://`` location under a mount.
 
 The object store's endpoint and keys come from ``S3Options``; ``S3Options.from_settings``
 reads ``s3_endpoint``, ``s3_access_key``, ``s3_secret_key`` and ``s3_region``. An empty
@@ -260,3 +264,78 @@ def is_object_store(value: str | Path | StorageUri) -> bool:
 def child_environment(s3: S3Options) -> dict[str, str]:
     """The environment of a child process (engine worker, subprocess) with the store's keys."""
     return {**os.environ, **s3.environment()}
+
+
+def mount_dir(value: str | Path, field: str = "s3_mount_dir") -> Path | None:
+    """The directory where buckets are mounted (``<dir>/<bucket>/...``); None when empty.
+
+    It must be an absolute local path, not a URI: a StorageError naming ``field`` otherwise."""
+    text = str(value).strip()
+    if not text:
+        return None
+    if "://" in text or text.lower().startswith("file:"):
+        raise StorageError(
+            f"{field}: {text!r} is a URI; expected the absolute directory where the object "
+            "store's buckets are mounted (<dir>/<bucket>/<key>), e.g. /mnt/s3"
+        )
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise StorageError(
+            f"{field}: {text!r} is relative; every worker mounts the buckets at the same "
+            "absolute directory, e.g. /mnt/s3"
+        )
+    return Path(os.path.normpath(path))
+
+
+def mounted_path(value: str | Path | StorageUri, mount: Path, field: str = "path") -> Path:
+    """The file path of a location under a bucket mount: ``<mount>/<bucket>/<key>`` for
+    ``s3://bucket/key``; a file:// location is its own path."""
+    uri = parse(value, field)
+    if uri.is_local:
+        return Path(uri.path)
+    return mount.joinpath(uri.bucket, *[p for p in uri.path.split("/") if p])
+
+
+def unmounted(value: str | Path | StorageUri, mount: Path) -> StorageUri:
+    """The inverse of ``mounted_path``: a path under ``<mount>/<bucket>/`` as the ``s3://``
+    URI it mounts; any other location unchanged."""
+    uri = parse(value)
+    if not uri.is_local:
+        return uri
+    try:
+        parts = Path(uri.path).relative_to(mount).parts
+    except ValueError:
+        return uri
+    if not parts or not _BUCKET.match(parts[0]):
+        return uri
+    return StorageUri("s3", "/".join(parts[1:]), parts[0])
+
+
+@dataclass(frozen=True)
+class JvmAccess:
+    """How Spark and Flink reach ``s3://`` locations: natively (``mount`` None: the S3 jars are
+    on the workers) or through the buckets mounted at ``mount`` on every worker."""
+
+    mount: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JvmAccess:
+        return cls(mount_dir(settings.s3_mount_dir))
+
+    def for_spark(self, value: str | Path | StorageUri, field: str = "path") -> str:
+        uri = parse(value, field)
+        if self.mount is not None and not uri.is_local:
+            return mounted_path(uri, self.mount).as_uri()
+        return uri.for_spark()
+
+    def for_flink(self, value: str | Path | StorageUri, field: str = "path") -> str:
+        uri = parse(value, field)
+        if self.mount is not None and not uri.is_local:
+            return mounted_path(uri, self.mount).as_uri()
+        return uri.for_flink()
+
+    def from_engine(self, value: str | Path | StorageUri) -> StorageUri:
+        """A location an engine reported (``file:/<mount>/b/k``, ``s3a://b/k``) as Sluice
+        names it (``s3://b/k``)."""
+        uri = parse(value)
+        return uri if self.mount is None else unmounted(uri, self.mount)

@@ -10,6 +10,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 # The dashboard's browser test (tests/integration/test_dashboard.py) drives Debian's chromium.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+# `sluice up --cluster` mounts its object store's bucket with s3fs (FUSE) for Flink and Spark.
+command -v s3fs >/dev/null 2>&1 || need_apt+=(s3fs)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -5,6 +5,9 @@ the local stack's ``stack.json`` so that ``down`` stops exactly these pids:
 
 - object-store: S3-compatible (infra/object_store.py) at s3_endpoint or
   127.0.0.1:cluster_object_store_port, with the bucket ``sluice``;
+- object-store-mount: s3fs mounting that bucket at ``<s3_mount_dir>/sluice`` (default
+  ``<state_dir>/cluster/s3/sluice``), through which Flink and Spark reach s3:// locations
+  (core/uris.JvmAccess): checkpoints, savepoints, the history and the offline store;
 - flink-jobmanager, flink-taskmanager: the apache-flink package's own scripts
   (``pyflink/bin/jobmanager.sh start-foreground``, ``taskmanager.sh start-foreground``) with a
   generated configuration dir; REST and web UI at flink_jobmanager or
@@ -62,12 +65,13 @@ log = logging.getLogger("sluice.cluster")
 STATE_FILE = "cluster.json"
 COMPONENTS = (
     "object-store",
+    object_store.MOUNT_COMPONENT,
     "flink-jobmanager",
     "flink-taskmanager",
     "spark-master",
     "spark-worker",
 )
-_PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 2.0
 # JVMs on a busy 2-core machine: a JobManager takes 5-15 s, a TaskManager registers after.
 _JVM_STARTUP_S = 90.0
 
@@ -137,6 +141,7 @@ def connection_settings(settings: Settings) -> dict[str, str]:
         "SLUICE_S3_ENDPOINT": s3.endpoint,
         "SLUICE_S3_ACCESS_KEY": s3.access_key,
         "SLUICE_S3_SECRET_KEY": s3.secret_key,
+        "SLUICE_S3_MOUNT_DIR": str(object_store.mount_root(settings)),
     }
 
 
@@ -216,6 +221,15 @@ def plan(settings: Settings, rpc_port: int | None = None) -> list[Component]:
             f"http://{s3_host}:{s3_port}",
         ),
         Component(
+            object_store.MOUNT_COMPONENT,
+            s3_host,
+            s3_port,
+            object_store.mount_command(settings),
+            "s3fs",
+            {},
+            str(object_store.mount_point(settings)),
+        ),
+        Component(
             "flink-jobmanager",
             fhost,
             fport,
@@ -277,12 +291,12 @@ def plan(settings: Settings, rpc_port: int | None = None) -> list[Component]:
     ]
 
 
-def _get_json(url: str, timeout_s: float) -> Any:
+def get_json(url: str, timeout_s: float) -> Any:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return json.loads(response.read())
 
 
-def probe(component: str, settings: Settings, timeout_s: float = _PROBE_TIMEOUT_S) -> str | None:
+def probe(component: str, settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the component answers its protocol, else why not; with a detail on success
     available from ``detail``."""
     try:
@@ -293,7 +307,7 @@ def probe(component: str, settings: Settings, timeout_s: float = _PROBE_TIMEOUT_
 
 def detail(component: str, settings: Settings) -> str:
     try:
-        return _probe(component, settings, _PROBE_TIMEOUT_S)[1]
+        return _probe(component, settings, PROBE_TIMEOUT_S)[1]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return ""
 
@@ -302,11 +316,14 @@ def _probe(component: str, settings: Settings, timeout_s: float) -> tuple[str | 
     if component == "object-store":
         host, port = object_store.endpoint(settings)
         return object_store.probe(host, port, timeout_s), ""
+    if component == object_store.MOUNT_COMPONENT:
+        point = object_store.mount_point(settings)
+        return object_store.probe_mount(settings), f"s3://{point.name} mounted (s3fs)"
     if component.startswith("flink"):
         host, port = flink_rest(settings)
         if not _port_answers(host, port, min(timeout_s, 1.0)):
             return f"nothing listens on {host}:{port}", ""
-        overview = _get_json(f"http://{host}:{port}/overview", timeout_s)
+        overview = get_json(f"http://{host}:{port}/overview", timeout_s)
         if component == "flink-jobmanager":
             return None, f"{overview['jobs-running']} jobs running"
         if overview["taskmanagers"] < 1:
@@ -316,7 +333,7 @@ def _probe(component: str, settings: Settings, timeout_s: float) -> tuple[str | 
     ui = settings.cluster_spark_ui_port
     if not _port_answers(host, ui, min(timeout_s, 1.0)):
         return f"the master's web UI {host}:{ui} does not answer", ""
-    master = _get_json(f"http://{host}:{ui}/json/", timeout_s)
+    master = get_json(f"http://{host}:{ui}/json/", timeout_s)
     if component == "spark-master":
         return (None if master["status"] == "ALIVE" else f"status {master['status']}"), (
             f"{master['url']}"
@@ -422,6 +439,8 @@ def cluster_up(settings: Settings) -> list[ClusterStatus]:
                 c.host, c.port
             ):
                 raise StackError(f"something else already listens on {c.address} ({c.name})")
+            if c.name == object_store.MOUNT_COMPONENT:
+                object_store.prepare_mount(settings)
             _start(c, settings, records)
             if c.name == "object-store":
                 object_store.create_bucket(settings)
@@ -461,7 +480,12 @@ def cluster_down(settings: Settings) -> list[str]:
             record = records.get(name)
             if record is None:
                 continue
-            if _is_ours(record):
+            ours = _is_ours(record)
+            if name == object_store.MOUNT_COMPONENT:
+                # Only the mount this stack made, also when its s3fs died and left it stale;
+                # unmounted, s3fs exits by itself.
+                object_store.unmount(object_store.mount_point(settings))
+            if ours:
                 _stop_tree(name, record)
                 stopped.append(name)
             del records[name]
@@ -471,8 +495,8 @@ def cluster_down(settings: Settings) -> list[str]:
 
 def _stop_tree(name: str, record: ProcessRecord) -> None:
     """Stop the process; then whatever it left in its session (a TaskManager's Python workers)."""
-    if name == "flink-taskmanager" or name == "spark-worker":
-        # Both share a port with their master: only wait for the pid, not for the port.
+    if name in ("flink-taskmanager", "spark-worker", object_store.MOUNT_COMPONENT):
+        # Each shares a port with its master or store: only wait for the pid, not the port.
         _stop_pid(name, record)
     else:
         _stop(name, record)
@@ -503,46 +527,3 @@ def kill_taskmanager(settings: Settings) -> int:
 
 def wait_until(check: Callable[[], bool], timeout_s: float) -> bool:
     return _wait_until(check, timeout_s)
-
-
-def _flink_url(settings: Settings, path: str) -> str:
-    host, port = flink_rest(settings)
-    return f"http://{host}:{port}{path}"
-
-
-def flink_jobs(settings: Settings) -> list[dict[str, Any]]:
-    """The session cluster's jobs, newest first: id, name, state, start-time, duration."""
-    try:
-        overview = _get_json(_flink_url(settings, "/jobs/overview"), _PROBE_TIMEOUT_S)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        host, port = flink_rest(settings)
-        raise StackError(f"the Flink JobManager at {host}:{port} did not answer: {exc}") from None
-    jobs = [
-        {k: job[k] for k in ("jid", "name", "state", "start-time", "duration")}
-        for job in overview["jobs"]
-    ]
-    return sorted(jobs, key=lambda j: -int(j["start-time"]))
-
-
-def flink_checkpoints(settings: Settings, job_id: str) -> dict[str, Any]:
-    """The job's checkpoint statistics: counts, latest completed and restored checkpoint."""
-    data: dict[str, Any] = _get_json(
-        _flink_url(settings, f"/jobs/{job_id}/checkpoints"), _PROBE_TIMEOUT_S
-    )
-    return data
-
-
-def cancel_flink_job(settings: Settings, job_id: str) -> None:
-    """Cancel a job on the session cluster (its retained checkpoints stay for a restart)."""
-    request = urllib.request.Request(
-        _flink_url(settings, f"/jobs/{job_id}?mode=cancel"), method="PATCH"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S * 5):
-            pass
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise StackError(f"no Flink job {job_id} on the session cluster") from None
-        raise StackError(f"cancelling Flink job {job_id}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise StackError(f"cancelling Flink job {job_id}: {exc}") from None

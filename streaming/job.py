@@ -31,7 +31,7 @@ from typing import Any
 
 from core.settings import Settings
 from core.shipping import code_archive
-from core.uris import S3Options, StorageUri, filesystem, parse
+from core.uris import JvmAccess, S3Options, StorageUri, filesystem, parse
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
@@ -150,8 +150,11 @@ def flink_configuration(
     *,
     bounded: bool,
     restore_from: Path | str | None,
+    jvm: JvmAccess | None = None,
 ) -> dict[str, str]:
-    """Flink settings of the job; ``base`` holds its checkpoints and savepoints."""
+    """Flink settings of the job; ``base`` holds its checkpoints and savepoints (``jvm``: how
+    the cluster reaches s3://, natively or through a bucket mount; core/uris.py)."""
+    jvm = jvm or JvmAccess()
     where = parse(base, "flink_checkpoint_dir")
     conf = {
         "python.executable": sys.executable,
@@ -165,8 +168,8 @@ def flink_configuration(
         "execution.buffer-timeout.interval": f"{options.buffer_timeout_ms} ms",
         "state.backend.type": "hashmap",
         "execution.checkpointing.interval": f"{int(options.checkpoint_interval_s * 1000)} ms",
-        "execution.checkpointing.dir": where.join("checkpoints").for_flink(),
-        "execution.checkpointing.savepoint-dir": where.join("savepoints").for_flink(),
+        "execution.checkpointing.dir": jvm.for_flink(where.join("checkpoints")),
+        "execution.checkpointing.savepoint-dir": jvm.for_flink(where.join("savepoints")),
         # A cancelled or stopped live job leaves its last checkpoint for the next start; a
         # bounded run is finished when it ends and leaves none behind.
         "execution.checkpointing.externalized-checkpoint-retention": (
@@ -184,7 +187,7 @@ def flink_configuration(
 
         conf["python.pythonpath"] = sysconfig.get_paths()["purelib"]
     if restore_from is not None:
-        conf["execution.state-recovery.path"] = parse(restore_from).for_flink()
+        conf["execution.state-recovery.path"] = jvm.for_flink(restore_from)
     if options.jobmanager:
         host, _, port = options.jobmanager.rpartition(":")
         if not host or not port.isdigit():
@@ -231,14 +234,24 @@ def build_job(
             ship_packages=(settings.definitions_module,),
         )
     for key, value in flink_configuration(
-        base, name, options, bounded=bounded, restore_from=restore_from
+        base,
+        name,
+        options,
+        bounded=bounded,
+        restore_from=restore_from,
+        jvm=JvmAccess.from_settings(settings),
     ).items():
         conf.set_string(key, value)
     tiles = any(uses_tiles(c, options) for c in views)
     if tiles:
         from streaming.udf import udf_jar
 
-        conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+        # Beside the Python runtime jar a session cluster needs (flink_configuration).
+        jars = [
+            conf.get_string("pipeline.jars", ""),
+            udf_jar(settings.state_dir).resolve().as_uri(),
+        ]
+        conf.set_string("pipeline.jars", ";".join(j for j in jars if j))
     if options.jobmanager:
         # get_execution_environment always builds a local one; this one honours
         # execution.target=remote and submits to the session cluster.

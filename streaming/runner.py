@@ -14,7 +14,7 @@ from types import FrameType
 
 from core.kafka import ensure_topics
 from core.settings import Settings
-from core.uris import S3Options
+from core.uris import JvmAccess, S3Options
 from features.definitions import FeatureView
 from streaming.compile import CompiledView, compile_view, features_topic
 from streaming.errors import StreamJobError
@@ -72,6 +72,7 @@ def run(
         if restore and not bounded
         else None
     )
+    jvm = JvmAccess.from_settings(settings)
     run_id = uuid.uuid4().hex[:12]
     echo(
         f"starting {name} ({'bounded' if bounded else 'unbounded'}, run {run_id}"
@@ -98,9 +99,9 @@ def run(
             echo,
             interrupted,
             should_stop,
-            savepoint_dir=job_dir(settings, compiled, options.engine)
-            .join("savepoints")
-            .for_flink(),
+            savepoint_dir=jvm.for_flink(
+                job_dir(settings, compiled, options.engine).join("savepoints")
+            ),
         )
         # Operators send their final counts as they close; wait for them a little.
         deadline = time.monotonic() + FINAL_STATS_TIMEOUT_S
@@ -111,7 +112,8 @@ def run(
             views=board.report([c.name for c in compiled], {c.name: c.topic for c in compiled}),
             status=status,
             seconds=time.monotonic() - started,
-            savepoint=savepoint,
+            # As settings name it: s3://... when Flink wrote it through a bucket mount.
+            savepoint=None if savepoint is None else str(jvm.from_engine(savepoint)),
         )
     finally:
         restore_sigint()

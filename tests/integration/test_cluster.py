@@ -1,165 +1,155 @@
-"""The cluster stack (issue 15): `up --cluster` on loopback, then the live path on it.
+"""The cluster stack (issue 15): `up --cluster` on loopback, then the live path on it, with
+every shared location in the object store.
 
-One module fixture starts the object store, a Flink session cluster (JobManager + one
-TaskManager from pyflink/bin) and a Spark standalone master + worker on free ports, beside the
-session's broker and Redis; every test here runs against them:
+One module fixture starts the object store, its bucket mounted with s3fs, a Flink session
+cluster (JobManager + one TaskManager from pyflink/bin) and a Spark standalone master + worker
+on free ports, beside the session's broker and Redis. The settings name s3:// for the
+checkpoints and savepoints, the history, the offline store and the model registry; Python
+reaches the registry and the checkpoint listing through S3, the JVM engines reach everything
+through the mount (s3_mount_dir, core/uris.JvmAccess). Every test here runs against them:
 
 - the stream job is submitted to the session cluster with its code shipped (python.files);
-  the TaskManager is SIGKILLed once mid-run, a new one is started, and the job restores from
-  its last checkpoint in the shared checkpoint storage; the rows it emits equal the reference;
-- backfill, train and score run on the spark:// master, with the model registry in the
-  object store (s3://); the cluster's scores equal local mode's.
+  the TaskManager is SIGKILLed once mid-run, a new one is started, and the job restores a
+  checkpoint that was an object in the bucket when the TaskManager died (listed through S3,
+  not the mount); the rows it emits equal the reference (test_flink_parity's check);
+- backfill, train and score run on the spark:// master: the backfill reads the history from
+  s3:// and writes the offline store to s3://, whose rows equal the reference exactly as
+  test_spark_parity's backfill check demands (its helpers, not a copy); the model registry
+  is in s3://; the cluster's scores equal local mode's; `sluice serve` loads the model from
+  the bucket and answers a prediction with the rows the backfill materialized online.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from batch.offline_store import read_offline
 from batch.score import score
 from batch.train import build_labels
-from core.kafka import ensure_topics
-from core.records import FeatureRow
 from core.settings import Settings
-from core.uris import S3Options, exists, parse
-from examples.delivery.features import delivery_times, zone_couriers
-from examples.delivery.produce import produce_synthetic
+from core.uris import JvmAccess, S3Options, StorageUri, exists, filesystem, parse
+from events.history import write_history
+from examples.delivery.features import VIEWS, delivery_times
 from examples.delivery.simulate import DeliverySimulator
-from feature_repo.online_store import open_online_store
-from features.definitions import FeatureView
-from features.reference import compute_view, with_closing_rows
+from examples.delivery.sources import SOURCES
 from features.registry import load_registry
+from infra import object_store
 from infra.cluster import (
     cluster_down,
     cluster_status,
     cluster_up,
     connection_settings,
-    flink_checkpoints,
-    flink_jobs,
     kill_taskmanager,
 )
-from infra.stack import free_port
+from infra.flink_jobs import flink_checkpoints, flink_jobs
 from models.registry import ModelRegistry
-from streaming.compile import compile_view, features_topic
+from streaming.compile import compile_view
 from streaming.job import JobOptions, job_dir, job_name
 from streaming.runner import run as run_stream
-from tests.helpers.spark import isolated_settings, to_datetime, to_ms
-from tests.helpers.stream import (
-    PARTITIONS,
-    START,
-    Topic,
-    closing_end,
-    hand_made,
-    read_all,
-    row_differences,
+from tests.helpers.cluster_stack import CourierStream, cluster_ports, row_is_online, with_storage
+from tests.helpers.serve_process import ServeProcess
+from tests.helpers.spark import canonical, isolated_settings
+from tests.helpers.stream import START, closing_end, hand_made, row_differences
+from tests.integration.test_spark_parity import (
+    DAY,
+    DAY0,
+    DAY0_MS,
+    HOUR,
+    TINY_CITY,
+    arrow_rows,
+    assert_same_rows,
+    in_range,
+    reference_rows,
+    until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.spark, pytest.mark.slow]
 SLUICE = str(Path(sys.executable).parent / "sluice")
-BATCH_START = datetime(2026, 11, 10, 11, tzinfo=UTC)  # the lunch rush: busy windows
 
 
 @pytest.fixture(scope="module")
 def cluster(
     stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
-    state = tmp_path_factory.mktemp("cluster")
-    settings = stack_settings.model_copy(
-        update={
-            "state_dir": state,
-            "cluster_flink_rest_port": free_port(),
-            "cluster_spark_master_port": free_port(),
-            "cluster_spark_ui_port": free_port(),
-            "cluster_spark_worker_ui_port": free_port(),
-            "cluster_object_store_port": free_port(),
-        }
-    )
+    settings = cluster_ports(stack_settings, tmp_path_factory.mktemp("cluster"))
     try:
         cluster_up(settings)
         env = connection_settings(settings)
-        yield settings.model_copy(
-            update={
-                "flink_jobmanager": env["SLUICE_FLINK_JOBMANAGER"],
-                "spark_master": env["SLUICE_SPARK_MASTER"],
-                "s3_endpoint": env["SLUICE_S3_ENDPOINT"],
-                "s3_access_key": env["SLUICE_S3_ACCESS_KEY"],
-                "s3_secret_key": env["SLUICE_S3_SECRET_KEY"],
-                "models_dir": "s3://sluice/models",
-                # Shared by the JobManager and TaskManagers (see docs/deployment.md for s3://).
-                "flink_checkpoint_dir": (state / "shared" / "flink").as_uri(),
-            }
+        yield with_storage(
+            settings,
+            flink_jobmanager=env["SLUICE_FLINK_JOBMANAGER"],
+            spark_master=env["SLUICE_SPARK_MASTER"],
+            s3_endpoint=env["SLUICE_S3_ENDPOINT"],
+            s3_access_key=env["SLUICE_S3_ACCESS_KEY"],
+            s3_secret_key=env["SLUICE_S3_SECRET_KEY"],
+            s3_mount_dir=env["SLUICE_S3_MOUNT_DIR"],
+            models_dir="s3://sluice/models",
+            flink_checkpoint_dir="s3://sluice/flink",
         )
     finally:
         stopped = cluster_down(settings)
         assert "flink-jobmanager" in stopped
+        assert "object-store-mount" in stopped
+        assert not object_store.is_mounted(object_store.mount_point(settings))
 
 
-def test_cluster_answers_with_web_uis(cluster: Settings):
+def test_cluster_answers_with_web_uis_and_mounts_the_bucket(cluster: Settings):
     rows = {r.component.name: r for r in cluster_status(cluster)}
     assert all(r.component.ready for r in rows.values()), rows
     assert rows["flink-taskmanager"].detail.endswith("slots free")
     assert rows["spark-worker"].detail.startswith(f"{cluster.cluster_spark_worker_cores} cores")
+    assert rows["object-store-mount"].web_ui == str(Path(cluster.s3_mount_dir) / "sluice")
     for name in ("flink-jobmanager", "spark-master", "spark-worker"):
         with urllib.request.urlopen(rows[name].web_ui, timeout=5) as page:
             assert page.status == 200, name
 
 
-def _row_online(settings: Settings, view: FeatureView, entity: str, end: int) -> bool:
-    with open_online_store(settings) as store:
-        row = store.read(view, [entity])[0]
-    return row is not None and row.window_end_ms >= end
+def _snapshots_in_bucket(root: StorageUri, s3: S3Options) -> set[StorageUri]:
+    """Checkpoint and savepoint directories under ``root`` whose _metadata is an object in the
+    bucket, listed through S3 (not the mount)."""
+    fs, path = filesystem(root, s3)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    return {
+        root.join(info.path[len(path) :].strip("/").rsplit("/", 1)[0])
+        for info in fs.get_file_info(selector)
+        if info.base_name == "_metadata" and info.type == pafs.FileType.File
+    }
 
 
-def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
+def test_stream_on_the_session_cluster_restores_a_checkpoint_from_the_bucket(
     cluster: Settings, tmp_path: Path
 ):
-    tag = f"c{uuid.uuid4().hex[:8]}"
-    settings = cluster.model_copy(
-        update={"dead_letter_topic": f"{tag}.dead-letter", "feast_project": tag}
-    )
-    source = zone_couriers.source.model_copy(update={"topic": f"{tag}.events.courier_pings"})
-    view = zone_couriers.model_copy(update={"name": f"zone_couriers_{tag}", "source": source})
-    ensure_topics(settings, [source.topic], partitions=PARTITIONS)
-    topic = Topic(settings, source)
-    lateness = int(source.allowed_lateness.total_seconds() * 1000)
-    pings = (
-        e for e in DeliverySimulator(seed=5, start_ms=START).events() if e.source == source.name
-    )
-
-    def produce_until(t_end: int) -> int:
-        newest = START
-        for event in pings:
-            values = topic.canonical(event.payload).values
-            topic.produce(values)
-            newest = values[source.event_time_field]
-            if newest >= t_end:
-                break
-        topic.flush()
-        return newest
-
+    case = CourierStream.create(cluster, "c", seed=5)
+    settings, view = case.settings, case.view
+    s3, jvm = S3Options.from_settings(settings), JvmAccess.from_settings(settings)
     # Phase A: 10 minutes of pings and a probe at minute 2 that closes at minute 13 - so the
     # probe's row is out only once phase B has been read (after the kill).
     probe_time = START + 2 * 60_000
-    topic.produce(hand_made(source, probe_time, "z-probe"))
-    produce_until(START + 10 * 60_000)
+    case.topic.produce(hand_made(case.source, probe_time, "z-probe"))
+    case.produce_until(START + 10 * 60_000)
     checkpoints = job_dir(settings, [compile_view(view)])
-    assert str(checkpoints).startswith(settings.flink_checkpoint_dir)
+    assert str(checkpoints).startswith("s3://sluice/flink/")
     final: dict[str, int] = {}
-    seen: dict[str, Any] = {"killed": None, "restored": None, "job": None}
+    seen: dict[str, Any] = {"killed": None, "restored": None, "job": None, "in_bucket": set()}
 
     def orchestrate() -> bool:
         """Called by the runner's loop: kill the TaskManager once a checkpoint holds phase A,
@@ -176,20 +166,16 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
         if seen["killed"] is None:
             if stats["counts"]["completed"] >= 2:
                 seen["killed"] = kill_taskmanager(settings)
+                # No checkpoint completes without a TaskManager: what the job can restore.
+                seen["in_bucket"] = _snapshots_in_bucket(checkpoints, s3)
                 cluster_up(settings)  # a new TaskManager registers with the JobManager
             return False
         if seen["restored"] is None:
             seen["restored"] = stats["latest"]["restored"]
             if seen["restored"] is not None:
-                newest = produce_until(START + 20 * 60_000)
-                final["end"] = closing_end(view, newest)
-                final["probe"] = final["end"] - view.max_window.size_ms - view.slide_ms
-                topic.produce(hand_made(source, final["probe"], "z-final"))
-                for p in range(PARTITIONS):
-                    topic.produce(hand_made(source, final["end"] + lateness, f"z-end-{p}"), p)
-                topic.flush()
+                final["end"], _ = case.close_windows(case.produce_until(START + 20 * 60_000))
             return False
-        return _row_online(settings, view, "z-final", final["end"])
+        return row_is_online(settings, view, "z-final", final["end"])
 
     lines: list[str] = []
     started = time.monotonic()
@@ -207,13 +193,15 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
     )
     assert seen["killed"] is not None, lines
     assert seen["restored"] is not None, "the job did not restore a checkpoint after the kill"
-    # Flink writes file:/abs; parse() reads it as the same location.
-    restored = parse(seen["restored"]["external_path"])
+    # Flink names it file:/<mount>/sluice/...; as the settings name it, it is an s3:// URI.
+    restored = jvm.from_engine(seen["restored"]["external_path"])
     assert restored.path.startswith(f"{checkpoints.path}/checkpoints/"), (restored, checkpoints)
+    assert restored in seen["in_bucket"], (restored, seen["in_bucket"])
     assert report.status == "STOPPED", lines
     assert report.savepoint is not None
-    assert parse(report.savepoint).path.startswith(f"{checkpoints.path}/savepoints/")
-    assert exists(parse(report.savepoint).join("_metadata"))
+    savepoint = parse(report.savepoint)
+    assert savepoint.path.startswith(f"{checkpoints.path}/savepoints/"), savepoint
+    assert savepoint in _snapshots_in_bucket(checkpoints, s3)
 
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
@@ -221,19 +209,8 @@ def test_stream_on_the_session_cluster_survives_a_taskmanager_kill(
     assert job_name([compile_view(view)]) in listed
     assert "FINISHED" in listed
 
-    want = {
-        k: v
-        for k, v in with_closing_rows(view, compute_view(view, topic.events)).items()
-        if k[1] <= final["end"]
-    }
-    got: dict[tuple[str, int], Any] = {}
-    for msg in read_all(settings, features_topic(view.name)):
-        row = FeatureRow.decode(msg.value())
-        key = (row.entity_key, row.window_end_ms)
-        # Rows emitted after the last checkpoint before the kill are emitted again: equal.
-        assert key not in got or got[key] == row.values, key
-        got[key] = row.values
-    assert row_differences(got, want) == []
+    got = case.emitted()
+    assert row_differences(got, case.reference(final["end"])) == []
     assert ("z-probe", closing_end(view, probe_time)) in got
 
 
@@ -283,30 +260,40 @@ def _sluice_session(config: Path, *commands: list[str]) -> None:
     print(proc.stdout)  # shown with -s: what each command said and took
 
 
-def test_backfill_train_and_score_on_the_spark_master(
+def test_backfill_train_and_score_on_the_spark_master_with_storage_in_the_bucket(
     cluster: Settings, spark: Any, tmp_path: Path
 ):
-    """`sluice backfill`, `train` and `score` (the CLI, in a subprocess) on spark://, the model
-    registry in the object store; `score` on the cluster equals `score` in local mode."""
-    settings = isolated_settings(
-        cluster,
-        tmp_path,
-        "cluster_batch",
-        spark_master=cluster.spark_master,
-        models_dir="s3://sluice/models-batch",
-        serve_models=["delivery_eta"],
+    """`sluice backfill`, `train` and `score` (the CLI, in a subprocess) on spark://, with the
+    history, the offline store and the model registry at s3:// URIs: the offline store equals
+    the reference (test_spark_parity's backfill check), and `score` on the cluster equals
+    `score` in local mode."""
+    tag = f"b{uuid.uuid4().hex[:8]}"
+    settings = with_storage(
+        isolated_settings(
+            cluster,
+            tmp_path,
+            "cluster_batch",
+            spark_master=cluster.spark_master,
+            serve_models=["delivery_eta"],
+        ),
+        history_dir=f"s3://sluice/{tag}/history",
+        offline_store_dir=f"s3://sluice/{tag}/offline",
+        models_dir=f"s3://sluice/{tag}/models",
     )
-    report = produce_synthetic(
-        settings,
-        5000,
-        start_ms=to_ms(BATCH_START),
-        to_kafka=False,
-        history_dir=settings.history_dir,
-    )
-    first = to_datetime(report.first_event_ms).date() - timedelta(days=1)
-    last = to_datetime(report.last_event_ms).date() + timedelta(days=2)
+    s3 = S3Options.from_settings(settings)
+    # test_spark_parity's history, one day (plus the 6 hours its windows reach back): events
+    # out of time order, written into the bucket.
+    sim = DeliverySimulator(seed=21, start_ms=DAY0_MS - 6 * HOUR, city=TINY_CITY)
+    events = until(sim, DAY0_MS + DAY + 8 * HOUR)
+    random.Random(5).shuffle(events)
+    write_history(events, settings.history_dir, SOURCES, batch_rows=500)
+    assert _objects(f"s3://sluice/{tag}/history", s3, ".parquet")
+    by_source = {
+        s.name: [canonical(s, e.payload) for e in events if e.source == s.name] for s in SOURCES
+    }
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    assert "s3_mount_dir" in config.read_text()
     apps_before = len(_spark_apps(settings))
 
     definitions = load_registry(settings.definitions_module)
@@ -319,19 +306,39 @@ def test_backfill_train_and_score_on_the_spark_master(
 
     # Three commands in one process, as a scheduler's script would run them: one Spark
     # application on the master (a standalone app's executors cost seconds to start).
+    end = DAY0 + timedelta(days=1)
     _sluice_session(
         config,
-        ["backfill", "--start", first.isoformat(), "--end", last.isoformat()],
+        ["backfill", "--start", DAY0.isoformat(), "--end", end.isoformat()],
         ["train", "--rounds", "20"],
         ["score", rows_file, str(tmp_path / "on-cluster"), "--predictor", "native"],
     )
     apps = _spark_apps(settings)
     assert len(apps) == apps_before + 1, "the commands ran as an application on the master"
     assert all(app["name"] == "sluice" for app in apps)
-    assert any(settings.offline_store_dir.rglob("*.parquet"))
-    s3 = S3Options.from_settings(settings)
+
+    # The offline store is objects in the bucket, and its rows are the reference's.
+    fs, _ = filesystem("s3://sluice/", s3)
+    for view in VIEWS:
+        expected = in_range(
+            reference_rows(view, by_source[view.source.name]), DAY0_MS, DAY0_MS + DAY
+        )
+        where = parse(f"s3://sluice/{tag}/offline").join(view.name)
+        assert _objects(str(where), s3, ".parquet"), view.name
+        in_bucket = pads.dataset(
+            where.for_python(), filesystem=fs, format="parquet", partitioning="hive"
+        )
+        assert in_bucket.count_rows() == len(expected), view.name
+        assert_same_rows(view, expected, arrow_rows(view, read_offline("pyarrow", settings, view)))
     assert ModelRegistry(settings.models_dir, s3).production("delivery_eta") == 1
-    assert exists("s3://sluice/models-batch/delivery_eta/1/model.txt", s3)
+    assert exists(f"s3://sluice/{tag}/models/delivery_eta/1/model.txt", s3)
+
+    # `sluice serve` loads the production model from the registry in the bucket and answers
+    # with the feature rows the backfill materialized online.
+    answer = _predict_once(settings, tag, tmp_path, rows.iloc[-1][columns[1:]].to_dict())
+    assert (answer["model"], answer["model_version"]) == ("delivery_eta", 1)
+    assert math.isfinite(answer["prediction"])
+    assert answer["window_ends_ms"]["restaurant_orders"] is not None, answer
 
     # The same rows scored in local mode, in this process (the session's local Spark).
     local = settings.model_copy(update={"spark_master": "local[2]"})
@@ -341,3 +348,42 @@ def test_backfill_train_and_score_on_the_spark_master(
     assert len(on_cluster) == len(rows) == len(in_local)
     assert on_cluster["prediction"].notna().all()
     assert np.allclose(on_cluster["prediction"], in_local["prediction"], rtol=1e-12, atol=0)
+
+
+def _predict_once(
+    settings: Settings, tag: str, tmp_path: Path, row: dict[Any, Any]
+) -> dict[str, Any]:
+    """One /predict of ``row`` from a `sluice serve` subprocess pointed at the bucket."""
+    env = {
+        "SLUICE_MODELS_DIR": settings.models_dir,
+        "SLUICE_S3_ENDPOINT": settings.s3_endpoint,
+        "SLUICE_S3_ACCESS_KEY": settings.s3_access_key,
+        "SLUICE_S3_SECRET_KEY": settings.s3_secret_key,
+        "SLUICE_S3_MOUNT_DIR": settings.s3_mount_dir,
+        "SLUICE_OFFLINE_STORE_DIR": f"s3://sluice/{tag}/offline",
+        "SLUICE_FEAST_PROJECT": settings.feast_project,
+        "SLUICE_FEAST_REGISTRY": str(settings.feast_registry),
+        "SLUICE_DEFINITIONS_MODULE": settings.definitions_module,
+        "SLUICE_SERVE_MODELS": "delivery_eta",
+        "SLUICE_PREDICTION_TOPIC": f"{tag}.predictions",
+        "SLUICE_FEEDBACK_TOPIC": f"{tag}.feedback",
+    }
+    server = ServeProcess(settings, tmp_path / "prediction-log", tmp_path / "serve.log", env)
+    try:
+        server.wait_ready()
+        plain = {str(k): v.item() if hasattr(v, "item") else v for k, v in row.items()}
+        answer: dict[str, Any] = server.post("/predict", {"rows": [plain]})["predictions"][0]
+    finally:
+        server.stop()
+    return answer
+
+
+def _objects(where: str, s3: S3Options, suffix: str) -> list[str]:
+    """Keys of the objects under ``where`` ending in ``suffix``, listed through S3."""
+    fs, path = filesystem(where, s3)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    return [
+        i.path
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File and i.path.endswith(suffix)
+    ]

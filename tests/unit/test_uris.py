@@ -99,7 +99,7 @@ def test_settings_check_storage_uris():
         load_settings(flink_checkpoint_dir="gs://b/x")
     with pytest.raises(SettingsError, match=r"s3_endpoint: .*http"):
         load_settings(s3_endpoint="127.0.0.1:9000")
-    with pytest.raises(SettingsError, match=r"history_dir: .*object storage is not supported"):
+    with pytest.raises(SettingsError, match=r"history_dir: .*needs s3_mount_dir"):
         load_settings(history_dir="s3://sluice/history")
     assert load_settings(offline_store_dir="file:///srv/offline").offline_store_dir == Path(
         "/srv/offline"
