@@ -14,10 +14,13 @@ restaurants and zones, trains a small LightGBM model on synthetic rows and regis
      the latency objective (settings.latency_objective_ms).
   2. The prediction cache at a realistic repeat rate: requests drawn from --distinct rows by a
      Zipf law (exponent --zipf; popular restaurant/zone/order rows asked again, as an ETA
-     refreshed in an app), against sluice with the cache (cache_max_bytes) and without (0).
+     refreshed in an app), against sluice with the cache (cache_max_bytes) and without (0),
+     with the 100-tree model and with a heavier one (--heavy-trees), whose predict costs
+     more than the cache's lookup.
   3. Feature read of 100 entities (every view of the service): OnlineStore.read_many (one
      pipeline; each entity's newest row and the previous one the availability contract may
-     need) against Feast's get_online_features (newest rows only), in this process.
+     need, decoded only where the newest is not servable yet, as the predictor reads) against
+     Feast's get_online_features (newest rows only), in this process.
 Ratios: for throughput sluice / baseline (higher is better), for latency sluice / baseline
 (lower is better: 0.5 is half the baseline's). The load generator runs in this process, on the
 same machine: with two cores, it takes CPU from both servers. Run: `python -m bench.serve`.
@@ -97,8 +100,14 @@ def prepare(settings: Settings, entities: int) -> None:
                     for i in range(entities)
                 ]
                 online.write(view, rows)
-    models = ModelRegistry(settings.models_dir)
-    trained = fit(synthetic_frame(SERVICE, 5000), SERVICE, label="delivery_seconds", rounds=100)
+    train_model(settings.models_dir, 100)
+
+
+def train_model(models_dir: str, rounds: int) -> None:
+    """A LightGBM model of ``rounds`` trees on synthetic rows, promoted in ``models_dir``."""
+    models = ModelRegistry(models_dir)
+    frame = synthetic_frame(SERVICE, 5000)
+    trained = fit(frame, SERVICE, label="delivery_seconds", rounds=rounds)
     stored = models.save(trained.model_text, trained.metadata)
     models.promote(SERVICE.name, stored.version)
 
@@ -181,7 +190,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def post(self, host: str, path: str, body: bytes) -> int:
+    async def post(self, host: str, path: str, body: bytes) -> tuple[int, bytes]:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
@@ -193,35 +202,40 @@ class _Connection:
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
-        await self.reader.readexactly(length)
-        return int(status_line.split()[1])
+        answer = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), answer
 
 
 async def _load(
     port: int, seconds: float, concurrency: int, bodies: list[bytes]
-) -> tuple[int, list[float]]:
-    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came."""
+) -> tuple[int, list[float], int]:
+    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came.
+    Returns the failed requests, the latencies of the answered ones, and how many answers
+    sluice served degraded (from the views' empty values: the store's read timed out, its
+    breaker was open, or the request's deadline came first; serving/deadlines.py)."""
     latencies: list[float] = []
-    errors = 0
+    errors = degraded = 0
     deadline = time.perf_counter() + seconds
     cursor = 0
 
     async def worker() -> None:
-        nonlocal errors, cursor
+        nonlocal errors, degraded, cursor
         connection = _Connection(*await asyncio.open_connection("127.0.0.1", port))
         while time.perf_counter() < deadline:
             body = bodies[cursor % len(bodies)]
             cursor += 1
             started = time.perf_counter()
-            status = await connection.post(f"127.0.0.1:{port}", "/predict", body)
+            status, answer = await connection.post(f"127.0.0.1:{port}", "/predict", body)
             if status != 200:
                 errors += 1
-            else:
-                latencies.append(time.perf_counter() - started)
+                continue
+            latencies.append(time.perf_counter() - started)
+            if b'"degraded":[' in answer and b'"degraded":[]' not in answer:
+                degraded += 1
         connection.writer.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return errors, latencies
+    return errors, latencies, degraded
 
 
 def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
@@ -254,7 +268,11 @@ def measure_server(
 ) -> dict[str, dict[str, float]]:
     """Start one server, then run each (name, clients, bodies) load against it in turn."""
     port = free_port()
-    env = os.environ | {"SLUICE_CONFIG": str(config)}
+    # Not PROMETHEUS_MULTIPROC_DIR: importing feast (prepare) sets it in this process, and it
+    # would put the servers' metrics in prometheus_client's multiprocess mode (a file per
+    # metric, written on every increment).
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["SLUICE_CONFIG"] = str(config)
     if kind == "sluice":  # serving.workers: the main module each worker imports again
         command = [sys.executable, "-m", "serving.workers", "--workers", str(workers)]
     else:
@@ -276,10 +294,11 @@ def measure_server(
         time.sleep(2.0 if workers > 1 else 0.0)  # the other workers finish starting
         for name, clients, bodies in loads:
             asyncio.run(_load(port, 2.0, clients, bodies[::-1]))  # warm-up, other rows first
-            errors, latencies = asyncio.run(_load(port, args.seconds, clients, bodies))
+            errors, latencies, degraded = asyncio.run(_load(port, args.seconds, clients, bodies))
             if errors:
                 raise RuntimeError(f"{kind} {name}: {errors} requests failed")
             out[name] = _summary(latencies, args.seconds)
+            out[name]["degraded"] = degraded / len(latencies)
             if kind == "sluice":
                 out[name]["hit_rate"] = _hit_rate(url)  # cumulative: this and earlier loads
     finally:
@@ -299,7 +318,9 @@ def measure_reads(
     out: dict[str, tuple[float, float]] = {}
     with open_online_store(settings) as online:
         for name, call in (
-            ("sluice", lambda: online.read_many(requests)),
+            # as the predictor reads: as of the batch's earliest t (serving/model.py), which
+            # leaves out previous rows the availability contract cannot serve then
+            ("sluice", lambda: online.read_many(requests, as_of_ms=int(time.time() * 1000))),
             (
                 "feast",
                 lambda: store.get_online_features(features=refs, entity_rows=entity_rows).to_dict(),
@@ -320,10 +341,18 @@ def measure_reads(
 def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     prepare(settings, args.entities)
     values = settings.model_dump(mode="json")
-    config = tmp / "bench.yaml"
-    config.write_text(yaml.safe_dump(values))
-    no_cache = tmp / "bench-no-cache.yaml"
-    no_cache.write_text(yaml.safe_dump(values | {"cache_max_bytes": 0}))
+    heavy_models = str(tmp / "models-heavy")
+    train_model(heavy_models, args.heavy_trees)
+
+    def config_file(name: str, **overrides: Any) -> Path:
+        path = tmp / f"bench-{name}.yaml"
+        path.write_text(yaml.safe_dump(values | overrides))
+        return path
+
+    config = config_file("default")
+    no_cache = config_file("no-cache", cache_max_bytes=0)
+    heavy = config_file("heavy", models_dir=heavy_models)
+    heavy_no_cache = config_file("heavy-no-cache", models_dir=heavy_models, cache_max_bytes=0)
     # Distinct rows: enough that no row is asked twice in a run (the cache cannot help).
     unique = [orjson.dumps({"rows": [row(i, args.entities)]}) for i in range(args.unique_rows)]
     zipf = [
@@ -340,6 +369,8 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     sluice = measure_server("sluice", config, args, uniform, args.workers)
     sluice |= measure_server("sluice", config, args, cached, args.workers)
     sluice_off = measure_server("sluice", no_cache, args, cached, args.workers)
+    heavy_on = measure_server("sluice", heavy, args, cached, args.workers)["zipf"]
+    heavy_off = measure_server("sluice", heavy_no_cache, args, cached, args.workers)["zipf"]
     baseline = measure_server("baseline", config, args, uniform)
     reads = measure_reads(settings, args.entities)
     objective = settings.latency_objective_ms
@@ -369,19 +400,27 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
             f"{ours['p99'] / theirs['p99']:7.2f}  {ours['p99'] / objective:.2f}x: {verdict}"
         )
         print(f"{'':7} {'cache hit rate':18} {ours['hit_rate']:10.1%}  (since start)")
-    head, off = sluice["zipf"], sluice_off["zipf"]
-    print(
-        f"\nprediction cache, {main_clients} clients, Zipf({args.zipf:g}) over {args.distinct:,} "
-        f"distinct rows ({zipf_repeats:.0%} of requests repeat an earlier row)"
-    )
-    print(f"{'measure':28} {'cache on':>10} {'cache off':>10} {'ratio':>7}")
-    print(
-        f"{'throughput (req/s)':28} {head['throughput']:10,.0f} {off['throughput']:10,.0f} "
-        f"{head['throughput'] / off['throughput']:7.2f}"
-    )
-    for key in ("p50", "p99"):
-        print(f"{key + ' (ms)':28} {head[key]:10.2f} {off[key]:10.2f} {head[key] / off[key]:7.2f}")
-    print(f"{'hit rate':28} {head['hit_rate']:10.1%} {off['hit_rate']:10.1%}")
+        print(f"{'':7} {'answers degraded':18} {ours['degraded']:10.1%}")
+    for label, head, off in (
+        ("100 trees", sluice["zipf"], sluice_off["zipf"]),
+        (f"{args.heavy_trees} trees", heavy_on, heavy_off),
+    ):
+        print(
+            f"\nprediction cache, model of {label}, {main_clients} clients, Zipf({args.zipf:g}) "
+            f"over {args.distinct:,} distinct rows ({zipf_repeats:.0%} of requests repeat an "
+            "earlier row)"
+        )
+        print(f"{'measure':28} {'cache on':>10} {'cache off':>10} {'ratio':>7}")
+        print(
+            f"{'throughput (req/s)':28} {head['throughput']:10,.0f} {off['throughput']:10,.0f} "
+            f"{head['throughput'] / off['throughput']:7.2f}"
+        )
+        for key in ("p50", "p99"):
+            print(
+                f"{key + ' (ms)':28} {head[key]:10.2f} {off[key]:10.2f} {head[key] / off[key]:7.2f}"
+            )
+        print(f"{'hit rate':28} {head['hit_rate']:10.1%} {off['hit_rate']:10.1%}")
+        print(f"{'answers degraded':28} {head['degraded']:10.1%} {off['degraded']:10.1%}")
     ours_r, feast = reads["sluice"], reads["feast"]
     print("\nfeature read, 100 entities x 3 views (12 features), in process")
     print(f"{'measure':28} {'sluice':>10} {'feast':>10} {'ratio':>7}")
@@ -403,6 +442,9 @@ def main() -> None:
     parser.add_argument("--unique-rows", type=int, default=200_000)
     parser.add_argument("--distinct", type=int, default=10_000, help="Rows of the Zipf load.")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of that load.")
+    parser.add_argument(
+        "--heavy-trees", type=int, default=2000, help="Trees of the cache's heavier model."
+    )
     parser.add_argument("--running", action="store_true", help="Use the running stack.")
     parser.add_argument("--run-server", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -178,7 +178,10 @@ def freshness(
         producer.flush(10)
 
     def poll_redis() -> None:
-        with open_online_store(settings) as store:
+        # Patient reads: the predictor's read timeout (100 ms) is a request deadline, and on a
+        # loaded machine one read timing out would end the poller (and every sample with it).
+        patient = settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
+        with open_online_store(patient) as store:
             while not stop.is_set():
                 wall = now_ms()
                 for key, row in zip(keys, store.read(view, keys), strict=True):
@@ -301,6 +304,7 @@ def main() -> None:
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--live-engine", default="tiles", choices=("tiles", "events"))
     parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument("--python-mode", default="process", choices=("process", "thread"))
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python
     # round trips per event, and rows that wait longer (the freshness run keeps the defaults).
     parser.add_argument("--bundle-ms", type=int, default=JobOptions.bundle_time_ms)
@@ -310,6 +314,7 @@ def main() -> None:
         parallelism=args.parallelism,
         bundle_time_ms=args.bundle_ms,
         watermark_interval_ms=args.watermark_ms,
+        python_mode=args.python_mode,
     )
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     rates: dict[str, tuple[float, float]] = {}
@@ -372,7 +377,7 @@ def main() -> None:
         f"\nthroughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
         f"(marginal over the first {args.small:.0%}), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
-        f"{args.watermark_ms} ms, {os.cpu_count()} cores"
+        f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores"
     )
     base = rates.get("baseline", (0.0, 0.0))[0]
     print(f"{'job':10} {'events/s':>10} {'full run s':>10} {'x baseline':>10}")

@@ -35,6 +35,10 @@ class WindowCounts:
 
     aggregated: int = 0  # events added to a key's tiles
     duplicates: int = 0  # events whose id the key's tile already held: counted once
+    # The tile engine only: events read whose tile has not closed yet (they wait in the SQL
+    # window state, a snapshot carries them to the next run); below zero when the run closed
+    # more restored tiles' events than it left open (streaming/tile_functions.py).
+    open: int = 0
 
 
 @dataclass(slots=True)
@@ -64,7 +68,7 @@ _COUNT_READERS: dict[str, Callable[[Fields, str], Any]] = {
     "dict[int, int]": Fields.int_map,
 }
 # Counters added after version 1 was written: records without them read as 0.
-_ADDED_COUNTERS = frozenset({"heartbeats", "duplicates"})
+_ADDED_COUNTERS = frozenset({"heartbeats", "duplicates", "open"})
 
 
 @dataclass(slots=True)

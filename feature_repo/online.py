@@ -46,7 +46,7 @@ from feature_repo.online_store import (
     WriteReport,
     empty_values,
 )
-from features.contract import lateness_ms
+from features.contract import lateness_ms, window_end_at
 from features.definitions import FeatureView
 from features.schema import FieldType
 
@@ -60,6 +60,13 @@ __all__ = [
     "previous_end_field",
     "previous_field",
 ]
+
+try:  # redis-py's hiredis parser (serves replies from hiredis' C reader), when installed
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NO_DATA
+    from redis._parsers.hiredis import _HiredisParser
+except ImportError:  # pragma: no cover - redis-py moved it: read_response is used then
+    _HiredisParser = None  # type: ignore[assignment,misc]
+    _NO_DATA = object()
 
 PREVIOUS_PREFIX = b"_sluice_prev:"
 # KEYS[1]: the entity's hash. ARGV[1]: the end field, ARGV[2]: Feast's _ts field, ARGV[3]: the
@@ -97,6 +104,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 5))
 return result
 """.replace("{PREVIOUS_PREFIX}", PREVIOUS_PREFIX.decode())
 DEFAULT_BATCH_ROWS = 1000
+KEY_CACHE = 16_384  # encoded hash keys kept per view (about 1.5 MB)
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,8 @@ class _Layout:
     # read_many's HMGET per entity in RESP, but for the key: newest row, then previous
     hmget_head: bytes
     hmget_fields: bytes
+    # entity key -> its hash key as a RESP bulk string (cleared when it holds KEY_CACHE keys)
+    bulk_keys: dict[str, bytes]
 
 
 def end_field(view_name: str) -> bytes:
@@ -132,6 +142,59 @@ def _resp_array_head(length: int) -> bytes:
 
 def _resp_bulk(data: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def _read_replies(connection: Any, count: int) -> list[Any]:
+    """``count`` replies from a connection that was sent as many commands.
+
+    With hiredis (redis-py's parser when it is installed, as here) the replies are taken from
+    its reader directly, one C call each, the socket read through redis-py's parser (its
+    timeout and error mapping): redis-py's read_response costs more per reply than Redis
+    takes to answer an HMGET. Otherwise, read_response per reply."""
+    parser = connection._parser
+    reader = getattr(parser, "_reader", None)
+    if (
+        _HiredisParser is None
+        or not isinstance(parser, _HiredisParser)
+        or reader is None
+        or getattr(parser, "_next_response", None) is not _NO_DATA  # a reply read ahead
+    ):
+        return [connection.read_response() for _ in range(count)]
+    gets = reader.gets
+    fill: Any = parser.read_from_socket  # redis-py leaves it untyped
+    replies: list[Any] = []
+    append = replies.append
+    while len(replies) < count:
+        reply = gets()
+        if reply is _NO_DATA:  # not all of it has arrived yet
+            try:
+                fill()
+            # As redis-py's read_response does: its parser raises the socket's own errors.
+            except TimeoutError as exc:  # socket.timeout (an OSError)
+                raise redis.TimeoutError(f"Timeout reading from socket: {exc}") from None
+            except OSError as exc:
+                raise redis.ConnectionError(f"Error reading from socket: {exc}") from None
+            continue
+        if isinstance(reply, Exception):  # an error reply (WRONGTYPE...), or hiredis' own
+            raise reply if isinstance(reply, redis.RedisError) else redis.ResponseError(reply)
+        append(reply)
+    return replies
+
+
+def _row(
+    key: str, end_ms: int, values: dict[str, Any], previous: OnlineRow | None, empty: bool
+) -> OnlineRow:
+    """OnlineRow(key, end_ms, values, previous, empty), built without the frozen dataclass's
+    __init__ (one object.__setattr__ call per field: a quarter of read_many's decoding time
+    for 300 rows). Equal to the row __init__ builds; tested in tests/unit/test_online_read.py."""
+    row: OnlineRow = object.__new__(OnlineRow)
+    fields = row.__dict__
+    fields["entity_key"] = key
+    fields["window_end_ms"] = end_ms
+    fields["values"] = values
+    fields["previous"] = previous
+    fields["empty"] = empty
+    return row
 
 
 def previous_field(feast_field: bytes) -> bytes:
@@ -220,6 +283,7 @@ class RedisOnlineStore(OnlineStore):
             lateness_ms=lateness_ms(view),
             hmget_head=_resp_array_head(2 + len(read_fields)) + _resp_bulk(b"HMGET"),
             hmget_fields=b"".join(map(_resp_bulk, read_fields)),
+            bulk_keys={},
         )
         self._layouts[view.name] = layout
         return layout
@@ -287,22 +351,33 @@ class RedisOnlineStore(OnlineStore):
         return report
 
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         """read() of several views at once: one pipeline, so one round trip for all of them.
 
         The predictor reads every view of a batch of requests this way; results come back in
         the order of ``requests``, each list in the order of its keys. Each row carries its
-        previous row (one HMGET asks for both) and whether its windows are all empty.
+        previous row (one HMGET asks for both) and whether its windows are all empty; with
+        ``as_of_ms``, the previous row only where the newest is not servable at as_of_ms
+        (OnlineStore.read_many).
         """
         layouts = [self._layout(view) for view, _ in requests]
         # The commands are packed here from each layout's pre-encoded fields: redis-py's
         # per-command packing and pipeline bookkeeping cost more than Redis answering them.
         parts: list[bytes] = []
         for layout, (_, keys) in zip(layouts, requests, strict=True):
+            head, fields, cached = layout.hmget_head, layout.hmget_fields, layout.bulk_keys
             for key in keys:
-                hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
-                parts += (layout.hmget_head, _resp_bulk(hash_key), layout.hmget_fields)
+                bulk = cached.get(key)
+                if bulk is None:
+                    if len(cached) >= KEY_CACHE:
+                        cached.clear()
+                    hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
+                    bulk = cached[key] = _resp_bulk(hash_key)
+                parts += (head, bulk, fields)
         try:
             replies = self._pipelined(b"".join(parts), len(parts) // 3) if parts else []
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -318,7 +393,8 @@ class RedisOnlineStore(OnlineStore):
         for layout, (_, keys) in zip(layouts, requests, strict=True):
             chunk = replies[position : position + len(keys)]
             position += len(keys)
-            out.append(self._decode(layout, keys, chunk))
+            target = None if as_of_ms is None else window_end_at(layout.view, as_of_ms)
+            out.append(self._decode(layout, keys, chunk, target))
         return out
 
     def _pipelined(self, commands: bytes, count: int) -> list[Any]:
@@ -334,7 +410,7 @@ class RedisOnlineStore(OnlineStore):
             connection = pool.get_connection()
             try:
                 connection.send_packed_command([commands])
-                return [connection.read_response() for _ in range(count)]
+                return _read_replies(connection, count)
             except redis.TimeoutError:
                 connection.disconnect()  # replies may still arrive on it
                 raise
@@ -351,8 +427,14 @@ class RedisOnlineStore(OnlineStore):
 
     @staticmethod
     def _decode(
-        layout: _Layout, entity_keys: Sequence[str], replies: Sequence[Sequence[bytes | None]]
+        layout: _Layout,
+        entity_keys: Sequence[str],
+        replies: Sequence[Sequence[bytes | None]],
+        target: int | None = None,
     ) -> list[OnlineRow | None]:
+        """Rows from HMGET replies. The previous row is decoded only when a caller may need it:
+        ``target`` None, or the newest row's end after ``target`` (the window end due at the
+        earliest t the caller serves: the newest is not servable then, features/contract.py)."""
         # The hot path of every prediction batch: C-level map/zip, and emptiness as one list
         # comparison with the empty values (0 == 0.0 for sums; None only equals None).
         n = len(layout.fields)
@@ -364,21 +446,28 @@ class RedisOnlineStore(OnlineStore):
                 out.append(None)
                 continue
             try:
+                # Rows written by Feast itself have no end field; their _ts is the Feast
+                # source's timestamp, the servable time: window end + lateness
+                # (feature_repo/definitions.py).
+                end_ms = (
+                    int(end)
+                    if end is not None
+                    else codec.decode_timestamp_ms(ts) - layout.lateness_ms
+                )
                 newest = list(map(decode, reply[:n]))
                 previous = None
-                if previous_end is not None and end is not None:
+                if (
+                    previous_end is not None
+                    and end is not None
+                    and (target is None or end_ms > target)
+                ):
                     kept = list(map(decode, reply[n + 2 : 2 * n + 2]))
                     values = dict(zip(names, kept, strict=True))
-                    previous = OnlineRow(key, int(previous_end), values, None, kept == empties)
+                    previous = _row(key, int(previous_end), values, None, kept == empties)
             except (ValueError, IndexError, UnicodeDecodeError) as exc:
                 raise OnlineStoreError(
                     f"view {layout.view.name!r}, entity {key!r}: undecodable value: {exc}"
                 ) from None
-            # Rows written by Feast itself have no end field; their _ts is the Feast source's
-            # timestamp, the servable time: window end + lateness (feature_repo/definitions.py).
-            end_ms = (
-                int(end) if end is not None else codec.decode_timestamp_ms(ts) - layout.lateness_ms
-            )
             values = dict(zip(names, newest, strict=True))
-            out.append(OnlineRow(key, end_ms, values, previous, newest == empties))
+            out.append(_row(key, end_ms, values, previous, newest == empties))
         return out

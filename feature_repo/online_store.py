@@ -122,10 +122,18 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         """The stored row of each (view, entity key), per request in the order of its keys, with
-        its ``previous`` row and ``empty`` flag (see OnlineRow)."""
+        its ``previous`` row and ``empty`` flag (see OnlineRow).
+
+        ``as_of_ms``: the earliest time t the caller will choose rows for (features/contract.py).
+        A store may then leave ``previous`` out (None) where the newest row is servable at t
+        (its end at most window_end_at(view, t)): the contract never serves the previous row
+        there, at t or later. None: every kept previous row is returned."""
 
     def read(self, view: FeatureView, entity_keys: Sequence[str]) -> list[OnlineRow | None]:
         """The stored row of each entity of one view (None when it has none)."""

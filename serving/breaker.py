@@ -124,7 +124,10 @@ class GuardedReader:
         self.breaker = breaker
 
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         if not self.breaker.allow():
             raise BreakerOpenError(
@@ -132,7 +135,7 @@ class GuardedReader:
                 f"not asked again for {self.breaker.open_s * 1000:g} ms"
             )
         try:
-            rows = self.reader.read_many(requests)
+            rows = self.reader.read_many(requests, as_of_ms=as_of_ms)
         except OnlineStoreUnavailableError:
             self.breaker.failure()
             raise

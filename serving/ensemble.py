@@ -38,7 +38,14 @@ from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
 from serving.breaker import BreakerOpenError
 from serving.errors import FeatureStoreUnavailableError
 from serving.features import FeatureReader, JoinedRow, ServeBehind, join, read_rows, to_matrix
-from serving.model import LoadedModel, Prediction, PredictItem, StoreUnavailable, predict_degraded
+from serving.model import (
+    LoadedModel,
+    Prediction,
+    PredictItem,
+    StoreUnavailable,
+    earliest_t,
+    predict_degraded,
+)
 from serving.selection import ModelSlot
 
 log = logging.getLogger("sluice.serving.ensemble")
@@ -98,7 +105,11 @@ class Ensemble:
         arms = dict(sorted(state.arms.items()))
         production = state.production.version
         try:
-            lookup = read_rows(reader, [(a.plan, i.row) for a in arms.values() for i in items])
+            lookup = read_rows(
+                reader,
+                [(a.plan, i.row) for a in arms.values() for i in items],
+                earliest_t(items, now),
+            )
         except OnlineStoreUnavailableError as exc:
             if on_unavailable == "reject":
                 raise FeatureStoreUnavailableError(str(exc)) from exc

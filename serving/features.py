@@ -54,7 +54,10 @@ class FeatureReader(Protocol):
     """What the predictor needs of the online store (feature_repo.online_store.OnlineStore)."""
 
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]: ...
 
 
@@ -148,9 +151,14 @@ RowLookup = Mapping[tuple[str, str], OnlineRow | None]
 
 
 def read_rows(
-    reader: FeatureReader, needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]]
+    reader: FeatureReader,
+    needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]],
+    as_of_ms: int | None = None,
 ) -> dict[tuple[str, str], OnlineRow | None]:
-    """Every (view, entity key) the rows need, deduplicated, read in one round trip."""
+    """Every (view, entity key) the rows need, deduplicated, read in one round trip.
+
+    ``as_of_ms``: the earliest t any of the rows is joined at (the store may then leave out
+    previous rows the contract cannot serve at or after it: OnlineStore.read_many)."""
     wanted: dict[str, tuple[FeatureView, dict[str, None]]] = {}
     for plan, row in needs:
         for view in plan.views:
@@ -159,7 +167,7 @@ def read_rows(
     requests = [(view, list(key_set)) for view, key_set in wanted.values()]
     if not requests:
         return {}
-    results = reader.read_many(requests)
+    results = reader.read_many(requests, as_of_ms=as_of_ms)
     out: dict[tuple[str, str], OnlineRow | None] = {}
     for (view, view_keys), rows in zip(requests, results, strict=True):
         for key, online_row in zip(view_keys, rows, strict=True):

@@ -104,6 +104,11 @@ class Prediction:
     ensemble: dict[str, Any] | None = None  # Exp4 (serving/ensemble.py): who answered, weights
 
 
+def earliest_t(items: Sequence[PredictItem], now_ms: int) -> int:
+    """The earliest t the batch's rows are joined at (a row without one: now)."""
+    return min((now_ms if item.t_ms is None else item.t_ms for item in items), default=now_ms)
+
+
 def predict_batch(
     reader: FeatureReader,
     items: Sequence[PredictItem],
@@ -121,7 +126,9 @@ def predict_batch(
     the views' empty values, flagged (predict_degraded)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
-        lookup = read_rows(reader, [(item.model.plan, item.row) for item in items])
+        lookup = read_rows(
+            reader, [(item.model.plan, item.row) for item in items], earliest_t(items, now)
+        )
     except OnlineStoreUnavailableError as exc:
         if on_unavailable == "reject":
             raise FeatureStoreUnavailableError(str(exc)) from exc

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -401,57 +401,67 @@ _GETS: dict[int | str, dict[str, Any]] = {404: _ERRORS[404]}
 _PREDICT = [require(Scope.PREDICT)]
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=_GETS, dependencies=_PREDICT)
-async def model_metadata(name: str, request: Request) -> Response:
-    return await _metadata(request, name, None)
+Handler = Callable[[Request, str, str | None], Awaitable[Response]]
 
 
-@router.get(
-    "/models/{name}/versions/{version}",
+def _model_routes(
+    method: str,
+    suffix: str,
+    handler: Handler,
+    names: tuple[str, str],
+    docs: tuple[str | None, str | None] = (None, None),
+    **options: Any,
+) -> None:
+    """A model's route and its version's (``/models/{name}<suffix>`` and
+    ``/models/{name}/versions/{version}<suffix>``), both answered by ``handler`` (version None
+    for the first), named ``names`` (the OpenAPI operation ids), described by ``docs``."""
+
+    async def of_model(name: str, request: Request) -> Response:
+        return await handler(request, name, None)
+
+    async def of_version(name: str, version: str, request: Request) -> Response:
+        return await handler(request, name, version)
+
+    paths = (f"/models/{{name}}{suffix}", f"/models/{{name}}/versions/{{version}}{suffix}")
+    endpoints: tuple[Callable[..., Awaitable[Response]], ...] = (of_model, of_version)
+    for path, endpoint, name, doc in zip(paths, endpoints, names, docs, strict=True):
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            name=name,
+            description=doc,
+            dependencies=_PREDICT,
+            **options,
+        )
+
+
+_model_routes(
+    "GET",
+    "",
+    _metadata,
+    ("model_metadata", "version_metadata"),
     response_model=ModelMetadata,
     responses=_GETS,
-    dependencies=_PREDICT,
 )
-async def version_metadata(name: str, version: str, request: Request) -> Response:
-    return await _metadata(request, name, version)
-
-
-@router.get(
-    "/models/{name}/ready", response_model=ModelReady, responses=_GETS, dependencies=_PREDICT
-)
-async def model_ready(name: str, request: Request) -> Response:
-    return await _model_ready(request, name, None)
-
-
-@router.get(
-    "/models/{name}/versions/{version}/ready",
+_model_routes(
+    "GET",
+    "/ready",
+    _model_ready,
+    ("model_ready", "version_ready"),
     response_model=ModelReady,
     responses=_GETS,
-    dependencies=_PREDICT,
 )
-async def version_ready(name: str, version: str, request: Request) -> Response:
-    return await _model_ready(request, name, version)
-
-
-@router.post(
-    "/models/{name}/infer",
+_model_routes(
+    "POST",
+    "/infer",
+    _infer,
+    ("infer", "version_infer"),
+    (
+        "Predict the rows the input tensors make, with the policy's choice of version.",
+        "Predict the rows the input tensors make with this version (one of those served).",
+    ),
     response_model=InferResponse,
     responses=_ERRORS,
-    dependencies=_PREDICT,
     openapi_extra=_INFER_BODY,
 )
-async def infer(name: str, request: Request) -> Response:
-    """Predict the rows the input tensors make, with the policy's choice of version."""
-    return await _infer(request, name, None)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    response_model=InferResponse,
-    responses=_ERRORS,
-    dependencies=_PREDICT,
-    openapi_extra=_INFER_BODY,
-)
-async def version_infer(name: str, version: str, request: Request) -> Response:
-    """Predict the rows the input tensors make with this version (one of those served)."""
-    return await _infer(request, name, version)

@@ -218,7 +218,8 @@ def source_table_sql(
     if rowtime is not None:
         # The tile engine's event time (streaming/tiles.py): a computed column.
         time_column = "rt"
-        extra = f"\n  `rt` AS {rowtime},"
+        # ... and its read counts per processing-time interval (tiles.READ_INTERVAL_MS).
+        extra = f"\n  `rt` AS {rowtime},\n  `pt` AS PROCTIME(),"
     return f"""CREATE TEMPORARY TABLE `{table}` (
   `key` BYTES,
   `value` BYTES,

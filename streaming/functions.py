@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.kafka import CountingProducer
-from core.stream_stats import PrepareCounts, WindowCounts
+from core.stream_stats import PrepareCounts, StageCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import SOURCE_COLUMNS, CompiledView
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
-from streaming.windows import Added, WindowEngine, new_state
+from streaming.windows import Added, Memo, State, WindowEngine, new_state
 
 # Field positions of the rows the SQL source hands over (compile.source_query).
 KEY, VALUE, PARTITION, OFFSET, HEARTBEAT = range(len(SOURCE_COLUMNS))
@@ -33,6 +33,57 @@ KEY, VALUE, PARTITION, OFFSET, HEARTBEAT = range(len(SOURCE_COLUMNS))
 def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) -> None:
     """Call ``callback`` at the end of every bundle (see the module docstring for why a gauge)."""
     runtime_context.get_metrics_group().gauge(name, callback)
+
+
+def subtask_index(runtime_context: Any) -> int:
+    """This operator instance's index. PyFlink 2.0's thread mode (PEMJA) calls
+    RuntimeContext.getIndexOfThisSubtask, which Flink 2.0 removed (SystemError); its TaskInfo
+    still has it."""
+    try:
+        return int(runtime_context.get_index_of_this_subtask())
+    except SystemError:
+        java = runtime_context._runtime_context
+        return int(java.getTaskInfo().getIndexOfThisSubtask())
+
+
+def fire_due(
+    engine: WindowEngine,
+    publisher: RowPublisher,
+    state: State,
+    key: str,
+    timestamp: int,
+    watermark: int,
+    memo: Memo | None = None,
+) -> int | None:
+    """A timer of ``key`` fired: publish every row that became final; the key's next timer
+    (None: the key is idle, its state can go). Shared by both engines' window functions."""
+    publisher.counts.watermark = watermark
+    # Every end up to the watermark is final, not only up to this timer: after a jump of the
+    # watermark (end of input, catching up) one firing emits the whole run instead of one end
+    # per Python round trip.
+    for end, values in engine.fire(state, max(timestamp, watermark), memo):
+        publisher.add(key, end, values)
+    return engine.next_timer(state)
+
+
+def flush_writers(
+    producer: CountingProducer,
+    publisher: RowPublisher | None,
+    stats: StatsReporter,
+    counts: tuple[StageCounts, ...],
+    *,
+    final: bool = False,
+) -> None:
+    """At a bundle's end (or, ``final``, the operator's close): rows to the online store,
+    statistics, then everything the producer holds; raises if a write failed."""
+    if publisher is not None:
+        publisher.flush()
+        counts = (*counts, publisher.counts)
+    for c in counts:
+        stats.report(c, final=final)
+    producer.flush()
+    if final and publisher is not None:
+        publisher.close()
 
 
 def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
@@ -48,7 +99,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.producer = CountingProducer(ctx.settings)
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.counts = PrepareCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_prepare_flush", self.flush)
@@ -80,13 +131,11 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
                 yield outcome.key, outcome.t, outcome.values, outcome.event_id
 
         def flush(self) -> int:
-            self.stats.report(self.counts)
-            self.producer.flush()
+            flush_writers(self.producer, None, self.stats, (self.counts,))
             return self.counts.events
 
         def close(self) -> None:
-            self.stats.report(self.counts, final=True)
-            self.producer.flush()
+            flush_writers(self.producer, None, self.stats, (self.counts,), final=True)
 
     class Windows(KeyedProcessFunction):  # type: ignore[misc]
         """Tiles per key; a timer at each window end publishes the rows that became final.
@@ -106,7 +155,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             self.producer = CountingProducer(ctx.settings)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view)
             self.counts = WindowCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             # One reporter, two records: "windows" (these counts) and "publish" (the rows').
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
@@ -133,13 +182,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
                 return
             key = context.get_current_key()
             watermark = context.timer_service().current_watermark()
-            self.publisher.counts.watermark = watermark
-            # Every end up to the watermark is final, not only up to this timer: after a jump
-            # of the watermark (end of input, catching up) one firing emits the whole run
-            # instead of one end per Python round trip.
-            for end, values in self.engine.fire(state, max(timestamp, watermark)):
-                self.publisher.add(key, end, values)
-            following = self.engine.next_timer(state)
+            following = fire_due(self.engine, self.publisher, state, key, timestamp, watermark)
             if following is None:
                 self.state.clear()  # idle keys cost nothing
             else:
@@ -147,17 +190,10 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
                 self.state.update(state)
 
         def flush(self) -> int:
-            self.publisher.flush()
-            self.stats.report(self.counts)
-            self.stats.report(self.publisher.counts)
-            self.producer.flush()
+            flush_writers(self.producer, self.publisher, self.stats, (self.counts,))
             return self.counts.aggregated
 
         def close(self) -> None:
-            self.publisher.flush()
-            self.stats.report(self.counts, final=True)
-            self.stats.report(self.publisher.counts, final=True)
-            self.producer.flush()
-            self.publisher.close()
+            flush_writers(self.producer, self.publisher, self.stats, (self.counts,), final=True)
 
     return Prepare(), Windows()

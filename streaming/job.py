@@ -14,8 +14,8 @@ operator forwards it at its bundle's end (at most bundle_time_ms), the timer fir
 are written at the end of that bundle. So a row is readable about allowed_lateness + (up to one
 heartbeat interval when quiet) + 3 x 100 ms after E: 2 s + ~1.5 s against a lateness of 5 s by
 default (measured: tests/integration/test_stream_on_time.py).
-Python operators run in PyFlink's process mode (the default): thread mode would embed the
-interpreter in the JVM and needs PYTHONPATH set for the worker; process mode needs nothing.
+Python operators run in PyFlink's process mode: thread mode (PEMJA) loses the bundle-end
+flush that makes the writers at least once (JobOptions.python_mode).
 """
 
 from __future__ import annotations
@@ -72,6 +72,16 @@ class JobOptions:
     # tile (streaming/tiles.py). A view the tile engine cannot run exactly runs per event.
     # None: settings.stream_engine (streaming.runner.run resolves it).
     engine: str | None = None
+    # PyFlink's python.execution-mode: "process" (Beam workers; the default and the only mode
+    # for real runs) or "thread" (PEMJA: the interpreter embedded in the TaskManager's JVM;
+    # the venv's site-packages go on its python.pythonpath). Thread mode is for measuring
+    # only (bench.stream --python-mode thread): it has no bundles, and the writers' flush hook
+    # (functions.on_bundle_end, a gauge PyFlink reads when a bundle finishes, before a
+    # checkpoint barrier passes) becomes a Java gauge that only metric reporters read, from
+    # their own thread and never before a barrier. Rows, dead letters and statistics would
+    # then wait in the writers' buffers until the operator closes and a checkpoint could
+    # complete before they were written: not at least once, and not fresh.
+    python_mode: str = "process"
     # Where a remote job's code archive (python.files) is built; None: a temporary folder.
     code_dir: Path | None = None
     # Packages shipped beside the checkout's own (the definitions module's, when elsewhere).
@@ -169,6 +179,13 @@ def flink_configuration(
         "restart-strategy.fixed-delay.attempts": str(options.restart_attempts),
         "restart-strategy.fixed-delay.delay": "5 s",
     }
+    if options.python_mode not in ("process", "thread"):
+        raise StreamJobError(f"python_mode {options.python_mode!r} is not process or thread")
+    conf["python.execution-mode"] = options.python_mode
+    if options.python_mode == "thread":
+        import sysconfig
+
+        conf["python.pythonpath"] = sysconfig.get_paths()["purelib"]
     if restore_from is not None:
         conf["execution.state-recovery.path"] = jvm.for_flink(restore_from)
     if options.jobmanager:

@@ -8,11 +8,16 @@ event engine's window code), fires the same event-time timers and writes rows, d
 and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
 (see streaming/functions.py for why that is at least once).
 
-Counters: every record of the source is one of: a heartbeat; an event of a tile row (copies =
-aggregated + duplicates, or filtered for the entity-less rows); an event of a side row
-(filtered, late or rejected, as the event engine's parser decides). So the run's counts balance
-as the event engine's do. The three records per subtask (prepare, windows, publish) come from
-this one function.
+Counters: events are counted when read, from the read rows (per partition and 100 ms of
+processing time, streaming/tiles.py), and processed when their tile closes: every event is
+then one of: an event of a tile row (copies = aggregated + duplicates, or filtered for the
+entity-less rows); an event of a side row (filtered, late or rejected, as the event engine's
+parser decides). Between the two it is ``open`` (WindowCounts): read, its tile still open in
+the SQL window state. A stop with a snapshot carries open tiles to the next run, which closes
+them (its ``open`` goes below zero by as many), so events read over runs add up to what the
+topic holds and each run balances as events == processed + open; a bounded run ends with
+every tile closed (open == 0). Heartbeats arrive as side rows. The three records per subtask
+(prepare, windows, publish) come from this one function.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import on_bundle_end
+from streaming.functions import fire_due, flush_writers, on_bundle_end, subtask_index
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tiles import (
@@ -32,6 +37,7 @@ from streaming.tiles import (
     HEARTBEAT,
     KEY,
     KIND,
+    KIND_READ,
     KIND_SIDE,
     LATE,
     OFF,
@@ -47,6 +53,7 @@ from streaming.windows import Added, Memo, WindowEngine, new_state, prune_memo
 # The entity of side rows and filtered counts (no entity's state lives under it: they carry
 # no tile).
 SIDE_KEY = ""
+END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 
 
 def entity_of(row: Any) -> str:
@@ -77,10 +84,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.read = PrepareCounts()
             self.windows = WindowCounts()
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
+            self.ended = False  # the watermark reached its maximum: the input ended
 
         def process_element(self, row: Any, context: Any) -> None:
             read = self.read
@@ -91,11 +99,17 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             read.first_at_ms = read.first_at_ms or read.last_at_ms
             watermark = context.timer_service().current_watermark()
             read.watermark = watermark
-            if row[KIND] == KIND_SIDE:
+            kind = row[KIND]
+            if kind == KIND_READ:
+                # Counted when read; processed (below, or in side) when its tile closes.
+                read.events += row[COPIES]
+                self.windows.open += row[COPIES]
+                return
+            if kind == KIND_SIDE:
                 self.side(row, watermark)
                 return
             copies, unique = row[COPIES], row[UNIQUE]
-            read.events += copies
+            self.windows.open -= copies
             if row[KEY] is None:
                 read.filtered += copies
                 return
@@ -113,7 +127,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             if row[HEARTBEAT]:
                 read.heartbeats += 1
                 return
-            read.events += 1
+            self.windows.open -= 1  # read (a read row counts it): processed here and now
             t = row[T]
             # Late by the SQL's check (end <= W + 1 there): at least that watermark. Not late:
             # none, and the parser names why SQL could not read the event.
@@ -142,11 +156,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 return
             key = context.get_current_key()
             watermark = context.timer_service().current_watermark()
-            self.publisher.counts.watermark = watermark
+            self.ended = watermark == END_OF_INPUT
             memo = self.memos.setdefault(key, {})
-            for end, values in self.engine.fire(state, max(timestamp, watermark), memo):
-                self.publisher.add(key, end, values)
-            following = self.engine.next_timer(state)
+            following = fire_due(
+                self.engine, self.publisher, state, key, timestamp, watermark, memo
+            )
             if following is None:
                 self.memos.pop(key, None)
                 self.state.clear()
@@ -156,19 +170,20 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 self.state.update(state)
 
         def flush(self) -> int:
-            self.publisher.flush()
-            self.stats.report(self.read)
-            self.stats.report(self.windows)
-            self.stats.report(self.publisher.counts)
-            self.producer.flush()
+            counts = (self.read, self.windows)
+            flush_writers(self.producer, self.publisher, self.stats, counts)
             return self.read.events
 
         def close(self) -> None:
-            self.publisher.flush()
-            self.stats.report(self.read, final=True)
-            self.stats.report(self.windows, final=True)
-            self.stats.report(self.publisher.counts, final=True)
-            self.producer.flush()
-            self.publisher.close()
+            if self.ended:
+                # The input ended (only its end brings the watermark to its maximum; a stop
+                # with a savepoint does not): every tile has closed, so the events read are
+                # the events processed. The read rows of the last interval may be missing:
+                # a processing-time window does not fire when a Kafka source's bounded input
+                # ends (measured), so the count is taken from the closed tiles.
+                self.read.events -= self.windows.open
+                self.windows.open = 0
+            counts = (self.read, self.windows)
+            flush_writers(self.producer, self.publisher, self.stats, counts, final=True)
 
     return Tiles()

@@ -96,7 +96,10 @@ class FakeReader:
         self.rows[(view.name, key)] = OnlineRow(key, end_ms, values, kept, empty)
 
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         import time
 

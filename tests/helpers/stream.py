@@ -1,6 +1,6 @@
 """Shared by the stream engine's tests (unit and Flink): test views, row comparison, a model
 of the job's timers driving the window engine without a JVM, and the Kafka helpers of the
-Flink tests (a topic that tracks offsets, reading a topic back)."""
+Flink tests (a topic that tracks offsets, reading a topic back, the restart scenario)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import random
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from core.kafka import PRODUCER_DEFAULTS
-from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, is_heartbeat
+from core.kafka import PRODUCER_DEFAULTS, ensure_topics
+from core.records import HEARTBEAT_HEADERS, HEARTBEAT_VALUE, FeatureRow, is_heartbeat
 from core.settings import Settings
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.sources import ORDERS
@@ -288,3 +290,126 @@ def read_all(
                     yield msg
     finally:
         consumer.close()
+
+
+@dataclass
+class RestartRun:
+    """What run_restart_scenario saw: the two runs' reports and the topic both read."""
+
+    topic: Topic
+    stopped_at: Any  # streaming.monitor.ViewReport of run 1 (stopped with a savepoint)
+    resumed: Any  # ... of run 2 (restored from it)
+    final_w: int  # the final watermark: sentinels past it stay in open windows/tiles
+
+
+def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) -> RestartRun:
+    """The restart tests' scenario (test_flink_restart.py, test_flink_tiles_restart.py): run 1
+    reads 15 minutes of simulated courier pings and is stopped (with a savepoint) as soon as a
+    probe's closing row is readable online, while later windows are still open in its state;
+    10 more minutes, a closing probe and a sentinel per partition follow; run 2 restores the
+    savepoint, reads only what run 1 had not, and finishes the windows that were open.
+    Checks what holds for every engine (stop and restore, no late events, together the runs
+    emit exactly the reference rows up to the final watermark, windows open at the stop are
+    emitted by run 2); the callers check the counts."""
+    from examples.delivery.simulate import DeliverySimulator
+    from feature_repo.online_store import open_online_store
+    from features.reference import compute_view, with_closing_rows
+    from streaming.compile import features_topic
+    from streaming.runner import run as run_stream
+
+    tag = f"r{uuid.uuid4().hex[:8]}"
+    settings = stack_settings.model_copy(
+        update={
+            "dead_letter_topic": f"{tag}.dead-letter",
+            "state_dir": tmp_path,
+            "feast_project": tag,
+            "stream_engine": engine,
+        }
+    )
+    source = zone_couriers.source.model_copy(update={"topic": f"{tag}.events.courier_pings"})
+    view = zone_couriers.model_copy(update={"name": f"zone_couriers_{tag}", "source": source})
+    ensure_topics(settings, [source.topic], partitions=PARTITIONS)
+    topic = Topic(settings, source)
+    lateness = int(source.allowed_lateness.total_seconds() * 1000)
+    time_field = source.event_time_field
+    pings = (
+        e for e in DeliverySimulator(seed=3, start_ms=START).events() if e.source == source.name
+    )
+
+    def row_is_online(entity: str, end: int) -> bool:
+        with open_online_store(settings) as store:
+            row = store.read(view, [entity])[0]
+        return row is not None and row.window_end_ms >= end
+
+    # Phase A: 15 minutes of pings; a probe at minute 2 closes at minute 13.
+    probe_time = START + 2 * 60_000
+    probe_end = closing_end(view, probe_time)
+    newest = START
+    for event in pings:
+        values = topic.canonical(event.payload).values
+        if values[time_field] >= START + 15 * 60_000:
+            break
+        if probe_time <= values[time_field] and probe_time > newest:
+            topic.produce(hand_made(source, probe_time, "z-probe"))
+        topic.produce(values)
+        newest = values[time_field]
+    topic.flush()
+    phase_a = len(topic.events)
+
+    lines: list[str] = []
+    first = run_stream(
+        settings,
+        [view],
+        echo=lines.append,
+        report_every_s=5,
+        should_stop=lambda: row_is_online("z-probe", probe_end),
+    )
+    assert first.status == "STOPPED"
+    assert first.savepoint is not None
+    stopped_at = first.views[view.name]
+    assert stopped_at.late == 0
+    stop_w, newest_a = stopped_at.watermark, newest
+    assert stop_w is not None
+    assert probe_end <= stop_w <= newest_a - lateness
+
+    # Phase B: 10 more minutes, then a closing probe and a sentinel per partition.
+    for event in pings:
+        values = topic.canonical(event.payload).values
+        if values[time_field] >= START + 25 * 60_000:
+            break
+        topic.produce(values)
+        newest = values[time_field]
+    final_w = closing_end(view, newest)
+    final_probe = final_w - view.max_window.size_ms - view.slide_ms
+    topic.produce(hand_made(source, final_probe, "z-final"))
+    for p in range(PARTITIONS):
+        topic.produce(hand_made(source, final_w + lateness, f"z-end-{p}"), p)
+    topic.flush()
+    assert len(topic.events) > phase_a
+
+    second = run_stream(
+        settings,
+        [view],
+        echo=lines.append,
+        report_every_s=5,
+        should_stop=lambda: row_is_online("z-final", final_w),
+    )
+    assert any("restoring" in line and "savepoint" in line for line in lines), lines
+    resumed = second.views[view.name]
+    assert resumed.late == 0
+
+    want = {
+        k: v
+        for k, v in with_closing_rows(view, compute_view(view, topic.events)).items()
+        if k[1] <= final_w
+    }
+    got: dict[tuple[str, int], Any] = {}
+    for msg in read_all(settings, features_topic(view.name)):
+        row = FeatureRow.decode(msg.value())
+        key = (row.entity_key, row.window_end_ms)
+        assert key not in got or got[key] == row.values
+        got[key] = row.values
+    assert row_differences(got, want) == []
+    # Windows that were open at the stop, holding events of run 1, were emitted by run 2.
+    assert any(stop_w < end <= newest_a + view.max_window.size_ms for _, end in want)
+    return RestartRun(topic, stopped_at, resumed, final_w)

@@ -317,6 +317,56 @@ def test_a_batched_read_answers_newest_and_previous_of_every_view_in_one_round_t
         assert {r.previous.window_end_ms for r in rows if r is not None and r.previous} == {END}
 
 
+def test_as_of_leaves_out_only_previous_rows_the_contract_cannot_serve(online):
+    from features.contract import lateness_ms
+
+    view = restaurant_orders
+    online.write(view, [orders_row("asof", END, 1), orders_row("asof", END + 60_000, 2)])
+    servable = END + 60_000 + lateness_ms(view)  # the newest row is due from here on
+    (before,) = online.read_many([(view, ["asof"])], as_of_ms=servable - 1)[0]
+    (after,) = online.read_many([(view, ["asof"])], as_of_ms=servable)[0]
+    (plain,) = online.read(view, ["asof"])
+    assert before == after == plain == orders_row("asof", END + 60_000, 2)
+    assert before is not None
+    assert after is not None
+    assert plain is not None
+    # Not servable yet at t: the contract may serve the previous row, so it is there.
+    assert before.previous == plain.previous == orders_row("asof", END, 1)
+    assert after.previous is None  # servable: the previous row is never served at t or later
+    assert (before.empty, after.empty) == (False, False)
+
+
+def test_an_error_reply_in_a_batched_read_names_the_views(settings, online):
+    import redis
+
+    client: Any = redis.Redis.from_url(settings.redis_url)
+    key = codec.entity_hash_key(codec.entity_key_prefix("zone_id"), "not-a-hash", "online_test")
+    client.set(key, b"x")  # HMGET on it: WRONGTYPE
+    with pytest.raises(OnlineStoreError, match=r"zone_couriers.*WRONGTYPE"):
+        online.read_many([(zone_couriers, ["not-a-hash"])])
+    online.write(
+        zone_couriers, [OnlineRow("after", END, random_values(zone_couriers, random.Random(3)))]
+    )
+    assert online.read(zone_couriers, ["after"])[0] is not None  # the connection is usable
+
+
+def test_a_read_redis_does_not_answer_in_time_is_unavailable_and_the_next_one_works(settings):
+    import redis
+
+    from feature_repo.errors import OnlineStoreUnavailableError
+
+    with RedisOnlineStore(settings.redis_url, settings.feast_project, read_timeout_s=0.05) as slow:
+        slow.write(
+            zone_couriers, [OnlineRow("late", END, random_values(zone_couriers, random.Random(4)))]
+        )
+        client: Any = redis.Redis.from_url(settings.redis_url)
+        client.execute_command("CLIENT", "PAUSE", 300, "ALL")  # every client waits 300 ms
+        with pytest.raises(OnlineStoreUnavailableError, match="did not answer"):
+            slow.read_many([(zone_couriers, ["late"] * 50)])
+        client.execute_command("CLIENT", "UNPAUSE")
+        assert slow.read(zone_couriers, ["late"])[0] is not None
+
+
 def test_the_factory_opens_this_store_and_it_answers_a_ping(settings):
     with open_online_store(settings) as opened:
         assert isinstance(opened, RedisOnlineStore)

@@ -42,7 +42,10 @@ class MemoryStore(OnlineStore):
         return report
 
     def read_many(
-        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         return [[self.rows.get((view.name, key)) for key in keys] for view, keys in requests]
 
