@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import suppress
@@ -147,3 +148,20 @@ def feature_rows(settings: Settings, view: FeatureView) -> tuple[dict[tuple[str,
             assert got[key] == row.values, f"row {key} repeated with other values"
         got[key] = row.values
     return got, repeats
+
+
+def background(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`sluice <args>` as a child process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen([SLUICE, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    """Send ``sig`` (if it still runs) and wait; killed after ``timeout``. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=30)

@@ -81,11 +81,10 @@ from tests.helpers.cluster_stack import (
     tagged_sources,
     with_storage,
 )
-from tests.helpers.pipeline import sluice_env
+from tests.helpers.pipeline import background, sluice_env, stop
 from tests.helpers.serve_process import ServeProcess
 from tests.helpers.spark import canonical, isolated_settings
 from tests.helpers.stream import START, closing_end, hand_made, row_differences
-from tests.integration.test_live_consistency import background, stop
 from tests.integration.test_spark_parity import (
     DAY,
     DAY0,

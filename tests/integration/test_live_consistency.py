@@ -34,6 +34,7 @@ from features.contract import RowStatus, StoredRow, choose_row
 from features.definitions import FeatureService, FeatureView
 from features.reference import empty_row
 from infra.stack import free_port
+from tests.helpers.pipeline import background, stop
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.spark, pytest.mark.slow]
@@ -65,21 +66,6 @@ def sluice(env: dict[str, str], *args: str, timeout: float = 180) -> str:
     )
     assert proc.returncode == 0, f"sluice {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-def background(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([SLUICE, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=30)
 
 
 class Sampler(threading.Thread):
