@@ -173,6 +173,11 @@ class PredictionRecord:
     # Shadow traffic (serving/rollout.py), optional: a candidate version's prediction on a
     # mirrored request, never answered; shadow_of is the prediction_id of the answer it shadows.
     shadow_of: str | None = None
+    # The probability the selection policy gave the answering version for this row
+    # (serving/selection.ModelSlot.pick), for off-policy evaluation of other policies
+    # (inverse propensity scoring); None: no choice was made (a named version, a shadow,
+    # an Exp4 ensemble) and in older records.
+    propensity: float | None = None
     v: int = VERSION
 
     @property
@@ -206,6 +211,8 @@ class PredictionRecord:
             record["ensemble"] = self.ensemble
         if self.shadow_of is not None:
             record["shadow_of"] = self.shadow_of
+        if self.propensity is not None:
+            record["propensity"] = self.propensity
         # Numpy scalars may reach request and features from the model's side.
         return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -264,6 +271,7 @@ class PredictionRecord:
             degraded=None if f.obj.get("degraded") is None else f.strings("degraded"),
             ensemble=cls._ensemble(f),
             shadow_of=f.opt_text("shadow_of"),
+            propensity=f.opt_number("propensity"),
             v=f.version,
         )
 

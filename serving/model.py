@@ -91,6 +91,9 @@ class PredictItem:
     # t of the availability contract: the request's arrival, or the row's event_time (replays);
     # None: when the batch reads its features.
     t_ms: int | None = None
+    # The probability the selection gave this version (ModelSlot.pick); None: no choice made
+    # (the caller named the version, a shadow, an Exp4 ensemble).
+    propensity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Prediction:
     time_ms: int
     joined: JoinedRow
     ensemble: dict[str, Any] | None = None  # Exp4 (serving/ensemble.py): who answered, weights
+    propensity: float | None = None  # PredictItem.propensity of the row
 
 
 def earliest_t(items: Sequence[PredictItem], now_ms: int) -> int:
@@ -184,5 +188,13 @@ def _predict(
             else cache.predict(model.name, model.version, matrix, model.predict)
         )
         for i, row, value in zip(indices, joined, predicted, strict=True):
-            out[i] = Prediction(uuid.uuid4().hex, model.name, model.version, float(value), now, row)
+            out[i] = Prediction(
+                uuid.uuid4().hex,
+                model.name,
+                model.version,
+                float(value),
+                now,
+                row,
+                propensity=items[i].propensity,
+            )
     return [p for p in out if p is not None]

@@ -220,14 +220,15 @@ class Predictor:
             )
         context = self.settings.bandit_context_field  # Exp4/contextual state per value
         state = served.slot.state  # one state for the choices and the shadows
-        items = [
-            PredictItem(
-                fixed or served.slot.choose(str(row.get(context, "")) if context else "", state),
-                row,
-                arrived_ms if t is None else t,
-            )
-            for row, t in checked
-        ]
+        items = []
+        for row, t in checked:
+            t_ms = arrived_ms if t is None else t
+            if fixed is not None:
+                items.append(PredictItem(fixed, row, t_ms))
+                continue
+            key = str(row.get(context, "")) if context else ""
+            model, propensity = served.slot.pick(key, state)
+            items.append(PredictItem(model, row, t_ms, propensity))
         self.metrics.queue_depth.labels(served.slot.name).set(served.batchers.queued)
         budget = deadlines.budget_s(deadline_ms, timeout_header, self.settings)
         try:
@@ -289,6 +290,7 @@ class Predictor:
             degraded=joined.degraded or None,
             ensemble=prediction.ensemble,
             shadow_of=shadow_of,
+            propensity=None if shadow_of is not None else prediction.propensity,
         )
         self.log.send(
             self.settings.prediction_topic, prediction.prediction_id.encode(), record.encode()

@@ -240,13 +240,37 @@ class ModelSlot:
         self.rng = random.Random()
 
     def choose(self, context: str = "", state: SlotState | None = None) -> LoadedModel:
+        return self.pick(context, state)[0]
+
+    def pick(
+        self, context: str = "", state: SlotState | None = None
+    ) -> tuple[LoadedModel, float | None]:
+        """The version that answers, and the probability it had of being chosen (the
+        propensity the prediction log carries, so that a policy can be evaluated off-policy
+        from logged traffic: inverse propensity scoring). None for Exp4, whose answer is the
+        ensemble's, not one version's."""
         state = state or self.state  # one read: the whole choice uses one state
-        if state.canary is not None and self.rng.random() < state.canary_share:
-            return state.canary
-        if len(state.arms) == 1:
-            return state.production
-        version = self.policy.choose(sorted(state.arms), state.production.version, context)
-        return state.arms[version]
+        canary = state.canary
+        if canary is None and len(state.arms) == 1:
+            return state.production, 1.0  # the common case, on every request: no choice
+        share = state.canary_share if canary is not None else 0.0
+        if canary is not None and self.rng.random() < share:
+            model = canary
+        elif len(state.arms) == 1:
+            model = state.production
+        else:
+            versions = sorted(state.arms)
+            model = state.arms[self.policy.choose(versions, state.production.version, context)]
+        if self.policy.kind == "exp4":
+            return model, None
+        versions = sorted(state.arms)
+        p_policy = (
+            self.policy.weights(versions, state.production.version, context)
+            if len(versions) > 1
+            else {state.production.version: 1.0}
+        )
+        canary_p = share if canary is not None and model.version == canary.version else 0.0
+        return model, canary_p + (1.0 - share) * p_policy.get(model.version, 0.0)
 
     def swap(
         self,

@@ -244,6 +244,8 @@ def test_shadow_predicts_on_both_replicas_is_logged_and_never_answers(
     answers_logged = [r for r in records if r.shadow_of is None and r.prediction_id in ids]
     assert len(answers_logged) == len(ids)
     assert {r.model_version for r in answers_logged} == {1}
+    assert {r.propensity for r in answers_logged} == {1.0}
+    assert {r.propensity for r in mine} == {None}  # a shadow is no choice
     at_rest(replicas)
 
 

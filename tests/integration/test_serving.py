@@ -241,6 +241,7 @@ def test_every_prediction_and_feedback_arrives_in_its_topic(settings, models):
     assert record.v == PredictionRecord.VERSION
     assert set(record.features) == set(delivery_eta.feature_refs())
     assert record.model_version == 1
+    assert record.propensity == 1.0  # one version served: chosen with certainty
     assert record.latency_ms > 0
     assert set(record.feature_ages_ms) == {v.name for v in VIEWS}
     assert record.window_ends_ms is not None
