@@ -28,13 +28,18 @@ the check saw, so nothing is lost silently; counts in == counts out.
 
 Partial states per slot, from the deduplicated events of a tile (features/aggregations.py):
   count           COUNT(*)
-  sum, mean       COUNT(x), SUM(x)                    -> (n, (sum, 0.0))
+  sum, mean       COUNT(x), sluice_sum(x)              -> (n, (hi, lo))
   min, max        MIN(x), MAX(x)
   last            MAX(19-digit t || sortable value)    -> (t, value): greatest t, then value
-  stddev          sluice_moments(x), a Java aggregate (streaming/java/sluice/Moments.java):
-                  the reference's (n, c, d, M2) state, Welford per value and Chan's merge, so
-                  a large mean with a small spread keeps its digits (sums of squares would not)
+  stddev          sluice_moments(x)                    -> the reference's (n, c, d, M2)
   count_distinct  JSON_STRING(ARRAY_AGG(DISTINCT x))   -> set
+Sums and moments are exact in the JVM (Java aggregates over BigDecimal sums: ExactSum.java,
+Moments.java in streaming/java/sluice), then rounded once: Flink SQL's SUM(DOUBLE) rounds at
+every addition in an order that is not fixed (the window aggregate's local/global phases
+flush at watermarks and checkpoint barriers, a cascaded window emits in its timer queue's
+order), so a tile summed again after a restore could differ in its last bits and a replayed
+row differ from the row emitted before (seen in test_fault_pipeline). A tile's state depends
+only on its events. Python merges the tiles of a window in bucket order, as before.
 A view the tile engine cannot express exactly (last over a float column) runs on the event
 engine (tile_support).
 
@@ -79,7 +84,6 @@ LAST_TIME_DIGITS = 19
 # streaming/java/sluice/Moments.java: the Stddev state (n, c, d, M2) of features/aggregations.py,
 # as a JSON object (JSON_STRING; Java's double to text round-trips exactly). Arrays and rows
 # do not cross to PyFlink's DataStream (its type conversion fails on them), text does.
-_MOMENTS = ("n", "c", "d", "m2")
 # BIGINT values sort as strings once shifted to non-negative: "1" + 19 digits for x >= 0,
 # "0" + 19 digits of x + (2^63 - 1) for x < 0.
 _LONG_MAX = 9_223_372_036_854_775_807
@@ -168,7 +172,7 @@ def _slot_sql(
     c = f"`{column}`"
     x = f"CAST({c} AS DOUBLE)"
     if function in (F.SUM, F.MEAN):
-        return [(f"COUNT({c})", "BIGINT"), (f"SUM({x})", "DOUBLE")]
+        return [(f"COUNT({c})", "BIGINT"), (f"sluice_sum({x})", "STRING")]
     if function is F.MIN:
         return [(f"MIN({x})", "DOUBLE")]
     if function is F.MAX:
@@ -291,7 +295,7 @@ def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]
             if function is F.COUNT:
                 states.append(first or None)
             elif function in (F.SUM, F.MEAN):
-                total = (float(row[at + 1]), 0.0) if first else None
+                total = decode_sum(row[at + 1]) if first else None
                 states.append(total if function is F.SUM or total is None else (first, total))
             elif function in (F.MIN, F.MAX):
                 states.append(first)
@@ -300,10 +304,23 @@ def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]
                 states.append(None if first is None else decode_last(first, field_type))
             elif function is F.STDDEV:
                 moments = None if first is None else orjson.loads(first)
-                states.append(None if moments is None else tuple(moments[f] for f in _MOMENTS))
+                states.append(None if moments is None else decode_moments(moments))
             else:
                 values = () if first is None else orjson.loads(first) or ()
                 states.append({v for v in values if v is not None} or None)
         return states
 
     return decode
+
+
+def decode_sum(text: str) -> tuple[float, float]:
+    """sluice_sum's "hi lo" (streaming/java/sluice/ExactSum.java): the exact sum as the
+    compensated state (total, error) of features/aggregations.py."""
+    hi, lo = text.split(" ")
+    return float(hi), float(lo)
+
+
+def decode_moments(state: dict[str, Any]) -> tuple[int, float, float, float]:
+    """sluice_moments' JSON object as the Stddev state; float() reads a non-finite value that
+    JSON_STRING wrote as text."""
+    return int(state["n"]), float(state["c"]), float(state["d"]), float(state["m2"])

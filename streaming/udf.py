@@ -18,7 +18,11 @@ from streaming.errors import StreamJobError
 
 JAVA_DIR = Path(__file__).resolve().parent / "java"
 # SQL name -> Java class.
-FUNCTIONS = {"sluice_moments": "sluice.Moments", "sluice_json_fields": "sluice.JsonFields"}
+FUNCTIONS = {
+    "sluice_moments": "sluice.Moments",
+    "sluice_sum": "sluice.ExactSum",
+    "sluice_json_fields": "sluice.JsonFields",
+}
 COMPILE_TIMEOUT_S = 120
 
 
