@@ -38,6 +38,7 @@ from features.definitions import FeatureService, FeatureView
 from features.reference import empty_row
 from infra.stack import free_port
 from tests.helpers.pipeline import background, stop
+from tests.helpers.stream import wait_until_reading
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.spark, pytest.mark.slow]
@@ -178,7 +179,10 @@ def test_value_served_at_t_is_the_value_training_uses_for_t(tmp_path: Path, spar
         procs["stream"] = background(env, logs["stream"], "stream", "--report-every", "5")
         procs["archive"] = background(env, logs["archive"], "archive", "--idle-timeout", "600")
         procs["ingest"] = background(env, logs["ingest"], "ingest", "--idle-timeout", "600")
-        time.sleep(15)  # the Flink job starts (the events wait in Kafka meanwhile)
+        # The Flink job starts and reads ingest's heartbeats before any event is produced: on
+        # a loaded machine that took from 20 s to over a minute, and a fixed wait sampled a
+        # stream that had not started yet.
+        wait_until_reading(logs["stream"], [v.name for v in VIEWS], 240)
         events = RATE * PRODUCE_S
         procs["produce"] = background(
             env, logs["produce"], "produce", "--rate", str(RATE), "--events", str(events)
