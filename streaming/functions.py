@@ -46,6 +46,16 @@ def subtask_index(runtime_context: Any) -> int:
         return int(java.getTaskInfo().getIndexOfThisSubtask())
 
 
+def subtask_slot(runtime_context: Any) -> tuple[int, int]:
+    """(index, parallelism) of this operator instance (see subtask_index for thread mode)."""
+    try:
+        parallelism = int(runtime_context.get_number_of_parallel_subtasks())
+    except SystemError:
+        java = runtime_context._runtime_context
+        parallelism = int(java.getTaskInfo().getNumberOfParallelSubtasks())
+    return subtask_index(runtime_context), parallelism
+
+
 def fire_due(
     engine: WindowEngine,
     publisher: RowPublisher,
@@ -57,7 +67,7 @@ def fire_due(
 ) -> int | None:
     """A timer of ``key`` fired: publish every row that became final; the key's next timer
     (None: the key is idle, its state can go). Shared by both engines' window functions."""
-    publisher.counts.watermark = watermark
+    publisher.observe(watermark)
     # Every end up to the watermark is final, not only up to this timer: after a jump of the
     # watermark (end of input, catching up) one firing emits the whole run instead of one end
     # per Python round trip.
@@ -77,7 +87,7 @@ def flush_writers(
     """At a bundle's end (or, ``final``, the operator's close): rows to the online store,
     statistics, then everything the producer holds; raises if a write failed."""
     if publisher is not None:
-        publisher.flush()
+        publisher.flush(final)
         counts = (*counts, publisher.counts)
     for c in counts:
         stats.report(c, final=final)
@@ -153,15 +163,17 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             descriptor = ValueStateDescriptor("windows", Types.PICKLED_BYTE_ARRAY())
             self.state = runtime_context.get_state(descriptor)
             self.producer = CountingProducer(ctx.settings)
-            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
+            slot = subtask_slot(runtime_context)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
             self.counts = WindowCounts()
-            index = subtask_index(runtime_context)
+            index = slot[0]
             # One reporter, two records: "windows" (these counts) and "publish" (the rows').
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
 
         def process_element(self, event: tuple[str, int, Any, int], context: Any) -> None:
             _key, t, values, event_id = event
+            self.publisher.observe(context.timer_service().current_watermark())
             state = self.state.value() or new_state()
             added = self.engine.add(state, t, values, event_id)
             if added is Added.DUPLICATE:
