@@ -29,7 +29,13 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import fire_due, flush_writers, on_bundle_end, subtask_slot
+from streaming.functions import (
+    ProgressClock,
+    fire_due,
+    flush_writers,
+    on_bundle_end,
+    subtask_slot,
+)
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tiles import (
@@ -82,6 +88,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
+            self.clock = ProgressClock(self.publisher)
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.read = PrepareCounts()
             self.windows = WindowCounts()
@@ -100,6 +107,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             watermark = context.timer_service().current_watermark()
             read.watermark = watermark
             self.publisher.observe(watermark)
+            self.clock.start(context)
             kind = row[KIND]
             if kind == KIND_READ:
                 # Counted when read; processed (below, or in side) when its tile closes.
@@ -152,6 +160,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
 
         def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
             yield from ()
+            if self.clock.tick(context):
+                return
             state = self.state.value()
             if state is None:
                 return

@@ -80,3 +80,70 @@ def test_a_stop_before_the_end_of_input_claims_no_more(published):
     publisher.observe(20_000)
     publisher.flush(final=True)
     assert log == [("progress", "restaurant_orders", 1, 2, 10_000)]
+
+
+class _Timers:
+    def __init__(self, now: int, watermark: int) -> None:
+        self.now, self.watermark = now, watermark
+        self.registered: list[int] = []
+
+    def current_processing_time(self) -> int:
+        return self.now
+
+    def current_watermark(self) -> int:
+        return self.watermark
+
+    def register_processing_time_timer(self, t: int) -> None:
+        self.registered.append(t)
+
+
+class _Context:
+    def __init__(self, key: str, timers: _Timers, domain: Any = None) -> None:
+        self.key, self.timers, self.domain = key, timers, domain
+
+    def get_current_key(self) -> str:
+        return self.key
+
+    def timer_service(self) -> _Timers:
+        return self.timers
+
+    def time_domain(self) -> Any:
+        return self.domain
+
+
+def test_a_quiet_operator_keeps_publishing_its_progress_from_clock_ticks(published):
+    from pyflink.datastream import TimeDomain
+
+    from streaming.functions import ProgressClock
+
+    publisher, log = published
+    clock = ProgressClock(publisher)
+    timers = _Timers(now=1_050, watermark=5_000)
+    clock.start(_Context("r1", timers))
+    clock.start(_Context("r2", timers))  # one chain per instance
+    assert timers.registered == [1_200]  # aligned to the tick
+    # An event-time timer is not the clock's.
+    assert not clock.tick(_Context("r1", timers, TimeDomain.EVENT_TIME))
+    # No element for a while: the ticks carry the watermark on.
+    for now, watermark in ((1_200, 6_000), (1_400, 7_000)):
+        timers.now, timers.watermark = now, watermark
+        assert clock.tick(_Context("r1", timers, TimeDomain.PROCESSING_TIME))
+    publisher.flush()
+    assert log[-1] == ("progress", "restaurant_orders", 1, 2, 6_000)
+    assert timers.registered == [1_200, 1_400, 1_600]
+    # A chain on another key (restored from a checkpoint) ends at its next tick.
+    assert clock.tick(_Context("r9", timers, TimeDomain.PROCESSING_TIME))
+    assert timers.registered == [1_200, 1_400, 1_600]
+
+
+def test_after_a_restore_the_restored_chain_is_adopted(published):
+    from pyflink.datastream import TimeDomain
+
+    from streaming.functions import ProgressClock
+
+    publisher, _ = published
+    clock = ProgressClock(publisher)
+    timers = _Timers(now=2_010, watermark=1)
+    assert clock.tick(_Context("r5", timers, TimeDomain.PROCESSING_TIME))
+    clock.start(_Context("r1", timers))  # the restored chain runs: no second one
+    assert timers.registered == [2_200]
