@@ -268,8 +268,12 @@ def test_value_served_at_t_is_the_value_training_uses_for_t(tmp_path: Path, spar
     assert len(unflagged) <= len(samples) // 1000, summary
     # The stream published its progress per view, and the choice used it.
     assert sampler.with_progress > len(samples) * 0.9, (sampler.with_progress, len(samples))
-    flagged = sum(s.status is RowStatus.BEHIND for s in samples)
-    print(f"behind: {flagged} of {len(samples)} samples; mismatches {len(mismatches)}")
+    flagged = [s for s in samples if s.status is RowStatus.BEHIND]
+    quiet = sum(not outage_ms[0] <= s.t_ms <= outage_ms[1] for s in flagged)
+    print(
+        f"behind: {len(flagged)} of {len(samples)} samples ({quiet} outside the outage "
+        f"{outage_ms}); mismatches {len(mismatches)}"
+    )
     # Outside ingest's outage the stream keeps the contract: >= 99.9% equal row by row.
     outside = [s for s in samples if not outage_ms[0] <= s.t_ms <= outage_ms[1]]
     differ = [m for m in mismatches if not outage_ms[0] <= m[0].t_ms <= outage_ms[1]]
