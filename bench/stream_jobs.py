@@ -1,6 +1,6 @@
 """bench.stream's comparison jobs and measurements: the parse-only PyFlink baseline, the Flink
-SQL decode-only ceiling, the RSS of the local Flink cluster, and the same job on a session
-cluster of its own (see bench/stream.py)."""
+SQL decode-only ceiling, the tile engine's SQL alone, the RSS of the local Flink cluster, and
+the same job on a session cluster of its own (see bench/stream.py)."""
 
 from __future__ import annotations
 
@@ -121,6 +121,59 @@ def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: in
             f"INSERT INTO `{table}_sink` SELECT CAST(`_part` AS BIGINT) + `_off` + "
             f"COALESCE(`_t`, 0) + CHAR_LENGTH(COALESCE(`_k0`, '')) + "
             f"CASE WHEN `_kept` AND NOT `_side` THEN 1 ELSE 0 END FROM `{table}_marked`"
+        )
+    statements.execute().wait()
+    return time.monotonic() - started
+
+
+def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions) -> float:
+    """Wall seconds of the tile engine's whole query (streaming/tiles.py: decode, late check,
+    deduplication, tiles, read counts) into a blackhole, no Python: what the SQL side costs,
+    against the ceiling (decode only) and the full job (the Python operator on top). The
+    job's own Flink configuration (streaming/job.py), so the two differ only in the Python."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    from streaming.tiles import rowtime_column, tile_query
+    from streaming.udf import FUNCTIONS, udf_jar
+
+    started = time.monotonic()
+    conf = Configuration()
+    base = settings.state_dir / "flink" / "bench-tiles-sql"
+    for key, value in flink_configuration(
+        base, "bench-tiles-sql", options, bounded=True, restore_from=None
+    ).items():
+        conf.set_string(key, value)
+    conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    for function, java_class in FUNCTIONS.items():
+        t_env.create_java_temporary_system_function(function, java_class)
+    statements = t_env.create_statement_set()
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"tiles_sql_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled,
+                table,
+                settings.kafka_bootstrap,
+                {},
+                stop[compiled.topic],
+                rowtime=rowtime_column(compiled),
+            ).replace("sluice-stream-", "bench-tiles-sql-")
+        )
+        views, query = tile_query(compiled, table)
+        for statement in views:
+            t_env.execute_sql(statement)
+        t_env.execute_sql(
+            f"CREATE TEMPORARY TABLE `{table}_sink` (n BIGINT) WITH ('connector' = 'blackhole')"
+        )
+        statements.add_insert_sql(
+            f"INSERT INTO `{table}_sink` SELECT `copies` + `uniq` + "
+            f"CHAR_LENGTH(COALESCE(`k`, '')) FROM ({query})"
         )
     statements.execute().wait()
     return time.monotonic() - started
