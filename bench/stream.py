@@ -317,10 +317,43 @@ DEFAULT_ENGINES = "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-
 
 @dataclasses.dataclass
 class Measured:
-    rate: float  # marginal events/s
-    seconds: float  # the full run
+    rate: float = 0.0  # marginal events/s
+    seconds: float = 0.0  # the full run
     rows: int | None = None
     peak_rss_mb: float | None = None
+    runs: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (events, CPU s)
+
+    @property
+    def cpu_us(self) -> float | None:
+        """Marginal CPU microseconds per event of the local Flink cluster (JVM and Python
+        workers), between the small and the full run; robust to a shared machine's load."""
+        if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
+            return None
+        (n0, c0), (n1, c1) = self.runs[-2:]
+        return (c1 - c0) / (n1 - n0) * 1e6
+
+
+def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
+    """offsets -> wall seconds of one run of the engine's job."""
+    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot"):
+        job_options = dataclasses.replace(options, engine=engine.split("-")[0])
+        if engine == "tiles-p2":
+            job_options = dataclasses.replace(job_options, parallelism=2)
+        if engine == "tiles-thread":
+            job_options = dataclasses.replace(job_options, python_mode="thread")
+
+        def run(offsets: dict[str, dict[int, int]]) -> float:
+            seconds, found.rows = engine_run(settings, offsets, job_options)
+            return seconds
+
+        return run
+    if engine == "tiles-sql":
+        return lambda o: tiles_sql(settings, o, options)
+    if engine == "baseline":
+        return lambda o: baseline(settings, o, options.parallelism)
+    if engine == "ceiling":
+        return lambda o: ceiling(settings, o, options.parallelism)
+    raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
 
 
 def measure_engine(
@@ -330,41 +363,27 @@ def measure_engine(
     small: dict[str, dict[int, int]],
     options: JobOptions,
 ) -> Measured:
-    """One engine's marginal rate over the preloaded events (see marginal)."""
-    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot"):
-        job_options = dataclasses.replace(options, engine=engine.split("-")[0])
-        if engine == "tiles-p2":
-            job_options = dataclasses.replace(job_options, parallelism=2)
-        if engine == "tiles-thread":
-            job_options = dataclasses.replace(job_options, python_mode="thread")
-        found = Measured(0.0, 0.0, 0, 0.0)
-
-        def job(offsets: dict[str, dict[int, int]]) -> float:
-            with PeakRss() as rss:
-                seconds, n = engine_run(settings, offsets, job_options)
-            found.rows = n
-            found.peak_rss_mb = max(found.peak_rss_mb or 0.0, rss.peak)
-            return seconds
-
-        found.rate, found.seconds = marginal(job, stop, small)
-        return found
-    if engine == "tiles-sql":
-        return Measured(*marginal(lambda o: tiles_sql(settings, o, options), stop, small))
-    if engine == "baseline":
-        return Measured(
-            *marginal(lambda o: baseline(settings, o, options.parallelism), stop, small)
-        )
-    if engine == "ceiling":
-        return Measured(*marginal(lambda o: ceiling(settings, o, options.parallelism), stop, small))
+    """One engine's marginal rate over the preloaded events (see marginal), with the peak RSS
+    and the CPU time of the local Flink cluster in each run."""
+    found = Measured()
     if engine == "tiles-cluster":
-        return Measured(
-            *on_cluster(
-                settings,
-                lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
-                dataclasses.replace(options, engine="tiles"),
-            )
+        found.rate, found.seconds = on_cluster(
+            settings,
+            lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
+            dataclasses.replace(options, engine="tiles"),
         )
-    raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+        return found
+    run = _job(engine, settings, options, found)
+
+    def job(offsets: dict[str, dict[int, int]]) -> float:
+        with PeakRss() as rss:
+            seconds = float(run(offsets))
+        found.peak_rss_mb = max(found.peak_rss_mb or 0.0, rss.peak)
+        found.runs.append((sum(sum(o.values()) for o in offsets.values()), rss.cpu_s))
+        return seconds
+
+    found.rate, found.seconds = marginal(job, stop, small)
+    return found
 
 
 @contextlib.contextmanager
@@ -454,12 +473,13 @@ def report(
     top = results["ceiling"].rate if "ceiling" in results else 0.0
     print(
         f"{'job':13} {'events/s':>10} {'full run s':>10} {'x baseline':>10} {'x ceiling':>10}"
-        f" {'peak RSS MB':>11}"
+        f" {'peak RSS MB':>11} {'CPU us/event':>12}"
     )
     for engine, m in results.items():
         ratios = [f"{m.rate / r:10.2f}" if r else f"{'-':>10}" for r in (base, top)]
         rss = f"{m.peak_rss_mb:11,.0f}" if m.peak_rss_mb else f"{'-':>11}"
-        print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss}")
+        cpu = f"{m.cpu_us:12.1f}" if m.cpu_us is not None else f"{'-':>12}"
+        print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss} {cpu}")
     pairs = (
         ("tiles-p2", "tiles", "parallelism 2 / 1"),
         ("tiles-thread", "tiles", "thread / process mode"),
@@ -471,11 +491,17 @@ def report(
         if a in results and b in results and results[b].rate:
             ra, rb = results[a], results[b]
             rate, full = ra.rate / rb.rate, ra.seconds / rb.seconds
-            print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x")
+            cpu = ""
+            if ra.cpu_us and rb.cpu_us:
+                cpu = f", CPU per event {ra.cpu_us / rb.cpu_us:.2f}x"
+            print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
     for engine, m in results.items():
         if m.rows is not None:
             print(f"  {engine}: {m.rows:,} rows to Redis and features.* in the full run")
-    print("  peak RSS: the Flink JVM and its Python workers, sampled every 0.5 s")
+    print(
+        "  peak RSS and CPU: the Flink JVM and its Python workers, sampled every 0.5 s; CPU "
+        "per event is marginal (full run - small run), and counts every core"
+    )
     readable, emitted, servable = live
     print(
         f"freshness ({args.live_engine} engine), {args.rate:.0f} events/s live, "

@@ -43,10 +43,19 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def flink_rss_mb() -> float:
-    """RSS of the local Flink cluster: every JVM under this process and all it started (the
-    Python workers), in MB (Linux /proc)."""
-    total, stack = 0, list(_children(os.getpid()))
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flink_pids() -> list[int]:
+    """The local Flink cluster: every JVM under this process and all it started (the Python
+    workers), Linux /proc."""
+    found, stack = [], list(_children(os.getpid()))
     inside: set[int] = set()
     while stack:
         pid = stack.pop()
@@ -55,31 +64,55 @@ def flink_rss_mb() -> float:
         except OSError:
             continue
         if command == "java" or pid in inside:
-            total += _rss_kb(pid)
+            found.append(pid)
             inside.update(_children(pid))
         stack += _children(pid)
-    return total / 1024
+    return found
+
+
+def flink_rss_mb() -> float:
+    """RSS of the local Flink cluster (flink_pids), in MB."""
+    return sum(_rss_kb(pid) for pid in flink_pids()) / 1024
 
 
 class PeakRss:
-    """The greatest flink_rss_mb() seen while in the block, sampled every 0.5 s."""
+    """While in the block, sampled every 0.5 s: the greatest flink_rss_mb() seen, and the CPU
+    seconds the local Flink cluster spent (JVM and Python workers; a worker's last half second
+    before it exits is missed). CPU time, unlike wall time, hardly depends on what else the
+    machine runs."""
 
     def __init__(self) -> None:
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - self._first.get(pid, 0.0) for pid, last in self._last.items())
+
+    def _take(self) -> None:
+        pids = flink_pids()
+        self.peak = max(self.peak, sum(_rss_kb(pid) for pid in pids) / 1024)
+        for pid in pids:
+            used = _cpu_s(pid)
+            if used:
+                self._last[pid] = used
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, flink_rss_mb())
+            self._take()
 
     def __enter__(self) -> PeakRss:
+        self._first = {pid: _cpu_s(pid) for pid in flink_pids()}
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._take()
 
 
 def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
