@@ -43,6 +43,17 @@ Partial states per slot, from the deduplicated events of a tile (features/aggreg
 A view the tile engine cannot express exactly (last over a float column) runs on the event
 engine (tile_support).
 
+Why a 30-day window on 1-minute slides (43,200 tiles per key) stays refused
+(compile.MAX_TILES_PER_WINDOW): hour tiles would be exact for every aggregation only for the
+hours wholly inside a window, with minute tiles for its two partial ends; the old end's partial
+hour is, in turn, every hour of the last 30 days, so every minute tile must be kept for 30 days
+anyway: the state per key does not shrink (43,200 tiles), only the merge per row would. And the
+Python side keeps a key's tiles as one pickled value (streaming/windows.py), read and rewritten
+on every tile row and every firing: 0.8 MB per key for count/mean/stddev tiles, about 7 ms of
+CPU to pickle and 20 ms to unpickle (measured), twice a minute per key: about 55 ms per key per
+minute, a whole core for about 1,000 keys before any merging. That needs per-bucket keyed
+state (MapState) on the Python side and hour summaries kept as minute tiles close, not SQL.
+
 Known differences from the event engine (why it is not the default). Measured 2026-12-05 with
 SLUICE_STREAM_ENGINE=tiles: the parity, restart, on-time, CLI-stream, second-domain and
 ingest-fault tests pass. test_live_consistency.py fails (70% of its samples MISSING), as it
