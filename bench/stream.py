@@ -22,7 +22,8 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  broker after the rest);
        tiles-cluster  the tiles job submitted to a `up --cluster` session cluster of its
                  own (bench/stream_jobs.on_cluster; off by default): cluster against local.
-     The peak RSS of the Flink JVM and its Python workers is sampled for the engine jobs.
+     For every local job: the peak RSS and the marginal CPU per event of the Flink JVM and of
+     this process (a local job's Python workers run inside it: PyFlink's loopback mode).
   2. freshness: events are produced live at --rate/s with event time = now into a view of
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
@@ -499,8 +500,9 @@ def report(
         if m.rows is not None:
             print(f"  {engine}: {m.rows:,} rows to Redis and features.* in the full run")
     print(
-        "  peak RSS and CPU: the Flink JVM and its Python workers, sampled every 0.5 s; CPU "
-        "per event is marginal (full run - small run), and counts every core"
+        "  peak RSS and CPU: the Flink JVM and this process (where a local job's Python "
+        "workers run), sampled every 0.5 s; CPU per event is marginal (full run - small "
+        "run), and counts every core"
     )
     readable, emitted, servable = live
     print(

@@ -53,9 +53,10 @@ def _cpu_s(pid: int) -> float:
 
 
 def flink_pids() -> list[int]:
-    """The local Flink cluster: every JVM under this process and all it started (the Python
-    workers), Linux /proc."""
-    found, stack = [], list(_children(os.getpid()))
+    """The local Flink cluster: this process (PyFlink runs a local job's Python workers inside
+    the client, in "loopback" mode: pyflink/datastream/stream_execution_environment._open),
+    every JVM under it and all those started (Linux /proc)."""
+    found, stack = [os.getpid()], list(_children(os.getpid()))
     inside: set[int] = set()
     while stack:
         pid = stack.pop()
@@ -77,9 +78,9 @@ def flink_rss_mb() -> float:
 
 class PeakRss:
     """While in the block, sampled every 0.5 s: the greatest flink_rss_mb() seen, and the CPU
-    seconds the local Flink cluster spent (JVM and Python workers; a worker's last half second
-    before it exits is missed). CPU time, unlike wall time, hardly depends on what else the
-    machine runs."""
+    seconds the local Flink cluster spent (flink_pids: this process, where the Python workers
+    run, and the JVM; a child's last half second before it exits is missed). CPU time, unlike
+    wall time, hardly depends on what else the machine runs."""
 
     def __init__(self) -> None:
         self.peak = 0.0
@@ -168,7 +169,7 @@ def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobO
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    from streaming.tiles import rowtime_column, tile_query
+    from streaming.tiles import TABLE_CONFIG, rowtime_column, tile_query
     from streaming.udf import FUNCTIONS, udf_jar
 
     started = time.monotonic()
@@ -182,6 +183,8 @@ def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobO
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
+    for key, value in TABLE_CONFIG.items():
+        t_env.get_config().set(key, value)
     for function, java_class in FUNCTIONS.items():
         t_env.create_java_temporary_system_function(function, java_class)
     statements = t_env.create_statement_set()

@@ -110,6 +110,14 @@ KIND_TILE, KIND_SIDE, KIND_READ = "T", "S", "R"
 READ_INTERVAL_MS = 100
 
 
+# Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
+# no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
+# combines anything (one row per distinct event either way) and only costs; before level 2 it
+# would combine an event's rows into its tile's. Measured (SQL alone into a blackhole, 300k
+# events, CPU of the JVM per event): 29.2 us one phase against 32.4 us two phases.
+TABLE_CONFIG = {"table.optimizer.agg-phase-strategy": "ONE_PHASE"}
+
+
 def tile_support(compiled: CompiledView) -> str | None:
     """None when the tile engine runs the view exactly; else why not (it runs per event)."""
     types = compiled.view.column_types()
