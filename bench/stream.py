@@ -17,6 +17,9 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  side costs, between the ceiling and the full job;
        tiles-p2, tiles-thread  the tile engine at parallelism 2, and with its Python in
                  thread mode (PEMJA), each against tiles;
+       tiles-workers  the tile engine with its Python workers in processes of their own
+                 instead of inside this process (PyFlink's loopback mode for local jobs; off
+                 by default);
        tiles-hot the tile engine over --events of which half are on one key (the same
                  simulator, every other event's entity replaced; preloaded into a second
                  broker after the rest);
@@ -310,10 +313,14 @@ ENGINES = {
     "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
     "tiles-p2": "the tile engine at parallelism 2",
     "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
+    "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
     "tiles-hot": "the tile engine, half the events on one key (a second broker)",
     "tiles-cluster": "the tile engine on a session cluster of its own",
 }
 DEFAULT_ENGINES = "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot"
+# pyflink/datastream/stream_execution_environment._open reads it: unset, a local job runs its
+# Python workers in this process ("loopback"); "process": in processes of their own.
+LOOPBACK_VARIABLE = "_python_worker_execution_mode"
 
 
 @dataclasses.dataclass
@@ -336,7 +343,7 @@ class Measured:
 
 def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
     """offsets -> wall seconds of one run of the engine's job."""
-    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot"):
+    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot", "tiles-workers"):
         job_options = dataclasses.replace(options, engine=engine.split("-")[0])
         if engine == "tiles-p2":
             job_options = dataclasses.replace(job_options, parallelism=2)
@@ -344,7 +351,16 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
             job_options = dataclasses.replace(job_options, python_mode="thread")
 
         def run(offsets: dict[str, dict[int, int]]) -> float:
-            seconds, found.rows = engine_run(settings, offsets, job_options)
+            if engine != "tiles-workers":
+                seconds, found.rows = engine_run(settings, offsets, job_options)
+                return seconds
+            # PyFlink runs a local job's Python workers inside the client process (loopback,
+            # beside the runner's own threads) unless this variable says otherwise.
+            os.environ[LOOPBACK_VARIABLE] = "process"
+            try:
+                seconds, found.rows = engine_run(settings, offsets, job_options)
+            finally:
+                del os.environ[LOOPBACK_VARIABLE]
             return seconds
 
         return run
@@ -484,6 +500,7 @@ def report(
     pairs = (
         ("tiles-p2", "tiles", "parallelism 2 / 1"),
         ("tiles-thread", "tiles", "thread / process mode"),
+        ("tiles-workers", "tiles", "own worker processes / loopback"),
         ("tiles-hot", "tiles", "hot key / uniform keys"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
         ("tiles-cluster", "tiles", "session cluster / local"),
