@@ -70,6 +70,55 @@ def test_json_fields_reads_top_level_text_and_nulls_what_sql_cannot_read(t_env: 
     assert got[7][:2] == ("1e400", "-0.0")
 
 
+_M = (1 << 64) - 1
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M
+
+
+def _fmix(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _M
+    k ^= k >> 33
+    k = (k * 0xC4CEB53CA87EC2B9) & _M
+    return k ^ (k >> 33)
+
+
+def murmur3_x64_128(data: bytes) -> bytes:
+    """MurmurHash3_x64_128 with seed 0 (Austin Appleby's reference), h1 then h2 little-endian."""
+    c1, c2 = 0x87C37B91114253D5, 0x4CF5AD432745937F
+    h1 = h2 = 0
+    blocks = len(data) // 16
+    for i in range(blocks):
+        k1 = int.from_bytes(data[i * 16 : i * 16 + 8], "little")
+        k2 = int.from_bytes(data[i * 16 + 8 : i * 16 + 16], "little")
+        h1 ^= (_rotl((k1 * c1) & _M, 31) * c2) & _M
+        h1 = (((_rotl(h1, 27) + h2) & _M) * 5 + 0x52DCE729) & _M
+        h2 ^= (_rotl((k2 * c2) & _M, 33) * c1) & _M
+        h2 = (((_rotl(h2, 31) + h1) & _M) * 5 + 0x38495AB5) & _M
+    tail = data[blocks * 16 :]
+    if len(tail) > 8:
+        h2 ^= (_rotl((int.from_bytes(tail[8:], "little") * c2) & _M, 33) * c1) & _M
+    if tail:
+        h1 ^= (_rotl((int.from_bytes(tail[:8], "little") * c1) & _M, 31) * c2) & _M
+    h1 ^= len(data)
+    h2 ^= len(data)
+    h1 = (h1 + h2) & _M
+    h2 = (h2 + h1) & _M
+    h1, h2 = _fmix(h1), _fmix(h2)
+    h1 = (h1 + h2) & _M
+    h2 = (h2 + h1) & _M
+    return h1.to_bytes(8, "little") + h2.to_bytes(8, "little")
+
+
+def test_event_id_is_murmur3_of_the_bytes(t_env: Any) -> None:
+    # Every tail length (0..15) over one, two and three blocks, and non-ASCII bytes.
+    records = [bytes((7 * i + 200) % 256 for i in range(n)) for n in range(48)]
+    ids = [bytes(row[0]) for row in query(t_env, records, "sluice_event_id(v)")]
+    assert ids == [murmur3_x64_128(r) for r in records]
+
+
 def test_event_id_is_equal_for_equal_bytes_only(t_env: Any) -> None:
     records = [f'{{"n": {i}, "pad": "{"x" * (i % 40)}"}}'.encode() for i in range(2000)]
     records += records[:10]  # copies
