@@ -18,7 +18,11 @@ from streaming.errors import StreamJobError
 
 JAVA_DIR = Path(__file__).resolve().parent / "java"
 # SQL name -> Java class.
-FUNCTIONS = {"sluice_moments": "sluice.Moments", "sluice_json_fields": "sluice.JsonFields"}
+FUNCTIONS = {
+    "sluice_moments": "sluice.Moments",
+    "sluice_json_fields": "sluice.JsonFields",
+    "sluice_event_id": "sluice.EventId",
+}
 COMPILE_TIMEOUT_S = 120
 
 

@@ -174,3 +174,21 @@ def test_snapshots_of_the_two_engines_live_apart(
     assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "events")
     assert load_settings(stream_engine="tiles").stream_engine == "tiles"
     assert load_settings().stream_engine == "events"
+
+
+@pytest.mark.parametrize("view", STREAM_VIEWS, ids=lambda v: v.name)
+def test_event_time_column_and_query_decode_the_time_field_alike(view: FeatureView) -> None:
+    """The watermark's event time and the tiles' time come from one parse function and one
+    cast: a record whose time the query can read has that time as its event time."""
+    from streaming.tiles import rowtime_column, tile_query
+
+    compiled = compile_view(view)
+    name = compiled.time_field
+    rowtime = rowtime_column(compiled)
+    views, query = tile_query(compiled, "src")
+    assert f"TRY_CAST(sluice_json_fields(`value`, '{name}').`{name}` AS BIGINT)" in rowtime
+    assert f"TRY_CAST(`_f`.`{name}` AS BIGINT) AS `{name}`" in " ".join([*views, query])
+    assert "JSON_VALUE" not in rowtime + " ".join([*views, query])
+    # Duplicates are found by the id of the record's bytes, not of a decoded text.
+    assert "sluice_event_id(`_raw`)" in " ".join(views)
+    assert "MD5" not in " ".join(views)
