@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _AGE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 30 * 86_400)
+
+
+class Children(Generic[M]):
+    """A metric's children by label values, looked up once: ``labels()`` takes a lock, builds
+    a key and checks every value on each call, several times per request on the hot path.
+    Only for metrics whose children are never removed."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[Hashable, ...], M] = {}
+
+    def __call__(self, *values: Any) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*map(str, values))
+        return child
 
 
 class ServingMetrics:
@@ -108,3 +129,12 @@ class ServingMetrics:
         self.model_swaps = Counter(
             "sluice_model_swaps", "Promotions applied (hot swaps)", ["model"], registry=r
         )
+        # The request path's children (serving/predictor.py record, serving/fastpath.py).
+        self.request_children = Children(self.requests)
+        self.request_latency_child = Children(self.request_latency)
+        self.prediction_children = Children(self.predictions)
+        self.degraded_children = Children(self.degraded_rows)
+        self.missing_children = Children(self.missing)
+        self.feature_age_children = Children(self.feature_age)
+        self.contract_children = Children(self.contract_rows)
+        self.queue_depth_children = Children(self.queue_depth)

@@ -69,10 +69,8 @@ class RequestMetrics:
             predictor = getattr(scope["app"].state, "predictor", None)
             if predictor is not None:
                 path = getattr(scope.get("route"), "path", "unmatched")
-                predictor.metrics.requests.labels(path, str(status[0])).inc()
-                predictor.metrics.request_latency.labels(path).observe(
-                    time.perf_counter() - started
-                )
+                predictor.metrics.request_children(path, status[0]).inc()
+                predictor.metrics.request_latency_child(path).observe(time.perf_counter() - started)
 
 
 def _predictor(request: Request) -> Predictor:
