@@ -76,6 +76,9 @@ def create_app(
             build, settings, reader, registry, producer, services, policy_store, labels
         )
         app.state.predictor = predictor
+        shared = getattr(app.state, "worker_metrics", None)  # serving.workers: (dir, worker)
+        if shared is not None:
+            predictor.metrics.share(*shared)
         predictor.rollouts = attach_rollouts(predictor, bus)
         predictor.rollouts.start()
         try:
@@ -92,6 +95,8 @@ def create_app(
             close = getattr(predictor.reader, "close", None)
             if reader is None and close is not None:
                 close()
+            if predictor.metrics.workers is not None:
+                await asyncio.to_thread(predictor.metrics.workers.stop)
             log.info("predictor stopped", extra={"log": vars(counts)})
 
     app = PredictorApp(
