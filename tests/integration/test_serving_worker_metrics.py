@@ -70,7 +70,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
                     break
             except httpx.HTTPError:
                 pass
-            assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+            assert process.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.3)
         assert len(list(tmpdir.iterdir())) == 1  # the server's metrics directory
         yield url, tmpdir
@@ -89,7 +90,8 @@ def test_a_scrape_sums_the_counters_of_both_workers(server):
     time.sleep(3 * SNAPSHOT_S)
     for _ in range(6):  # whichever worker answers the scrape
         got = samples(httpx.get(f"{url}/metrics").text)
-        assert got[("sluice_requests_total", (("route", "/predict"), ("status", "200")))] == REQUESTS
+        ok = ("sluice_requests_total", (("route", "/predict"), ("status", "200")))
+        assert got[ok] == REQUESTS
         assert got[("sluice_predictions_total", (("model", "delivery_eta"), ("version", "1")))] == (
             REQUESTS
         )
