@@ -38,7 +38,7 @@ from typing import Any, Self
 import redis
 
 from core.settings import Settings
-from feature_repo import codec
+from feature_repo import codec, progress
 from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
 from feature_repo.online_store import (
     OnlineRow,
@@ -232,6 +232,7 @@ class RedisOnlineStore(OnlineStore):
         )
         self._script = self._client.register_script(_WRITE_IF_NOT_OLDER)
         self._layouts: dict[str, _Layout] = {}
+        self._progress: dict[str, tuple[float, int | None]] = {}  # view -> (read at, progress)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -396,6 +397,31 @@ class RedisOnlineStore(OnlineStore):
             target = None if as_of_ms is None else window_end_at(layout.view, as_of_ms)
             out.append(self._decode(layout, keys, chunk, target))
         return out
+
+    def write_progress(
+        self, view: FeatureView, subtask: int, parallelism: int, progress_ms: int
+    ) -> None:
+        try:
+            progress.publish(
+                self._client, self.project, view.name, subtask, parallelism, progress_ms
+            )
+        except redis.RedisError as exc:
+            raise OnlineStoreError(f"view {view.name!r}: progress write failed: {exc}") from exc
+
+    def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
+        now, never = time.monotonic(), (float("-inf"), None)
+        cached = self._progress
+        stale = [v.name for v in views if now - cached.get(v.name, never)[0] > max_age_ms / 1000]
+        if stale:
+            try:
+                settled = progress.read(self._reads, self.project, stale)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise OnlineStoreUnavailableError(f"progress: Redis did not answer: {exc}") from exc
+            except redis.RedisError as exc:
+                raise OnlineStoreError(f"progress: Redis read failed: {exc}") from exc
+            cached.update((name, (now, value)) for name, value in zip(stale, settled, strict=True))
+        found = ((v.name, cached[v.name][1]) for v in views)
+        return {name: value for name, value in found if value is not None}
 
     def _pipelined(self, commands: bytes, count: int) -> list[Any]:
         """Send packed commands in one write and read their ``count`` replies: one round trip.

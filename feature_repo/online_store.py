@@ -139,6 +139,20 @@ class OnlineStore(ABC):
         """The stored row of each entity of one view (None when it has none)."""
         return self.read_many([(view, entity_keys)])[0]
 
+    def write_progress(
+        self, view: FeatureView, subtask: int, parallelism: int, progress_ms: int
+    ) -> None:
+        """Publish a streaming subtask's progress: every row of ``view`` whose window ends at or
+        before ``progress_ms`` is written (features/contract.py). A store that cannot keep it
+        does nothing; its readers then judge rows alone."""
+        return None
+
+    def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
+        """The stream's progress per view, for the views that have one (one round trip where
+        the backend allows). ``max_age_ms``: an answer read at most that long ago may be
+        returned again (it can only be older, so it flags more, never less)."""
+        return {}
+
     @abstractmethod
     def ping(self) -> float:
         """Seconds of one round trip to the backend; OnlineStoreError when it does not answer."""

@@ -21,6 +21,14 @@ the entity has no row at E, the empty values if its newest row before E is a clo
 has none. The online store keeps the newest row and the one before it, because the stream may
 write E + slide (closed early, not servable yet) before a request that still needs E.
 
+The stream's progress. A missing row and a closing row older than E(t) are exact only if the
+stream has finished E(t): otherwise an event of E(t) may be in flight, and the first row of an
+entity, or the row after a closing row, is simply not written yet. The stream therefore
+publishes, per view, the window end up to which every row is written (``progress_ms``: the
+streaming job's settled watermark, the minimum over its subtasks; streaming/sinks.py). Below
+E(t), such rows are ``behind``. A view without a published progress (no stream has run, batch
+materialization only) is judged by its rows alone, as before the marker existed.
+
 Everything that decides "which window at t" goes through this module: the reference, Spark
 training sets, the offline store's servable timestamp (Feast's point-in-time reads), and the
 predictor, which flags rows older than E(t) (the stream is behind) and counts them.
@@ -54,7 +62,7 @@ class RowStatus(StrEnum):
 
     EXACT = "exact"  # the row of E(t), or an empty value that is exactly E(t)'s value
     BEHIND = "behind"  # older than E(t) and not provably equal to it: the stream is late
-    MISSING = "missing"  # the entity has no row at all (never seen, or not written yet)
+    MISSING = "missing"  # the entity has no row (never seen; the stream is past E(t) if known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +74,11 @@ class StoredRow:
 
 
 def choose_row(
-    view: FeatureView, t_ms: int, newest: StoredRow | None, previous: StoredRow | None
+    view: FeatureView,
+    t_ms: int,
+    newest: StoredRow | None,
+    previous: StoredRow | None,
+    progress_ms: int | None = None,
 ) -> tuple[StoredRow | None, RowStatus]:
     """The stored row to serve at t among the newest and the previous one, and its status.
 
@@ -77,19 +89,23 @@ def choose_row(
     - newest end < E(t): EXACT only when it is a closing row (nothing happened since); a
       non-empty row is always followed by a row at its end + slide, so its absence means the
       stream has not written E(t) yet (BEHIND).
+    - ``progress_ms`` (the stream's progress, None when unknown) below E(t): only a row whose
+      end is E(t) is EXACT; a missing row or an older closing row is BEHIND (E(t)'s row may
+      not be written yet), served as it is.
     The choice never serves a row whose servable time is after t.
     """
     target = window_end_at(view, t_ms)
+    unfinished = progress_ms is not None and progress_ms < target
     if newest is None:
-        return None, RowStatus.MISSING
+        return None, RowStatus.BEHIND if unfinished else RowStatus.MISSING
     candidate: StoredRow | None = newest
     if newest.window_end_ms > target:
         candidate = previous
         if candidate is None or candidate.window_end_ms > target:
             # No servable row is kept: the entity's first row ever is not servable yet. Its
             # value at t is therefore the empty one, exactly (nothing before it).
-            return None, RowStatus.MISSING
+            return None, RowStatus.BEHIND if unfinished else RowStatus.MISSING
     assert candidate is not None
-    if candidate.window_end_ms == target or candidate.empty:
+    if candidate.window_end_ms == target or (candidate.empty and not unfinished):
         return candidate, RowStatus.EXACT
     return candidate, RowStatus.BEHIND

@@ -146,6 +146,17 @@ class GuardedReader:
         self.breaker.success()
         return rows
 
+    def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
+        """The stream's progress, only while the breaker is closed: otherwise the rows' read is
+        refused (or probes the store) right after, and no progress is claimed."""
+        if self.breaker.state is not BreakerState.CLOSED:
+            return {}
+        try:
+            return self.reader.read_progress(views, max_age_ms)
+        except OnlineStoreUnavailableError:
+            self.breaker.failure()
+            raise
+
     def close(self) -> None:
         close = getattr(self.reader, "close", None)
         if close is not None:

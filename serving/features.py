@@ -60,6 +60,17 @@ class FeatureReader(Protocol):
         as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]: ...
 
+    def read_progress(
+        self, views: Sequence[FeatureView], max_age_ms: int = 0
+    ) -> dict[str, int]: ...
+
+
+# How old the stream's progress may be when a batch reads it: one read per 100 ms per process,
+# not one per batch. An older progress is a lower one: it can only flag more rows `behind`
+# (a row due at t is servable only `lateness` after its window ends, seconds after the stream
+# has usually finished it).
+PROGRESS_MAX_AGE_MS = 100
+
 
 @dataclass(frozen=True)
 class _Input:
@@ -147,15 +158,23 @@ class JoinedRow:
     degraded_reason: str | None = None
 
 
-RowLookup = Mapping[tuple[str, str], OnlineRow | None]
+class RowLookup(dict[tuple[str, str], OnlineRow | None]):
+    """The rows a batch read, by (view, entity key), and the stream's progress per view (the
+    views without a published progress are absent: features/contract.py)."""
+
+    def __init__(self, progress: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.progress: Mapping[str, int] = progress or {}
 
 
 def read_rows(
     reader: FeatureReader,
     needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]],
     as_of_ms: int | None = None,
-) -> dict[tuple[str, str], OnlineRow | None]:
-    """Every (view, entity key) the rows need, deduplicated, read in one round trip.
+) -> RowLookup:
+    """Every (view, entity key) the rows need, deduplicated, read in one round trip; with the
+    stream's progress of their views, read before the rows (so it never claims more than
+    the rows show).
 
     ``as_of_ms``: the earliest t any of the rows is joined at (the store may then leave out
     previous rows the contract cannot serve at or after it: OnlineStore.read_many)."""
@@ -166,9 +185,10 @@ def read_rows(
             keys[str(row[view.entity.join_key])] = None
     requests = [(view, list(key_set)) for view, key_set in wanted.values()]
     if not requests:
-        return {}
+        return RowLookup()
+    progress = reader.read_progress([view for view, _ in requests], PROGRESS_MAX_AGE_MS)
     results = reader.read_many(requests, as_of_ms=as_of_ms)
-    out: dict[tuple[str, str], OnlineRow | None] = {}
+    out = RowLookup(progress)
     for (view, view_keys), rows in zip(requests, results, strict=True):
         for key, online_row in zip(view_keys, rows, strict=True):
             out[(view.name, key)] = online_row
@@ -183,12 +203,16 @@ def _stored(row: OnlineRow | None, empties: Mapping[str, Any]) -> StoredRow | No
 
 
 def choose(
-    view: FeatureView, t_ms: int, newest: OnlineRow | None, empties: Mapping[str, Any]
+    view: FeatureView,
+    t_ms: int,
+    newest: OnlineRow | None,
+    empties: Mapping[str, Any],
+    progress_ms: int | None = None,
 ) -> tuple[OnlineRow | None, RowStatus]:
     """The stored row to serve at t (newest or its previous one) by features.contract."""
     previous = newest.previous if newest is not None else None
     stored_newest, stored_previous = _stored(newest, empties), _stored(previous, empties)
-    chosen, status = choose_row(view, t_ms, stored_newest, stored_previous)
+    chosen, status = choose_row(view, t_ms, stored_newest, stored_previous, progress_ms)
     if chosen is None:
         return None, status
     return (newest if chosen is stored_newest else previous), status
@@ -207,9 +231,10 @@ def join(
     t = now_ms if t_ms is None else t_ms
     online: dict[str, OnlineRow | None] = {}
     joined = JoinedRow(values={}, ages_ms={}, as_of_ms=t)
+    progress = lookup.progress
     for view in plan.views:
         newest = lookup[(view.name, str(row[view.entity.join_key]))]
-        found, status = choose(view, t, newest, plan.empties[view.name])
+        found, status = choose(view, t, newest, plan.empties[view.name], progress.get(view.name))
         joined.status[view.name] = status
         if status is RowStatus.BEHIND:
             joined.behind.append(view.name)

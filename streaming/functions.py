@@ -46,6 +46,60 @@ def subtask_index(runtime_context: Any) -> int:
         return int(java.getTaskInfo().getIndexOfThisSubtask())
 
 
+def subtask_slot(runtime_context: Any) -> tuple[int, int]:
+    """(index, parallelism) of this operator instance (see subtask_index for thread mode)."""
+    try:
+        parallelism = int(runtime_context.get_number_of_parallel_subtasks())
+    except SystemError:
+        java = runtime_context._runtime_context
+        parallelism = int(java.getTaskInfo().getNumberOfParallelSubtasks())
+    return subtask_index(runtime_context), parallelism
+
+
+class ProgressClock:
+    """Brings the watermark to a windows operator that gets no input, so that its progress
+    (RowPublisher.observe) keeps moving while its view is quiet.
+
+    PyFlink's keyed functions see the watermark only with an element or a timer, and once every
+    key of a quiet view is idle there are neither. One processing-time timer per operator
+    instance, on the key it saw first, ticks every TICK_MS and carries the watermark. Ticks are
+    aligned to multiples of TICK_MS, so that after a restore (timers are restored with the
+    state, the instance's memory is not) two chains on one key fall on the same timer, which
+    Flink keeps once; a chain on another key is dropped at its next tick.
+    """
+
+    TICK_MS = 200
+
+    def __init__(self, publisher: RowPublisher) -> None:
+        self._publisher = publisher
+        self._key: Any = None
+
+    def start(self, context: Any) -> None:
+        """An element arrived: start ticking if no chain runs in this instance yet."""
+        if self._key is None:
+            self._key = context.get_current_key()
+            self._schedule(context)
+
+    def tick(self, context: Any) -> bool:
+        """In on_timer: True when the timer was this clock's (then nothing else is to do)."""
+        from pyflink.datastream import TimeDomain
+
+        if context.time_domain() != TimeDomain.PROCESSING_TIME:
+            return False
+        key = context.get_current_key()
+        if self._key is None:
+            self._key = key  # a chain restored from a checkpoint
+        if key == self._key:
+            self._publisher.observe(context.timer_service().current_watermark())
+            self._schedule(context)
+        return True
+
+    def _schedule(self, context: Any) -> None:
+        service = context.timer_service()
+        now = service.current_processing_time()
+        service.register_processing_time_timer(now - now % self.TICK_MS + self.TICK_MS)
+
+
 def fire_due(
     engine: WindowEngine,
     publisher: RowPublisher,
@@ -57,7 +111,7 @@ def fire_due(
 ) -> int | None:
     """A timer of ``key`` fired: publish every row that became final; the key's next timer
     (None: the key is idle, its state can go). Shared by both engines' window functions."""
-    publisher.counts.watermark = watermark
+    publisher.observe(watermark)
     # Every end up to the watermark is final, not only up to this timer: after a jump of the
     # watermark (end of input, catching up) one firing emits the whole run instead of one end
     # per Python round trip.
@@ -77,7 +131,7 @@ def flush_writers(
     """At a bundle's end (or, ``final``, the operator's close): rows to the online store,
     statistics, then everything the producer holds; raises if a write failed."""
     if publisher is not None:
-        publisher.flush()
+        publisher.flush(final)
         counts = (*counts, publisher.counts)
     for c in counts:
         stats.report(c, final=final)
@@ -153,15 +207,19 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             descriptor = ValueStateDescriptor("windows", Types.PICKLED_BYTE_ARRAY())
             self.state = runtime_context.get_state(descriptor)
             self.producer = CountingProducer(ctx.settings)
-            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
+            slot = subtask_slot(runtime_context)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
+            self.clock = ProgressClock(self.publisher)
             self.counts = WindowCounts()
-            index = subtask_index(runtime_context)
+            index = slot[0]
             # One reporter, two records: "windows" (these counts) and "publish" (the rows').
             self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
             on_bundle_end(runtime_context, "sluice_windows_flush", self.flush)
 
         def process_element(self, event: tuple[str, int, Any, int], context: Any) -> None:
             _key, t, values, event_id = event
+            self.publisher.observe(context.timer_service().current_watermark())
+            self.clock.start(context)
             state = self.state.value() or new_state()
             added = self.engine.add(state, t, values, event_id)
             if added is Added.DUPLICATE:
@@ -177,6 +235,8 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
         def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
             # A generator, though it yields nothing: PyFlink iterates what on_timer returns.
             yield from ()
+            if self.clock.tick(context):
+                return
             state = self.state.value()
             if state is None:
                 return

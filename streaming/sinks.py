@@ -92,12 +92,34 @@ class DeadLetters:
         self._producer.produce(self._topic, raw, key, 0, letter.to_headers())
 
 
-class RowPublisher:
-    """Rows to the online store (newest per entity) and to the view's features topic."""
+END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 
-    def __init__(self, producer: CountingProducer, ctx: JobContext, view: FeatureView) -> None:
+
+class RowPublisher:
+    """Rows to the online store (newest per entity) and to the view's features topic, and the
+    operator instance's progress (features/contract.py).
+
+    Progress. Flink fires every timer at or before a watermark before it passes on anything
+    that carries a later one; a window's row is emitted by the timer at its end. So once this
+    operator has seen a watermark later than W, every row of a window ending at or before W is
+    emitted; it is written at the bundle's end, and W is published after it (the settled
+    watermark). The watermark the operator sees last is not settled yet: a bundle may end
+    halfway through the timers it fires. At the end of a bounded input every timer has fired.
+    """
+
+    def __init__(
+        self,
+        producer: CountingProducer,
+        ctx: JobContext,
+        view: FeatureView,
+        slot: tuple[int, int] = (0, 1),
+    ) -> None:
+        """``slot``: (subtask index, parallelism) of the operator instance."""
         from feature_repo.online_store import open_online_store
 
+        self._slot = slot
+        self._watermark = self._settled = -(2**63)
+        self._published: int | None = None
         self._producer = producer
         self._view = view
         self._topic = features_topic(view.name)
@@ -119,17 +141,28 @@ class RowPublisher:
         if self.counts.max_end_ms is None or window_end_ms > self.counts.max_end_ms:
             self.counts.max_end_ms = window_end_ms
 
-    def flush(self) -> None:
-        """Write the held rows; raise (failing the bundle, so Flink retries) if anything fails."""
-        if not self._newest:
-            return
-        from feature_repo.online_store import OnlineRow
+    def observe(self, watermark: int) -> None:
+        """The operator saw ``watermark`` (with an element or a timer)."""
+        if watermark > self._watermark:
+            self._settled, self._watermark = self._watermark, watermark
+        self.counts.watermark = watermark
 
-        rows = [OnlineRow(k, end, values) for k, (end, values) in self._newest.items()]
-        report = self._store.write(self._view, rows)
-        self._newest.clear()
-        self.counts.online_written += report.written
-        self.counts.online_skipped_older += report.skipped_older
+    def flush(self, final: bool = False) -> None:
+        """Write the held rows, then the progress they complete; raise (failing the bundle, so
+        Flink retries) if anything fails. ``final``: the operator closes."""
+        if self._newest:
+            from feature_repo.online_store import OnlineRow
+
+            rows = [OnlineRow(k, end, values) for k, (end, values) in self._newest.items()]
+            report = self._store.write(self._view, rows)
+            self._newest.clear()
+            self.counts.online_written += report.written
+            self.counts.online_skipped_older += report.skipped_older
+        if final and self._watermark == END_OF_INPUT:
+            self._settled = END_OF_INPUT
+        if self._settled != self._published and self._settled > -(2**63):
+            self._store.write_progress(self._view, *self._slot, self._settled)
+            self._published = self._settled
 
     def close(self) -> None:
         self._store.close()

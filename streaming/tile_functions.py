@@ -29,7 +29,13 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import fire_due, flush_writers, on_bundle_end, subtask_index
+from streaming.functions import (
+    ProgressClock,
+    fire_due,
+    flush_writers,
+    on_bundle_end,
+    subtask_slot,
+)
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tiles import (
@@ -80,12 +86,13 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             descriptor = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
             self.state = runtime_context.get_state(descriptor)
             self.producer = CountingProducer(ctx.settings)
-            self.publisher = RowPublisher(self.producer, ctx, compiled.view)
+            slot = subtask_slot(runtime_context)
+            self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
+            self.clock = ProgressClock(self.publisher)
             self.dead = DeadLetters(self.producer, ctx, compiled.view)
             self.read = PrepareCounts()
             self.windows = WindowCounts()
-            index = subtask_index(runtime_context)
-            self.stats = StatsReporter(self.producer, ctx, compiled.name, index)
+            self.stats = StatsReporter(self.producer, ctx, compiled.name, slot[0])
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
             self.ended = False  # the watermark reached its maximum: the input ended
@@ -99,6 +106,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             read.first_at_ms = read.first_at_ms or read.last_at_ms
             watermark = context.timer_service().current_watermark()
             read.watermark = watermark
+            self.publisher.observe(watermark)
+            self.clock.start(context)
             kind = row[KIND]
             if kind == KIND_READ:
                 # Counted when read; processed (below, or in side) when its tile closes.
@@ -151,6 +160,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
 
         def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
             yield from ()
+            if self.clock.tick(context):
+                return
             state = self.state.value()
             if state is None:
                 return

@@ -82,6 +82,8 @@ class FakeReader:
         self.calls: list[list[tuple[str, int]]] = []
         self.delay_s = 0.0
         self.fail: Exception | None = None
+        self.progress: dict[str, int] = {}  # the stream's published progress per view
+        self.order: list[str] = []  # "progress" / "rows", as read
 
     def put(
         self,
@@ -104,11 +106,16 @@ class FakeReader:
         import time
 
         self.calls.append([(view.name, len(keys)) for view, keys in requests])
+        self.order.append("rows")
         if self.fail is not None:
             raise self.fail
         if self.delay_s:
             time.sleep(self.delay_s)
         return [[self.rows.get((view.name, key)) for key in keys] for view, keys in requests]
+
+    def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
+        self.order.append("progress")
+        return {v.name: self.progress[v.name] for v in views if v.name in self.progress}
 
 
 class FakeMessage:

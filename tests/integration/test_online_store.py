@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -371,3 +372,21 @@ def test_the_factory_opens_this_store_and_it_answers_a_ping(settings):
     with open_online_store(settings) as opened:
         assert isinstance(opened, RedisOnlineStore)
         assert 0 <= opened.ping() < 5
+
+
+def test_the_streams_progress_is_the_minimum_of_its_subtasks_read_in_one_call(online):
+    view = zone_couriers  # a view no other test here publishes progress for
+    assert online.read_progress([view, restaurant_prep]) == {}  # no stream ever ran
+    online.write_progress(view, 0, 2, END)
+    # Subtask 1 has not published: the run has proved nothing yet.
+    assert online.read_progress([view])[view.name] < 0
+    online.write_progress(view, 1, 2, END - 60_000)
+    assert online.read_progress([view]) == {view.name: END - 60_000}
+    # Cached for max_age_ms: a second reader's update shows only once the answer is older.
+    online.write_progress(view, 1, 2, END)
+    assert online.read_progress([view], max_age_ms=60_000) == {view.name: END - 60_000}
+    assert online.read_progress([view]) == {view.name: END}
+    # A newer run at another parallelism takes over from the old run's fields.
+    time.sleep(0.01)  # written in a later millisecond (on a tie the lower progress wins)
+    online.write_progress(view, 0, 1, END + 120_000)
+    assert online.read_progress([view, restaurant_prep]) == {view.name: END + 120_000}

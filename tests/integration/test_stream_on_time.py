@@ -205,7 +205,11 @@ class Poller:
         self.stop = threading.Event()
 
     def run(self) -> None:
-        with open_online_store(self.settings) as store:
+        # The predictor's read timeout (100 ms) is a deadline for requests; this poller measures
+        # when rows become readable (the time before each read), and a loaded machine may take
+        # longer to answer one read: a timeout would end the poller and lose every later row.
+        patient = self.settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
+        with open_online_store(patient) as store:
             while not self.stop.is_set():
                 for view, keys in self.views:
                     wall = now_ms()

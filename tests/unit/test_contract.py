@@ -80,6 +80,32 @@ def test_no_row_or_only_an_unservable_first_row_is_missing():
     assert choose_row(v, 10 * MIN + 30_000, first, None) == (None, RowStatus.MISSING)
 
 
+def test_the_streams_progress_below_the_due_window_makes_missing_and_closing_rows_behind():
+    v = view()
+    t = 10 * MIN + 6_000  # E(t) = 10 min
+    closing = StoredRow(8 * MIN, empty=True)
+    first = StoredRow(11 * MIN, empty=False)
+    # The stream has not finished E(t): an event of it may be in flight.
+    for progress in (9 * MIN, 10 * MIN - 1):
+        assert choose_row(v, t, None, None, progress) == (None, RowStatus.BEHIND)
+        assert choose_row(v, t, closing, None, progress) == (closing, RowStatus.BEHIND)
+        assert choose_row(v, t, first, None, progress) == (None, RowStatus.BEHIND)
+    # Finished E(t) (or no progress published): as without the marker.
+    finished: tuple[int | None, ...] = (10 * MIN, 12 * MIN, None)
+    for done in finished:
+        assert choose_row(v, t, None, None, done) == (None, RowStatus.MISSING)
+        assert choose_row(v, t, closing, None, done) == (closing, RowStatus.EXACT)
+        assert choose_row(v, t, first, None, done) == (None, RowStatus.MISSING)
+
+
+def test_the_row_of_the_due_window_is_exact_whatever_the_progress():
+    v = view()
+    row = StoredRow(10 * MIN, empty=False)
+    older = StoredRow(9 * MIN, empty=False)
+    assert choose_row(v, 10 * MIN + 6_000, row, None, 0) == (row, RowStatus.EXACT)
+    assert choose_row(v, 10 * MIN + 6_000, older, None, 0) == (older, RowStatus.BEHIND)
+
+
 def test_lateness_must_exceed_the_sources_allowed_lateness():
     with pytest.raises(FeatureDefinitionError, match="lateness"):
         view(lateness_s=2)  # ORDERS waits 2 s for late events

@@ -60,6 +60,9 @@ class _Recording:
         self.as_of.append(as_of_ms)
         return [[None for _ in keys] for _, keys in requests]
 
+    def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
+        return {}
+
 
 def test_a_batch_reads_as_of_its_earliest_t() -> None:
     from examples.delivery.features import delivery_eta

@@ -29,7 +29,7 @@ from features.schema import Field, FieldType
 from models.registry import ModelRegistry
 from serving.app import create_app
 from serving.errors import ModelIncompatibleError
-from serving.features import FeaturePlan, build_plan, join
+from serving.features import FeaturePlan, RowLookup, build_plan, join, read_rows
 from serving.schemas import row_model
 from tests.helpers.serving import FakeProducer, FakeReader, trained_registry
 
@@ -57,13 +57,13 @@ def closing(view: FeatureView) -> dict[str, Any]:
     return empty_values(view)
 
 
-def lookup(newest: OnlineRow | None) -> dict[tuple[str, str], OnlineRow | None]:
+def lookup(newest: OnlineRow | None, progress: dict[str, int] | None = None) -> RowLookup:
     """Orders of r1 as given; zone and prep: old closing rows (exactly empty at any t)."""
-    return {
-        ("restaurant_orders", "r1"): newest,
-        ("zone_couriers", "z1"): OnlineRow("z1", E0 - 60 * MIN, closing(zone_couriers)),
-        ("restaurant_prep", "r1"): OnlineRow("r1", E0 - 3 * 86_400_000, closing(restaurant_prep)),
-    }
+    rows = RowLookup(progress)
+    rows[("restaurant_orders", "r1")] = newest
+    rows[("zone_couriers", "z1")] = OnlineRow("z1", E0 - 60 * MIN, closing(zone_couriers))
+    rows[("restaurant_prep", "r1")] = OnlineRow("r1", E0 - 3 * 86_400_000, closing(restaurant_prep))
+    return rows
 
 
 def early_with_previous() -> OnlineRow:
@@ -142,6 +142,31 @@ def test_no_row_or_only_a_first_row_not_servable_yet_is_missing_with_empty_value
     # Both kept rows are after E(t): nothing servable is kept (a replay too far back).
     joined = served(E0 + 1_000, early_with_previous())
     assert joined.status["restaurant_orders"] is RowStatus.MISSING
+
+
+def test_below_the_streams_progress_a_missing_or_closing_row_is_behind_not_exact():
+    t = E1 + 10 * MIN  # E(t) is well after E1
+    empty = closing(restaurant_orders)
+    for newest in (None, OnlineRow("r1", E0, empty, empty=True)):
+        # The stream has finished only up to E1: the row of E(t) may not be written yet.
+        joined = join(PLAN, ROW, lookup(newest, {"restaurant_orders": E1}), E1 + 30 * MIN, t)
+        assert joined.status["restaurant_orders"] is RowStatus.BEHIND
+        assert joined.behind == ["restaurant_orders"]
+        assert "restaurant_orders" not in joined.missing
+        assert joined.values["restaurant_orders:count_5m"] == 0  # the empty value, flagged
+        # Past E(t), or no progress published: as before (missing / exact).
+        for progress in ({"restaurant_orders": E1 + 30 * MIN}, {}):
+            joined = join(PLAN, ROW, lookup(newest, progress), E1 + 30 * MIN, t)
+            assert joined.status["restaurant_orders"] is not RowStatus.BEHIND
+            assert joined.behind == []
+
+
+def test_a_batch_reads_the_streams_progress_before_its_rows():
+    reader = FakeReader()
+    reader.progress = {"restaurant_orders": E1}
+    lookup_read = read_rows(reader, [(PLAN, ROW)])
+    assert reader.order == ["progress", "rows"]  # never a progress newer than the rows read
+    assert lookup_read.progress == {"restaurant_orders": E1}
 
 
 def test_serve_behind_empty_serves_the_views_empty_values_flagged():

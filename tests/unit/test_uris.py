@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from core.uris import (
     parse,
     spark_conf,
 )
-from infra.stack import free_port
 from models.registry import ModelRegistry
 
 
@@ -113,20 +111,6 @@ def test_local_filesystem_round_trip(tmp_path: Path):
         out.write(b"x")
     assert exists(tmp_path / "a" / "x.txt")
     assert not exists(tmp_path / "missing")
-
-
-@pytest.fixture(scope="module")
-def s3_store() -> Iterator[S3Options]:
-    """moto's S3 server in a thread: a real HTTP endpoint for pyarrow's S3 client."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield S3Options(f"http://127.0.0.1:{port}", "test-key", "test-secret")
-    finally:
-        server.stop()
 
 
 def test_s3_round_trip_and_bucket_creation(s3_store: S3Options):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -26,7 +25,6 @@ from core.uris import (
     unmounted,
 )
 from infra import object_store
-from infra.stack import free_port
 from streaming.job import JobOptions, flink_configuration
 
 
@@ -106,19 +104,6 @@ def test_path_settings_take_s3_uris_under_the_mount_only():
         load_settings(offline_store_dir="s3://sluice/offline")
     with pytest.raises(SettingsError, match=r"s3_mount_dir: .*is relative"):
         load_settings(s3_mount_dir="mnt")
-
-
-@pytest.fixture
-def s3_store() -> Iterator[S3Options]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield S3Options(f"http://127.0.0.1:{port}", "key", "secret")
-    finally:
-        server.stop()
 
 
 @pytest.mark.integration  # a real FUSE mount (s3fs) of an S3 server
