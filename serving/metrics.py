@@ -209,7 +209,10 @@ class WorkerMetrics:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self.write()  # the last counts stay in the sum (the worker's share of the totals)
+        try:
+            self.write()  # the last counts stay in the sum (the worker's share of the totals)
+        except OSError as exc:  # the server's directory gone already: nothing to add to
+            log.warning("worker metrics: last snapshot not written", extra={"error": str(exc)})
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
