@@ -247,9 +247,39 @@ def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
     }
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants, from /proc (Linux; NaN
+    elsewhere). CPU per request is what a shared machine's load changes least: the servers'
+    cost, beside the throughput the load decides."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return float("nan")
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, p in parents.items() if p == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(p, 0.0) for p in tree)
+
+
 def _hit_rate(url: str) -> float:
     """The prediction cache's hit rate since the server started, from /metrics (with several
-    workers: the one worker that answers the scrape, see serving/workers.py)."""
+    workers: summed over them, serving.metrics.WorkerMetrics)."""
     hits = misses = 0.0
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("sluice_cache_hits_total"):
@@ -294,11 +324,14 @@ def measure_server(
         time.sleep(2.0 if workers > 1 else 0.0)  # the other workers finish starting
         for name, clients, bodies in loads:
             asyncio.run(_load(port, 2.0, clients, bodies[::-1]))  # warm-up, other rows first
+            cpu_before = _tree_cpu_s(process.pid)
             errors, latencies, degraded = asyncio.run(_load(port, args.seconds, clients, bodies))
+            cpu_s = _tree_cpu_s(process.pid) - cpu_before
             if errors:
                 raise RuntimeError(f"{kind} {name}: {errors} requests failed")
             out[name] = _summary(latencies, args.seconds)
             out[name]["degraded"] = degraded / len(latencies)
+            out[name]["cpu_us"] = cpu_s / len(latencies) * 1e6
             if kind == "sluice":
                 out[name]["hit_rate"] = _hit_rate(url)  # cumulative: this and earlier loads
     finally:
@@ -375,6 +408,11 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     reads = measure_reads(settings, args.entities)
     objective = settings.latency_objective_ms
 
+    load = os.getloadavg()
+    print(
+        f"\nmachine load (1/5/15 min) at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"on {os.cpu_count()} cores: ratios are measured in this run, against its own baseline"
+    )
     print(
         f"\nHTTP /predict, 1 distinct row per request, {args.seconds:.0f} s per load, loopback; "
         f"sluice: {args.workers} worker process(es), baseline: 1 process; "
@@ -398,6 +436,10 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
         print(
             f"{'':7} {'p99 (ms)':18} {ours['p99']:10.2f} {theirs['p99']:10.2f} "
             f"{ours['p99'] / theirs['p99']:7.2f}  {ours['p99'] / objective:.2f}x: {verdict}"
+        )
+        print(
+            f"{'':7} {'server CPU/req (us)':18} {ours['cpu_us']:10.0f} {theirs['cpu_us']:10.0f} "
+            f"{ours['cpu_us'] / theirs['cpu_us']:7.2f}"
         )
         print(f"{'':7} {'cache hit rate':18} {ours['hit_rate']:10.1%}  (since start)")
         print(f"{'':7} {'answers degraded':18} {ours['degraded']:10.1%}")

@@ -13,8 +13,20 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  each event: the cost of getting events into Python at all;
        ceiling   a Flink SQL job that reads and decodes the same columns into a blackhole
                  sink, no Python: the Java ceiling.
+       tiles-sql the tile engine's query alone into a blackhole (no Python): what its SQL
+                 side costs, between the ceiling and the full job;
+       tiles-p2, tiles-thread  the tile engine at parallelism 2, and with its Python in
+                 thread mode (PEMJA), each against tiles;
+       tiles-workers  the tile engine with its Python workers in processes of their own
+                 instead of inside this process (PyFlink's loopback mode for local jobs; off
+                 by default);
+       tiles-hot the tile engine over --events of which half are on one key (the same
+                 simulator, every other event's entity replaced; preloaded into a second
+                 broker after the rest);
        tiles-cluster  the tiles job submitted to a `up --cluster` session cluster of its
                  own (bench/stream_jobs.on_cluster; off by default): cluster against local.
+     For every local job: the peak RSS and the marginal CPU per event of the Flink JVM and of
+     this process (a local job's Python workers run inside it: PyFlink's loopback mode).
   2. freshness: events are produced live at --rate/s with event time = now into a view of
      1-minute windows every 5 s (2 s allowed lateness). For every (entity, window end): the
      time from the window's close (the moment every partition holds a record at or past
@@ -22,13 +34,15 @@ Starts its own broker and Redis on free loopback ports, then measures:
      the online store's read (polled every 10 ms). p50 / p99 / max. Also from the window's
      servable time (end + view.lateness, features/contract.py), which the row must beat:
      negative is early.
-Run: `python -m bench.stream` (about 3 minutes with the defaults).
+Run: `python -m bench.stream` (200k events and every local figure in one run: about 12 minutes
+on 2 cores); `--engines tiles --events 1000000 --live-seconds 0` for the RSS at 1M events.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -37,13 +51,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bench.stream_jobs import PeakRss, baseline, ceiling, on_cluster
+from bench.stream_jobs import PeakRss, baseline, ceiling, on_cluster, tiles_sql
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
 from core.records import FeatureRow
 from core.settings import Settings, load_settings
@@ -290,16 +305,127 @@ def marginal(
     return (count - small_count) / (full_s - small_s), full_s
 
 
+ENGINES = {
+    "tiles": "the tile engine (SQL per event, Python per tile)",
+    "events": "the per-event engine",
+    "baseline": "PyFlink job that only parses each event",
+    "ceiling": "Flink SQL that only reads and decodes (the Java ceiling)",
+    "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
+    "tiles-p2": "the tile engine at parallelism 2",
+    "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
+    "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
+    "tiles-hot": "the tile engine, half the events on one key (a second broker)",
+    "tiles-cluster": "the tile engine on a session cluster of its own",
+}
+DEFAULT_ENGINES = "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot"
+# pyflink/datastream/stream_execution_environment._open reads it: unset, a local job runs its
+# Python workers in this process ("loopback"); "process": in processes of their own.
+LOOPBACK_VARIABLE = "_python_worker_execution_mode"
+
+
+@dataclasses.dataclass
+class Measured:
+    rate: float = 0.0  # marginal events/s
+    seconds: float = 0.0  # the full run
+    rows: int | None = None
+    peak_rss_mb: float | None = None
+    runs: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (events, CPU s)
+
+    @property
+    def cpu_us(self) -> float | None:
+        """Marginal CPU microseconds per event of the local Flink cluster (JVM and Python
+        workers), between the small and the full run; robust to a shared machine's load."""
+        if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
+            return None
+        (n0, c0), (n1, c1) = self.runs[-2:]
+        return (c1 - c0) / (n1 - n0) * 1e6
+
+
+def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
+    """offsets -> wall seconds of one run of the engine's job."""
+    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot", "tiles-workers"):
+        job_options = dataclasses.replace(options, engine=engine.split("-")[0])
+        if engine == "tiles-p2":
+            job_options = dataclasses.replace(job_options, parallelism=2)
+        if engine == "tiles-thread":
+            job_options = dataclasses.replace(job_options, python_mode="thread")
+
+        def run(offsets: dict[str, dict[int, int]]) -> float:
+            if engine != "tiles-workers":
+                seconds, found.rows = engine_run(settings, offsets, job_options)
+                return seconds
+            # PyFlink runs a local job's Python workers inside the client process (loopback,
+            # beside the runner's own threads) unless this variable says otherwise.
+            os.environ[LOOPBACK_VARIABLE] = "process"
+            try:
+                seconds, found.rows = engine_run(settings, offsets, job_options)
+            finally:
+                del os.environ[LOOPBACK_VARIABLE]
+            return seconds
+
+        return run
+    if engine == "tiles-sql":
+        return lambda o: tiles_sql(settings, o, options)
+    if engine == "baseline":
+        return lambda o: baseline(settings, o, options.parallelism)
+    if engine == "ceiling":
+        return lambda o: ceiling(settings, o, options.parallelism)
+    raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+
+
+def measure_engine(
+    engine: str,
+    settings: Settings,
+    stop: dict[str, dict[int, int]],
+    small: dict[str, dict[int, int]],
+    options: JobOptions,
+) -> Measured:
+    """One engine's marginal rate over the preloaded events (see marginal), with the peak RSS
+    and the CPU time of the local Flink cluster in each run."""
+    found = Measured()
+    if engine == "tiles-cluster":
+        found.rate, found.seconds = on_cluster(
+            settings,
+            lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
+            dataclasses.replace(options, engine="tiles"),
+        )
+        return found
+    run = _job(engine, settings, options, found)
+
+    def job(offsets: dict[str, dict[int, int]]) -> float:
+        with PeakRss() as rss:
+            seconds = float(run(offsets))
+        found.peak_rss_mb = max(found.peak_rss_mb or 0.0, rss.peak)
+        found.runs.append((sum(sum(o.values()) for o in offsets.values()), rss.cpu_s))
+        return seconds
+
+    found.rate, found.seconds = marginal(job, stop, small)
+    return found
+
+
+@contextlib.contextmanager
+def local_stack(state: Path) -> Iterator[Settings]:
+    """A broker and Redis of their own on free loopback ports, state under ``state``."""
+    settings = load_settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        state_dir=state,
+        topic_partitions=PARTITIONS,
+    )
+    stack_up(settings)
+    try:
+        ensure_topics(settings, [STATS_TOPIC], partitions=1)
+        yield settings
+    finally:
+        stack_down(settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--small", type=float, default=0.1, help="share of the short runs")
     parser.add_argument("--hot-key", action="store_true", help="half the events on one key")
-    parser.add_argument(
-        "--engines",
-        default="tiles,baseline,ceiling",
-        help="tiles,events,baseline,ceiling,tiles-cluster",
-    )
+    parser.add_argument("--engines", default=DEFAULT_ENGINES, help=",".join(ENGINES))
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--live-engine", default="tiles", choices=("tiles", "events"))
@@ -317,81 +443,85 @@ def main() -> None:
         python_mode=args.python_mode,
     )
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    rates: dict[str, tuple[float, float]] = {}
-    rows: dict[str, int] = {}
-    peaks: dict[str, float] = {}
+    for engine in engines:
+        if engine not in ENGINES:
+            raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+    results: dict[str, Measured] = {}
+    readable: list[float] = []
+    emitted: list[float] = []
+    servable: list[float] = []
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as state:
-        settings = load_settings(
-            kafka_bootstrap=f"127.0.0.1:{free_port()}",
-            redis_url=f"redis://127.0.0.1:{free_port()}/0",
-            state_dir=Path(state),
-            topic_partitions=PARTITIONS,
-        )
-        stack_up(settings)
-        try:
-            ensure_topics(settings, [STATS_TOPIC], partitions=1)
+        with local_stack(Path(state) / "main") as settings:
             stop = preload(settings, args.events, args.hot_key)
             small = share(stop, args.small)
-            for engine in engines:
-                if engine in ("tiles", "events"):
-                    engine_options = dataclasses.replace(options, engine=engine)
-
-                    def job(
-                        offsets: dict[str, dict[int, int]], o: JobOptions = engine_options
-                    ) -> float:
-                        with PeakRss() as rss:
-                            seconds, n = engine_run(settings, offsets, o)
-                        rows[o.engine or ""] = n
-                        peaks[o.engine or ""] = rss.peak
-                        return seconds
-
-                    rates[engine] = marginal(job, stop, small)
-                elif engine == "baseline":
-                    rates[engine] = marginal(
-                        lambda o: baseline(settings, o, args.parallelism), stop, small
-                    )
-                elif engine == "tiles-cluster":
-                    rates[engine] = on_cluster(
-                        settings,
-                        lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
-                        dataclasses.replace(options, engine="tiles"),
-                    )
-                elif engine == "ceiling":
-                    rates[engine] = marginal(
-                        lambda o: ceiling(settings, o, args.parallelism), stop, small
-                    )
-                else:
-                    raise SystemExit(f"unknown engine {engine!r}")
-                print(f"{engine}: {rates[engine][0]:,.0f} events/s", flush=True)
-            readable: list[float] = []
-            emitted: list[float] = []
-            servable: list[float] = []
+            for engine in (e for e in engines if e != "tiles-hot"):
+                results[engine] = measure_engine(engine, settings, stop, small, options)
+                print(f"{engine}: {results[engine].rate:,.0f} events/s", flush=True)
             if args.live_seconds > 0:
                 live = JobOptions(engine=args.live_engine)
                 readable, emitted, servable = freshness(
                     settings, args.rate, args.live_seconds, live
                 )
-        finally:
-            stack_down(settings)
+        if "tiles-hot" in engines:
+            with local_stack(Path(state) / "hot") as settings:
+                stop = preload(settings, args.events, hot=True)
+                small = share(stop, args.small)
+                results["tiles-hot"] = measure_engine("tiles-hot", settings, stop, small, options)
+                print(f"tiles-hot: {results['tiles-hot'].rate:,.0f} events/s", flush=True)
+    report(args, results, (readable, emitted, servable), time.monotonic() - started)
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[str, Measured],
+    live: tuple[list[float], list[float], list[float]],
+    seconds: float,
+) -> None:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\nthroughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
         f"(marginal over the first {args.small:.0%}), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
-        f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores"
+        f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores, "
+        f"load average at the end {load}, bench {seconds:.0f} s"
     )
-    base = rates.get("baseline", (0.0, 0.0))[0]
-    print(f"{'job':10} {'events/s':>10} {'full run s':>10} {'x baseline':>10}")
-    for engine, (rate, seconds) in rates.items():
-        ratio = f"{rate / base:10.2f}" if base else f"{'-':>10}"
-        print(f"{engine:10} {rate:10,.0f} {seconds:10.1f} {ratio}")
-    if "tiles" in rates and "tiles-cluster" in rates:
-        (on, on_s), (local, local_s) = rates["tiles-cluster"], rates["tiles"]
-        print(f"tiles-cluster / tiles: events/s {on / local:.2f}x, full run {on_s / local_s:.2f}x")
-    for engine, n in rows.items():
-        print(
-            f"  {engine}: {n:,} rows to Redis and features.*, peak RSS of the Flink JVM and "
-            f"its Python workers {peaks[engine]:,.0f} MB"
-        )
+    base = results["baseline"].rate if "baseline" in results else 0.0
+    top = results["ceiling"].rate if "ceiling" in results else 0.0
+    print(
+        f"{'job':13} {'events/s':>10} {'full run s':>10} {'x baseline':>10} {'x ceiling':>10}"
+        f" {'peak RSS MB':>11} {'CPU us/event':>12}"
+    )
+    for engine, m in results.items():
+        ratios = [f"{m.rate / r:10.2f}" if r else f"{'-':>10}" for r in (base, top)]
+        rss = f"{m.peak_rss_mb:11,.0f}" if m.peak_rss_mb else f"{'-':>11}"
+        cpu = f"{m.cpu_us:12.1f}" if m.cpu_us is not None else f"{'-':>12}"
+        print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss} {cpu}")
+    pairs = (
+        ("tiles-p2", "tiles", "parallelism 2 / 1"),
+        ("tiles-thread", "tiles", "thread / process mode"),
+        ("tiles-workers", "tiles", "own worker processes / loopback"),
+        ("tiles-hot", "tiles", "hot key / uniform keys"),
+        ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
+        ("tiles-cluster", "tiles", "session cluster / local"),
+    )
+    for a, b, what in pairs:
+        if a in results and b in results and results[b].rate:
+            ra, rb = results[a], results[b]
+            rate, full = ra.rate / rb.rate, ra.seconds / rb.seconds
+            cpu = ""
+            if ra.cpu_us and rb.cpu_us:
+                cpu = f", CPU per event {ra.cpu_us / rb.cpu_us:.2f}x"
+            print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
+    for engine, m in results.items():
+        if m.rows is not None:
+            print(f"  {engine}: {m.rows:,} rows to Redis and features.* in the full run")
+    print(
+        "  peak RSS and CPU: the Flink JVM and this process (where a local job's Python "
+        "workers run), sampled every 0.5 s; CPU per event is marginal (full run - small "
+        "run), and counts every core"
+    )
+    readable, emitted, servable = live
     print(
         f"freshness ({args.live_engine} engine), {args.rate:.0f} events/s live, "
         f"{len(readable):,} rows (window close to):"

@@ -1,6 +1,6 @@
 """bench.stream's comparison jobs and measurements: the parse-only PyFlink baseline, the Flink
-SQL decode-only ceiling, the RSS of the local Flink cluster, and the same job on a session
-cluster of its own (see bench/stream.py)."""
+SQL decode-only ceiling, the tile engine's SQL alone, the RSS of the local Flink cluster, and
+the same job on a session cluster of its own (see bench/stream.py)."""
 
 from __future__ import annotations
 
@@ -43,10 +43,20 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def flink_rss_mb() -> float:
-    """RSS of the local Flink cluster: every JVM under this process and all it started (the
-    Python workers), in MB (Linux /proc)."""
-    total, stack = 0, list(_children(os.getpid()))
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flink_pids() -> list[int]:
+    """The local Flink cluster: this process (PyFlink runs a local job's Python workers inside
+    the client, in "loopback" mode: pyflink/datastream/stream_execution_environment._open),
+    every JVM under it and all those started (Linux /proc)."""
+    found, stack = [os.getpid()], list(_children(os.getpid()))
     inside: set[int] = set()
     while stack:
         pid = stack.pop()
@@ -55,31 +65,55 @@ def flink_rss_mb() -> float:
         except OSError:
             continue
         if command == "java" or pid in inside:
-            total += _rss_kb(pid)
+            found.append(pid)
             inside.update(_children(pid))
         stack += _children(pid)
-    return total / 1024
+    return found
+
+
+def flink_rss_mb() -> float:
+    """RSS of the local Flink cluster (flink_pids), in MB."""
+    return sum(_rss_kb(pid) for pid in flink_pids()) / 1024
 
 
 class PeakRss:
-    """The greatest flink_rss_mb() seen while in the block, sampled every 0.5 s."""
+    """While in the block, sampled every 0.5 s: the greatest flink_rss_mb() seen, and the CPU
+    seconds the local Flink cluster spent (flink_pids: this process, where the Python workers
+    run, and the JVM; a child's last half second before it exits is missed). CPU time, unlike
+    wall time, hardly depends on what else the machine runs."""
 
     def __init__(self) -> None:
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - self._first.get(pid, 0.0) for pid, last in self._last.items())
+
+    def _take(self) -> None:
+        pids = flink_pids()
+        self.peak = max(self.peak, sum(_rss_kb(pid) for pid in pids) / 1024)
+        for pid in pids:
+            used = _cpu_s(pid)
+            if used:
+                self._last[pid] = used
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, flink_rss_mb())
+            self._take()
 
     def __enter__(self) -> PeakRss:
+        self._first = {pid: _cpu_s(pid) for pid in flink_pids()}
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._take()
 
 
 def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
@@ -121,6 +155,61 @@ def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: in
             f"INSERT INTO `{table}_sink` SELECT CAST(`_part` AS BIGINT) + `_off` + "
             f"COALESCE(`_t`, 0) + CHAR_LENGTH(COALESCE(`_k0`, '')) + "
             f"CASE WHEN `_kept` AND NOT `_side` THEN 1 ELSE 0 END FROM `{table}_marked`"
+        )
+    statements.execute().wait()
+    return time.monotonic() - started
+
+
+def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions) -> float:
+    """Wall seconds of the tile engine's whole query (streaming/tiles.py: decode, late check,
+    deduplication, tiles, read counts) into a blackhole, no Python: what the SQL side costs,
+    against the ceiling (decode only) and the full job (the Python operator on top). The
+    job's own Flink configuration (streaming/job.py), so the two differ only in the Python."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    from streaming.tiles import TABLE_CONFIG, rowtime_column, tile_query
+    from streaming.udf import FUNCTIONS, udf_jar
+
+    started = time.monotonic()
+    conf = Configuration()
+    base = settings.state_dir / "flink" / "bench-tiles-sql"
+    for key, value in flink_configuration(
+        base, "bench-tiles-sql", options, bounded=True, restore_from=None
+    ).items():
+        conf.set_string(key, value)
+    conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    for key, value in TABLE_CONFIG.items():
+        t_env.get_config().set(key, value)
+    for function, java_class in FUNCTIONS.items():
+        t_env.create_java_temporary_system_function(function, java_class)
+    statements = t_env.create_statement_set()
+    for view in (restaurant_orders, zone_couriers):
+        compiled = compile_view(view)
+        table = f"tiles_sql_{view.name}"
+        t_env.execute_sql(
+            source_table_sql(
+                compiled,
+                table,
+                settings.kafka_bootstrap,
+                {},
+                stop[compiled.topic],
+                rowtime=rowtime_column(compiled),
+            ).replace("sluice-stream-", "bench-tiles-sql-")
+        )
+        views, query = tile_query(compiled, table)
+        for statement in views:
+            t_env.execute_sql(statement)
+        t_env.execute_sql(
+            f"CREATE TEMPORARY TABLE `{table}_sink` (n BIGINT) WITH ('connector' = 'blackhole')"
+        )
+        statements.add_insert_sql(
+            f"INSERT INTO `{table}_sink` SELECT `copies` + `uniq` + "
+            f"CHAR_LENGTH(COALESCE(`k`, '')) FROM ({query})"
         )
     statements.execute().wait()
     return time.monotonic() - started

@@ -39,7 +39,7 @@ from features.definitions import FeatureService
 from features.labels import Labels
 from models.registry import ModelRegistry
 from serving import auth, routes
-from serving.fastpath import PredictFastPath
+from serving.fastpath import PredictorApp
 from serving.features import FeatureReader
 from serving.limits import BodyLimit, JsonRoute
 from serving.oip import router as oip_router
@@ -76,6 +76,9 @@ def create_app(
             build, settings, reader, registry, producer, services, policy_store, labels
         )
         app.state.predictor = predictor
+        shared = getattr(app.state, "worker_metrics", None)  # serving.workers: (dir, worker)
+        if shared is not None:
+            predictor.metrics.share(*shared)
         predictor.rollouts = attach_rollouts(predictor, bus)
         predictor.rollouts.start()
         try:
@@ -92,17 +95,22 @@ def create_app(
             close = getattr(predictor.reader, "close", None)
             if reader is None and close is not None:
                 close()
+            if predictor.metrics.workers is not None:
+                await asyncio.to_thread(predictor.metrics.workers.stop)
             log.info("predictor stopped", extra={"log": vars(counts)})
 
-    app = FastAPI(
+    app = PredictorApp(
         title="Sluice predictor",
         description="Online predictions from batch, streaming and request features.",
         version="1",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry: off (sluice's metrics are Prometheus', /metrics).
+        # Unconfigured it records nothing, yet checks the global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.router.route_class = JsonRoute  # before any route: each parses JSON with orjson
-    app.add_middleware(PredictFastPath)  # innermost: the body limit and the metrics apply
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)  # inside the metrics
+    # Inside the metrics. POST /predict skips both: serving/fastpath.py does what they do.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     routes.install(app)
     # The OIP routes join the app's own list (an included router would be one opaque entry
     # there, hidden from the checks that walk app.routes: auth's scopes, the OpenAPI ones).

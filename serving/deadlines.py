@@ -84,7 +84,7 @@ async def predict_within(
         raise
     remaining = started + budget - ANSWER_RESERVE_S - time.perf_counter()
     if remaining > 0:
-        await asyncio.wait(futures, timeout=remaining)
+        await _all_done(futures, remaining)
     late = [i for i, future in enumerate(futures) if not future.done()]
     for i in late:
         futures[i].cancel()
@@ -103,3 +103,34 @@ async def predict_within(
         for i, prediction in zip(late, fallback, strict=True):
             results[i] = prediction
     return [p for p in results if p is not None]
+
+
+async def _all_done(futures: Sequence[asyncio.Future[Prediction]], timeout: float) -> None:
+    """Return when every future is done or after ``timeout`` seconds: asyncio.wait's
+    semantics without its per-call set, type checks and task wrapping (on every request)."""
+    pending = [future for future in futures if not future.done()]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = len(pending)
+
+    def one_done(_future: asyncio.Future[Prediction]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    def expired() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(one_done)
+    timer = loop.call_later(timeout, expired)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for future in pending:
+            future.remove_done_callback(one_done)

@@ -154,12 +154,15 @@ class Predictor:
                 backoff=s.batch_backoff,
             )
             m, label = self.metrics, str(version)
+            batch_rows = m.batch_rows.labels(name)
+            batch_latency = m.batch_latency.labels(name)
+            request_latency = m.batch_request_latency.labels(name, label)
 
             def on_batch(rows: int, latency_ms: float, process_ms: float) -> None:
-                m.batch_rows.labels(name).observe(rows)
-                m.batch_latency.labels(name).observe(process_ms / 1000)
-                m.batch_request_latency.labels(name, label).observe(latency_ms / 1000)
-                m.batch_size.labels(name, label).set(controller.size)
+                batch_rows.observe(rows)
+                batch_latency.observe(process_ms / 1000)
+                request_latency.observe(latency_ms / 1000)
+                m.batch_size.labels(name, label).set(controller.size)  # removable: no cache
 
             m.batch_size.labels(name, label).set(controller.size)
             return AdaptiveBatcher(
@@ -184,10 +187,10 @@ class Predictor:
 
     def count_contract(self, predictions: Sequence[Prediction]) -> None:
         """sluice_contract_rows_total{view,status}: every row's verdict, answered or not."""
-        counter = self.metrics.contract_rows
+        child = self.metrics.contract_children
         for prediction in predictions:
             for view, status in prediction.joined.status.items():
-                counter.labels(view, status.value).inc()
+                child(view, status.value).inc()
 
     def reject_behind(self, predictions: Sequence[Prediction]) -> None:
         """With serve_behind = "reject": a 503 naming the views of rows behind the contract."""
@@ -229,7 +232,7 @@ class Predictor:
             key = str(row.get(context, "")) if context else ""
             model, propensity = served.slot.pick(key, state)
             items.append(PredictItem(model, row, t_ms, propensity))
-        self.metrics.queue_depth.labels(served.slot.name).set(served.batchers.queued)
+        self.metrics.queue_depth_children(served.slot.name).set(served.batchers.queued)
         budget = deadlines.budget_s(deadline_ms, timeout_header, self.settings)
         try:
             results = await deadlines.predict_within(
@@ -258,14 +261,14 @@ class Predictor:
         joined = prediction.joined
         m = self.metrics
         if shadow_of is None:
-            m.predictions.labels(prediction.model, str(prediction.version)).inc()
+            m.prediction_children(prediction.model, prediction.version).inc()
             if joined.degraded:
-                m.degraded_rows.labels(prediction.model, joined.degraded_reason or "").inc()
+                m.degraded_children(prediction.model, joined.degraded_reason or "").inc()
             for view, age in joined.ages_ms.items():
                 if view in joined.missing:
-                    m.missing.labels(view).inc()
+                    m.missing_children(view).inc()
                 if age is not None:
-                    m.feature_age.labels(view).observe(age / 1000)
+                    m.feature_age_children(view).observe(age / 1000)
             self.recent.add(
                 prediction.prediction_id,
                 prediction.model,

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
@@ -69,10 +69,8 @@ class RequestMetrics:
             predictor = getattr(scope["app"].state, "predictor", None)
             if predictor is not None:
                 path = getattr(scope.get("route"), "path", "unmatched")
-                predictor.metrics.requests.labels(path, str(status[0])).inc()
-                predictor.metrics.request_latency.labels(path).observe(
-                    time.perf_counter() - started
-                )
+                predictor.metrics.request_children(path, status[0]).inc()
+                predictor.metrics.request_latency_child(path).observe(time.perf_counter() - started)
 
 
 def _predictor(request: Request) -> Predictor:
@@ -229,8 +227,8 @@ def install(app: FastAPI) -> None:
     @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
         """Prometheus text format."""
-        registry = _predictor(request).metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        metrics = _predictor(request).metrics  # with --workers: every worker's (WorkerMetrics)
+        return Response(await asyncio.to_thread(metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 def _serving(served: Served) -> dict[str, Any]:

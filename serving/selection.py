@@ -254,23 +254,30 @@ class ModelSlot:
         if canary is None and len(state.arms) == 1:
             return state.production, 1.0  # the common case, on every request: no choice
         share = state.canary_share if canary is not None else 0.0
+        exp4 = self.policy.kind == "exp4"  # its weights are the ensemble's, not a choice's
+        versions = sorted(state.arms)
         if canary is not None and self.rng.random() < share:
             model = canary
-        elif len(state.arms) == 1:
-            model = state.production
+            if exp4:
+                return model, None
+            # The canary may be an arm too: the policy could have chosen it as well.
+            in_arms = model.version in state.arms
+            p_policy = self._weights(state, versions, context) if in_arms else {}
+        elif exp4:
+            return state.arms[self.policy.choose(versions, state.production.version, context)], None
         else:
-            versions = sorted(state.arms)
-            model = state.arms[self.policy.choose(versions, state.production.version, context)]
-        if self.policy.kind == "exp4":
-            return model, None
-        versions = sorted(state.arms)
-        p_policy = (
-            self.policy.weights(versions, state.production.version, context)
-            if len(versions) > 1
-            else {state.production.version: 1.0}
-        )
+            # The weights are the policy's choice distribution: computed once and sampled
+            # (the policy's own choose would compute them again).
+            p_policy = self._weights(state, versions, context)
+            rng = getattr(self.policy, "rng", self.rng)
+            model = state.arms[_sample(p_policy, versions, rng)]
         canary_p = share if canary is not None and model.version == canary.version else 0.0
         return model, canary_p + (1.0 - share) * p_policy.get(model.version, 0.0)
+
+    def _weights(self, state: SlotState, versions: list[int], context: str) -> Mapping[int, float]:
+        if len(versions) == 1:
+            return {state.production.version: 1.0}
+        return self.policy.weights(versions, state.production.version, context)
 
     def swap(
         self,
@@ -289,6 +296,16 @@ class ModelSlot:
         state = self.state
         extra = [state.canary] if state.canary is not None else []
         return {m.version: m for m in (*state.arms.values(), *extra, *state.shadows)}
+
+
+def _sample(p: Mapping[int, float], versions: Sequence[int], rng: random.Random) -> int:
+    """A version drawn with probability p[version]."""
+    pick = rng.random()
+    for version in versions:
+        pick -= p.get(version, 0.0)
+        if pick < 0:
+            return version
+    return versions[-1]  # rounding: the probabilities sum to 1 - tiny
 
 
 class RecentPredictions:

@@ -12,10 +12,10 @@ Per process:
   (claimed with a lock on ``worker-<k>.claim``), so a restarted worker takes over the records
   its predecessor left unsent, and a restart with fewer workers leaves higher slots' records
   on disk until a run with as many workers again;
-- Prometheus metrics: each worker counts its own requests; a scrape of /metrics reaches one
-  worker (whichever accepts the connection). Sum over workers needs a scrape per worker or
-  prometheus_client's multiprocess mode, which the custom collectors here (log, cache) do not
-  support yet: with --workers > 1 read /metrics as one worker's sample.
+- Prometheus metrics: each worker counts its own, and publishes them every half second in the
+  server's metrics directory (a temporary directory serve() makes and removes); the worker
+  that answers a scrape of /metrics sums every worker's counters and histograms there and
+  lists gauges per worker (serving.metrics.WorkerMetrics).
 - what serving/ keeps in memory: batches form per process (AIMD per process), the prediction
   cache is per process, /feedback's recent-predictions lookup reaches the predictions of the
   process that answers it (the feedback consumer joins the others through the log). Policy
@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
 from core.errors import UsageError
 from core.settings import Settings, load_settings
+from serving.metrics import WORKERS_DIR_ENV
 
 MAX_WORKERS = 256
 HEALTHCHECK_S = 60
@@ -60,16 +64,25 @@ def claim_slot(root: Path) -> int:
 
 def worker_settings(settings: Settings) -> Settings:
     """The settings of one worker process: its own prediction log directory."""
+    return _claimed_settings(settings)[0]
+
+
+def _claimed_settings(settings: Settings) -> tuple[Settings, int]:
     root = log_root(settings)
     slot = claim_slot(root)
-    return settings.model_copy(update={"prediction_log_dir": root / f"worker-{slot}"})
+    return settings.model_copy(update={"prediction_log_dir": root / f"worker-{slot}"}), slot
 
 
 def worker_app() -> FastAPI:
     """uvicorn's factory in each worker process (``serving.workers:worker_app``)."""
     from serving.app import create_app
 
-    return create_app(worker_settings(load_settings()))
+    settings, slot = _claimed_settings(load_settings())
+    app = create_app(settings)
+    directory = os.environ.get(WORKERS_DIR_ENV)
+    if directory:  # /metrics answers for every worker (serving.metrics.WorkerMetrics)
+        app.state.worker_metrics = (Path(directory), str(slot))
+    return app
 
 
 def serve(
@@ -88,6 +101,18 @@ def serve(
         raise UsageError(f"--workers: at most {MAX_WORKERS}, got {workers}")
     if config is not None:  # the workers load the same settings
         os.environ["SLUICE_CONFIG"] = str(config.resolve())
+    # The server's metrics directory: each worker publishes its metrics there, and the one
+    # answering a scrape sums them (serving.metrics.WorkerMetrics). Made here, removed on exit.
+    metrics_dir = tempfile.mkdtemp(prefix="sluice-serve-metrics-")
+    os.environ[WORKERS_DIR_ENV] = metrics_dir
+    try:
+        _run_workers(uvicorn, host, port, workers)
+    finally:
+        os.environ.pop(WORKERS_DIR_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(uvicorn: Any, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "serving.workers:worker_app",
         factory=True,

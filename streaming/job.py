@@ -35,7 +35,7 @@ from core.uris import JvmAccess, S3Options, StorageUri, filesystem, parse
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
-from streaming.tiles import rowtime_column, tile_query
+from streaming.tiles import TABLE_CONFIG, rowtime_column, tile_query
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,9 @@ def build_job(
             t_env.create_java_temporary_system_function(function, java_class)
     # Tumbling tiles of a day align to UTC midnight, as the reference's buckets do.
     t_env.get_config().set("table.local-time-zone", "UTC")
+    if tiles:  # the tile queries' table settings (streaming/tiles.py)
+        for key, value in TABLE_CONFIG.items():
+            t_env.get_config().set(key, value)
     for compiled in views:
         table = f"source_{compiled.name}"
         offsets = None if stop_offsets is None else stop_offsets[compiled.topic]

@@ -7,9 +7,10 @@ windows from them with the same window code as the event engine (streaming/windo
 Per view, one query (one source scan), a UNION ALL of three kinds of rows:
 
   tile rows   TUMBLE(slide) windows on the event time, two cascaded aggregations:
-              level 1 groups (bucket, entity, event id = MD5 of the canonical bytes): one row
-              per distinct event with its copies counted (ingest is at least once; a repeat
-              counts once, as in the event engine); level 2 groups (bucket, entity, partition)
+              level 1 groups (bucket, entity, event id = a 128-bit hash of the record's bytes,
+              streaming/java/sluice/EventId.java): one row per distinct event with its copies
+              counted (ingest is at least once; a repeat counts once, as in the event engine);
+              level 2 groups (bucket, entity, partition)
               and computes each slot's partial state (below). Events the filter drops become
               rows of a NULL entity grouped by partition: only their number and offsets.
   read rows   per partition and 100 ms of processing time, the number of events read (not
@@ -19,6 +20,10 @@ Per view, one query (one source scan), a UNION ALL of three kinds of rows:
               (the event engine's parser names the reason and dead-letters them) and late events
               (dead-lettered with reason "late"). A window aggregation drops late records
               silently, so the late check runs before it, in SQL, with CURRENT_WATERMARK.
+
+Decode: sluice_json_fields (streaming/java/sluice/JsonFields.java) streams each record's JSON
+once into a row of the fields' text, cast in SQL; the source's event-time column reads its
+time field with the same function and the same cast (_json), so the two agree on every record.
 
 Lateness: Flink's window operators treat a record as late when its window's end - 1 is at or
 before the watermark (the window fired at W >= end - 1). The check before them uses the same
@@ -42,6 +47,17 @@ row differ from the row emitted before (seen in test_fault_pipeline). A tile's s
 only on its events. Python merges the tiles of a window in bucket order, as before.
 A view the tile engine cannot express exactly (last over a float column) runs on the event
 engine (tile_support).
+
+Why a 30-day window on 1-minute slides (43,200 tiles per key) stays refused
+(compile.MAX_TILES_PER_WINDOW): hour tiles would be exact for every aggregation only for the
+hours wholly inside a window, with minute tiles for its two partial ends; the old end's partial
+hour is, in turn, every hour of the last 30 days, so every minute tile must be kept for 30 days
+anyway: the state per key does not shrink (43,200 tiles), only the merge per row would. And the
+Python side keeps a key's tiles as one pickled value (streaming/windows.py), read and rewritten
+on every tile row and every firing: 0.8 MB per key for count/mean/stddev tiles, about 7 ms of
+CPU to pickle and 20 ms to unpickle (measured), twice a minute per key: about 55 ms per key per
+minute, a whole core for about 1,000 keys before any merging. That needs per-bucket keyed
+state (MapState) on the Python side and hour summaries kept as minute tiles close, not SQL.
 
 Known differences from the event engine (why it is not the default yet). Measured 2026-12-05
 with SLUICE_STREAM_ENGINE=tiles on a shared machine (load 10-16). After the fixes below, under
@@ -112,6 +128,14 @@ KIND_TILE, KIND_SIDE, KIND_READ = "T", "S", "R"
 READ_INTERVAL_MS = 100
 
 
+# Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
+# no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
+# combines anything (one row per distinct event either way) and only costs; before level 2 it
+# would combine an event's rows into its tile's. Measured (SQL alone into a blackhole, 300k
+# events, CPU of the JVM per event): 29.2 us one phase against 32.4 us two phases.
+TABLE_CONFIG = {"table.optimizer.agg-phase-strategy": "ONE_PHASE"}
+
+
 def tile_support(compiled: CompiledView) -> str | None:
     """None when the tile engine runs the view exactly; else why not (it runs per event)."""
     types = compiled.view.column_types()
@@ -134,15 +158,14 @@ def _interval(ms: int) -> str:
 
 
 def _json(column: str, sql_type: str) -> str:
-    path = _quote(f"$.{column}")
-    if sql_type == "BIGINT":  # JSON_VALUE cannot return BIGINT
-        return f"TRY_CAST(JSON_VALUE(CAST(`value` AS STRING), {path}) AS BIGINT)"
-    return f"JSON_VALUE(CAST(`value` AS STRING), {path} RETURNING {sql_type})"
+    """One top-level field of the source's raw value, typed (the same text and the same cast as
+    the query's decode, _field: the two agree on every record)."""
+    return _field(column, sql_type, f"sluice_json_fields(`value`, {_quote(column)})")
 
 
-def _field(name: str, sql_type: str) -> str:
-    """One field of the parsed record (sluice_json_fields: name -> JSON text)."""
-    text = f"`_f`[{_quote(name)}]"
+def _field(name: str, sql_type: str, parsed: str = "`_f`") -> str:
+    """One field of the parsed record (sluice_json_fields: a row of the fields' JSON text)."""
+    text = f"{parsed}.`{name}`"
     return text if sql_type == "STRING" else f"TRY_CAST({text} AS {sql_type})"
 
 
@@ -238,7 +261,10 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
     )
     # The aggregated records: events the view keeps (entity and id) or drops by its filter
     # (no entity, grouped by partition: only their number and offsets travel).
-    eid = "CASE WHEN `_kept` THEN MD5(CAST(`_raw` AS STRING)) ELSE CAST(`_part` AS STRING) END"
+    eid = (
+        "CASE WHEN `_kept` THEN sluice_event_id(`_raw`) "
+        "ELSE CAST(CAST(`_part` AS STRING) AS BYTES) END"
+    )
     aggregated = (
         "SELECT *, CASE WHEN `_kept` THEN `_k0` ELSE CAST(NULL AS STRING) END AS `_k`, "
         f"{eid} AS `_eid` FROM `{table}_marked` WHERE NOT `_side`"

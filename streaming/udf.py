@@ -22,6 +22,7 @@ FUNCTIONS = {
     "sluice_moments": "sluice.Moments",
     "sluice_sum": "sluice.ExactSum",
     "sluice_json_fields": "sluice.JsonFields",
+    "sluice_event_id": "sluice.EventId",
 }
 COMPILE_TIMEOUT_S = 120
 

@@ -10,6 +10,7 @@ predictor serves, every prediction is logged, and the monitor reads the log at t
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,8 @@ def run_demo(settings: Settings, console: Console, *, events: int, keep_up: bool
     console.rule("1. local stack")
     for component in stack_up(settings):
         console.print(f"{component.name}: {component.state} at {component.address}")
+    if not already_running:
+        _forget_earlier_runs(settings, console)
     try:
         report = _produce(settings, console, events)
         counts, archived = _ingest_and_archive(settings, console, report)
@@ -52,6 +55,18 @@ def run_demo(settings: Settings, console: Console, *, events: int, keep_up: bool
             console.rule("stack down")
             stack_down(settings)
             console.print("broker and Redis stopped")
+
+
+def _forget_earlier_runs(settings: Settings, console: Console) -> None:
+    """The local broker keeps its topics in memory: one the demo just started has new topics,
+    whose offsets start again at 0. The history of an earlier run holds the offsets of the old
+    topics (the archive resumes from them: a new topic as long as the old one would look archived
+    already), and the offline store was backfilled from that history. Both are the demo's own
+    output and can only mislead now, so they go."""
+    for directory in (settings.history_dir, settings.offline_store_dir):
+        if directory.is_dir() and any(directory.iterdir()):
+            shutil.rmtree(directory)
+            console.print(f"{directory}: from an earlier run on another broker, removed")
 
 
 def _produce(settings: Settings, console: Console, events: int) -> ProduceReport:

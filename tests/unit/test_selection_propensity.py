@@ -93,3 +93,27 @@ def test_the_prediction_record_carries_the_propensity_and_older_records_read_as_
     encoded = record.encode()
     assert b"propensity" not in encoded
     assert PredictionRecord.decode(encoded).propensity is None
+
+
+@pytest.mark.parametrize("policy", ["exp3", "egreedy"])
+def test_a_pick_reads_the_policy_state_once(policy):
+    """The weights give both the choice and its propensity: computed once per pick (the
+    state read behind them, per request, is what a choose + weights pair did twice)."""
+    reads: list[str] = []
+    fields = {"lw:1": 0.0, "lw:2": 1.0, "n:1": 20.0, "loss:1": 2.0, "n:2": 20.0, "loss:2": 8.0}
+
+    def read(context: str) -> dict[str, float]:
+        reads.append(context)
+        return fields
+
+    chosen: SelectionPolicy = (
+        Exp3(read=read, rng=random.Random(2))
+        if policy == "exp3"
+        else EpsilonGreedy(0.2, read=read, rng=random.Random(2))
+    )
+    slot = _slot(chosen, [1, 2])
+    for n in range(1, 50):
+        model, propensity = slot.pick("zone-1")
+        assert propensity == pytest.approx(chosen.weights([1, 2], 2, "zone-1")[model.version])
+        assert len(reads) == 2 * n  # one by pick, one by the check's own weights call
+    assert set(reads) == {"zone-1"}

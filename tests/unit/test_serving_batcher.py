@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -218,5 +219,38 @@ def test_a_full_queue_refuses_at_once():
         batcher.start()
         assert await asyncio.gather(*pending) == [0, 1]
         await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_fill_wait_follows_only_a_full_batch():
+    """After a batch that did not fill, the next one takes what is queued at once: waiting
+    max_delay_s again would only add latency (serving/batcher.py)."""
+    calls: list[list[int]] = []
+
+    def process(batch: list[int]) -> list[int]:
+        calls.append(batch)
+        return batch
+
+    batcher = AdaptiveBatcher(process, AimdController(objective_ms=1000, size=4), max_delay_s=0.3)
+
+    async def scenario() -> None:
+        batcher.start()
+        started = time.perf_counter()
+        assert await batcher.submit(1) == 1  # the first batch may wait: it does, in vain
+        waited = time.perf_counter() - started
+        started = time.perf_counter()
+        assert await batcher.submit(2) == 2
+        again = time.perf_counter() - started
+        full = await asyncio.gather(*(batcher.submit(i) for i in range(10, 14)))  # fills 4
+        assert list(full) == [10, 11, 12, 13]
+        started = time.perf_counter()
+        assert await batcher.submit(3) == 3  # after a full batch: waits again
+        after_full = time.perf_counter() - started
+        await batcher.stop()
+        assert waited >= 0.25
+        assert after_full >= 0.25
+        assert again < 0.25
+        assert calls == [[1], [2], [10, 11, 12, 13], [3]]
 
     asyncio.run(scenario())

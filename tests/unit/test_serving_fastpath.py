@@ -18,7 +18,7 @@ from examples.delivery.features import delivery_eta
 from models.registry import ModelRegistry
 from serving import workers
 from serving.app import create_app
-from serving.fastpath import PredictFastPath
+from serving.fastpath import PredictorApp
 from tests.helpers.serving import FakeProducer, FakeReader, trained_registry
 
 TOKEN = "predict-token-for-the-fast-path-test"
@@ -47,10 +47,8 @@ def app_for(models_dir: Path, fast: bool) -> FastAPI:
         registry=ModelRegistry(str(models_dir)),
         producer=FakeProducer(),
     )
-    if not fast:
-        app.user_middleware = [
-            m for m in app.user_middleware if getattr(m, "cls", None) is not PredictFastPath
-        ]
+    assert isinstance(app, PredictorApp)
+    app.fast_path = fast
     return app
 
 
@@ -148,3 +146,41 @@ def test_each_worker_has_its_own_prediction_log_directory(tmp_path):
     for fd in workers._claimed[-2:]:
         os.close(fd)
     del workers._claimed[-2:]
+
+
+def test_a_chunked_body_above_the_limit_is_413_as_from_the_route(clients):
+    fast, route = clients
+    answers = []
+    for client in (fast, route):
+        chunks = iter([b'{"rows": [', b" " * 5000, b"]}"])  # no Content-Length: chunked
+        answers.append(client.post("/predict", content=chunks, headers=auth(f"Bearer {TOKEN}")))
+    mine, theirs = answers
+    assert mine.status_code == theirs.status_code == 413
+    assert mine.json() == theirs.json()
+
+
+def test_the_fast_path_answers_before_the_middleware_stack(models_dir):
+    app = app_for(models_dir, fast=True)
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        async def broken(scope: Any, receive: Any, send: Any) -> None:
+            raise RuntimeError("the stack was used")
+
+        app.middleware_stack = broken
+        answer = client.post("/predict", json={"rows": [ROW]}, headers=auth(f"Bearer {TOKEN}"))
+        assert answer.status_code == 200, answer.text
+        assert client.get("/health").status_code == 500  # every other route goes through it
+
+
+def test_an_unexpected_error_is_a_500_counted_under_the_route(models_dir, monkeypatch):
+    app = app_for(models_dir, fast=True)
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        async def failing(*_args: Any) -> bytes:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr("serving.routes.predict_answer", failing)
+        answer = client.post("/predict", json={"rows": [ROW]}, headers=auth(f"Bearer {TOKEN}"))
+        assert (answer.status_code, answer.text) == (500, "Internal Server Error")
+        metrics = client.get("/metrics").text
+        assert 'sluice_requests_total{route="/predict",status="500"} 1.0' in metrics

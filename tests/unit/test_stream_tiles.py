@@ -210,3 +210,21 @@ def test_exact_sum_and_moments_texts_decode_as_java_writes_them() -> None:
     assert math.isnan(c)
     assert math.isnan(m2)
     assert decode_moments({"n": 2, "c": 1.5, "d": -1e-17, "m2": 0.5}) == (2, 1.5, -1e-17, 0.5)
+
+
+@pytest.mark.parametrize("view", STREAM_VIEWS, ids=lambda v: v.name)
+def test_event_time_column_and_query_decode_the_time_field_alike(view: FeatureView) -> None:
+    """The watermark's event time and the tiles' time come from one parse function and one
+    cast: a record whose time the query can read has that time as its event time."""
+    from streaming.tiles import rowtime_column, tile_query
+
+    compiled = compile_view(view)
+    name = compiled.time_field
+    rowtime = rowtime_column(compiled)
+    views, query = tile_query(compiled, "src")
+    assert f"TRY_CAST(sluice_json_fields(`value`, '{name}').`{name}` AS BIGINT)" in rowtime
+    assert f"TRY_CAST(`_f`.`{name}` AS BIGINT) AS `{name}`" in " ".join([*views, query])
+    assert "JSON_VALUE" not in rowtime + " ".join([*views, query])
+    # Duplicates are found by the id of the record's bytes, not of a decoded text.
+    assert "sluice_event_id(`_raw`)" in " ".join(views)
+    assert "MD5" not in " ".join(views)

@@ -1,0 +1,125 @@
+"""/metrics across the worker processes of one server (serving.metrics.WorkerMetrics): a real
+`python -m serving.workers --workers 2`, without broker or Redis (answers are degraded, the
+prediction log keeps its records on disk), scraped after requests spread over both workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from examples.delivery.features import delivery_eta
+from infra.stack import free_port
+from serving.metrics import SNAPSHOT_S, WorkerMetrics
+from tests.helpers.serving import trained_registry
+
+ROW = {"restaurant_id": "r001", "zone_id": "z1", "distance_km": 2.0, "hour_of_day": 12, "items": 2}
+REQUESTS = 120
+# Real processes (two workers spawned, each closing its log against a broker that is down:
+# 10 s), no stack needed.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("workers")
+    trained_registry(root / "models", delivery_eta)
+    config = root / "sluice.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models_dir": str(root / "models"),
+                "serve_models": ["delivery_eta"],
+                "state_dir": str(root / "state"),
+                "prediction_log_dir": str(root / "log"),
+                "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+                "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+                "rollout_bus": "local",
+            }
+        )
+    )
+    tmpdir = root / "tmp"
+    tmpdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env |= {"SLUICE_CONFIG": str(config), "TMPDIR": str(tmpdir)}
+    port = free_port()
+    command = [sys.executable, "-m", "serving.workers", "--workers", "2", "--port", str(port)]
+    process = subprocess.Popen(command, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+        assert len(list(tmpdir.iterdir())) == 1  # the server's metrics directory
+        yield url, tmpdir
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert list(tmpdir.iterdir()) == [], "the metrics directory outlived the server"
+
+
+def test_a_scrape_sums_the_counters_of_both_workers(server):
+    url, _ = server
+    time.sleep(2.0)  # both workers up (the first answered /health)
+    for i in range(REQUESTS):  # a new connection each: the workers take turns accepting
+        answer = httpx.post(f"{url}/predict", json={"rows": [ROW | {"items": 1 + i % 5}]})
+        assert answer.status_code == 200, answer.text
+    time.sleep(3 * SNAPSHOT_S)
+    for _ in range(6):  # whichever worker answers the scrape
+        got = samples(httpx.get(f"{url}/metrics").text)
+        ok = ("sluice_requests_total", (("route", "/predict"), ("status", "200")))
+        assert got[ok] == REQUESTS
+        assert got[("sluice_predictions_total", (("model", "delivery_eta"), ("version", "1")))] == (
+            REQUESTS
+        )
+        # The broker is down: each worker's log holds what it answered; both answered some.
+        pending = {
+            dict(labels)["worker"]: value
+            for (name, labels), value in got.items()
+            if name == "sluice_log_pending_records"
+        }
+        assert set(pending) == {"0", "1"}
+        assert sum(pending.values()) == REQUESTS
+        assert min(pending.values()) > 0, pending
+        latency = ("sluice_request_latency_seconds_count", (("route", "/predict"),))
+        assert got[latency] == REQUESTS
+        assert not any(name.endswith("_created") for name, _ in got)
+
+
+def test_worker_snapshots_merge_counters_by_sum_and_gauges_per_worker(tmp_path):
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    registries = []
+    for worker, (n, depth) in enumerate([(3, 5), (4, 7)]):
+        registry = CollectorRegistry()
+        Counter("c", "a counter", ["k"], registry=registry).labels("x").inc(n)
+        Gauge("g", "a gauge", registry=registry).set(depth)
+        WorkerMetrics(registry, tmp_path, str(worker)).write()
+        registries.append(registry)
+    got = samples(WorkerMetrics(registries[0], tmp_path, "0").exposition().decode())
+    assert got[("c_total", (("k", "x"),))] == 7
+    assert got[("g", (("worker", "0"),))] == 5
+    assert got[("g", (("worker", "1"),))] == 7

@@ -1,0 +1,129 @@
+"""The tile engine's Java functions (streaming/java/sluice), run in Flink's SQL runtime.
+
+sluice_json_fields decides which records the SQL side reads and which go to Python's parser
+(a null row), and what text each field's cast sees; sluice_event_id decides which records
+are one event deduplicated. Both are checked here on records chosen for the edge cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.flink]
+
+RECORDS = [
+    b'{"a": 1, "b": "x\\u00e9", "c": {"z": [1]}, "d": null, "a": 2.50}',  # repeated a: last
+    b'{"b": true, "c": [1, {"y": 2}], "a": "7"}',
+    b"[1, 2]",  # JSON, not an object
+    b'{"a": 1} trailing',
+    b'{"a": 1',
+    b"not json",
+    b"",
+    b'{"a": 1e400, "b": -0.0}',
+]
+
+
+@pytest.fixture(scope="module")
+def t_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from streaming.udf import FUNCTIONS, udf_jar
+
+    env = TableEnvironment.create(EnvironmentSettings.in_batch_mode())
+    jar = udf_jar(Path(tmp_path_factory.mktemp("udf")))
+    env.get_config().set("pipeline.jars", jar.resolve().as_uri())
+    for function, java_class in FUNCTIONS.items():
+        env.create_java_temporary_system_function(function, java_class)
+    return env
+
+
+def query(t_env: Any, records: list[bytes], select: str) -> list[tuple[Any, ...]]:
+    from pyflink.table import DataTypes
+
+    rows = [(i, bytearray(r)) for i, r in enumerate(records)]
+    schema = DataTypes.ROW(
+        [DataTypes.FIELD("i", DataTypes.INT()), DataTypes.FIELD("v", DataTypes.BYTES())]
+    )
+    t_env.create_temporary_view("records", t_env.from_elements(rows, schema))
+    try:
+        with t_env.execute_sql(f"SELECT i, {select} FROM records").collect() as result:
+            found = sorted(tuple(row) for row in result)
+    finally:
+        t_env.drop_temporary_view("records")
+    return [row[1:] for row in found]
+
+
+def test_json_fields_reads_top_level_text_and_nulls_what_sql_cannot_read(t_env: Any) -> None:
+    f = "sluice_json_fields(v, 'a,b,c,d,e')"
+    got = query(
+        t_env,
+        RECORDS,
+        f"{f}.a, {f}.b, {f}.c, {f}.d, {f}.e, {f} IS NULL, TRY_CAST({f}.a AS DOUBLE)",
+    )
+    assert got[0] == ("2.50", "xé", None, None, None, False, 2.5)
+    assert got[1] == ("7", "true", None, None, None, False, 7.0)
+    for row in got[2:7]:  # not an object, trailing text, cut short, not JSON, empty
+        assert row == (None, None, None, None, None, True, None)
+    assert got[7][:2] == ("1e400", "-0.0")
+
+
+_M = (1 << 64) - 1
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M
+
+
+def _fmix(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _M
+    k ^= k >> 33
+    k = (k * 0xC4CEB53CA87EC2B9) & _M
+    return k ^ (k >> 33)
+
+
+def murmur3_x64_128(data: bytes) -> bytes:
+    """MurmurHash3_x64_128 with seed 0 (Austin Appleby's reference), h1 then h2 little-endian."""
+    c1, c2 = 0x87C37B91114253D5, 0x4CF5AD432745937F
+    h1 = h2 = 0
+    blocks = len(data) // 16
+    for i in range(blocks):
+        k1 = int.from_bytes(data[i * 16 : i * 16 + 8], "little")
+        k2 = int.from_bytes(data[i * 16 + 8 : i * 16 + 16], "little")
+        h1 ^= (_rotl((k1 * c1) & _M, 31) * c2) & _M
+        h1 = (((_rotl(h1, 27) + h2) & _M) * 5 + 0x52DCE729) & _M
+        h2 ^= (_rotl((k2 * c2) & _M, 33) * c1) & _M
+        h2 = (((_rotl(h2, 31) + h1) & _M) * 5 + 0x38495AB5) & _M
+    tail = data[blocks * 16 :]
+    if len(tail) > 8:
+        h2 ^= (_rotl((int.from_bytes(tail[8:], "little") * c2) & _M, 33) * c1) & _M
+    if tail:
+        h1 ^= (_rotl((int.from_bytes(tail[:8], "little") * c1) & _M, 31) * c2) & _M
+    h1 ^= len(data)
+    h2 ^= len(data)
+    h1 = (h1 + h2) & _M
+    h2 = (h2 + h1) & _M
+    h1, h2 = _fmix(h1), _fmix(h2)
+    h1 = (h1 + h2) & _M
+    h2 = (h2 + h1) & _M
+    return h1.to_bytes(8, "little") + h2.to_bytes(8, "little")
+
+
+def test_event_id_is_murmur3_of_the_bytes(t_env: Any) -> None:
+    # Every tail length (0..15) over one, two and three blocks, and non-ASCII bytes.
+    records = [bytes((7 * i + 200) % 256 for i in range(n)) for n in range(48)]
+    ids = [bytes(row[0]) for row in query(t_env, records, "sluice_event_id(v)")]
+    assert ids == [murmur3_x64_128(r) for r in records]
+
+
+def test_event_id_is_equal_for_equal_bytes_only(t_env: Any) -> None:
+    records = [f'{{"n": {i}, "pad": "{"x" * (i % 40)}"}}'.encode() for i in range(2000)]
+    records += records[:10]  # copies
+    records += [records[0][:-1] + b" }"]  # one byte apart
+    ids = [row[0] for row in query(t_env, records, "sluice_event_id(v)")]
+    assert all(len(i) == 16 for i in ids)
+    assert ids[2000:2010] == ids[:10]
+    assert len({bytes(i) for i in ids}) == 2001
