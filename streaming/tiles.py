@@ -62,7 +62,7 @@ state (MapState) on the Python side and hour summaries kept as minute tiles clos
 Known differences from the event engine (why it is not the default yet). Measured 2026-12-05
 with SLUICE_STREAM_ENGINE=tiles on a shared machine (load 10-16). After the fixes below, under
 tiles: flink parity, tile sums, both restart tests, on-time, CLI stream and the fault test's
-stream SIGKILL (3 runs) pass; test_live_consistency passed 3 times and failed once, at load 16,
+stream SIGKILL (4 runs) pass; test_live_consistency passed 4 times and failed once, at load 16,
 by its last bound (outside ingest's outage 21 of 6,716 samples behind or different, at most
 6 allowed): rows landing after their servable time, the tile engine being slower to start
 and slightly less fresh (below). The event engine passed the same test at the same load.
