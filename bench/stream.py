@@ -41,42 +41,32 @@ on 2 cores); `--engines tiles --events 1000000 --live-seconds 0` for the RSS at 
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import dataclasses
 import itertools
 import os
-import statistics
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
+from bench.stream_freshness import freshness, quantiles_ms
 from bench.stream_jobs import PeakRss, baseline, ceiling, on_cluster, tiles_sql
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
-from core.records import FeatureRow
 from core.settings import Settings, load_settings
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
-from feature_repo.online_store import open_online_store
-from features.contract import servable_at_ms
-from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
-from streaming.compile import features_topic
 from streaming.job import JobOptions
 from streaming.runner import run as run_stream
-from streaming.sinks import STATS_TOPIC, now_ms
+from streaming.sinks import STATS_TOPIC
 
 START_MS = 1_767_268_800_000  # 2026-01-01 12:00 UTC, the lunch rush
-LIVE_LATENESS = timedelta(seconds=2)
 PARTITIONS = 4
 
 
@@ -141,148 +131,6 @@ def engine_run(
     events = sum(v.events for v in report.views.values())
     assert events == sum(sum(o.values()) for o in stop.values()), "not every event was read"
     return seconds, sum(v.rows for v in report.views.values())
-
-
-def live_view() -> FeatureView:
-    source = ORDERS.model_copy(
-        update={"topic": "bench.live.orders", "allowed_lateness": LIVE_LATENESS}
-    )
-    every_5s = Window.sliding("1m", every="5s")
-    return FeatureView(
-        name="bench_live_orders",
-        entity=restaurant_orders.entity,
-        source=source,
-        aggregations=(
-            Aggregation(function=AggregationFunction.COUNT, windows=(every_5s,)),
-            Aggregation(function=AggregationFunction.MEAN, column="subtotal", windows=(every_5s,)),
-        ),
-        ttl=timedelta(hours=1),
-    )
-
-
-def freshness(
-    settings: Settings, rate: float, seconds: float, options: JobOptions
-) -> tuple[list[float], list[float], list[float]]:
-    """Seconds from window close to (readable online, emitted by the window operator), and
-    from servable time to readable online, one sample per (entity, window end)."""
-    view = live_view()
-    ensure_topics(settings, [view.source.topic], partitions=PARTITIONS)
-    validator = EventValidator(view.source)
-    sim = DeliverySimulator(seed=9, start_ms=START_MS)
-    templates = [e.payload for e in itertools.islice(sim.events(), 20_000) if e.source == "orders"]
-    keys = sorted({t["restaurant_id"] for t in templates})
-    stop = threading.Event()
-    stamps: list[list[int]] = [[] for _ in range(PARTITIONS)]  # event times per partition
-    seen: dict[tuple[str, int], int] = {}  # (entity, end) -> wall ms first readable
-
-    def produce() -> None:
-        producer = Producer(settings.kafka_client_config(**(PRODUCER_DEFAULTS | {"linger.ms": 2})))
-        for i, template in enumerate(itertools.cycle(templates)):
-            if stop.is_set():
-                break
-            t = now_ms()
-            valid = validator.validate_object(template | {"placed_at": t}, t + 1000)
-            assert isinstance(valid, ValidEvent)
-            partition = i % PARTITIONS  # known, so the close of a window is known
-            producer.produce(
-                view.source.topic, valid.to_json(), valid.key, partition=partition, timestamp=t
-            )
-            stamps[partition].append(t)
-            producer.poll(0)
-            time.sleep(max(0.0, (i + 1) / rate - (time.monotonic() - began)))
-        producer.flush(10)
-
-    def poll_redis() -> None:
-        # Patient reads: the predictor's read timeout (100 ms) is a request deadline, and on a
-        # loaded machine one read timing out would end the poller (and every sample with it).
-        patient = settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
-        with open_online_store(patient) as store:
-            while not stop.is_set():
-                wall = now_ms()
-                for key, row in zip(keys, store.read(view, keys), strict=True):
-                    if row is not None:
-                        seen.setdefault((key, row.window_end_ms), wall)
-                time.sleep(0.01)
-
-    began = 0.0
-    threads = [threading.Thread(target=f, daemon=True) for f in (produce, poll_redis)]
-    warm_until_ms = 0
-
-    def should_stop() -> bool:
-        # Called by run() once the job is submitted: traffic starts when the job is up, so
-        # no backlog from the JVM's start-up skews the first windows.
-        nonlocal began, warm_until_ms
-        if not began:
-            began = time.monotonic()
-            warm_until_ms = now_ms() + 10_000
-            for thread in threads:
-                thread.start()
-        return time.monotonic() - began > seconds
-
-    run_stream(
-        settings,
-        [view],
-        restore=False,
-        report_every_s=15,
-        should_stop=should_stop,
-        options=options,
-    )
-    stop.set()
-    for thread in threads:
-        thread.join(10)
-    lateness = int(LIVE_LATENESS.total_seconds() * 1000)
-    # Windows that closed in the first 10 s of traffic are left out (warm-up).
-    first_end = warm_until_ms - lateness
-
-    def since_close(end: int, wall: int) -> float | None:
-        if end < first_end:
-            return None
-        closes = []
-        for times in stamps:
-            i = bisect.bisect_left(times, end + lateness)
-            if i == len(times):
-                return None
-            closes.append(times[i])
-        return (wall - max(closes)) / 1000
-
-    readable = [since_close(end, wall) for (_, end), wall in seen.items()]
-    servable = [
-        (wall - servable_at_ms(view, end)) / 1000
-        for (_, end), wall in seen.items()
-        if end >= first_end
-    ]
-    emitted = [
-        since_close(row.window_end_ms, row.emitted_at_ms)
-        for row in (
-            FeatureRow.decode(m.value()) for m in read_all(settings, features_topic(view.name))
-        )
-    ]
-    return (
-        [x for x in readable if x is not None],
-        [x for x in emitted if x is not None],
-        servable,
-    )
-
-
-def read_all(settings: Settings, topic: str) -> list[Any]:
-    consumer = Consumer(settings.kafka_client_config(**{"group.id": f"b-{uuid.uuid4().hex}"}))
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    out, last = [], time.monotonic()
-    while time.monotonic() - last < 2:
-        batch = [m for m in consumer.consume(1000, timeout=0.2) if m.error() is None]
-        if batch:
-            out += batch
-            last = time.monotonic()
-    consumer.close()
-    return out
-
-
-def quantiles_ms(samples: list[float]) -> str:
-    if len(samples) < 2:
-        return "no samples"
-    q = statistics.quantiles(samples, n=100)
-    return f"p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms"
 
 
 def share(stop: dict[str, dict[int, int]], fraction: float) -> dict[str, dict[int, int]]:
@@ -461,7 +309,12 @@ def main() -> None:
             if args.live_seconds > 0:
                 live = JobOptions(engine=args.live_engine)
                 readable, emitted, servable = freshness(
-                    settings, args.rate, args.live_seconds, live
+                    settings,
+                    args.rate,
+                    args.live_seconds,
+                    live,
+                    partitions=PARTITIONS,
+                    start_ms=START_MS,
                 )
         if "tiles-hot" in engines:
             with local_stack(Path(state) / "hot") as settings:
