@@ -271,5 +271,7 @@ def _progress_line(view: str, v: ViewReport, rate: float | None) -> str:
         f"rows {v.rows:,}",
         f"lag {v.lag:,}" if v.lag is not None else "lag ?",
         f"watermark {watermark}",
+        # Ingest's heartbeats read: above 0, the job runs (tests wait for it).
+        f"heartbeats {v.heartbeats:,}",
     ]
     return ", ".join(parts)

@@ -20,6 +20,7 @@ JAVA_DIR = Path(__file__).resolve().parent / "java"
 # SQL name -> Java class.
 FUNCTIONS = {
     "sluice_moments": "sluice.Moments",
+    "sluice_sum": "sluice.ExactSum",
     "sluice_json_fields": "sluice.JsonFields",
     "sluice_event_id": "sluice.EventId",
 }

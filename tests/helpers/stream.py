@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -268,6 +269,28 @@ class Topic:
 def closing_end(view: FeatureView, t: int) -> int:
     """End of the closing row of an entity whose only event is at t."""
     return t - t % view.slide_ms + view.max_window.size_ms + view.slide_ms
+
+
+def wait_until_reading(log: Path, views: list[str], limit_s: float, max_lag: int = 20) -> float:
+    """Wait until `sluice stream` (its ``--report-every`` lines in ``log``) runs and has caught
+    up with every view's topic: a progress line that counts ingest's heartbeats (its operators
+    process records) with a lag of at most ``max_lag`` records. Seconds waited; AssertionError
+    after ``limit_s``."""
+    started = time.monotonic()
+    line = r": .*, lag ([\d,]+), .*, heartbeats ([\d,]+)$"
+    pattern = {v: re.compile(f"^{re.escape(v)}{line}", re.MULTILINE) for v in views}
+
+    def running(found: list[tuple[str, str]]) -> bool:
+        lag, heartbeats = (int(n.replace(",", "")) for n in found[-1])
+        return lag <= max_lag and heartbeats > 0
+
+    while True:
+        text = log.read_text() if log.exists() else ""
+        if all((found := p.findall(text)) and running(found) for p in pattern.values()):
+            return time.monotonic() - started
+        waited = time.monotonic() - started
+        assert waited < limit_s, f"stream not reading after {limit_s} s:\n{text}"
+        time.sleep(0.5)
 
 
 def read_all(

@@ -1,8 +1,9 @@
 """The tile engine's Python half against the reference, without a JVM.
 
 The SQL of streaming/tiles.py is modelled here, per (entity, slide bucket): events deduplicated
-by their bytes, then each slot's columns as the query computes them (COUNT, SUM, MIN, MAX, the
-sortable last encoding, ARRAY_AGG(DISTINCT), the Java Moments state folded in arrival order).
+by their bytes, then each slot's columns as the query computes them (COUNT, the exact sums of
+the Java ExactSum and Moments aggregates, MIN, MAX, the sortable last encoding,
+ARRAY_AGG(DISTINCT)); test_flink_tile_sums.py checks the Java side of those sums.
 state_decoder and WindowEngine.add_tile then build windows from those rows alone; every row must
 equal the reference's. The real SQL is checked by the Flink parity suite with
 SLUICE_STREAM_ENGINE=tiles.
@@ -10,14 +11,15 @@ SLUICE_STREAM_ENGINE=tiles.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
+from fractions import Fraction
 from typing import Any
 
 import orjson
 import pytest
 
-from features.aggregations import AGGREGATIONS
 from features.aggregations import AggregationFunction as F
 from features.definitions import FeatureView
 from features.reference import compute_view, prepare, with_closing_rows
@@ -27,6 +29,8 @@ from streaming.tiles import (
     LAST_TIME_DIGITS,
     SLOTS_FROM,
     decode_last,
+    decode_moments,
+    decode_sum,
     slot_widths,
     state_decoder,
     tile_support,
@@ -51,6 +55,26 @@ def encode_last(t: int, value: Any, field_type: FieldType) -> str:
     return str(t).rjust(LAST_TIME_DIGITS, "0") + text
 
 
+def exact_sum_text(values: list[Any]) -> str:
+    """What sluice_sum (streaming/java/sluice/ExactSum.java) returns: the exact sum rounded to a
+    double, and the rest rounded."""
+    exact = sum(map(Fraction, map(float, values)))
+    hi = float(exact)
+    return f"{hi!r} {float(exact - Fraction(hi))!r}"
+
+
+def exact_moments_json(values: list[Any]) -> str:
+    """What JSON_STRING(sluice_moments(x)) returns (streaming/java/sluice/Moments.java): the
+    state (n, c, d, M2) from the exact mean and the exact sum of squared deviations."""
+    exact = [Fraction(float(v)) for v in values]
+    n = len(exact)
+    mean = sum(exact) / n
+    c = float(mean)
+    m2 = sum((x - mean) ** 2 for x in exact)
+    fields = {"n": n, "c": c, "d": float(mean - Fraction(c)), "m2": float(m2)}
+    return orjson.dumps(fields).decode()
+
+
 def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
     """The state columns of one tile row, from the tile's distinct events in arrival order."""
     types = compiled.view.column_types()
@@ -62,7 +86,7 @@ def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
         if function is F.COUNT:
             columns.append(len(events))
         elif function in (F.SUM, F.MEAN):
-            columns += [len(present), sum(float(v) for v in present) if present else None]
+            columns += [len(present), exact_sum_text(present) if present else None]
         elif function is F.MIN:
             columns.append(min((float(v) for v in present), default=None))
         elif function is F.MAX:
@@ -76,12 +100,7 @@ def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
             ]
             columns.append(max(encoded, default=None))
         elif function is F.STDDEV:
-            moments = AGGREGATIONS[F.STDDEV].of((0, v) for v in present)
-            if moments is None:
-                columns.append(None)
-            else:
-                fields = dict(zip(("n", "c", "d", "m2"), moments, strict=True))
-                columns.append(orjson.dumps(fields).decode())
+            columns.append(exact_moments_json(present) if present else None)
         else:
             columns.append(orjson.dumps(list(dict.fromkeys(present))).decode())
     assert len(columns) == sum(slot_widths(compiled))
@@ -174,6 +193,23 @@ def test_snapshots_of_the_two_engines_live_apart(
     assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "events")
     assert load_settings(stream_engine="tiles").stream_engine == "tiles"
     assert load_settings().stream_engine == "events"
+
+
+def test_exact_sum_and_moments_texts_decode_as_java_writes_them() -> None:
+    # Java's Double.toString: exponents as "E", non-finite values by name.
+    assert decode_sum("1.0E16 -1.0") == (1e16, -1.0)
+    assert decode_sum("370383.067000075 2.3398900122339395E-12") == (
+        370383.067000075,
+        2.3398900122339395e-12,
+    )
+    total, error = decode_sum("Infinity 0.0")
+    assert math.isinf(total)
+    assert error == 0.0
+    n, c, d, m2 = decode_moments({"n": 3, "c": "NaN", "d": 0.0, "m2": "NaN"})
+    assert (n, d) == (3, 0.0)
+    assert math.isnan(c)
+    assert math.isnan(m2)
+    assert decode_moments({"n": 2, "c": 1.5, "d": -1e-17, "m2": 0.5}) == (2, 1.5, -1e-17, 0.5)
 
 
 @pytest.mark.parametrize("view", STREAM_VIEWS, ids=lambda v: v.name)
