@@ -38,6 +38,7 @@ from streaming.functions import (
 )
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
+from streaming.tile_state import KeyStates
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -54,7 +55,7 @@ from streaming.tiles import (
     T,
     state_decoder,
 )
-from streaming.windows import Added, Memo, WindowEngine, new_state, prune_memo
+from streaming.windows import Added, WindowEngine, prune_memo
 
 # The entity of side rows and filtered counts (no entity's state lives under it: they carry
 # no tile).
@@ -76,15 +77,17 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
     class Tiles(KeyedProcessFunction):  # type: ignore[misc]
         def open(self, runtime_context: Any) -> None:
             from pyflink.common import Types
-            from pyflink.datastream.state import ValueStateDescriptor
+            from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
             self.engine = WindowEngine(compiled)
-            # Per key, window values across firings (not state: a cache, empty after a restore).
-            self.memos: dict[str, Memo] = {}
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
-            descriptor = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
-            self.state = runtime_context.get_state(descriptor)
+            # One state entry per tile, decoded states cached (streaming/tile_state.py).
+            tiles = MapStateDescriptor("tiles", Types.LONG(), Types.PICKLED_BYTE_ARRAY())
+            next_end = ValueStateDescriptor("next_end", Types.LONG())
+            self.states = KeyStates(
+                runtime_context.get_map_state(tiles), runtime_context.get_state(next_end)
+            )
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
@@ -126,10 +129,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.windows.duplicates += copies - unique
             t = row[T]
             bucket = t - t % slide
-            state = self.state.value() or new_state()
-            if self.engine.add_tile(state, bucket, self.decode(row)) is Added.NEW_TILE:
+            key = context.get_current_key()
+            cached = self.states.get(key)
+            if self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE:
                 context.timer_service().register_event_time_timer(bucket + slide)
-            self.state.update(state)
+            self.states.tile_changed(key, cached, bucket)
 
         def side(self, row: Any, watermark: int) -> None:
             read = self.read
@@ -162,23 +166,28 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             yield from ()
             if self.clock.tick(context):
                 return
-            state = self.state.value()
-            if state is None:
-                return
             key = context.get_current_key()
+            cached = self.states.get(key)
+            if not cached.state[1]:
+                return
             watermark = context.timer_service().current_watermark()
             self.ended = watermark == END_OF_INPUT
-            memo = self.memos.setdefault(key, {})
             following = fire_due(
-                self.engine, self.publisher, state, key, timestamp, watermark, memo
+                self.engine,
+                self.publisher,
+                cached.state,
+                key,
+                timestamp,
+                watermark,
+                cached.memo,
+                cached.queues,
             )
             if following is None:
-                self.memos.pop(key, None)
-                self.state.clear()
+                self.states.clear(key)
             else:
-                prune_memo(memo, state)
+                prune_memo(cached.memo, cached.state)
                 context.timer_service().register_event_time_timer(following)
-                self.state.update(state)
+                self.states.fired(key, cached)
 
         def flush(self) -> int:
             counts = (self.read, self.windows)
