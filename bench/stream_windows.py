@@ -22,9 +22,9 @@ import statistics
 import time
 from typing import Any
 
+from bench.stream_jobs import month_view
 from examples.delivery.features import restaurant_orders, zone_couriers
 from features.aggregations import AGGREGATIONS
-from features.definitions import FeatureView, Window
 from streaming.compile import CompiledView, compile_view
 from streaming.tile_state import KeyStates
 from streaming.windows import WindowEngine, new_state
@@ -66,18 +66,6 @@ class _Value:
         self.data = None
 
 
-def month_view(view: FeatureView) -> FeatureView:
-    """``view`` with every window 30 days every minute (what bench.stream's 30-day job runs)."""
-    month = (Window.sliding("30d", "1m"),)
-    return view.model_copy(
-        update={
-            "aggregations": tuple(
-                a.model_copy(update={"windows": month}) for a in view.aggregations
-            )
-        }
-    )
-
-
 def tile(compiled: CompiledView, rng: random.Random, bucket: int) -> list[Any]:
     values = {"speed_kmh": rng.uniform(5, 40), "courier_id": f"c{rng.randrange(150)}"}
     values |= {"items": rng.randint(1, 5), "subtotal": rng.uniform(5, 80)}
@@ -96,7 +84,7 @@ def per_minute_ms(compiled: CompiledView, minutes: int) -> tuple[float, float, f
     engine = WindowEngine(compiled)
     tiles_per_window = compiled.max_window_ms // compiled.slide_ms
     old = new_state()
-    states = KeyStates(_Map(), _Value())  # type: ignore[arg-type]
+    states = KeyStates(_Map(), _Value())
     cached = states.get("k")
     for i in range(tiles_per_window):
         bucket = START + i * MINUTE
