@@ -190,9 +190,12 @@ class WindowEngine:
                 if buckets:
                     end = max(end + slide, buckets[0] + slide)
         # Tiles whose end the watermark reached are closed: no event can reach them any more.
-        for bucket, tile in tiles.items():
-            if bucket + slide <= ts and tile[IDS] is not None:
-                tile[IDS] = None
+        # Those before next_end - slide were closed by an earlier firing (add refuses them).
+        open_from = 0 if next_end is None else bisect_left(buckets, next_end - slide)
+        for bucket in buckets[open_from:]:
+            if bucket + slide > ts:
+                break
+            tiles[bucket][IDS] = None
         state[0] = ts + slide if next_end is None else max(next_end, ts + slide)
         return rows
 
@@ -224,16 +227,18 @@ class WindowEngine:
         for size, specs in self._by_window:
             lo = bisect_left(buckets, end - size)
             hi = bisect_left(buckets, end)
+            if queues is not None and size > QUEUE_FROM_TILES * self.slide:
+                # Not memoized: a long window's first bucket stays for days, so the memo
+                # would keep an entry per end; the queue reuses its last values itself.
+                queue = queues.get(size)
+                if queue is None:
+                    queue = queues[size] = WindowQueue(specs)
+                out.update(queue.values(tiles, buckets, end - size, end))
+                continue
             key = (size, buckets[lo], buckets[hi - 1]) if lo < hi else (size, 0, -1)
             values = memo.get(key) if memo is not None else None
             if values is None:
-                if queues is not None and size > QUEUE_FROM_TILES * self.slide:
-                    queue = queues.get(size)
-                    if queue is None:
-                        queue = queues[size] = WindowQueue(specs)
-                    values = queue.values(tiles, buckets, end - size, end)
-                else:
-                    values = _window_values([tiles[b] for b in buckets[lo:hi]], specs)
+                values = _window_values([tiles[b] for b in buckets[lo:hi]], specs)
                 if memo is not None:
                     memo[key] = values
             out.update(values)
@@ -287,6 +292,9 @@ class WindowQueue:
         self.newer_merged: list[Any] = [None] * len(self._merged)
         self.counts: list[Counter[Any]] = [Counter() for _ in self._distinct]
         self.last: int | None = None  # the newest bucket that entered
+        # The values of the last window and what identified its tiles (oldest, newest, number).
+        self._content: tuple[int | None, int | None, int] | None = None
+        self._values: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.older) + len(self.newer)
@@ -304,6 +312,9 @@ class WindowQueue:
         for bucket in buckets[first : bisect_left(buckets, end)]:
             self._push(bucket, tiles[bucket])
         self._evict(start)
+        content = (self._oldest(), self.last, len(self))
+        if content == self._content:
+            return self._values  # the same tiles as at the previous end
         out: dict[str, Any] = {}
         top = self.older[-1][1] if self.older else None
         for i, (name, _, aggregator) in enumerate(self._merged):
@@ -311,7 +322,13 @@ class WindowQueue:
             out[name] = aggregator.result(_merge(aggregator, older, self.newer_merged[i]))
         for (name, _), counts in zip(self._distinct, self.counts, strict=True):
             out[name] = len(counts)
+        self._content, self._values = content, out
         return out
+
+    def _oldest(self) -> int | None:
+        if self.older:
+            return self.older[-1][0]
+        return self.newer[0][0] if self.newer else None
 
     def _push(self, bucket: int, tile: Tile) -> None:
         self.last = bucket
