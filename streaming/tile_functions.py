@@ -38,7 +38,7 @@ from streaming.functions import (
 )
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
-from streaming.tile_state import KeyStates
+from streaming.tile_state import tile_layout
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -76,18 +76,12 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
 
     class Tiles(KeyedProcessFunction):  # type: ignore[misc]
         def open(self, runtime_context: Any) -> None:
-            from pyflink.common import Types
-            from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
-
             self.engine = WindowEngine(compiled)
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
-            # One state entry per tile, decoded states cached (streaming/tile_state.py).
-            tiles = MapStateDescriptor("tiles", Types.LONG(), Types.PICKLED_BYTE_ARRAY())
-            next_end = ValueStateDescriptor("next_end", Types.LONG())
-            self.states = KeyStates(
-                runtime_context.get_map_state(tiles), runtime_context.get_state(next_end)
-            )
+            # Per key: its tiles, one pickled value or one entry each by window length, and
+            # the window values cached across firings (streaming/tile_state.py).
+            self.states = tile_layout(compiled, runtime_context)
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)

@@ -9,6 +9,13 @@ pickled ValueState, read and rewritten on every tile row and every firing: fine 
              the tiles it evicted (usually one) and nothing else;
   next_end   ValueState: the first window end not yet final (an int).
 
+That layout costs more for short windows: measured with bench.stream (100k events, the
+example views' 1-hour and 10-minute windows, 2026-12-05, two runs each, load 5-8), the tile
+engine's CPU per event was 117 and 119 us with MapState against 106 and 99 us with the one
+pickled value (events/s too noisy on the shared machine to tell). A view whose largest window
+has at most MAP_STATE_FROM_TILES slides keeps the one pickled value (WholeKeyStates, the
+previous layout, unchanged); a longer one uses MapState (KeyStates). tile_layout picks.
+
 Python keeps the decoded state of recently used keys (KeyCache, least recently used out when
 it holds more than ``capacity`` tiles), with the key's window memo and WindowQueues (the
 cached merges of long windows, streaming/windows.py). Every change goes to Flink's state as it
@@ -23,10 +30,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from streaming.windows import Memo, Queues, State, Tile, new_state
+from streaming.compile import CompiledView
+from streaming.windows import QUEUE_FROM_TILES, Memo, Queues, State, Tile, new_state
 
 # Decoded tiles kept in Python across keys: about 100-300 bytes each (more for count_distinct).
 DEFAULT_CAPACITY_TILES = 500_000
+# Largest windows of more slides than this keep one state entry per tile (module docstring).
+MAP_STATE_FROM_TILES = QUEUE_FROM_TILES
 
 
 class MapLike(Protocol):
@@ -127,3 +137,45 @@ class KeyStates:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+class WholeKeyStates:
+    """The current key's window state as one pickled ValueState, read on every tile row and
+    firing (PyFlink caches recent keys' values) and rewritten after: the layout for short
+    windows. The memo of window values is kept per key in Python (a cache)."""
+
+    def __init__(self, value: ValueLike) -> None:
+        self._value = value
+        self._memos: dict[str, Memo] = {}
+
+    def get(self, key: str) -> Cached:
+        return Cached(self._value.value() or new_state(), self._memos.setdefault(key, {}))
+
+    def tile_changed(self, key: str, cached: Cached, bucket: int) -> None:
+        self._value.update(cached.state)
+
+    def fired(self, key: str, cached: Cached) -> None:
+        self._value.update(cached.state)
+
+    def clear(self, key: str) -> None:
+        self._value.clear()
+        self._memos.pop(key, None)
+
+
+def uses_map_state(compiled: CompiledView) -> bool:
+    """Whether the view's tiles go one state entry each (KeyStates) rather than one pickled
+    value per key (WholeKeyStates)."""
+    return compiled.max_window_ms // compiled.slide_ms > MAP_STATE_FROM_TILES
+
+
+def tile_layout(compiled: CompiledView, runtime_context: Any) -> KeyStates | WholeKeyStates:
+    """The keyed state of one view's tile function, in the layout its windows call for."""
+    from pyflink.common import Types
+    from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+
+    if not uses_map_state(compiled):
+        whole = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
+        return WholeKeyStates(runtime_context.get_state(whole))
+    tiles = MapStateDescriptor("tiles", Types.LONG(), Types.PICKLED_BYTE_ARRAY())
+    next_end = ValueStateDescriptor("next_end", Types.LONG())
+    return KeyStates(runtime_context.get_map_state(tiles), runtime_context.get_state(next_end))

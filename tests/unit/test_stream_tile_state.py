@@ -25,7 +25,7 @@ from streaming.compile import (
     compile_view,
 )
 from streaming.errors import UnsupportedViewError
-from streaming.tile_state import KeyStates
+from streaming.tile_state import KeyStates, WholeKeyStates, uses_map_state
 from streaming.windows import WindowEngine, new_state, prune_memo
 
 F = AggregationFunction
@@ -61,10 +61,11 @@ class FakeValue:
         self.key = ""
 
     def value(self) -> Any:
-        return self.by_key.get(self.key)
+        stored = self.by_key.get(self.key)
+        return None if stored is None else pickle.loads(stored)
 
     def update(self, value: Any) -> None:
-        self.by_key[self.key] = value
+        self.by_key[self.key] = pickle.dumps(value)
 
     def clear(self) -> None:
         self.by_key.pop(self.key, None)
@@ -122,8 +123,8 @@ def same_rows(a: list[Any], b: list[Any]) -> None:
                 assert x[name] == y[name], (end, name, x[name], y[name])
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_map_state_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypatch):
+@pytest.mark.parametrize(("layout", "seed"), [("map", 1), ("map", 2), ("map", 3), ("whole", 4)])
+def test_both_layouts_and_window_queues_give_the_rows_of_the_plain_path(layout, seed, monkeypatch):
     # Queues from 3 tiles, so that 10- and 25-minute windows use them (30 days would be slow
     # on the plain path); the 1-minute window stays on the plain path beside them.
     monkeypatch.setattr(windows, "QUEUE_FROM_TILES", 3)
@@ -133,7 +134,14 @@ def test_map_state_and_window_queues_give_the_rows_of_the_plain_path(seed, monke
     rng = random.Random(seed)
     engine = WindowEngine(compiled)
     tiles, next_end = FakeMap(), FakeValue()
-    states = KeyStates(tiles, next_end, capacity=rng.choice([30, 10_000]))
+    capacity = rng.choice([30, 10_000])
+
+    def layout_states() -> KeyStates | WholeKeyStates:
+        if layout == "map":
+            return KeyStates(tiles, next_end, capacity=capacity)
+        return WholeKeyStates(next_end)  # the whole state as one pickled value
+
+    states = layout_states()
     plain: dict[str, bytes] = {}  # the old layout: one pickled state per key
     keys = ["a", "b", "c"]
     watermark = 0
@@ -169,12 +177,13 @@ def test_map_state_and_window_queues_give_the_rows_of_the_plain_path(seed, monke
             states.fired(key, cached)
         plain[key] = pickle.dumps(old)
         if step % 37 == 0:  # a restore: a new function, state read back from Flink's
-            reads += states.reads
-            states = KeyStates(tiles, next_end, capacity=states._capacity)
+            reads += states.reads if isinstance(states, KeyStates) else 1
+            states = layout_states()
             restores += 1
     assert fired > 100
     assert restores > 5
-    assert reads + states.reads > restores  # keys were read back, not only created
+    if isinstance(states, KeyStates):
+        assert reads + states.reads > restores  # keys were read back, not only created
 
 
 def test_window_queue_counts_distinct_values_out_as_tiles_leave(monkeypatch):
@@ -199,6 +208,8 @@ def test_window_queue_counts_distinct_values_out_as_tiles_leave(monkeypatch):
 
 def test_thirty_days_on_minute_slides_compile_for_tiles_but_not_per_event():
     month = compile_view(view((Window.sliding("30d", "1m"),)))
+    assert uses_map_state(month)
+    assert not uses_map_state(compile_view(restaurant_orders))
     assert month.max_window_ms // month.slide_ms == 43_200 > EVENT_ENGINE_MAX_TILES
     with pytest.raises(UnsupportedViewError, match=r"43200 slides.*SLUICE_STREAM_ENGINE=tiles"):
         check_event_engine(month)
