@@ -81,12 +81,10 @@ class Cached:
 class KeyStates:
     """The current key's window state (see the module docstring)."""
 
-    def __init__(
-        self, tiles: MapLike, next_end: ValueLike, capacity: int = DEFAULT_CAPACITY_TILES
-    ) -> None:
+    def __init__(self, tiles: MapLike, next_end: ValueLike, capacity: int | None = None) -> None:
         self._tiles = tiles
         self._next_end = next_end
-        self._capacity = capacity
+        self._capacity = DEFAULT_CAPACITY_TILES if capacity is None else capacity
         self._cache: OrderedDict[str, Cached] = OrderedDict()
         self._held = 0  # tiles in the cache, as of each key's last use
         self._sizes: dict[str, int] = {}

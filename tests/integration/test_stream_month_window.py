@@ -1,7 +1,8 @@
 """A 30-day window on 1-minute slides (43,200 tiles per key) under the tile engine, against the
 reference: a few events spread over 40 days, so that tiles leave the window (one key's events
 long gone while it still has newer ones), with a duplicate and a second, shorter window beside
-it (merged tile by tile, while the 30-day one goes through streaming/windows.WindowQueue).
+it (merged tile by tile, while the 30-day one goes through streaming/windows.WindowQueue), and
+keys read back from Flink's MapState (the tile engine's cache of decoded keys shrunk to one).
 Every row of both keys, closing rows included: about 140,000."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from examples.delivery.features import restaurant_orders
 from examples.delivery.sources import ORDERS
 from features.definitions import Aggregation, AggregationFunction, Window
 from features.reference import compute_view, with_closing_rows
+from streaming import tile_state
 from streaming.compile import compile_view, features_topic
 from streaming.job import JobOptions
 from streaming.runner import run as run_stream
@@ -33,8 +35,11 @@ F = AggregationFunction
 
 
 def test_thirty_day_window_on_minute_slides_under_tiles_equals_the_reference(
-    stack_settings: Settings, tmp_path: Path
+    stack_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    # A cache of one key's tiles: the two keys push each other out, so each is read back from
+    # Flink's MapState again and again (a local job's Python runs in this process).
+    monkeypatch.setattr(tile_state, "DEFAULT_CAPACITY_TILES", 1)
     tag = f"m{uuid.uuid4().hex[:8]}"
     settings = stack_settings.model_copy(
         update={
