@@ -64,11 +64,16 @@ rounding). Measured with `python -m bench.stream_windows` (Python only, one key,
 and one firing per minute, median; 2026-12-05, load 5): restaurant_orders with 30-day windows
 212 ms per key and minute before, 3.1 ms now (69x); zone_couriers (stddev, count_distinct)
 390 ms before, 3.1 ms now (124x); the slowest minute, when a queue turns its newer stack into
-the older one (once per 30 days per key), 114 / 204 ms. The views' own windows (1 h and
-10 min) got faster too: 0.104 -> 0.043 ms and 0.033 -> 0.015 ms per key and minute, so one
-layout serves both. What is left at 43,200 tiles is linear in the key's tiles but cheap: the
-sorted bucket list of each firing (about 1 ms). The state per key is its open tiles: at most
-43,200 per window size, whatever the number of events.
+the older one (once per 30 days per key), 114 / 204 ms. In the job, for the views' own short
+windows (1 h, 10 min), MapState cost more CPU per event than the one pickled value (bench.stream,
+100k events: 117 and 119 us against 106 and 99 us, two runs each), so a view keeps one pickled
+value per key up to 240 slides and MapState above (tile_state.tile_layout). bench.stream's
+tiles-30d job (the views with 30-day windows, 8 keys a view, against the same views as they are
+on the same events): about 2x the CPU per event (105-156 us against 54-73 us), most of it the
+43,200 closing rows per key at the end of the input, which the marginal rate does not wholly
+cancel. What is left at 43,200 tiles is linear in the key's tiles but cheap: the sorted bucket
+list of each firing (about 1 ms). The state per key is its open tiles: at most 43,200 per
+window size, whatever the number of events.
 
 Known differences from the event engine (why it is not the default yet). Measured 2026-12-05
 with SLUICE_STREAM_ENGINE=tiles on a shared machine (load 10-16). After the fixes below, under
