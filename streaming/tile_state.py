@@ -9,10 +9,11 @@ pickled ValueState, read and rewritten on every tile row and every firing: fine 
              the tiles it evicted (usually one) and nothing else;
   next_end   ValueState: the first window end not yet final (an int).
 
-That layout costs more for short windows: measured with bench.stream (100k events, the
-example views' 1-hour and 10-minute windows, 2026-12-05, two runs each, load 5-8), the tile
-engine's CPU per event was 117 and 119 us with MapState against 106 and 99 us with the one
-pickled value (events/s too noisy on the shared machine to tell). A view whose largest window
+That layout does not pay for short windows: bench.stream's tiles-map against tiles (the
+example views' 1-hour and 10-minute windows, 100k events, one run, 2026-12-05, load 6-11):
+CPU per event 0.98x, events/s 0.74x, full run 1.21x, peak RSS 3.3 GB against 2.4 GB (separate
+runs gave 117 and 119 us of CPU per event with MapState, 96-150 us with the one value: the
+shared machine's noise is larger than the difference). A view whose largest window
 has at most MAP_STATE_FROM_TILES slides keeps the one pickled value (WholeKeyStates, the
 previous layout, unchanged); a longer one uses MapState (KeyStates). tile_layout picks.
 

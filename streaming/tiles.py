@@ -65,9 +65,10 @@ and one firing per minute, median; 2026-12-05, load 5): restaurant_orders with 3
 212 ms per key and minute before, 3.1 ms now (69x); zone_couriers (stddev, count_distinct)
 390 ms before, 3.1 ms now (124x); the slowest minute, when a queue turns its newer stack into
 the older one (once per 30 days per key), 114 / 204 ms. In the job, for the views' own short
-windows (1 h, 10 min), MapState cost more CPU per event than the one pickled value (bench.stream,
-100k events: 117 and 119 us against 106 and 99 us, two runs each), so a view keeps one pickled
-value per key up to 240 slides and MapState above (tile_state.tile_layout). bench.stream's
+windows (1 h, 10 min), MapState did not pay (bench.stream's tiles-map against tiles, 100k
+events: CPU per event 0.98x, events/s 0.74x, full run 1.21x, peak RSS 3.3 against 2.4 GB), so
+a view keeps one pickled value per key up to 240 slides and MapState above
+(tile_state.tile_layout). bench.stream's
 tiles-30d job (the views with 30-day windows, 8 keys a view, against the same views as they are
 on the same events): about 2x the CPU per event (105-156 us against 54-73 us), most of it the
 43,200 closing rows per key at the end of the input, which the marginal rate does not wholly
