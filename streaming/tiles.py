@@ -61,20 +61,22 @@ tiles; a miss, e.g. after a restore, reads the key back), and windows longer tha
 assembled by a two-stacks queue of merges (WindowQueue: a firing costs the tiles that entered
 and left, exact for min/max/last, count_distinct by counts per value, float states within
 rounding). Measured with `python -m bench.stream_windows` (Python only, one key, one tile row
-and one firing per minute, median; 2026-12-05, load 5): restaurant_orders with 30-day windows
-212 ms per key and minute before, 3.1 ms now (69x); zone_couriers (stddev, count_distinct)
-390 ms before, 3.1 ms now (124x); the slowest minute, when a queue turns its newer stack into
-the older one (once per 30 days per key), 114 / 204 ms. In the job, for the views' own short
-windows (1 h, 10 min), MapState did not pay (bench.stream's tiles-map against tiles, 100k
-events: CPU per event 0.98x, events/s 0.74x, full run 1.21x, peak RSS 3.3 against 2.4 GB), so
-a view keeps one pickled value per key up to 240 slides and MapState above
-(tile_state.tile_layout). bench.stream's
-tiles-30d job (the views with 30-day windows, 8 keys a view, against the same views as they are
-on the same events): about 2x the CPU per event (105-156 us against 54-73 us), most of it the
-43,200 closing rows per key at the end of the input, which the marginal rate does not wholly
-cancel. What is left at 43,200 tiles is linear in the key's tiles but cheap: the sorted bucket
-list of each firing (about 1 ms). The state per key is its open tiles: at most 43,200 per
-window size, whatever the number of events.
+and one firing per minute, median; 2026-12-05, load 3.5): restaurant_orders with 30-day
+windows 189 ms per key and minute before, 0.70 ms now (269x); zone_couriers (stddev,
+count_distinct) 379 ms before, 0.72 ms now (527x); the slowest minute, when a queue turns its
+newer stack into the older one (once per 30 days per key), 146 / 127 ms. What is left is
+linear in the key's tiles but cheap: the sorted bucket list of each firing (most of the
+0.7 ms). The state per key is its open tiles: at most 43,200 per window size, whatever the
+number of events.
+In the job, for the views' own short windows (1 h, 10 min), MapState did not pay (bench.stream's
+tiles-map against tiles, 100k events, one run: CPU per event 0.98x, events/s 0.74x, full run
+1.21x, peak RSS 3.3 against 2.4 GB), so a view keeps one pickled value per key up to 240
+slides and MapState above (tile_state.tile_layout). bench.stream's tiles-30d job (the views
+with 30-day windows, 8 keys a view, against the same views as they are on the same events,
+three runs at load 5-8): 1.5x, 2.0x and 2.1x the CPU per event (60-156 us against 40-73 us),
+much of it the 43,200 closing rows per key at the end of the input, which the marginal rate
+does not wholly cancel; its events/s was too noisy to quote (once nan: the full run no slower
+than the small one).
 
 Known differences from the event engine (why it is not the default yet). Measured 2026-12-05
 with SLUICE_STREAM_ENGINE=tiles on a shared machine (load 10-16). After the fixes below, under
