@@ -134,7 +134,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.carried.load()
             copies = row[COPIES]
             if kind == KIND_READ:
-                # Counted when read; processed (below, or in side) when its tile closes.
+                # Counted when read; processed when its tile closes (closed and filter rows).
                 self.read.events += copies
                 self.windows.open += copies
             elif kind == KIND_SIDE:
