@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Self
 
@@ -40,15 +39,23 @@ import redis
 from core.settings import Settings
 from feature_repo import codec, progress
 from feature_repo.errors import OnlineStoreError, OnlineStoreUnavailableError
+from feature_repo.online_rows import Layout, decode_rows
 from feature_repo.online_store import (
     OnlineRow,
     OnlineStore,
     WriteReport,
     empty_values,
 )
+from feature_repo.redis_wire import (
+    RedisPipe,
+    pairs,
+    read_replies,
+    resp_array_head,
+    resp_bulk,
+    resp_command,
+)
 from features.contract import lateness_ms, window_end_at
 from features.definitions import FeatureView
-from features.schema import FieldType
 
 # OnlineRow and WriteReport are importable from here, as before the interface existed.
 __all__ = [
@@ -60,13 +67,6 @@ __all__ = [
     "previous_end_field",
     "previous_field",
 ]
-
-try:  # redis-py's hiredis parser (serves replies from hiredis' C reader), when installed
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NO_DATA
-    from redis._parsers.hiredis import _HiredisParser
-except ImportError:  # pragma: no cover - redis-py moved it: read_response is used then
-    _HiredisParser = None  # type: ignore[assignment,misc]
-    _NO_DATA = object()
 
 PREVIOUS_PREFIX = b"_sluice_prev:"
 # KEYS[1]: the entity's hash. ARGV[1]: the end field, ARGV[2]: Feast's _ts field, ARGV[3]: the
@@ -107,27 +107,6 @@ DEFAULT_BATCH_ROWS = 1000
 KEY_CACHE = 16_384  # encoded hash keys kept per view (about 1.5 MB)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where a view's values live, computed once per view (murmur3 hashes, key prefix)."""
-
-    view: FeatureView
-    names: tuple[str, ...]
-    dtypes: tuple[FieldType, ...]
-    fields: tuple[bytes, ...]
-    ts_field: bytes
-    end_field: bytes
-    previous_end_field: bytes
-    key_prefix: bytes
-    empty_list: list[Any]  # each feature's empty value, in names order
-    lateness_ms: int
-    # read_many's HMGET per entity in RESP, but for the key: newest row, then previous
-    hmget_head: bytes
-    hmget_fields: bytes
-    # entity key -> its hash key as a RESP bulk string (cleared when it holds KEY_CACHE keys)
-    bulk_keys: dict[str, bytes]
-
-
 def end_field(view_name: str) -> bytes:
     return f"_sluice_end_ms:{view_name}".encode()
 
@@ -136,70 +115,24 @@ def previous_end_field(view_name: str) -> bytes:
     return f"_sluice_prev_end_ms:{view_name}".encode()
 
 
-def _resp_array_head(length: int) -> bytes:
-    return b"*%d\r\n" % length
-
-
-def _resp_bulk(data: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-def _read_replies(connection: Any, count: int) -> list[Any]:
-    """``count`` replies from a connection that was sent as many commands.
-
-    With hiredis (redis-py's parser when it is installed, as here) the replies are taken from
-    its reader directly, one C call each, the socket read through redis-py's parser (its
-    timeout and error mapping): redis-py's read_response costs more per reply than Redis
-    takes to answer an HMGET. Otherwise, read_response per reply."""
-    parser = connection._parser
-    reader = getattr(parser, "_reader", None)
-    if (
-        _HiredisParser is None
-        or not isinstance(parser, _HiredisParser)
-        or reader is None
-        or getattr(parser, "_next_response", None) is not _NO_DATA  # a reply read ahead
-    ):
-        return [connection.read_response() for _ in range(count)]
-    gets = reader.gets
-    fill: Any = parser.read_from_socket  # redis-py leaves it untyped
-    replies: list[Any] = []
-    append = replies.append
-    while len(replies) < count:
-        reply = gets()
-        if reply is _NO_DATA:  # not all of it has arrived yet
-            try:
-                fill()
-            # As redis-py's read_response does: its parser raises the socket's own errors.
-            except TimeoutError as exc:  # socket.timeout (an OSError)
-                raise redis.TimeoutError(f"Timeout reading from socket: {exc}") from None
-            except OSError as exc:
-                raise redis.ConnectionError(f"Error reading from socket: {exc}") from None
-            continue
-        if isinstance(reply, Exception):  # an error reply (WRONGTYPE...), or hiredis' own
-            raise reply if isinstance(reply, redis.RedisError) else redis.ResponseError(reply)
-        append(reply)
-    return replies
-
-
-def _row(
-    key: str, end_ms: int, values: dict[str, Any], previous: OnlineRow | None, empty: bool
-) -> OnlineRow:
-    """OnlineRow(key, end_ms, values, previous, empty), built without the frozen dataclass's
-    __init__ (one object.__setattr__ call per field: a quarter of read_many's decoding time
-    for 300 rows). Equal to the row __init__ builds; tested in tests/unit/test_online_read.py."""
-    row: OnlineRow = object.__new__(OnlineRow)
-    fields = row.__dict__
-    fields["entity_key"] = key
-    fields["window_end_ms"] = end_ms
-    fields["values"] = values
-    fields["previous"] = previous
-    fields["empty"] = empty
-    return row
-
-
 def previous_field(feast_field: bytes) -> bytes:
     """Where the previous row keeps the value Feast keeps in ``feast_field`` (4 bytes)."""
     return PREVIOUS_PREFIX + feast_field
+
+
+def _read_error(
+    requests: Sequence[tuple[FeatureView, Sequence[str]]], exc: redis.RedisError
+) -> OnlineStoreError:
+    names = ", ".join(repr(view.name) for view, _ in requests)
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return OnlineStoreUnavailableError(f"view(s) {names}: Redis did not answer: {exc}")
+    return OnlineStoreError(f"view(s) {names}: Redis read failed: {exc}")
+
+
+def _progress_error(exc: redis.RedisError) -> OnlineStoreError:
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return OnlineStoreUnavailableError(f"progress: Redis did not answer: {exc}")
+    return OnlineStoreError(f"progress: Redis read failed: {exc}")
 
 
 class RedisOnlineStore(OnlineStore):
@@ -231,8 +164,15 @@ class RedisOnlineStore(OnlineStore):
             socket_timeout=read_timeout_s if read_timeout_s is not None else timeout_s,
         )
         self._script = self._client.register_script(_WRITE_IF_NOT_OLDER)
-        self._layouts: dict[str, _Layout] = {}
+        self._layouts: dict[str, Layout] = {}
         self._progress: dict[str, tuple[float, int | None]] = {}  # view -> (read at, progress)
+        pool = self._reads.connection_pool
+        # The predictor's reads on its event loop (feature_repo/redis_wire.py), when possible.
+        self._pipe = (
+            RedisPipe(pool.connection_kwargs, pool.connection_kwargs.get("socket_timeout"))
+            if RedisPipe.supported(pool)
+            else None
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -255,8 +195,10 @@ class RedisOnlineStore(OnlineStore):
     def close(self) -> None:
         self._client.close()
         self._reads.close()
+        if self._pipe is not None:
+            self._pipe.close()
 
-    def _layout(self, view: FeatureView) -> _Layout:
+    def _layout(self, view: FeatureView) -> Layout:
         cached = self._layouts.get(view.name)
         if cached is not None and (cached.view is view or cached.view == view):
             return cached
@@ -271,7 +213,7 @@ class RedisOnlineStore(OnlineStore):
             previous_end_field(view.name),
         )
         read_fields = [*fields, ts, end, *map(previous_field, fields), previous_end]
-        layout = _Layout(
+        layout = Layout(
             view=view,
             names=tuple(s.name for s in specs),
             dtypes=tuple(s.dtype for s in specs),
@@ -282,14 +224,14 @@ class RedisOnlineStore(OnlineStore):
             key_prefix=codec.entity_key_prefix(view.entity.join_key),
             empty_list=list(empty_values(view).values()),
             lateness_ms=lateness_ms(view),
-            hmget_head=_resp_array_head(2 + len(read_fields)) + _resp_bulk(b"HMGET"),
-            hmget_fields=b"".join(map(_resp_bulk, read_fields)),
+            hmget_head=resp_array_head(2 + len(read_fields)) + resp_bulk(b"HMGET"),
+            hmget_fields=b"".join(map(resp_bulk, read_fields)),
             bulk_keys={},
         )
         self._layouts[view.name] = layout
         return layout
 
-    def _args(self, layout: _Layout, row: OnlineRow) -> list[bytes | int]:
+    def _args(self, layout: Layout, row: OnlineRow) -> list[bytes | int]:
         unknown = set(row.values) - set(layout.names)
         if unknown:
             raise OnlineStoreError(
@@ -365,6 +307,37 @@ class RedisOnlineStore(OnlineStore):
         ``as_of_ms``, the previous row only where the newest is not servable at as_of_ms
         (OnlineStore.read_many).
         """
+        layouts, commands, count = self._pack(requests)
+        try:
+            replies = self._pipelined(commands, count) if count else []
+        except redis.RedisError as exc:
+            raise _read_error(requests, exc) from exc
+        return self._unpack(layouts, requests, replies, as_of_ms)
+
+    async def read_many_async(
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
+    ) -> list[list[OnlineRow | None]]:
+        """read_many on the running event loop's own connection (feature_repo/redis_wire.py);
+        only when ``reads_async`` is true."""
+        assert self._pipe is not None
+        layouts, commands, count = self._pack(requests)
+        try:
+            replies = await self._pipe.call(commands, count) if count else []
+        except redis.RedisError as exc:
+            raise _read_error(requests, exc) from exc
+        return self._unpack(layouts, requests, replies, as_of_ms)
+
+    @property
+    def reads_async(self) -> bool:
+        return self._pipe is not None
+
+    def _pack(
+        self, requests: Sequence[tuple[FeatureView, Sequence[str]]]
+    ) -> tuple[list[Layout], bytes, int]:
+        """The layouts of the views, the HMGETs packed, and how many."""
         layouts = [self._layout(view) for view, _ in requests]
         # The commands are packed here from each layout's pre-encoded fields: redis-py's
         # per-command packing and pipeline bookkeeping cost more than Redis answering them.
@@ -377,25 +350,24 @@ class RedisOnlineStore(OnlineStore):
                     if len(cached) >= KEY_CACHE:
                         cached.clear()
                     hash_key = codec.entity_hash_key(layout.key_prefix, key, self.project)
-                    bulk = cached[key] = _resp_bulk(hash_key)
+                    bulk = cached[key] = resp_bulk(hash_key)
                 parts += (head, bulk, fields)
-        try:
-            replies = self._pipelined(b"".join(parts), len(parts) // 3) if parts else []
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            names = ", ".join(repr(view.name) for view, _ in requests)
-            raise OnlineStoreUnavailableError(
-                f"view(s) {names}: Redis did not answer: {exc}"
-            ) from exc
-        except redis.RedisError as exc:
-            names = ", ".join(repr(view.name) for view, _ in requests)
-            raise OnlineStoreError(f"view(s) {names}: Redis read failed: {exc}") from exc
+        return layouts, b"".join(parts), len(parts) // 3
+
+    def _unpack(
+        self,
+        layouts: list[Layout],
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        replies: Sequence[Any],
+        as_of_ms: int | None,
+    ) -> list[list[OnlineRow | None]]:
         out: list[list[OnlineRow | None]] = []
         position = 0
         for layout, (_, keys) in zip(layouts, requests, strict=True):
             chunk = replies[position : position + len(keys)]
             position += len(keys)
             target = None if as_of_ms is None else window_end_at(layout.view, as_of_ms)
-            out.append(self._decode(layout, keys, chunk, target))
+            out.append(decode_rows(layout, keys, chunk, target))
         return out
 
     def write_progress(
@@ -409,18 +381,45 @@ class RedisOnlineStore(OnlineStore):
             raise OnlineStoreError(f"view {view.name!r}: progress write failed: {exc}") from exc
 
     def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
-        now, never = time.monotonic(), (float("-inf"), None)
-        cached = self._progress
-        stale = [v.name for v in views if now - cached.get(v.name, never)[0] > max_age_ms / 1000]
+        stale = self._stale_progress(views, max_age_ms)
         if stale:
             try:
                 settled = progress.read(self._reads, self.project, stale)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise OnlineStoreUnavailableError(f"progress: Redis did not answer: {exc}") from exc
             except redis.RedisError as exc:
-                raise OnlineStoreError(f"progress: Redis read failed: {exc}") from exc
-            cached.update((name, (now, value)) for name, value in zip(stale, settled, strict=True))
-        found = ((v.name, cached[v.name][1]) for v in views)
+                raise _progress_error(exc) from exc
+            self._cache_progress(stale, settled)
+        return self._cached_progress(views)
+
+    async def read_progress_async(
+        self, views: Sequence[FeatureView], max_age_ms: int = 0
+    ) -> dict[str, int]:
+        """read_progress on the event loop's connection (as read_many_async)."""
+        assert self._pipe is not None
+        stale = self._stale_progress(views, max_age_ms)
+        if stale:
+            keys = [progress.progress_key(self.project, name) for name in stale]
+            commands = b"".join(resp_command("HGETALL", key) for key in keys)
+            try:
+                replies = await self._pipe.call(commands, len(keys))
+            except redis.RedisError as exc:
+                raise _progress_error(exc) from exc
+            settled = [progress.settled_progress(pairs(reply)) for reply in replies]
+            self._cache_progress(stale, settled)
+        return self._cached_progress(views)
+
+    def _stale_progress(self, views: Sequence[FeatureView], max_age_ms: int) -> list[str]:
+        now, never = time.monotonic(), (float("-inf"), None)
+        cached = self._progress
+        return [v.name for v in views if now - cached.get(v.name, never)[0] > max_age_ms / 1000]
+
+    def _cache_progress(self, names: Sequence[str], settled: Sequence[int | None]) -> None:
+        now = time.monotonic()
+        self._progress.update(
+            (name, (now, value)) for name, value in zip(names, settled, strict=True)
+        )
+
+    def _cached_progress(self, views: Sequence[FeatureView]) -> dict[str, int]:
+        found = ((v.name, self._progress[v.name][1]) for v in views)
         return {name: value for name, value in found if value is not None}
 
     def _pipelined(self, commands: bytes, count: int) -> list[Any]:
@@ -436,7 +435,7 @@ class RedisOnlineStore(OnlineStore):
             connection = pool.get_connection()
             try:
                 connection.send_packed_command([commands])
-                return _read_replies(connection, count)
+                return read_replies(connection, count)
             except redis.TimeoutError:
                 connection.disconnect()  # replies may still arrive on it
                 raise
@@ -450,50 +449,3 @@ class RedisOnlineStore(OnlineStore):
             finally:
                 pool.release(connection)
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _decode(
-        layout: _Layout,
-        entity_keys: Sequence[str],
-        replies: Sequence[Sequence[bytes | None]],
-        target: int | None = None,
-    ) -> list[OnlineRow | None]:
-        """Rows from HMGET replies. The previous row is decoded only when a caller may need it:
-        ``target`` None, or the newest row's end after ``target`` (the window end due at the
-        earliest t the caller serves: the newest is not servable then, features/contract.py)."""
-        # The hot path of every prediction batch: C-level map/zip, and emptiness as one list
-        # comparison with the empty values (0 == 0.0 for sums; None only equals None).
-        n = len(layout.fields)
-        names, empties, decode = layout.names, layout.empty_list, codec.decode_value
-        out: list[OnlineRow | None] = []
-        for key, reply in zip(entity_keys, replies, strict=True):
-            ts, end, previous_end = reply[n], reply[n + 1], reply[-1]
-            if ts is None:
-                out.append(None)
-                continue
-            try:
-                # Rows written by Feast itself have no end field; their _ts is the Feast
-                # source's timestamp, the servable time: window end + lateness
-                # (feature_repo/definitions.py).
-                end_ms = (
-                    int(end)
-                    if end is not None
-                    else codec.decode_timestamp_ms(ts) - layout.lateness_ms
-                )
-                newest = list(map(decode, reply[:n]))
-                previous = None
-                if (
-                    previous_end is not None
-                    and end is not None
-                    and (target is None or end_ms > target)
-                ):
-                    kept = list(map(decode, reply[n + 2 : 2 * n + 2]))
-                    values = dict(zip(names, kept, strict=True))
-                    previous = _row(key, int(previous_end), values, None, kept == empties)
-            except (ValueError, IndexError, UnicodeDecodeError) as exc:
-                raise OnlineStoreError(
-                    f"view {layout.view.name!r}, entity {key!r}: undecodable value: {exc}"
-                ) from None
-            values = dict(zip(names, newest, strict=True))
-            out.append(_row(key, end_ms, values, previous, newest == empties))
-        return out

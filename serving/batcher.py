@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -113,10 +113,14 @@ class AdaptiveBatcher(Generic[In, Out]):
         executor: Executor | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_batch: Callable[[int, float, float], None] | None = None,
+        process_async: Callable[[list[In]], Awaitable[Sequence[Out] | None]] | None = None,
     ) -> None:
         """``on_batch(rows, latency_ms, process_ms)``: the slowest request's time in the server
-        and the batch's own feature read + predict time."""
+        and the batch's own feature read + predict time. ``process_async``: a batch on the
+        event loop instead of ``process`` in the executor; its None means "not this batch"
+        (``process`` then runs it in the executor)."""
         self.process = process
+        self.process_async = process_async
         self.controller = controller
         self.max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue(max_queue)
@@ -200,7 +204,11 @@ class AdaptiveBatcher(Generic[In, Out]):
             items = [pending.item for pending in batch]
             started = self._clock()
             try:
-                results = await loop.run_in_executor(self._executor, self.process, items)
+                results = None
+                if self.process_async is not None:
+                    results = await self.process_async(items)
+                if results is None:
+                    results = await loop.run_in_executor(self._executor, self.process, items)
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
             except Exception as exc:  # the batch's callers get the error, the worker lives on

@@ -123,17 +123,20 @@ class GuardedReader:
         self.reader = reader
         self.breaker = breaker
 
+    def _check_allowed(self) -> None:
+        if not self.breaker.allow():
+            raise BreakerOpenError(
+                f"the online store failed {self.breaker.failures} reads in a row; "
+                f"not asked again for {self.breaker.open_s * 1000:g} ms"
+            )
+
     def read_many(
         self,
         requests: Sequence[tuple[FeatureView, Sequence[str]]],
         *,
         as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
-        if not self.breaker.allow():
-            raise BreakerOpenError(
-                f"the online store failed {self.breaker.failures} reads in a row; "
-                f"not asked again for {self.breaker.open_s * 1000:g} ms"
-            )
+        self._check_allowed()
         try:
             rows = self.reader.read_many(requests, as_of_ms=as_of_ms)
         except OnlineStoreUnavailableError:
@@ -156,6 +159,47 @@ class GuardedReader:
         except OnlineStoreUnavailableError:
             self.breaker.failure()
             raise
+
+    @property
+    def reads_async(self) -> bool:
+        """The store reads on the event loop too (feature_repo/redis_wire.py)."""
+        return bool(getattr(self.reader, "reads_async", False))
+
+    async def read_many_async(
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
+    ) -> list[list[OnlineRow | None]]:
+        """read_many on the event loop, behind the same breaker."""
+        self._check_allowed()
+        try:
+            rows: list[list[OnlineRow | None]] = await self.reader.read_many_async(  # type: ignore[attr-defined]
+                requests, as_of_ms=as_of_ms
+            )
+        except OnlineStoreUnavailableError:
+            self.breaker.failure()
+            raise
+        except Exception:
+            self.breaker.success()
+            raise
+        self.breaker.success()
+        return rows
+
+    async def read_progress_async(
+        self, views: Sequence[FeatureView], max_age_ms: int = 0
+    ) -> dict[str, int]:
+        """read_progress on the event loop (only while the breaker is closed)."""
+        if self.breaker.state is not BreakerState.CLOSED:
+            return {}
+        try:
+            progress: dict[str, int] = await self.reader.read_progress_async(  # type: ignore[attr-defined]
+                views, max_age_ms
+            )
+        except OnlineStoreUnavailableError:
+            self.breaker.failure()
+            raise
+        return progress
 
     def close(self) -> None:
         close = getattr(self.reader, "close", None)

@@ -178,16 +178,44 @@ def read_rows(
 
     ``as_of_ms``: the earliest t any of the rows is joined at (the store may then leave out
     previous rows the contract cannot serve at or after it: OnlineStore.read_many)."""
+    requests = _requests(needs)
+    if not requests:
+        return RowLookup()
+    progress = reader.read_progress([view for view, _ in requests], PROGRESS_MAX_AGE_MS)
+    return _lookup(requests, reader.read_many(requests, as_of_ms=as_of_ms), progress)
+
+
+async def read_rows_async(
+    reader: Any,
+    needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]],
+    as_of_ms: int | None = None,
+) -> RowLookup:
+    """read_rows on the event loop, for a reader whose ``reads_async`` is true (its
+    read_progress_async and read_many_async: serving/breaker.py, feature_repo/online.py)."""
+    requests = _requests(needs)
+    if not requests:
+        return RowLookup()
+    views = [view for view, _ in requests]
+    progress = await reader.read_progress_async(views, PROGRESS_MAX_AGE_MS)
+    return _lookup(requests, await reader.read_many_async(requests, as_of_ms=as_of_ms), progress)
+
+
+def _requests(
+    needs: Sequence[tuple[FeaturePlan, Mapping[str, Any]]],
+) -> list[tuple[FeatureView, list[str]]]:
     wanted: dict[str, tuple[FeatureView, dict[str, None]]] = {}
     for plan, row in needs:
         for view in plan.views:
             keys = wanted.setdefault(view.name, (view, {}))[1]
             keys[str(row[view.entity.join_key])] = None
-    requests = [(view, list(key_set)) for view, key_set in wanted.values()]
-    if not requests:
-        return RowLookup()
-    progress = reader.read_progress([view for view, _ in requests], PROGRESS_MAX_AGE_MS)
-    results = reader.read_many(requests, as_of_ms=as_of_ms)
+    return [(view, list(key_set)) for view, key_set in wanted.values()]
+
+
+def _lookup(
+    requests: Sequence[tuple[FeatureView, Sequence[str]]],
+    results: Sequence[Sequence[OnlineRow | None]],
+    progress: Mapping[str, int],
+) -> RowLookup:
     out = RowLookup(progress)
     for (view, view_keys), rows in zip(requests, results, strict=True):
         for key, online_row in zip(view_keys, rows, strict=True):

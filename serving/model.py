@@ -21,11 +21,13 @@ from serving.features import (
     FeaturePlan,
     FeatureReader,
     JoinedRow,
+    RowLookup,
     ServeBehind,
     build_plan,
     degraded_join,
     join,
     read_rows,
+    read_rows_async,
 )
 from serving.features import to_matrix as rows_to_matrix
 
@@ -129,17 +131,54 @@ def predict_batch(
     "reject" raises FeatureStoreUnavailableError (503) and "degraded" predicts every row from
     the views' empty values, flagged (predict_degraded)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    needs = [(item.model.plan, item.row) for item in items]
     try:
-        lookup = read_rows(
-            reader, [(item.model.plan, item.row) for item in items], earliest_t(items, now)
-        )
-    except OnlineStoreUnavailableError as exc:
-        if on_unavailable == "reject":
-            raise FeatureStoreUnavailableError(str(exc)) from exc
-        reason = "breaker_open" if isinstance(exc, BreakerOpenError) else "store_unavailable"
-        return predict_degraded(items, reason, now, cache)
+        lookup = read_rows(reader, needs, earliest_t(items, now))
     except OnlineStoreError as exc:
+        return _unavailable(items, exc, now, on_unavailable, cache)
+    return _predict_joined(items, lookup, now, serve_behind, cache)
+
+
+async def predict_batch_async(
+    reader: Any,
+    items: Sequence[PredictItem],
+    now_ms: int | None = None,
+    serve_behind: ServeBehind = "flag",
+    on_unavailable: StoreUnavailable = "reject",
+    cache: PredictionCache | None = None,
+) -> list[Prediction]:
+    """predict_batch with the feature read on the event loop (a reader whose ``reads_async``
+    is true: serving/breaker.py). The model runs on the loop too: LightGBM on the few rows
+    of a batch costs less than handing the batch to a thread (feature_repo/redis_wire.py)."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    needs = [(item.model.plan, item.row) for item in items]
+    try:
+        lookup = await read_rows_async(reader, needs, earliest_t(items, now))
+    except OnlineStoreError as exc:
+        return _unavailable(items, exc, now, on_unavailable, cache)
+    return _predict_joined(items, lookup, now, serve_behind, cache)
+
+
+def _unavailable(
+    items: Sequence[PredictItem],
+    exc: OnlineStoreError,
+    now: int,
+    on_unavailable: StoreUnavailable,
+    cache: PredictionCache | None,
+) -> list[Prediction]:
+    if not isinstance(exc, OnlineStoreUnavailableError) or on_unavailable == "reject":
         raise FeatureStoreUnavailableError(str(exc)) from exc
+    reason = "breaker_open" if isinstance(exc, BreakerOpenError) else "store_unavailable"
+    return predict_degraded(items, reason, now, cache)
+
+
+def _predict_joined(
+    items: Sequence[PredictItem],
+    lookup: RowLookup,
+    now: int,
+    serve_behind: ServeBehind,
+    cache: PredictionCache | None,
+) -> list[Prediction]:
     return _predict(
         items,
         lambda item: join(item.model.plan, item.row, lookup, now, item.t_ms, serve_behind),

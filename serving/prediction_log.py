@@ -53,6 +53,7 @@ _MAX_BACKOFF_S = 10.0
 # (the spill), not in memory.
 MAX_IN_FLIGHT = 10_000
 _READ_BATCH = 1000
+_GATHER_S = 0.005  # the sender's pause after a hand-over that emptied the log (_run)
 SPILL_AFTER_S = 1.0
 OUTCOMES = ("logged", "dropped", "replayed", "delivered", "failed", "retried")
 
@@ -219,7 +220,11 @@ class KafkaLog:
             handed = 0
             if time.monotonic() >= self._resume_at:
                 handed = self._hand_over_retries() + self._hand_over_new()
-            self._producer.poll(0 if handed else 0.01)  # serves delivery reports
+            # Serves delivery reports. After a hand-over that emptied the log, wait a little for
+            # records to gather: the thread then wakes once per few milliseconds of traffic,
+            # not once per record, and holds the GIL less often that the event loop needs
+            # (librdkafka lingers linger.ms before sending anyway). A full read goes on at once.
+            self._producer.poll(0 if handed >= _READ_BATCH else _GATHER_S if handed else 0.01)
             self.wal.commit(self._commit_point())
             if not self._unfinished and self._position >= self.wal.end:
                 self._last_progress = time.monotonic()  # idle counts as keeping up

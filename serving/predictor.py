@@ -35,7 +35,14 @@ from serving.cache import CacheCollector, PredictionCache
 from serving.errors import FeaturesBehindError, ModelNotFoundError, OverloadedError
 from serving.features import FeatureReader
 from serving.metrics import ServingMetrics
-from serving.model import LoadedModel, Prediction, PredictItem, load_model, predict_batch
+from serving.model import (
+    LoadedModel,
+    Prediction,
+    PredictItem,
+    load_model,
+    predict_batch,
+    predict_batch_async,
+)
 from serving.policy_state import PolicyStore
 from serving.prediction_log import KafkaLog, LogCollector, ProducerLike, open_prediction_log
 from serving.rollout import (
@@ -51,6 +58,10 @@ from serving.schemas import (
     validate_rows,
 )
 from serving.selection import ModelSlot, RecentPredictions
+
+# Batches up to this many rows run on the event loop when the store reads there too (a batch's
+# LightGBM call holds the loop; the executor runs larger ones beside it).
+INLINE_BATCH_ROWS = 16
 
 
 @dataclass
@@ -146,6 +157,21 @@ class Predictor:
                 cache=self.cache,
             )
 
+        inline = ensemble is None and getattr(self.reader, "reads_async", False)
+
+        async def predict_on_loop(items: Sequence[PredictItem]) -> list[Prediction] | None:
+            """Small batches on the event loop (no thread hand-over, feature_repo/redis_wire.py);
+            larger ones, whose model time would hold the loop, in the executor."""
+            if len(items) > INLINE_BATCH_ROWS:
+                return None
+            return await predict_batch_async(
+                self.reader,
+                items,
+                serve_behind=s.serve_behind,
+                on_unavailable=s.serve_store_unavailable,
+                cache=self.cache,
+            )
+
         def make(version: int) -> AdaptiveBatcher[PredictItem, Prediction]:
             controller = AimdController(
                 objective_ms=s.latency_objective_ms,
@@ -171,6 +197,7 @@ class Predictor:
                 max_delay_s=s.max_batch_delay_ms / 1000,
                 executor=self.executor,
                 on_batch=on_batch,
+                process_async=predict_on_loop if inline else None,
             )
 
         return make

@@ -1,10 +1,20 @@
 """Run the predictor as one server process, or as N (``sluice serve --workers N``).
 
 One Python process serves on one core (the event loop, JSON, the prediction log all hold the
-GIL), so on a machine with several cores N processes answer up to N times as much. They share
-the listening socket (uvicorn's workers: a supervisor binds it, each worker accepts from it, and
-restarts a worker that dies), and each one builds its own app from the same settings: the
-environment and SLUICE_CONFIG, which serve() sets from the config file the command was given.
+GIL), so on a machine with several cores N processes answer up to N times as much. uvicorn's
+supervisor starts them and restarts a worker that dies; each one builds its own app from the
+same settings: the environment and SLUICE_CONFIG, which serve() sets from the config file the
+command was given.
+
+Each worker listens on its own socket bound to the same address with SO_REUSEPORT, and the
+kernel spreads new connections over them by a hash of the connection's addresses (as nginx's
+``reuseport`` and gunicorn's ``--reuse-port``). uvicorn's own way, one socket the supervisor
+binds and every worker accepts from, hands a burst of new connections to whichever worker
+wakes first, and it accepts them all: measured with bench.serve's 8 keep-alive clients, all 8
+connections landed on one of two workers, which answered every request while the other idled.
+A worker that dies loses the connections waiting in its own accept queue (they are reset; the
+clients reconnect to the others). The supervisor binds the address too, without listening, so
+that a port already taken fails at start and not in every worker.
 
 Per process:
 - the prediction log's write-ahead directory (serving/wal.py locks it for one process): worker
@@ -28,6 +38,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,7 +124,9 @@ def serve(
 
 
 def _run_workers(uvicorn: Any, host: str, port: int, workers: int) -> None:
-    uvicorn.run(
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
         "serving.workers:worker_app",
         factory=True,
         workers=workers,
@@ -126,6 +139,37 @@ def _run_workers(uvicorn: Any, host: str, port: int, workers: int) -> None:
         # again and again.
         timeout_worker_healthcheck=HEALTHCHECK_S,
     )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with ReusePortSocket(family, socket.SOCK_STREAM) as reserved:
+        reserved.reserve(host, port)
+        Multiprocess(config, sockets=[reserved]).run()
+
+
+class ReusePortSocket(socket.socket):
+    """The supervisor's socket, bound and not listening: pickled to a worker (uvicorn passes
+    its sockets to each spawned worker), it arrives as a new socket of that worker's own, bound
+    to the same address and port (module docstring)."""
+
+    def reserve(self, host: str, port: int) -> None:
+        _reuse(self)
+        self.bind((host, port))
+
+    def __reduce__(self) -> tuple[Any, tuple[int, str, int]]:
+        host, port = self.getsockname()[:2]
+        return (_worker_socket, (int(self.family), host, port))
+
+
+def _reuse(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def _worker_socket(family: int, host: str, port: int) -> socket.socket:
+    """A worker's own socket on the supervisor's address (uvicorn makes it listen)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    _reuse(sock)
+    sock.bind((host, port))
+    return sock
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ prediction log keeps its records on disk), scraped after requests spread over bo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -123,3 +125,54 @@ def test_worker_snapshots_merge_counters_by_sum_and_gauges_per_worker(tmp_path):
     assert got[("c_total", (("k", "x"),))] == 7
     assert got[("g", (("worker", "0"),))] == 5
     assert got[("g", (("worker", "1"),))] == 7
+
+
+def pending_per_worker(url: str) -> dict[str, float]:
+    got = samples(httpx.get(f"{url}/metrics").text)
+    return {
+        dict(labels)["worker"]: value
+        for (name, labels), value in got.items()
+        if name == "sluice_log_pending_records"
+    }
+
+
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(server):
+    """Each worker listens on its own SO_REUSEPORT socket (serving/workers.py): connections
+    opened together reach both workers, where one shared socket handed them all to one."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    time.sleep(3 * SNAPSHOT_S)
+    before = pending_per_worker(url)
+    body = orjson.dumps({"rows": [ROW]})
+    request = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    async def burst(connections: int, requests: int) -> None:
+        streams = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", port) for _ in range(connections))
+        )
+        for _ in range(requests):  # keep-alive: every request of a stream on its connection
+            for _, writer in streams:
+                writer.write(request)
+            for reader, _ in streams:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+        for _, writer in streams:
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(burst(16, 3), 60))
+    time.sleep(3 * SNAPSHOT_S)
+    after = pending_per_worker(url)
+    added = {worker: after[worker] - before.get(worker, 0) for worker in after}
+    assert sum(added.values()) == 16 * 3
+    # 16 connections, each worker's share by a hash: both get some (all on one: 2 in 65,536).
+    assert set(added) == {"0", "1"}
+    assert min(added.values()) > 0, added

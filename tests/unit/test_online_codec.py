@@ -142,7 +142,8 @@ def test_read_commands_are_packed_as_redis_py_packs_them():
     from redis.connection import Connection
 
     from examples.delivery.features import restaurant_orders, restaurant_prep, zone_couriers
-    from feature_repo.online import RedisOnlineStore, _resp_bulk
+    from feature_repo.online import RedisOnlineStore
+    from feature_repo.redis_wire import resp_bulk as _resp_bulk
 
     store = RedisOnlineStore("redis://127.0.0.1:1/0", "proj")  # never connects
     untyped: Any = Connection  # redis-py's packer, as the pipeline uses it

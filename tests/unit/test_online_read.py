@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from feature_repo.online import _read_replies, _row
+from feature_repo.online_rows import row_of as _row
 from feature_repo.online_store import OnlineRow
+from feature_repo.redis_wire import read_replies as _read_replies
 from features.definitions import FeatureView
 
 

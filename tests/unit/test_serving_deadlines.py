@@ -105,7 +105,7 @@ def test_a_healthy_store_is_not_degraded(client):
 
 
 def test_a_stuck_store_is_answered_degraded_within_the_deadline(registry, reader, producer):
-    reader.delay_s = 1.0  # every read hangs for a second
+    reader.delay_s = 2.0  # every read hangs for two seconds
     app = app_for(registry, reader, producer)
 
     async def scenario() -> list[tuple[float, httpx.Response]]:
@@ -133,8 +133,10 @@ def test_a_stuck_store_is_answered_degraded_within_the_deadline(registry, reader
     answers = asyncio.run(scenario())
     for elapsed, answer in answers:
         assert answer.status_code == 200, answer.text
-        # 150 ms deadline; 100 ms of slack for a loaded test machine's event loop.
-        assert elapsed < 0.25, elapsed
+        # A 150 ms deadline: answered long before the stuck read (2 s) came back. The bound
+        # is loose on purpose (a loaded CI machine delays the event loop by tens of ms); the
+        # batch count above shows no answer waited for the store.
+        assert elapsed < 1.0, elapsed
         assert answer.json()["predictions"][0]["degraded"] == VIEWS
     # Leaving the lifespan drained the log: one record per answer, flagged degraded.
     records = [PredictionRecord.decode(m.value()) for m in producer.delivered]
