@@ -71,10 +71,16 @@ def stream_command(
             *(str(n) for n in (v.events, v.aggregated, v.filtered, v.late, v.rejected, v.rows)),
             "?" if v.lag is None else str(v.lag),
         )
+        if v.restored and any(v.restored.values()):
+            # The tile engine carries its counters in the job's state: the job's totals over
+            # every run (what this run restored + its own). Rows written are not carried.
+            t = v.cumulative()
+            totals = (t.events, t.aggregated, t.filtered, t.late, t.rejected)
+            table.add_row(f"{name} (all runs)", *(str(n) for n in totals), "", "")
     console.print(table)
     if report.savepoint:
         console.print(f"savepoint: {report.savepoint} (the next `sluice stream` resumes there)")
-    if not report.balanced():
+    if not report.balanced() or not all(v.cumulative().balanced() for v in report.views.values()):
         console.print("[red]counts do not balance: events != aggregated + filtered + dead[/red]")
         raise typer.Exit(int(ExitCode.UNBALANCED))
 

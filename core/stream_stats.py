@@ -1,5 +1,11 @@
 """The stream's progress records (topic sluice.stream-stats): each operator instance's cumulative
-counters, written by streaming/sinks.py and read by streaming/monitor.py and `sluice stream`."""
+counters, written by streaming/sinks.py and read by streaming/monitor.py and `sluice stream`.
+
+The counters count one run. An engine whose counters are part of the job's checkpointed state
+(the tile engine, streaming/tile_counts.py) also writes ``restored``: the CARRIED counters as
+they stood in the snapshot the run restored from (zeros for a fresh start), so that restored +
+the run's counters are the job's totals over every run. Records without it (older records,
+the event engine) carry nothing: their runs start from zero."""
 
 from __future__ import annotations
 
@@ -53,6 +59,18 @@ class PublishCounts:
 
 
 StageCounts = PrepareCounts | WindowCounts | PublishCounts
+# The counters a snapshot carries to the next run (what `restored` holds), per kind of counts.
+CARRIED: dict[type, tuple[str, ...]] = {
+    PrepareCounts: ("events", "late", "filtered", "rejected", "heartbeats"),
+    WindowCounts: ("aggregated", "duplicates", "open"),
+}
+
+
+def carried(counts: StageCounts) -> dict[str, int]:
+    """The counters of ``counts`` that a snapshot carries (none for PublishCounts)."""
+    return {name: getattr(counts, name) for name in CARRIED.get(type(counts), ())}
+
+
 # The "op" of a stats record names which counters it carries.
 _COUNTS: dict[str, type[PrepareCounts] | type[WindowCounts] | type[PublishCounts]] = {
     "prepare": PrepareCounts,
@@ -75,7 +93,8 @@ _ADDED_COUNTERS = frozenset({"heartbeats", "duplicates", "open"})
 class StreamStats:
     """Counters of one operator instance of one run; the newest record per instance wins.
 
-    JSON: the head (run, view, op, subtask) and the counters side by side, then final and at_ms.
+    JSON: the head (run, view, op, subtask) and the counters side by side, then final and at_ms,
+    then ``restored`` when the engine carries counters across runs (module docstring).
     """
 
     KIND: ClassVar[str] = "stream stats"
@@ -87,6 +106,9 @@ class StreamStats:
     counts: StageCounts
     final: bool  # the instance closed: these counts are its last
     at_ms: int  # wall clock of the report
+    # CARRIED counters of the snapshot this run restored from (zeros: a fresh start); None: the
+    # engine does not carry counters (or has not read them yet): the run started from zero.
+    restored: dict[str, int] | None = None
     v: int = VERSION
 
     @property
@@ -103,6 +125,8 @@ class StreamStats:
         record["subtask"] = self.subtask
         record |= {name: getattr(c, name) for name in _COUNTER_NAMES[type(c)]}
         record |= {"final": self.final, "at_ms": self.at_ms}
+        if self.restored is not None:
+            record["restored"] = self.restored
         return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS)
 
     @classmethod
@@ -124,5 +148,18 @@ class StreamStats:
             counts=counts_type(**counters),
             final=f.boolean("final"),
             at_ms=f.integer("at_ms"),
+            restored=_restored(f, counts_type) if "restored" in f.obj else None,
             v=f.version,
         )
+
+
+def _restored(f: Fields, counts_type: type) -> dict[str, int]:
+    """The ``restored`` object: an integer for each counter its kind of counts carries."""
+    names = CARRIED.get(counts_type, ())
+    values = f.opt_integers("restored")
+    for name, value in values.items():
+        if name not in names:
+            f.fail(f"restored.{name}", f"not a counter that {f.text('op')} records carry")
+        if value is None:
+            f.fail(f"restored.{name}", "expected an integer, got null")
+    return {name: int(values.get(name) or 0) for name in names}

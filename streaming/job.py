@@ -32,6 +32,7 @@ from typing import Any
 from core.settings import Settings
 from core.shipping import code_archive
 from core.uris import JvmAccess, S3Options, StorageUri, filesystem, parse
+from streaming import tiles as tile_sql
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
@@ -111,6 +112,8 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
     )
     if engine not in (None, "events"):
         definitions += f"engine={engine}".encode()
+    if engine == "tiles":  # and the layout of its query's plan
+        definitions += f"/plan={tile_sql.PLAN_VERSION}".encode()
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     root = parse(
         settings.flink_checkpoint_dir or settings.state_dir / "flink", "flink_checkpoint_dir"

@@ -1,13 +1,16 @@
 """The driver's view of a running job: counts from the stats topic, lag from the broker.
 
 Operators report cumulative counters to STATS_TOPIC (sinks.StatsReporter: core.records
-StreamStats records); the newest record per operator instance wins. Counts restart with a
-restart of the job from a checkpoint (the counters are not state), so after a failover they
-cover the replay, not the whole run.
+StreamStats records); the newest record per operator instance wins. A run's counts start
+from zero with each start of the job, from a checkpoint too (after a failover they cover the
+replay). The tile engine's counters are also state: its records name the counts of the
+snapshot a run restored from (``restored``), and ViewReport.cumulative() adds them: the job's
+totals over every run. The event engine's records do not (ViewReport.restored is None).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -45,6 +48,16 @@ class ViewReport:
     max_end_ms: int | None = None
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
     lag: int | None = None  # records in the topic not read yet (approximate on Tansu)
+    # Counters (core/stream_stats.CARRIED) of the snapshot this run restored from, summed over
+    # the instances that carry them; None: the engine does not carry counters across runs.
+    restored: dict[str, int] | None = None
+
+    def cumulative(self) -> ViewReport:
+        """The job's totals over every run: this run's counters plus the restored ones (this
+        run's alone when nothing was restored)."""
+        restored = self.restored or {}
+        changes = {name: getattr(self, name) + n for name, n in restored.items()}
+        return dataclasses.replace(self, restored=None, **changes)
 
     def balanced(self) -> bool:
         """Every event read was aggregated, filtered, dead-lettered or a duplicate, or waits in
@@ -106,6 +119,11 @@ class StatsBoard:
             v = out[record.view]
             v.last_report_at_ms = _max(v.last_report_at_ms, record.at_ms)
             c = record.counts
+            if record.restored is not None:
+                restored = v.restored or {}
+                for name, n in record.restored.items():
+                    restored[name] = restored.get(name, 0) + n
+                v.restored = restored
             if isinstance(c, PrepareCounts):
                 v.events += c.events
                 v.late += c.late

@@ -51,6 +51,10 @@ class StatsReporter:
     Reports are sent at bundle ends only (there is no timer without input), so a report that
     was skipped would stay stale for as long as no more input arrives: each change is sent.
     Bundles end at most every bundle_time_ms, which bounds the rate.
+
+    An engine that carries counters across runs names, once it knows them, the counters of the
+    snapshot its run restored from (``restored``, core/stream_stats.py); they go with every
+    later report of that kind of counts.
     """
 
     def __init__(
@@ -60,14 +64,24 @@ class StatsReporter:
         self._run = ctx.run_id
         self._view = view
         self._subtask = subtask
-        self._last: dict[type, tuple[dict[str, Any], bool]] = {}  # per kind of counts
+        # Per kind of counts: the last report (counters, final, restored) and restored ones.
+        self._last: dict[type, tuple[dict[str, Any], bool, dict[str, int] | None]] = {}
+        self._restored: dict[type, dict[str, int]] = {}
+
+    def restored(self, kind: type, counters: dict[str, int]) -> None:
+        """The run restored ``counters`` (CARRIED ones) of ``kind`` of counts from a snapshot."""
+        self._restored[kind] = dict(counters)
 
     def report(self, counts: StageCounts, *, final: bool = False) -> None:
-        state = (dataclasses.asdict(counts), final)  # a copy: the offsets dict changes in place
+        restored = self._restored.get(type(counts))
+        # A copy: the offsets dict changes in place.
+        state = (dataclasses.asdict(counts), final, restored)
         if not final and self._last.get(type(counts)) == state:
             return
         self._last[type(counts)] = state
-        record = StreamStats(self._run, self._view, self._subtask, counts, final, now_ms())
+        record = StreamStats(
+            self._run, self._view, self._subtask, counts, final, now_ms(), restored
+        )
         key = f"{self._run}/{self._view}/{record.op}/{self._subtask}"
         self._producer.produce(STATS_TOPIC, record.encode(), key, record.at_ms)
 

@@ -10,14 +10,17 @@ and statistics with the event engine's writers (streaming/sinks.py), flushed at 
 
 Counters: events are counted when read, from the read rows (per partition and 100 ms of
 processing time, streaming/tiles.py), and processed when their tile closes: every event is
-then one of: an event of a tile row (copies = aggregated + duplicates, or filtered for the
-entity-less rows); an event of a side row (filtered, late or rejected, as the event engine's
-parser decides). Between the two it is ``open`` (WindowCounts): read, its tile still open in
-the SQL window state. A stop with a snapshot carries open tiles to the next run, which closes
-them (its ``open`` goes below zero by as many), so events read over runs add up to what the
-topic holds and each run balances as events == processed + open; a bounded run ends with
-every tile closed (open == 0). Heartbeats arrive as side rows. The three records per subtask
-(prepare, windows, publish) come from this one function.
+then one of: an event of a closed row (the kept events of a partition's tiles of one slide:
+copies = aggregated + duplicates) or of an entity-less tile row (filtered); an event of a side
+row (filtered, late or rejected, as the event engine's parser decides). Between the two it is
+``open`` (WindowCounts): read, its tile still open in the SQL window state. A stop with a
+snapshot carries open tiles to the next run, which closes them (its ``open`` goes below zero
+by as many), so events read over runs add up to what the topic holds and each run balances as
+events == processed + open; a bounded run ends with every tile closed (open == 0). Heartbeats
+arrive as side rows. All of these rows come under the side key "", and the counters are that
+key's state too (streaming/tile_counts.py): a restored run reports the snapshot's counters
+beside its own. The three records per subtask (prepare, windows, publish) come from this one
+function.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ from streaming.functions import (
 )
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
+from streaming.tile_counts import CarriedCounts
 from streaming.tile_state import tile_layout
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
     KEY,
     KIND,
+    KIND_CLOSED,
     KIND_READ,
     KIND_SIDE,
+    KIND_TILE,
     LATE,
     OFF,
     PART,
@@ -57,8 +63,8 @@ from streaming.tiles import (
 )
 from streaming.windows import Added, WindowEngine, prune_memo
 
-# The entity of side rows and filtered counts (no entity's state lives under it: they carry
-# no tile).
+# The key of every counting row (read, side, closed rows and the filter's tile rows); no
+# entity's tiles live under it, the counters do (streaming/tile_counts.py).
 SIDE_KEY = ""
 END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 
@@ -76,6 +82,9 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
 
     class Tiles(KeyedProcessFunction):  # type: ignore[misc]
         def open(self, runtime_context: Any) -> None:
+            from pyflink.common import Types
+            from pyflink.datastream.state import ValueStateDescriptor
+
             self.engine = WindowEngine(compiled)
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
@@ -90,6 +99,10 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.read = PrepareCounts()
             self.windows = WindowCounts()
             self.stats = StatsReporter(self.producer, ctx, compiled.name, slot[0])
+            counts = ValueStateDescriptor("counts", Types.PICKLED_BYTE_ARRAY())
+            self.carried = CarriedCounts(
+                runtime_context.get_state(counts), self.read, self.windows, self.stats
+            )
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
             self.ended = False  # the watermark reached its maximum: the input ended
@@ -106,21 +119,9 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.publisher.observe(watermark)
             self.clock.start(context)
             kind = row[KIND]
-            if kind == KIND_READ:
-                # Counted when read; processed (below, or in side) when its tile closes.
-                read.events += row[COPIES]
-                self.windows.open += row[COPIES]
+            if kind != KIND_TILE or row[KEY] is None:
+                self.count(row, kind, watermark)
                 return
-            if kind == KIND_SIDE:
-                self.side(row, watermark)
-                return
-            copies, unique = row[COPIES], row[UNIQUE]
-            self.windows.open -= copies
-            if row[KEY] is None:
-                read.filtered += copies
-                return
-            self.windows.aggregated += unique
-            self.windows.duplicates += copies - unique
             t = row[T]
             bucket = t - t % slide
             key = context.get_current_key()
@@ -128,6 +129,25 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             if self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE:
                 context.timer_service().register_event_time_timer(bucket + slide)
             self.states.tile_changed(key, cached, bucket)
+
+        def count(self, row: Any, kind: str, watermark: int) -> None:
+            """A row of the side key: count it, then keep the counters in its state."""
+            self.carried.load()
+            copies = row[COPIES]
+            if kind == KIND_READ:
+                # Counted when read; processed when its tile closes (closed and filter rows).
+                self.read.events += copies
+                self.windows.open += copies
+            elif kind == KIND_SIDE:
+                self.side(row, watermark)
+            elif kind == KIND_CLOSED:  # the kept events of one partition's closed tiles
+                self.windows.open -= copies
+                self.windows.aggregated += row[UNIQUE]
+                self.windows.duplicates += copies - row[UNIQUE]
+            else:  # a tile row without entity: the events the view's filter dropped
+                self.windows.open -= copies
+                self.read.filtered += copies
+            self.carried.save()
 
         def side(self, row: Any, watermark: int) -> None:
             read = self.read

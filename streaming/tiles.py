@@ -4,7 +4,7 @@ Flink SQL over the view's Kafka source does the per-event work; Python (streamin
 gets one row per (entity, slide bucket, partition) instead of one per event, and assembles
 windows from them with the same window code as the event engine (streaming/windows.py).
 
-Per view, one query (one source scan), a UNION ALL of three kinds of rows:
+Per view, one query (one source scan), a UNION ALL of four kinds of rows:
 
   tile rows   TUMBLE(slide) windows on the event time, two cascaded aggregations:
               level 1 groups (bucket, entity, event id = a 128-bit hash of the record's bytes,
@@ -13,6 +13,9 @@ Per view, one query (one source scan), a UNION ALL of three kinds of rows:
               level 2 groups (bucket, entity, partition)
               and computes each slot's partial state (below). Events the filter drops become
               rows of a NULL entity grouped by partition: only their number and offsets.
+  closed rows per partition and slide, the kept events of the tiles that closed (a window
+              aggregation over the tile rows: copies and unique events summed), so that the
+              aggregated and duplicate counts arrive under one key (below).
   read rows   per partition and 100 ms of processing time, the number of events read (not
               heartbeats) and the last offset: events are counted when read.
   side rows   one row per record that is not aggregated in Java, with its raw bytes: heartbeats
@@ -100,9 +103,29 @@ and slightly less fresh (below). The event engine passed the same test at the sa
     <= W + 1, see above), but it reads the watermark at the source, where the event engine's
     Python check reads it as of the previous bundle: a record that far out of order is late or
     not by timing in either engine. The test now produces the probe at its time.
+Statistics that survive a restore. Every row that changes a counter (read, side, closed rows
+and the filter's entity-less tile rows) goes to the Python function under the one key "", and
+the counters are that key's keyed state (streaming/tile_counts.py): a snapshot holds them as
+of its barrier, with the offsets and windows, and a restored run continues from them (its
+records name them as ``restored``). Why so, and not otherwise:
+  - PyFlink's Python functions have keyed state only (no operator ListState), and only while a
+    key is current, which it never is at a bundle's end. Counters kept per entity key could
+    not be summed after a restore (keyed state cannot be iterated), so the per-entity count
+    (aggregated, duplicates) moved into the SQL: the closed rows.
+  - Cumulative counts in a non-windowed SQL GROUP BY would bring an update stream (retractions)
+    into the DataStream, and could not count what Python decides: whether an event the SQL
+    could not read is filtered or rejected, and which side rows are heartbeats.
+  - Cost: per partition, one read row per 100 ms, one closed row and at most one filter row per
+    slide, each a small pickled dict written to state; in the JVM, one more window
+    aggregation over the tile rows (per tile, not per event). The closed rows read every
+    column of the tile rows (MIN/MAX of t and the slots, ignored in Python): with the counts
+    alone, the planner pruned its copy of the tile aggregation and ran that copy over every
+    level-1 row (about +5 us of CPU per event, measured), instead of sharing the one
+    aggregation with the tile rows.
+  - Not carried: rows written (PublishCounts), emitted by the timers of every entity key.
 Other differences:
   - counts: events are counted when read, by read rows (per partition and 100 ms of processing
-    time: a third branch of the query, a processing-time TUMBLE over the source), and processed
+    time: a branch of the query, a processing-time TUMBLE over the source), and processed
     when their tile closes; in between they are open (WindowCounts.open), and a stop carries
     them in its snapshot to the next run (tile_functions.py);
   - freshness: two cascaded window operators before Python add about 0.3-0.5 s (bench.stream);
@@ -141,11 +164,18 @@ _LONG_MAX = 9_223_372_036_854_775_807
 KIND, KEY, T, PART, OFF, COPIES, UNIQUE, HEARTBEAT, LATE, RAW, RAW_KEY = range(11)
 FIXED = ("kind", "k", "t", "part", "off", "copies", "uniq", "hb", "late", "raw", "raw_key")
 SLOTS_FROM = len(FIXED)
-KIND_TILE, KIND_SIDE, KIND_READ = "T", "S", "R"
+KIND_TILE, KIND_SIDE, KIND_READ, KIND_CLOSED = "T", "S", "R", "C"
 # Read rows: per partition, how many events (not heartbeats) the source read in each interval
 # of processing time, so that events are counted when read, not when their tile closes.
 READ_INTERVAL_MS = 100
 
+
+# The layout of the tile engine's snapshots. Bump it with every change of the query's plan
+# (an operator added or removed): Flink cannot map an older plan's operator state to the new
+# one (measured: the restore fails, "Cannot map checkpoint/savepoint state for operator"), so
+# a new layout starts afresh in a snapshot directory of its own (streaming/job.job_dir), as a
+# changed view does. 2: the closed rows (statistics in the job's state).
+PLAN_VERSION = 2
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
@@ -244,7 +274,7 @@ def _slot_sql(
 
 def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
     """The view's one query over its source table (streaming/compile.source_table_sql with
-    ``rowtime``): tile rows and side rows, FIXED columns then the slots' state columns.
+    ``rowtime``): tile, closed, side and read rows, FIXED columns then the slots' state columns.
     (temporary views to create first, in order; the query)."""
     view = compiled.view
     types = view.column_types()
@@ -303,7 +333,7 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
         "GROUP BY window_start, window_end, window_time, `_k`, `_eid`"
     )
     states = "".join(f", {s} AS `s{n}`" for n, (s, _) in enumerate(slot_sql))
-    tiles = (
+    level2 = (
         f"SELECT '{KIND_TILE}' AS `kind`, `_k` AS `k`, MIN(`_t`) AS `t`, `_part` AS `part`, "
         "MAX(`_off`) AS `off`, SUM(`_copies`) AS `copies`, COUNT(*) AS `uniq`, "
         "FALSE AS `hb`, FALSE AS `late`, "
@@ -313,6 +343,20 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
         "GROUP BY window_start, window_end, window_time, `_k`, `_part`"
     )
     nulls = "".join(f", CAST(NULL AS {t}) AS `s{n}`" for n, (_, t) in enumerate(slot_sql))
+    tiles = f"SELECT * FROM `{table}_l2`"
+    # Closed rows read every column of the tile rows (their t and slots: MIN and MAX, which
+    # tile_functions.py ignores), so that the planner shares the tile aggregation with them
+    # instead of running a copy of it, pruned to the counts, over every level-1 row.
+    shared = "".join(f", MAX(`s{n}`) AS `s{n}`" for n in range(len(slot_sql)))
+    closed = (
+        f"SELECT '{KIND_CLOSED}' AS `kind`, CAST(NULL AS STRING) AS `k`, "
+        "MIN(`t`) AS `t`, `part`, MAX(`off`) AS `off`, "
+        "SUM(`copies`) AS `copies`, SUM(`uniq`) AS `uniq`, FALSE AS `hb`, FALSE AS `late`, "
+        f"CAST(NULL AS BYTES) AS `raw`, CAST(NULL AS BYTES) AS `raw_key`{shared}, "
+        "window_time AS `rt` "
+        f"FROM TABLE(TUMBLE(TABLE `{table}_l2`, DESCRIPTOR(`rt`), {_interval(slide)})) "
+        "WHERE `k` IS NOT NULL GROUP BY window_start, window_end, window_time, `part`"
+    )
     side = (
         f"SELECT '{KIND_SIDE}' AS `kind`, CAST(NULL AS STRING) AS `k`, `_t` AS `t`, "
         "`_part` AS `part`, `_off` AS `off`, CAST(1 AS BIGINT) AS `copies`, "
@@ -332,8 +376,10 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
         f"CREATE TEMPORARY VIEW `{table}_marked` AS {marked}",
         f"CREATE TEMPORARY VIEW `{table}_agg` AS {aggregated}",
         f"CREATE TEMPORARY VIEW `{table}_l1` AS {level1}",
+        f"CREATE TEMPORARY VIEW `{table}_l2` AS {level2}",
     ]
-    return views, f"{tiles}\nUNION ALL\n{side}\nUNION ALL\n{read}"
+    branches = (tiles, closed, side, read)
+    return views, "\nUNION ALL\n".join(branches)
 
 
 def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]]:

@@ -436,3 +436,23 @@ def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) 
     # Windows that were open at the stop, holding events of run 1, were emitted by run 2.
     assert any(stop_w < end <= newest_a + view.max_window.size_ms for _, end in want)
     return RestartRun(topic, stopped_at, resumed, final_w)
+
+
+def check_carried_counts(run: RestartRun) -> None:
+    """The tile engine's counters are state (streaming/tile_counts.py): run 1 started from zero,
+    run 2 restored what run 1 had counted at its savepoint, and restored + run 2's counts are
+    the job's totals: every event of the topic read once, balanced over both runs as each run
+    balances on its own."""
+    from core.stream_stats import CARRIED
+
+    names = [name for kind in CARRIED.values() for name in kind]
+    stopped_at, resumed = run.stopped_at, run.resumed
+    assert stopped_at.restored == dict.fromkeys(names, 0), "run 1 started afresh"
+    at_stop = stopped_at.cumulative()
+    assert resumed.restored == {name: getattr(at_stop, name) for name in names}
+    total = resumed.cumulative()
+    assert total.events == len(run.topic.events), "the totals count every event once"
+    assert total.heartbeats == stopped_at.heartbeats + resumed.heartbeats
+    assert total.balanced(), total
+    processed = total.aggregated + total.duplicates + total.filtered + total.late
+    assert processed + total.rejected + total.open == total.events

@@ -195,6 +195,23 @@ def test_snapshots_of_the_two_engines_live_apart(
     assert load_settings().stream_engine == "events"
 
 
+def test_a_new_tile_plan_starts_in_a_snapshot_directory_of_its_own(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flink cannot restore a snapshot of an older tile query's plan (streaming/tiles.py,
+    PLAN_VERSION): a new plan starts afresh, the event engine's directory stays."""
+    from core.settings import load_settings
+    from streaming import tiles
+    from streaming.job import job_dir
+
+    settings = load_settings(state_dir=tmp_path)
+    compiled = [compile_view(v) for v in STREAM_VIEWS]
+    before = job_dir(settings, compiled, "tiles"), job_dir(settings, compiled, "events")
+    monkeypatch.setattr(tiles, "PLAN_VERSION", tiles.PLAN_VERSION + 1)
+    assert job_dir(settings, compiled, "tiles") != before[0]
+    assert job_dir(settings, compiled, "events") == before[1]
+
+
 def test_exact_sum_and_moments_texts_decode_as_java_writes_them() -> None:
     # Java's Double.toString: exponents as "E", non-finite values by name.
     assert decode_sum("1.0E16 -1.0") == (1e16, -1.0)
