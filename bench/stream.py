@@ -23,6 +23,16 @@ Starts its own broker and Redis on free loopback ports, then measures:
        tiles-hot the tile engine over --events of which half are on one key (the same
                  simulator, every other event's entity replaced; preloaded into a second
                  broker after the rest);
+       tiles-map the tile engine with every view's tiles in MapState, one entry per tile (as
+                 for windows over 240 slides; streaming/tile_state.py), against tiles (one
+                 pickled value per key for the example views' short windows);
+       tiles-30d the tile engine with the views' windows all 30 days on 1-minute slides
+                 (43,200 tiles per key; bench/stream_jobs.month_view), against tiles-few:
+                 the views as they are, on the same events. Both over --events whose entities
+                 are folded onto FEW_KEYS per view (a broker of their own): at the end of the
+                 input a 30-day window emits a row a minute for 30 days per key (43,200
+                 closing rows), which for the simulator's 212 keys would be 9 million rows;
+                 the marginal rate cancels them, the full run's seconds do not;
        tiles-cluster  the tiles job submitted to a `up --cluster` session cluster of its
                  own (bench/stream_jobs.on_cluster; off by default): cluster against local.
      For every local job: the peak RSS and the marginal CPU per event of the Flink JVM and of
@@ -34,7 +44,7 @@ Starts its own broker and Redis on free loopback ports, then measures:
      the online store's read (polled every 10 ms). p50 / p99 / max. Also from the window's
      servable time (end + view.lateness, features/contract.py), which the row must beat:
      negative is early.
-Run: `python -m bench.stream` (200k events and every local figure in one run: about 12 minutes
+Run: `python -m bench.stream` (200k events and every local figure in one run: about 15 minutes
 on 2 cores); `--engines tiles --events 1000000 --live-seconds 0` for the RSS at 1M events.
 """
 
@@ -54,7 +64,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from bench.stream_freshness import freshness, quantiles_ms
-from bench.stream_jobs import PeakRss, baseline, ceiling, on_cluster, tiles_sql
+from bench.stream_jobs import PeakRss, baseline, ceiling, month_view, on_cluster, tiles_sql
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
 from core.settings import Settings, load_settings
 from examples.delivery.features import restaurant_orders, zone_couriers
@@ -62,6 +72,7 @@ from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
+from streaming import tile_state
 from streaming.job import JobOptions
 from streaming.runner import run as run_stream
 from streaming.sinks import STATS_TOPIC
@@ -71,11 +82,15 @@ PARTITIONS = 4
 
 
 HOT_KEYS = {ORDERS.name: "restaurant_id", COURIER_PINGS.name: "zone_id"}
+FEW_KEYS = 8  # entities per view of tiles-30d and tiles-few
 
 
-def preload(settings: Settings, n: int, hot: bool = False) -> dict[str, dict[int, int]]:
+def preload(
+    settings: Settings, n: int, hot: bool = False, keys: int | None = None
+) -> dict[str, dict[int, int]]:
     """n canonical events into events.orders / events.courier_pings; stop offsets per topic.
-    ``hot``: every other event of each source belongs to one entity ("hot")."""
+    ``hot``: every other event of each source belongs to one entity ("hot"); ``keys``: the
+    events' entities are folded onto that many ("k0", "k1", ...), in turn."""
     validators = {s.name: EventValidator(s) for s in (ORDERS, COURIER_PINGS)}
     producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS))
     ends: dict[str, dict[int, int]] = {s.topic: {} for s in (ORDERS, COURIER_PINGS)}
@@ -91,6 +106,8 @@ def preload(settings: Settings, n: int, hot: bool = False) -> dict[str, dict[int
         payload = event.payload
         if hot and i % 2 == 0:
             payload = payload | {HOT_KEYS[event.source]: "hot"}
+        if keys:
+            payload = payload | {HOT_KEYS[event.source]: f"k{i % keys}"}
         valid = validators[event.source].validate_object(payload, START_MS + 365 * 86_400_000)
         assert isinstance(valid, ValidEvent)
         topic = f"events.{event.source}"
@@ -114,13 +131,18 @@ def preload(settings: Settings, n: int, hot: bool = False) -> dict[str, dict[int
 
 
 def engine_run(
-    settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions
+    settings: Settings,
+    stop: dict[str, dict[int, int]],
+    options: JobOptions,
+    month: bool = False,
 ) -> tuple[float, int]:
-    """(wall seconds, rows) of the real job over the preloaded events up to ``stop``."""
+    """(wall seconds, rows) of the real job over the preloaded events up to ``stop``;
+    ``month``: the views with 30-day windows on 1-minute slides."""
+    views = [restaurant_orders, zone_couriers]
     started = time.monotonic()
     report = run_stream(
         settings,
-        [restaurant_orders, zone_couriers],
+        [month_view(v) for v in views] if month else views,
         stop_at_offsets=stop,
         options=options,
         report_every_s=60,
@@ -163,9 +185,16 @@ ENGINES = {
     "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
     "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
     "tiles-hot": "the tile engine, half the events on one key (a second broker)",
+    "tiles-map": "the tile engine, every view's tiles in MapState (one entry per tile)",
+    "tiles-30d": "the tile engine, 30-day windows on 1-minute slides (few keys, a broker)",
+    "tiles-few": "the tile engine, the views as they are, on tiles-30d's events",
     "tiles-cluster": "the tile engine on a session cluster of its own",
 }
-DEFAULT_ENGINES = "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot"
+DEFAULT_ENGINES = (
+    "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot,tiles-few,tiles-30d"
+)
+# Jobs over preloads of their own (a broker each): hot key; few keys (tiles-30d's).
+OWN_BROKER = {"tiles-hot": "hot", "tiles-few": "few", "tiles-30d": "few"}
 # pyflink/datastream/stream_execution_environment._open reads it: unset, a local job runs its
 # Python workers in this process ("loopback"); "process": in processes of their own.
 LOOPBACK_VARIABLE = "_python_worker_execution_mode"
@@ -191,16 +220,36 @@ class Measured:
 
 def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
     """offsets -> wall seconds of one run of the engine's job."""
-    if engine in ("tiles", "events", "tiles-p2", "tiles-thread", "tiles-hot", "tiles-workers"):
+    tile_jobs = (
+        "tiles-p2",
+        "tiles-thread",
+        "tiles-hot",
+        "tiles-workers",
+        "tiles-few",
+        "tiles-30d",
+        "tiles-map",
+    )
+    if engine in ("tiles", "events", *tile_jobs):
         job_options = dataclasses.replace(options, engine=engine.split("-")[0])
+        month = engine == "tiles-30d"
         if engine == "tiles-p2":
             job_options = dataclasses.replace(job_options, parallelism=2)
         if engine == "tiles-thread":
             job_options = dataclasses.replace(job_options, python_mode="thread")
 
         def run(offsets: dict[str, dict[int, int]]) -> float:
+            if engine == "tiles-map":
+                # A local job's Python workers run in this process (loopback), where the
+                # tile function picks its layout when it opens.
+                saved = tile_state.MAP_STATE_FROM_TILES
+                tile_state.MAP_STATE_FROM_TILES = 0
+                try:
+                    seconds, found.rows = engine_run(settings, offsets, job_options)
+                finally:
+                    tile_state.MAP_STATE_FROM_TILES = saved
+                return seconds
             if engine != "tiles-workers":
-                seconds, found.rows = engine_run(settings, offsets, job_options)
+                seconds, found.rows = engine_run(settings, offsets, job_options, month)
                 return seconds
             # PyFlink runs a local job's Python workers inside the client process (loopback,
             # beside the runner's own threads) unless this variable says otherwise.
@@ -303,7 +352,7 @@ def main() -> None:
         with local_stack(Path(state) / "main") as settings:
             stop = preload(settings, args.events, args.hot_key)
             small = share(stop, args.small)
-            for engine in (e for e in engines if e != "tiles-hot"):
+            for engine in (e for e in engines if e not in OWN_BROKER):
                 results[engine] = measure_engine(engine, settings, stop, small, options)
                 print(f"{engine}: {results[engine].rate:,.0f} events/s", flush=True)
             if args.live_seconds > 0:
@@ -316,12 +365,17 @@ def main() -> None:
                     partitions=PARTITIONS,
                     start_ms=START_MS,
                 )
-        if "tiles-hot" in engines:
-            with local_stack(Path(state) / "hot") as settings:
-                stop = preload(settings, args.events, hot=True)
+        for broker in ("hot", "few"):
+            own = [e for e in engines if OWN_BROKER.get(e) == broker]
+            if not own:
+                continue
+            with local_stack(Path(state) / broker) as settings:
+                keys = FEW_KEYS if broker == "few" else None
+                stop = preload(settings, args.events, hot=broker == "hot", keys=keys)
                 small = share(stop, args.small)
-                results["tiles-hot"] = measure_engine("tiles-hot", settings, stop, small, options)
-                print(f"tiles-hot: {results['tiles-hot'].rate:,.0f} events/s", flush=True)
+                for engine in own:
+                    results[engine] = measure_engine(engine, settings, stop, small, options)
+                    print(f"{engine}: {results[engine].rate:,.0f} events/s", flush=True)
     report(args, results, (readable, emitted, servable), time.monotonic() - started)
 
 
@@ -355,6 +409,8 @@ def report(
         ("tiles-thread", "tiles", "thread / process mode"),
         ("tiles-workers", "tiles", "own worker processes / loopback"),
         ("tiles-hot", "tiles", "hot key / uniform keys"),
+        ("tiles-map", "tiles", "MapState / one pickled value per key"),
+        ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
         ("tiles-cluster", "tiles", "session cluster / local"),
     )

@@ -17,7 +17,8 @@ from core.settings import Settings
 from core.stream_stats import PrepareCounts
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.sources import COURIER_PINGS, ORDERS
-from streaming.compile import compile_view, source_table_sql
+from features.definitions import FeatureView, Window
+from streaming.compile import CompiledView, compile_view, source_table_sql
 from streaming.job import JobOptions, flink_configuration
 from streaming.monitor import StatsBoard
 from streaming.sinks import JobContext, StatsReporter, now_ms
@@ -116,26 +117,30 @@ class PeakRss:
         self._take()
 
 
-def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
-    """Wall seconds of a Flink SQL job that reads and decodes what the tile engine decodes
-    (its marked view: JSON columns, derived columns, filter, late check) into a blackhole."""
-    from pyflink.table import EnvironmentSettings, TableEnvironment
+def month_view(view: FeatureView) -> FeatureView:
+    """``view`` with every window 30 days on 1-minute slides (43,200 tiles per key): the
+    bench's 30-day job (bench.stream's tiles-30d, bench.stream_windows)."""
+    month = (Window.sliding("30d", "1m"),)
+    aggregations = tuple(a.model_copy(update={"windows": month}) for a in view.aggregations)
+    return view.model_copy(update={"aggregations": aggregations})
 
-    from streaming.tiles import rowtime_column, tile_query
-    from streaming.udf import FUNCTIONS, udf_jar
 
-    started = time.monotonic()
-    t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
-    config = t_env.get_config()
-    config.set("parallelism.default", str(parallelism))
-    config.set("table.local-time-zone", "UTC")
-    config.set("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+def _source_tables(
+    t_env: Any, settings: Settings, stop: dict[str, dict[int, int]], name: str
+) -> list[tuple[CompiledView, str]]:
+    """Register the Java functions and, per bench view, a source table ``<name>_<view>`` read
+    up to ``stop`` with the tile engine's event-time column (its own consumer group,
+    bench-<name>-...): (compiled view, table) pairs."""
+    from streaming.tiles import rowtime_column
+    from streaming.udf import FUNCTIONS
+
     for function, java_class in FUNCTIONS.items():
         t_env.create_java_temporary_system_function(function, java_class)
-    statements = t_env.create_statement_set()
+    out = []
     for view in (restaurant_orders, zone_couriers):
         compiled = compile_view(view)
-        table = f"ceiling_{view.name}"
+        table = f"{name}_{view.name}"
+        group = f"bench-{name.replace('_', '-')}-"
         t_env.execute_sql(
             source_table_sql(
                 compiled,
@@ -144,8 +149,28 @@ def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: in
                 {},
                 stop[compiled.topic],
                 rowtime=rowtime_column(compiled),
-            ).replace("sluice-stream-", "bench-ceiling-")
+            ).replace("sluice-stream-", group)
         )
+        out.append((compiled, table))
+    return out
+
+
+def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
+    """Wall seconds of a Flink SQL job that reads and decodes what the tile engine decodes
+    (its marked view: JSON columns, derived columns, filter, late check) into a blackhole."""
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from streaming.tiles import tile_query
+    from streaming.udf import udf_jar
+
+    started = time.monotonic()
+    t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+    config = t_env.get_config()
+    config.set("parallelism.default", str(parallelism))
+    config.set("table.local-time-zone", "UTC")
+    config.set("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    statements = t_env.create_statement_set()
+    for compiled, table in _source_tables(t_env, settings, stop, "ceiling"):
         views, _ = tile_query(compiled, table)
         t_env.execute_sql(views[0])  # the marked view: decode, derive, filter, late check
         t_env.execute_sql(
@@ -169,8 +194,8 @@ def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobO
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    from streaming.tiles import TABLE_CONFIG, rowtime_column, tile_query
-    from streaming.udf import FUNCTIONS, udf_jar
+    from streaming.tiles import TABLE_CONFIG, tile_query
+    from streaming.udf import udf_jar
 
     started = time.monotonic()
     conf = Configuration()
@@ -185,22 +210,8 @@ def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobO
     t_env.get_config().set("table.local-time-zone", "UTC")
     for key, value in TABLE_CONFIG.items():
         t_env.get_config().set(key, value)
-    for function, java_class in FUNCTIONS.items():
-        t_env.create_java_temporary_system_function(function, java_class)
     statements = t_env.create_statement_set()
-    for view in (restaurant_orders, zone_couriers):
-        compiled = compile_view(view)
-        table = f"tiles_sql_{view.name}"
-        t_env.execute_sql(
-            source_table_sql(
-                compiled,
-                table,
-                settings.kafka_bootstrap,
-                {},
-                stop[compiled.topic],
-                rowtime=rowtime_column(compiled),
-            ).replace("sluice-stream-", "bench-tiles-sql-")
-        )
+    for compiled, table in _source_tables(t_env, settings, stop, "tiles_sql"):
         views, query = tile_query(compiled, table)
         for statement in views:
             t_env.execute_sql(statement)

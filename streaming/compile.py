@@ -38,9 +38,15 @@ from features.definitions import AggregationFunction, FeatureView, empty_value
 from features.schema import FieldType
 from streaming.errors import UnsupportedViewError
 
-# Tiles per key for the largest window: the cost of computing one row grows with it, and a
-# view like 30d every 1s (2.6 million tiles per key) would never keep up.
-MAX_TILES_PER_WINDOW = 4096
+# Tiles per key for the largest window: the state per key grows with it, and a view like 30d
+# every 1s (2.6 million tiles per key) would never keep up. 43,200 is 30 days (the longest
+# window a definition allows) on 1-minute slides: the tile engine keeps one Flink state entry
+# per tile and merges long windows incrementally (streaming/tile_state.py, windows.py).
+MAX_TILES_PER_WINDOW = 43_200
+# The event engine keeps a key's tiles, with the ids of their events, as one pickled value,
+# read and rewritten on every event: it stays at 4,096 tiles (about 2.8 days of 1-minute
+# slides) and names the tile engine for more.
+EVENT_ENGINE_MAX_TILES = 4096
 _NUMERIC = (FieldType.INT, FieldType.FLOAT)
 
 
@@ -93,6 +99,20 @@ class CompiledView:
 
     def empty_row(self) -> dict[str, Any]:
         return {s.name: empty_value(s.function) for s in self.specs}
+
+
+def check_event_engine(compiled: CompiledView) -> None:
+    """UnsupportedViewError when the per-event engine cannot keep the view's windows."""
+    tiles = compiled.max_window_ms // compiled.slide_ms
+    if tiles > EVENT_ENGINE_MAX_TILES:
+        largest = compiled.view.max_window
+        raise UnsupportedViewError(
+            compiled.name,
+            f"windows.{largest.name}",
+            f"{tiles} slides per window; the per-event engine keeps at most "
+            f"{EVENT_ENGINE_MAX_TILES}: run it on the tile engine (SLUICE_STREAM_ENGINE=tiles, "
+            f"JobOptions.engine='tiles'), or use a longer slide",
+        )
 
 
 def compile_view(view: FeatureView) -> CompiledView:

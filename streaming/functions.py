@@ -21,10 +21,10 @@ from typing import Any
 from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, StageCounts, WindowCounts
 from features.validation import Rejection, RejectReason
-from streaming.compile import SOURCE_COLUMNS, CompiledView
+from streaming.compile import SOURCE_COLUMNS, CompiledView, check_event_engine
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
-from streaming.windows import Added, Memo, State, WindowEngine, new_state
+from streaming.windows import Added, Memo, Queues, State, WindowEngine, new_state
 
 # Field positions of the rows the SQL source hands over (compile.source_query).
 KEY, VALUE, PARTITION, OFFSET, HEARTBEAT = range(len(SOURCE_COLUMNS))
@@ -108,6 +108,7 @@ def fire_due(
     timestamp: int,
     watermark: int,
     memo: Memo | None = None,
+    queues: Queues | None = None,
 ) -> int | None:
     """A timer of ``key`` fired: publish every row that became final; the key's next timer
     (None: the key is idle, its state can go). Shared by both engines' window functions."""
@@ -115,7 +116,7 @@ def fire_due(
     # Every end up to the watermark is final, not only up to this timer: after a jump of the
     # watermark (end of input, catching up) one firing emits the whole run instead of one end
     # per Python round trip.
-    for end, values in engine.fire(state, max(timestamp, watermark), memo):
+    for end, values in engine.fire(state, max(timestamp, watermark), memo, queues):
         publisher.add(key, end, values)
     return engine.next_timer(state)
 
@@ -143,6 +144,8 @@ def flush_writers(
 def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
     """(prepare, windows) function objects for one view."""
     from pyflink.datastream import KeyedProcessFunction, ProcessFunction
+
+    check_event_engine(compiled)
 
     class Prepare(ProcessFunction):  # type: ignore[misc]
         """Drop heartbeats (they moved the watermark already, in the source); parse, apply

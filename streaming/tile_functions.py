@@ -42,6 +42,7 @@ from streaming.functions import (
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tile_counts import CarriedCounts
+from streaming.tile_state import tile_layout
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -60,7 +61,7 @@ from streaming.tiles import (
     T,
     state_decoder,
 )
-from streaming.windows import Added, Memo, WindowEngine, new_state, prune_memo
+from streaming.windows import Added, WindowEngine, prune_memo
 
 # The key of every counting row (read, side, closed rows and the filter's tile rows); no
 # entity's tiles live under it, the counters do (streaming/tile_counts.py).
@@ -85,12 +86,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             from pyflink.datastream.state import ValueStateDescriptor
 
             self.engine = WindowEngine(compiled)
-            # Per key, window values across firings (not state: a cache, empty after a restore).
-            self.memos: dict[str, Memo] = {}
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
-            descriptor = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
-            self.state = runtime_context.get_state(descriptor)
+            # Per key: its tiles, one pickled value or one entry each by window length, and
+            # the window values cached across firings (streaming/tile_state.py).
+            self.states = tile_layout(compiled, runtime_context)
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
@@ -124,10 +124,11 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 return
             t = row[T]
             bucket = t - t % slide
-            state = self.state.value() or new_state()
-            if self.engine.add_tile(state, bucket, self.decode(row)) is Added.NEW_TILE:
+            key = context.get_current_key()
+            cached = self.states.get(key)
+            if self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE:
                 context.timer_service().register_event_time_timer(bucket + slide)
-            self.state.update(state)
+            self.states.tile_changed(key, cached, bucket)
 
         def count(self, row: Any, kind: str, watermark: int) -> None:
             """A row of the side key: count it, then keep the counters in its state."""
@@ -179,23 +180,28 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             yield from ()
             if self.clock.tick(context):
                 return
-            state = self.state.value()
-            if state is None:
-                return
             key = context.get_current_key()
+            cached = self.states.get(key)
+            if not cached.state[1]:
+                return
             watermark = context.timer_service().current_watermark()
             self.ended = watermark == END_OF_INPUT
-            memo = self.memos.setdefault(key, {})
             following = fire_due(
-                self.engine, self.publisher, state, key, timestamp, watermark, memo
+                self.engine,
+                self.publisher,
+                cached.state,
+                key,
+                timestamp,
+                watermark,
+                cached.memo,
+                cached.queues,
             )
             if following is None:
-                self.memos.pop(key, None)
-                self.state.clear()
+                self.states.clear(key)
             else:
-                prune_memo(memo, state)
+                prune_memo(cached.memo, cached.state)
                 context.timer_service().register_event_time_timer(following)
-                self.state.update(state)
+                self.states.fired(key, cached)
 
         def flush(self) -> int:
             counts = (self.read, self.windows)

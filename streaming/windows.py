@@ -26,15 +26,30 @@ Walking all due ends at once makes the rows independent of the order and number 
 firings: Flink may fire a timer twice (one registered by an event, the same one by a previous
 firing) or fire a far timer before a near one when the watermark jumps; a firing that finds
 nothing new does nothing.
+
+Long windows (more than QUEUE_FROM_TILES slides, e.g. 30 days on 1-minute slides: 43,200
+tiles) are not merged tile by tile at every end: a caller may keep a WindowQueue per window
+size (the tile engine keeps one per key, a cache beside the state), so that an end costs the
+tiles that entered and left the window since the previous one. Every tile before an end being
+fired is final (the late check stops anything that would change it), so a window's tiles are a
+FIFO queue in bucket order: tiles enter at the new end, leave at the old one. The queue is the
+classic two-stacks sliding aggregate (merge only, no subtraction, so exact for min, max, last
+and float states alike): the newer stack keeps one running merge, the older stack the merges
+of each of its tiles with every newer tile in it, rebuilt from the newer stack when it runs
+out; a window's value is the merge of the two tops. count_distinct keeps a count per value
+instead (a set per stack entry would hold the window's values once per tile). Float states
+(sum, mean, stddev) are merged in another grouping than bucket order: within rounding, as
+features/aggregations.py allows any grouping.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from enum import IntEnum
 from typing import Any
 
-from features.aggregations import AGGREGATIONS, Aggregator
+from features.aggregations import AGGREGATIONS, AggregationFunction, Aggregator
 from streaming.compile import CompiledView, Spec
 from streaming.errors import WindowStateError
 
@@ -45,6 +60,8 @@ State = list[Any]  # [next_end: int | None, tiles: dict[int, Tile]]
 Row = tuple[int, dict[str, Any]]  # (window end ms, feature values)
 Memo = dict[tuple[int, int, int], dict[str, Any]]
 IDS = -1  # a tile's last element
+# Windows of more tiles than this are assembled by a WindowQueue when the caller keeps one.
+QUEUE_FROM_TILES = 240
 
 
 class Added(IntEnum):
@@ -137,12 +154,20 @@ class WindowEngine:
                 tile[slot] = theirs if mine is None else aggregator.merge(mine, theirs)
         return Added.COUNTED
 
-    def fire(self, state: State, upto: int, memo: Memo | None = None) -> list[Row]:
+    def fire(
+        self,
+        state: State,
+        upto: int,
+        memo: Memo | None = None,
+        queues: Queues | None = None,
+    ) -> list[Row]:
         """Rows of every end <= upto not emitted yet, oldest first; evicts spent tiles.
 
         ``upto`` is a timer's time or the watermark: every end at or before it is final.
         ``memo``: window values by (size, first bucket, last bucket), kept by the caller
         across firings of one key (see values_at); one per firing when not given.
+        ``queues``: the key's WindowQueues by window size, kept by the caller (module
+        docstring); None: every window is merged from its tiles.
         """
         next_end, tiles = state
         slide, largest = self.slide, self.largest
@@ -155,7 +180,7 @@ class WindowEngine:
             while buckets and end <= ts:
                 first_in_window = bisect_left(buckets, end - largest)
                 if first_in_window < len(buckets) and buckets[first_in_window] < end:
-                    rows.append((end, self.values_at(tiles, buckets, end, memo)))
+                    rows.append((end, self.values_at(tiles, buckets, end, memo, queues)))
                 elif buckets[0] == end - largest - slide:
                     rows.append((end, dict(self._empty)))
                 # Bucket end - largest stays: the closing check at end + slide looks at it.
@@ -165,9 +190,12 @@ class WindowEngine:
                 if buckets:
                     end = max(end + slide, buckets[0] + slide)
         # Tiles whose end the watermark reached are closed: no event can reach them any more.
-        for bucket, tile in tiles.items():
-            if bucket + slide <= ts and tile[IDS] is not None:
-                tile[IDS] = None
+        # Those before next_end - slide were closed by an earlier firing (add refuses them).
+        open_from = 0 if next_end is None else bisect_left(buckets, next_end - slide)
+        for bucket in buckets[open_from:]:
+            if bucket + slide > ts:
+                break
+            tiles[bucket][IDS] = None
         state[0] = ts + slide if next_end is None else max(next_end, ts + slide)
         return rows
 
@@ -185,6 +213,7 @@ class WindowEngine:
         buckets: list[int],
         end: int,
         memo: Memo | None = None,
+        queues: Queues | None = None,
     ) -> dict[str, Any]:
         """Every feature of the row at ``end``, each over its own window's tiles.
 
@@ -198,6 +227,14 @@ class WindowEngine:
         for size, specs in self._by_window:
             lo = bisect_left(buckets, end - size)
             hi = bisect_left(buckets, end)
+            if queues is not None and size > QUEUE_FROM_TILES * self.slide:
+                # Not memoized: a long window's first bucket stays for days, so the memo
+                # would keep an entry per end; the queue reuses its last values itself.
+                queue = queues.get(size)
+                if queue is None:
+                    queue = queues[size] = WindowQueue(specs)
+                out.update(queue.values(tiles, buckets, end - size, end))
+                continue
             key = (size, buckets[lo], buckets[hi - 1]) if lo < hi else (size, 0, -1)
             values = memo.get(key) if memo is not None else None
             if values is None:
@@ -230,3 +267,115 @@ def _window_values(
         merged = aggregator.merge_all([t[slot] for t in window if t[slot] is not None])
         out[spec.name] = aggregator.result(merged)
     return out
+
+
+# An entry of the older stack: (bucket, per merged spec: the tile's state merged with every newer
+# tile's of that stack, None for no values; the tile).
+Entry = tuple[int, list[Any], Tile]
+
+
+class WindowQueue:
+    """One window size's tiles of one key as a two-stacks sliding aggregate (module docstring).
+
+    A cache: it can be dropped at any time and is rebuilt from the tiles at the next end.
+    """
+
+    def __init__(self, specs: tuple[tuple[Spec, Aggregator[Any]], ...]) -> None:
+        distinct = AggregationFunction.COUNT_DISTINCT
+        self._merged = tuple((s.name, s.slot, a) for s, a in specs if a.function is not distinct)
+        self._distinct = tuple((s.name, s.slot) for s, a in specs if a.function is distinct)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.older: list[Entry] = []  # the oldest tile last
+        self.newer: list[tuple[int, Tile]] = []  # the oldest tile first
+        self.newer_merged: list[Any] = [None] * len(self._merged)
+        self.counts: list[Counter[Any]] = [Counter() for _ in self._distinct]
+        self.last: int | None = None  # the newest bucket that entered
+        # The values of the last window and what identified its tiles (oldest, newest, number).
+        self._content: tuple[int | None, int | None, int] | None = None
+        self._values: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.older) + len(self.newer)
+
+    def values(
+        self, tiles: dict[int, Tile], buckets: list[int], start: int, end: int
+    ) -> dict[str, Any]:
+        """The values of the window [start, end); ``buckets``: the sorted buckets of ``tiles``.
+        Ends only move forward, and every tile before ``end`` is final."""
+        if self.last is not None and self.last >= end:  # ends went back: not a cache of these
+            self._reset()
+        first = bisect_left(buckets, start)
+        if self.last is not None:
+            first = max(first, bisect_right(buckets, self.last))
+        for bucket in buckets[first : bisect_left(buckets, end)]:
+            self._push(bucket, tiles[bucket])
+        self._evict(start)
+        content = (self._oldest(), self.last, len(self))
+        if content == self._content:
+            return self._values  # the same tiles as at the previous end
+        out: dict[str, Any] = {}
+        top = self.older[-1][1] if self.older else None
+        for i, (name, _, aggregator) in enumerate(self._merged):
+            older = None if top is None else top[i]
+            out[name] = aggregator.result(_merge(aggregator, older, self.newer_merged[i]))
+        for (name, _), counts in zip(self._distinct, self.counts, strict=True):
+            out[name] = len(counts)
+        self._content, self._values = content, out
+        return out
+
+    def _oldest(self) -> int | None:
+        if self.older:
+            return self.older[-1][0]
+        return self.newer[0][0] if self.newer else None
+
+    def _push(self, bucket: int, tile: Tile) -> None:
+        self.last = bucket
+        self.newer.append((bucket, tile))
+        merged = self.newer_merged
+        for i, (_, slot, aggregator) in enumerate(self._merged):
+            merged[i] = _merge(aggregator, merged[i], tile[slot])
+        for (_, slot), counts in zip(self._distinct, self.counts, strict=True):
+            if tile[slot] is not None:
+                counts.update(tile[slot])
+
+    def _evict(self, start: int) -> None:
+        """Drop the tiles before ``start``, oldest first."""
+        while True:
+            if not self.older:
+                if not self.newer or self.newer[0][0] >= start:
+                    return
+                self._flip()
+            if self.older[-1][0] >= start:
+                return
+            _, _, tile = self.older.pop()
+            for (_, slot), counts in zip(self._distinct, self.counts, strict=True):
+                for value in tile[slot] or ():
+                    counts[value] -= 1
+                    if counts[value] <= 0:
+                        del counts[value]
+
+    def _flip(self) -> None:
+        """Move the newer stack onto the older one: each tile merged with every newer one."""
+        running: list[Any] = [None] * len(self._merged)
+        for bucket, tile in reversed(self.newer):
+            running = [
+                _merge(aggregator, tile[slot], running[i])
+                for i, (_, slot, aggregator) in enumerate(self._merged)
+            ]
+            self.older.append((bucket, running, tile))
+        self.newer = []
+        self.newer_merged = [None] * len(self._merged)
+
+
+Queues = dict[int, WindowQueue]
+
+
+def _merge(aggregator: Aggregator[Any], a: Any, b: Any) -> Any:
+    """Two partial states (None: no values) merged, ``a`` the older; arguments unchanged."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return aggregator.merge(a, b)
