@@ -18,11 +18,13 @@ count. The clock is injected, so the tests drive time by hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
+from typing import Any
 
 from feature_repo.errors import OnlineStoreUnavailableError
 from feature_repo.online_store import OnlineRow
@@ -123,22 +125,17 @@ class GuardedReader:
         self.reader = reader
         self.breaker = breaker
 
-    def _check_allowed(self) -> None:
+    @contextlib.contextmanager
+    def _rows_read(self) -> Iterator[None]:
+        """Around one read of rows (blocking or on the loop): refused while the breaker is
+        open; the store's unavailability is a failure, anything else reached the store."""
         if not self.breaker.allow():
             raise BreakerOpenError(
                 f"the online store failed {self.breaker.failures} reads in a row; "
                 f"not asked again for {self.breaker.open_s * 1000:g} ms"
             )
-
-    def read_many(
-        self,
-        requests: Sequence[tuple[FeatureView, Sequence[str]]],
-        *,
-        as_of_ms: int | None = None,
-    ) -> list[list[OnlineRow | None]]:
-        self._check_allowed()
         try:
-            rows = self.reader.read_many(requests, as_of_ms=as_of_ms)
+            yield
         except OnlineStoreUnavailableError:
             self.breaker.failure()
             raise
@@ -147,18 +144,34 @@ class GuardedReader:
             self.breaker.success()
             raise
         self.breaker.success()
-        return rows
+
+    @contextlib.contextmanager
+    def _progress_read(self) -> Iterator[bool]:
+        """Around one read of the stream's progress: yields False (read nothing) unless the
+        breaker is closed; the store's unavailability is a failure."""
+        if self.breaker.state is not BreakerState.CLOSED:
+            yield False
+            return
+        try:
+            yield True
+        except OnlineStoreUnavailableError:
+            self.breaker.failure()
+            raise
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[FeatureView, Sequence[str]]],
+        *,
+        as_of_ms: int | None = None,
+    ) -> list[list[OnlineRow | None]]:
+        with self._rows_read():
+            return self.reader.read_many(requests, as_of_ms=as_of_ms)
 
     def read_progress(self, views: Sequence[FeatureView], max_age_ms: int = 0) -> dict[str, int]:
         """The stream's progress, only while the breaker is closed: otherwise the rows' read is
         refused (or probes the store) right after, and no progress is claimed."""
-        if self.breaker.state is not BreakerState.CLOSED:
-            return {}
-        try:
-            return self.reader.read_progress(views, max_age_ms)
-        except OnlineStoreUnavailableError:
-            self.breaker.failure()
-            raise
+        with self._progress_read() as allowed:
+            return self.reader.read_progress(views, max_age_ms) if allowed else {}
 
     @property
     def reads_async(self) -> bool:
@@ -172,34 +185,23 @@ class GuardedReader:
         as_of_ms: int | None = None,
     ) -> list[list[OnlineRow | None]]:
         """read_many on the event loop, behind the same breaker."""
-        self._check_allowed()
-        try:
-            rows: list[list[OnlineRow | None]] = await self.reader.read_many_async(  # type: ignore[attr-defined]
+        reader: Any = self.reader  # a store whose reads_async is true
+        with self._rows_read():
+            rows: list[list[OnlineRow | None]] = await reader.read_many_async(
                 requests, as_of_ms=as_of_ms
             )
-        except OnlineStoreUnavailableError:
-            self.breaker.failure()
-            raise
-        except Exception:
-            self.breaker.success()
-            raise
-        self.breaker.success()
-        return rows
+            return rows
 
     async def read_progress_async(
         self, views: Sequence[FeatureView], max_age_ms: int = 0
     ) -> dict[str, int]:
         """read_progress on the event loop (only while the breaker is closed)."""
-        if self.breaker.state is not BreakerState.CLOSED:
-            return {}
-        try:
-            progress: dict[str, int] = await self.reader.read_progress_async(  # type: ignore[attr-defined]
-                views, max_age_ms
+        reader: Any = self.reader
+        with self._progress_read() as allowed:
+            progress: dict[str, int] = (
+                await reader.read_progress_async(views, max_age_ms) if allowed else {}
             )
-        except OnlineStoreUnavailableError:
-            self.breaker.failure()
-            raise
-        return progress
+            return progress
 
     def close(self) -> None:
         close = getattr(self.reader, "close", None)
