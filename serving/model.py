@@ -30,6 +30,7 @@ from serving.features import (
     read_rows_async,
 )
 from serving.features import to_matrix as rows_to_matrix
+from serving.lgbm_rows import MAX_ROWS, SingleRowPredictor
 
 StoreUnavailable = Literal["degraded", "reject"]
 
@@ -41,6 +42,9 @@ class LoadedModel:
     metadata: ModelMetadata
     booster: Any  # lightgbm.Booster
     plan: FeaturePlan
+    # LightGBM's single-row API for batches of up to lgbm_rows.MAX_ROWS (serving/lgbm_rows.py);
+    # None: every batch goes to booster.predict (a booster that is not LightGBM's).
+    rows_predictor: SingleRowPredictor | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +55,8 @@ class LoadedModel:
         return self.metadata.version
 
     def predict(self, matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        if self.rows_predictor is not None and len(matrix) <= MAX_ROWS:
+            return self.rows_predictor.predict(matrix)
         # One thread per predict: batches are small, and the server runs several at once.
         return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
 
@@ -76,7 +82,7 @@ def model_from_text(
             f"model {metadata.name!r} v{metadata.version} has {booster.num_feature()} inputs "
             f"but its metadata lists {len(plan.inputs)} features"
         )
-    return LoadedModel(metadata, booster, plan)
+    return LoadedModel(metadata, booster, plan, SingleRowPredictor(booster))
 
 
 def load_model(
