@@ -39,7 +39,10 @@ class PredictionCache:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
         self._items: OrderedDict[bytes, float] = OrderedDict()
-        self._inflight: dict[bytes, Future[float]] = {}
+        # Keys being computed -> the future their waiters wait on: None until a second thread
+        # asks for the key (the usual miss has no waiter, and a Future with its condition
+        # variable is a measurable part of a miss's cost).
+        self._inflight: dict[bytes, Future[float] | None] = {}
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -72,11 +75,14 @@ class PredictionCache:
                     self._items.move_to_end(key)
                     out[index] = value
                     self.hits += 1
-                elif (running := self._inflight.get(key)) is not None:
+                elif key in self._inflight:
+                    running = self._inflight[key]
+                    if running is None:
+                        running = self._inflight[key] = Future()
                     waits[key] = (running, [index])
                     self.shared += 1
                 else:
-                    self._inflight[key] = Future()
+                    self._inflight[key] = None
                     mine[key] = [index]
                     self.misses += 1
         if mine:
@@ -98,13 +104,16 @@ class PredictionCache:
             with self._lock:
                 futures = [self._inflight.pop(key) for key in mine]
             for future in futures:
-                future.set_exception(exc)
+                if future is not None:
+                    future.set_exception(exc)
             raise
         with self._lock:
             done: list[tuple[Future[float], float]] = []
             for (key, indices), value in zip(mine.items(), values, strict=True):
                 out[indices] = value
-                done.append((self._inflight.pop(key), float(value)))
+                waited = self._inflight.pop(key)
+                if waited is not None:
+                    done.append((waited, float(value)))
                 self._store(key, float(value))
         for future, value in done:
             future.set_result(value)
