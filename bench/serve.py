@@ -184,29 +184,46 @@ def run_server(port: int) -> None:
 # --- load generation ------------------------------------------------------------------------
 
 
-class _Connection:
-    """A bare keep-alive HTTP/1.1 client: httpx costs more CPU per request than the servers
-    measured here, and on two cores the load generator must stay cheap. For the same reason
-    it runs on uvloop, as both servers do (at 8 clients: 55-58 us of CPU per request against
-    61-65 on asyncio's own loop)."""
+class _Connection(asyncio.Protocol):
+    """A bare keep-alive HTTP/1.1 client, one request at a time: httpx costs more CPU per
+    request than the servers measured here, and on two cores the load generator must stay
+    cheap. For the same reason it is an asyncio Protocol (a StreamReader's line-by-line reads
+    cost more) on uvloop, as both servers are."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.answer: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0 or self.answer is None:
+            return
+        head = self.buffer[: head_end + 2].lower()  # each header line ends with CRLF
+        at = head.find(b"\r\ncontent-length:")
+        length = int(head[at + 17 : head.find(b"\r\n", at + 2)]) if at >= 0 else 0
+        if len(self.buffer) >= head_end + 4 + length:
+            body = self.buffer[head_end + 4 : head_end + 4 + length]
+            self.buffer = self.buffer[head_end + 4 + length :]
+            self.answer.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(exc or ConnectionError("connection closed"))
 
     async def post(self, host: str, path: str, body: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readline()
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-        answer = await self.reader.readexactly(length)
-        return int(status_line.split()[1]), answer
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(head.encode() + body)
+        return await self.answer
 
 
 async def _load(
@@ -223,7 +240,9 @@ async def _load(
 
     async def worker() -> None:
         nonlocal errors, degraded, cursor
-        connection = _Connection(*await asyncio.open_connection("127.0.0.1", port))
+        _, connection = await asyncio.get_running_loop().create_connection(
+            _Connection, "127.0.0.1", port
+        )
         while time.perf_counter() < deadline:
             body = bodies[cursor % len(bodies)]
             cursor += 1
@@ -235,7 +254,8 @@ async def _load(
             latencies.append(time.perf_counter() - started)
             if b'"degraded":[' in answer and b'"degraded":[]' not in answer:
                 degraded += 1
-        connection.writer.close()
+        assert connection.transport is not None
+        connection.transport.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return errors, latencies, degraded
