@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from streaming.compile import CompiledView
-from streaming.windows import QUEUE_FROM_TILES, Memo, Queues, State, Tile, new_state
+from streaming.windows import QUEUE_FROM_TILES, Memo, Queues, SortedTiles, State, new_state
 
 # Decoded tiles kept in Python across keys: about 100-300 bytes each (more for count_distinct).
 DEFAULT_CAPACITY_TILES = 500_000
@@ -57,9 +57,9 @@ class ValueLike(Protocol):
     def clear(self) -> None: ...
 
 
-class TrackedTiles(dict[int, Tile]):
-    """A key's tiles: a dict that remembers which buckets were deleted (WindowEngine.fire
-    evicts spent tiles by ``del``), so that only those leave the MapState."""
+class TrackedTiles(SortedTiles):
+    """A key's tiles, in order (SortedTiles), remembering which buckets were deleted
+    (WindowEngine.fire evicts spent tiles by ``del``), so that only those leave the MapState."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

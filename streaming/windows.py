@@ -44,7 +44,7 @@ features/aggregations.py allows any grouping.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import Counter
 from enum import IntEnum
 from typing import Any
@@ -74,6 +74,50 @@ class Added(IntEnum):
 
 def new_state() -> State:
     return [None, {}]
+
+
+class SortedTiles(dict[int, Tile]):
+    """A key's tiles that keep their buckets in order as tiles come and go.
+
+    A firing walks the buckets in order. Sorting them on every firing cost 0.56 ms of the
+    0.7 ms a firing took at 43,200 tiles (30 days of 1-minute slides); kept in order here, a
+    new bucket (almost always the newest) is appended and an evicted one (the oldest) removed
+    from the front. The tile engine's MapState layout uses it (streaming/tile_state.py); a
+    plain dict works everywhere, sorted per firing. Only item assignment and ``del`` change
+    it: the other mutators are refused, so the order can never go stale.
+    """
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(items)
+        self._order = sorted(self)
+
+    def __setitem__(self, bucket: int, tile: Tile) -> None:
+        if bucket not in self:
+            order = self._order
+            if not order or bucket > order[-1]:
+                order.append(bucket)
+            else:  # a late tile
+                insort(order, bucket)
+        super().__setitem__(bucket, tile)
+
+    def __delitem__(self, bucket: int) -> None:
+        super().__delitem__(bucket)
+        del self._order[bisect_left(self._order, bucket)]
+
+    def buckets(self) -> list[int]:
+        """The buckets, oldest first (a copy: the caller may keep it while tiles go)."""
+        return self._order.copy()
+
+    def first(self) -> int:
+        return self._order[0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (list(self.items()),))
+
+    def _refused(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise TypeError("SortedTiles changes by item assignment and del only")
+
+    pop = popitem = setdefault = update = clear = __ior__ = _refused
 
 
 def open_ids(state: State) -> int:
@@ -174,7 +218,7 @@ class WindowEngine:
         ts = upto - upto % slide  # the last window end at or before upto
         rows: list[Row] = []
         memo = {} if memo is None else memo
-        buckets = sorted(tiles)
+        buckets = tiles.buckets() if isinstance(tiles, SortedTiles) else sorted(tiles)
         if buckets:
             end = buckets[0] + slide if next_end is None else max(next_end, buckets[0] + slide)
             while buckets and end <= ts:
@@ -204,7 +248,7 @@ class WindowEngine:
         next_end, tiles = state
         if not tiles:
             return None
-        first: int = min(tiles) + self.slide
+        first: int = (tiles.first() if isinstance(tiles, SortedTiles) else min(tiles)) + self.slide
         return first if next_end is None else max(int(next_end), first)
 
     def values_at(

@@ -216,3 +216,33 @@ def test_thirty_days_on_minute_slides_compile_for_tiles_but_not_per_event():
     check_event_engine(compile_view(view((Window.sliding("1h", "1m"),))))
     with pytest.raises(UnsupportedViewError, match="2592000 slides per window"):
         compile_view(view((Window.sliding("30d", "1s"),)))
+
+
+def test_sorted_tiles_keep_their_buckets_in_order() -> None:
+    """windows.SortedTiles: random adds (late ones among them) and deletes keep buckets()
+    equal to the sorted keys; the mutators that would bypass the order are refused."""
+    rng = random.Random(7)
+    tiles = windows.SortedTiles([(600, [1]), (60, [2])])
+    plain: dict[int, Any] = {600: [1], 60: [2]}
+    for _ in range(3000):
+        bucket = rng.randrange(0, 500) * 60
+        if bucket in plain and rng.random() < 0.5:
+            del tiles[bucket]
+            del plain[bucket]
+        else:
+            tiles[bucket] = plain[bucket] = [bucket]
+        assert tiles.buckets() == sorted(plain)
+    assert tiles == plain
+    assert tiles.first() == min(plain)
+    again = pickle.loads(pickle.dumps(tiles))
+    assert isinstance(again, windows.SortedTiles)
+    assert again.buckets() == sorted(plain)
+    refused: list[Callable[[], Any]] = [
+        lambda: tiles.pop(60),
+        lambda: tiles.update({1: []}),
+        lambda: tiles.clear(),
+    ]
+    for call in refused:
+        with pytest.raises(TypeError, match="item assignment and del only"):
+            call()
+    assert tiles.buckets() == sorted(plain)
