@@ -40,6 +40,8 @@ class SingleRowPredictor:
         self._lib = lib
         self._booster = booster  # kept alive while any config points into it
         self._columns = int(booster.num_feature())
+        # Values per row: 1, or one per class (multiclass); the C call writes all of them.
+        self._outputs = int(booster.num_model_per_iteration())
         best = int(getattr(booster, "best_iteration", 0) or 0)
         self._init_args = (
             ctypes.c_int(basic._C_API_PREDICT_NORMAL),
@@ -74,9 +76,12 @@ class SingleRowPredictor:
         rows = np.ascontiguousarray(matrix, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != self._columns:
             raise ValueError(f"expected a matrix of {self._columns} columns, got {rows.shape}")
-        out = np.empty(rows.shape[0], dtype=np.float64)
+        outputs = self._outputs
+        # Shaped as Booster.predict's: one value per row, or a row of one per class.
+        out = np.empty((rows.shape[0], outputs) if outputs > 1 else rows.shape[0])
         config, written = self._config(), ctypes.c_int64(0)
         base, stride, target = rows.ctypes.data, rows.strides[0], out.ctypes.data
+        step = 8 * outputs
         for i in range(rows.shape[0]):
             _check(
                 self._lib,
@@ -84,7 +89,7 @@ class SingleRowPredictor:
                     config,
                     ctypes.c_void_p(base + i * stride),
                     ctypes.byref(written),
-                    ctypes.c_void_p(target + 8 * i),
+                    ctypes.c_void_p(target + step * i),
                 ),
             )
         return out
