@@ -25,4 +25,9 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 uv pip install -q -p "$VENV/bin/python" -r requirements.lock
 uv pip install -q -p "$VENV/bin/python" --no-deps -e .
 uv pip check -p "$VENV/bin/python"
+# Every fresh venv builds pyspark's and flink-libraries' source distributions again, and uv's
+# cache kept each build (~1.7 GB a run): 73 GB of them filled this machine's disk on
+# 2026-12-06 and a CI run failed with "No space left on device". Prune drops what no install
+# can reach any more; the newest builds stay.
+uv cache prune -q
 echo "bootstrap: ready ($VENV)"
