@@ -6,15 +6,11 @@ supervisor starts them and restarts a worker that dies; each one builds its own 
 same settings: the environment and SLUICE_CONFIG, which serve() sets from the config file the
 command was given.
 
-Each worker listens on its own socket bound to the same address with SO_REUSEPORT, and the
-kernel spreads new connections over them by a hash of the connection's addresses (as nginx's
-``reuseport`` and gunicorn's ``--reuse-port``). uvicorn's own way, one socket the supervisor
-binds and every worker accepts from, hands a burst of new connections to whichever worker
-wakes first, and it accepts them all: measured with bench.serve's 8 keep-alive clients, all 8
-connections landed on one of two workers, which answered every request while the other idled.
-A worker that dies loses the connections waiting in its own accept queue (they are reset; the
-clients reconnect to the others). The supervisor binds the address too, without listening, so
-that a port already taken fails at start and not in every worker.
+The workers accept from one socket the supervisor binds, and each accepts only while it holds
+no more connections than the least loaded of the others (serving/balance.py): keep-alive
+clients, which stay on the worker that accepted them, end up spread evenly. A worker that dies
+takes its connections with it (reset; the clients reconnect to the others); the connections
+waiting to be accepted are the others' to take.
 
 Per process:
 - the prediction log's write-ahead directory (serving/wal.py locks it for one process): worker
@@ -38,7 +34,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +47,7 @@ from serving.metrics import WORKERS_DIR_ENV
 MAX_WORKERS = 256
 HEALTHCHECK_S = 60
 _claimed: list[int] = []  # the claim's file descriptor, held for the process's life
+_claimed_slots: list[int] = []
 
 
 def log_root(settings: Settings) -> Path:
@@ -69,8 +65,16 @@ def claim_slot(root: Path) -> int:
             os.close(fd)
             continue
         _claimed.append(fd)
+        _claimed_slots.append(k)
         return k
     raise UsageError(f"more than {MAX_WORKERS} predictor workers share {root}")
+
+
+def held_slot() -> int:
+    """The worker slot this process claimed (claim_slot)."""
+    if not _claimed_slots:
+        raise UsageError("this process holds no predictor worker slot")
+    return _claimed_slots[0]
 
 
 def worker_settings(settings: Settings) -> Settings:
@@ -139,37 +143,16 @@ def _run_workers(uvicorn: Any, host: str, port: int, workers: int) -> None:
         # again and again.
         timeout_worker_healthcheck=HEALTHCHECK_S,
     )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with ReusePortSocket(family, socket.SOCK_STREAM) as reserved:
-        reserved.reserve(host, port)
-        Multiprocess(config, sockets=[reserved]).run()
+    from serving.balance import balanced_workers
 
-
-class ReusePortSocket(socket.socket):
-    """The supervisor's socket, bound and not listening: pickled to a worker (uvicorn passes
-    its sockets to each spawned worker), it arrives as a new socket of that worker's own, bound
-    to the same address and port (module docstring)."""
-
-    def reserve(self, host: str, port: int) -> None:
-        _reuse(self)
-        self.bind((host, port))
-
-    def __reduce__(self) -> tuple[Any, tuple[int, str, int]]:
-        host, port = self.getsockname()[:2]
-        return (_worker_socket, (int(self.family), host, port))
-
-
-def _reuse(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-
-
-def _worker_socket(family: int, host: str, port: int) -> socket.socket:
-    """A worker's own socket on the supervisor's address (uvicorn makes it listen)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    _reuse(sock)
-    sock.bind((host, port))
-    return sock
+    # Bound and listening here, so that a port already taken fails at start and not in every
+    # worker; each worker accepts from it (serving/balance.py).
+    sock = config.bind_socket()
+    try:
+        with balanced_workers(Path(os.environ[WORKERS_DIR_ENV]), workers):
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
 
 
 def main() -> None:

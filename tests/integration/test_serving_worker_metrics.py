@@ -136,9 +136,12 @@ def pending_per_worker(url: str) -> dict[str, float]:
     }
 
 
-def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(server):
-    """Each worker listens on its own SO_REUSEPORT socket (serving/workers.py): connections
-    opened together reach both workers, where one shared socket handed them all to one."""
+def test_a_burst_of_keep_alive_connections_is_spread_evenly_over_the_workers(server):
+    """A worker accepts only while it holds no more connections than the other
+    (serving/balance.py): 16 connections opened together split 8/8 (or 7/9 when one closes
+    and opens within a count's tick), where uvicorn's shared socket handed them all to one
+    worker and SO_REUSEPORT's hash split them unevenly (8 connections: 6/2 or worse 29% of
+    the time)."""
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
     time.sleep(3 * SNAPSHOT_S)
@@ -173,6 +176,6 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(server):
     after = pending_per_worker(url)
     added = {worker: after[worker] - before.get(worker, 0) for worker in after}
     assert sum(added.values()) == 16 * 3
-    # 16 connections, each worker's share by a hash: both get some (all on one: 2 in 65,536).
     assert set(added) == {"0", "1"}
-    assert min(added.values()) > 0, added
+    # Each connection's 3 requests on the worker that accepted it; a hash: 8/8 in 20% of runs.
+    assert max(added.values()) - min(added.values()) <= 2 * 3, added
