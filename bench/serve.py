@@ -21,6 +21,9 @@ restaurants and zones, trains a small LightGBM model on synthetic rows and regis
      pipeline; each entity's newest row and the previous one the availability contract may
      need, decoded only where the newest is not servable yet, as the predictor reads) against
      Feast's get_online_features (newest rows only), in this process.
+The two servers of each comparison (sluice and the baseline; cache on and off) run side by
+side and take turns: each load is --slices turns of --seconds / --slices per server, in the
+order A B B A ..., so that a drift of the machine's speed during the run reaches both alike.
 Ratios: for throughput sluice / baseline (higher is better), for latency sluice / baseline
 (lower is better: 0.5 is half the baseline's). The load generator runs in this process, on the
 same machine: with two cores, it takes CPU from both servers. Run: `python -m bench.serve`.
@@ -29,13 +32,15 @@ same machine: with two cores, it takes CPU from both servers. Run: `python -m be
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import dataclasses
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,7 @@ import pandas as pd
 import uvloop
 import yaml
 
+from bench.load import run_load, summary, tree_cpu_s
 from core.settings import Settings, load_settings
 from examples.delivery.features import delivery_eta
 from feature_repo import registry_ops
@@ -181,125 +187,6 @@ def run_server(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-# --- load generation ------------------------------------------------------------------------
-
-
-class _Connection(asyncio.Protocol):
-    """A bare keep-alive HTTP/1.1 client, one request at a time: httpx costs more CPU per
-    request than the servers measured here, and on two cores the load generator must stay
-    cheap. For the same reason it is an asyncio Protocol (a StreamReader's line-by-line reads
-    cost more) on uvloop, as both servers are."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.answer: asyncio.Future[tuple[int, bytes]] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0 or self.answer is None:
-            return
-        head = self.buffer[: head_end + 2].lower()  # each header line ends with CRLF
-        at = head.find(b"\r\ncontent-length:")
-        length = int(head[at + 17 : head.find(b"\r\n", at + 2)]) if at >= 0 else 0
-        if len(self.buffer) >= head_end + 4 + length:
-            body = self.buffer[head_end + 4 : head_end + 4 + length]
-            self.buffer = self.buffer[head_end + 4 + length :]
-            self.answer.set_result((int(head[9:12]), body))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.answer is not None and not self.answer.done():
-            self.answer.set_exception(exc or ConnectionError("connection closed"))
-
-    async def post(self, host: str, path: str, body: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        self.answer = asyncio.get_running_loop().create_future()
-        self.transport.write(head.encode() + body)
-        return await self.answer
-
-
-async def _load(
-    port: int, seconds: float, concurrency: int, bodies: list[bytes]
-) -> tuple[int, list[float], int]:
-    """Each client posts the next body of ``bodies`` (cycled) as soon as its last answer came.
-    Returns the failed requests, the latencies of the answered ones, and how many answers
-    sluice served degraded (from the views' empty values: the store's read timed out, its
-    breaker was open, or the request's deadline came first; serving/deadlines.py)."""
-    latencies: list[float] = []
-    errors = degraded = 0
-    deadline = time.perf_counter() + seconds
-    cursor = 0
-
-    async def worker() -> None:
-        nonlocal errors, degraded, cursor
-        _, connection = await asyncio.get_running_loop().create_connection(
-            _Connection, "127.0.0.1", port
-        )
-        while time.perf_counter() < deadline:
-            body = bodies[cursor % len(bodies)]
-            cursor += 1
-            started = time.perf_counter()
-            status, answer = await connection.post(f"127.0.0.1:{port}", "/predict", body)
-            if status != 200:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-            if b'"degraded":[' in answer and b'"degraded":[]' not in answer:
-                degraded += 1
-        assert connection.transport is not None
-        connection.transport.close()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return errors, latencies, degraded
-
-
-def _summary(latencies: list[float], seconds: float) -> dict[str, float]:
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "throughput": len(ms) / seconds,
-        "p50": ms[len(ms) // 2],
-        "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
-    }
-
-
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its descendants, from /proc (Linux; NaN
-    elsewhere). CPU per request is what a shared machine's load changes least: the servers'
-    cost, beside the throughput the load decides."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return float("nan")
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, p in parents.items() if p == parent and child not in tree]
-        tree.update(children)
-        frontier += children
-    return sum(times.get(p, 0.0) for p in tree)
-
-
 def _hit_rate(url: str) -> float:
     """The prediction cache's hit rate since the server started, from /metrics (with several
     workers: summed over them, serving.metrics.WorkerMetrics)."""
@@ -312,14 +199,20 @@ def _hit_rate(url: str) -> float:
     return hits / (hits + misses) if hits + misses else 0.0
 
 
-def measure_server(
-    kind: str,
-    config: Path,
-    args: argparse.Namespace,
-    loads: list[tuple[str, int, list[bytes]]],
-    workers: int = 1,
-) -> dict[str, dict[str, float]]:
-    """Start one server, then run each (name, clients, bodies) load against it in turn."""
+@dataclasses.dataclass(frozen=True)
+class ServerProcess:
+    kind: str
+    port: int
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def running_server(kind: str, config: Path, workers: int = 1) -> Iterator[ServerProcess]:
+    """One server process (tree), answering /health, until the block ends."""
     port = free_port()
     # Not PROMETHEUS_MULTIPROC_DIR: importing feast (prepare) sets it in this process, and it
     # would put the servers' metrics in prometheus_client's multiprocess mode (a file per
@@ -331,13 +224,12 @@ def measure_server(
     else:
         command = [sys.executable, "-m", "bench.serve", "--run-server", kind]
     process = subprocess.Popen([*command, "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}"
-    out: dict[str, dict[str, float]] = {}
+    server = ServerProcess(kind, port, process.pid)
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -345,21 +237,52 @@ def measure_server(
                 raise RuntimeError(f"{kind} server did not start")
             time.sleep(0.3)
         time.sleep(2.0 if workers > 1 else 0.0)  # the other workers finish starting
-        for name, clients, bodies in loads:
-            uvloop.run(_load(port, 2.0, clients, bodies[::-1]))  # warm-up, other rows first
-            cpu_before = _tree_cpu_s(process.pid)
-            errors, latencies, degraded = uvloop.run(_load(port, args.seconds, clients, bodies))
-            cpu_s = _tree_cpu_s(process.pid) - cpu_before
-            if errors:
-                raise RuntimeError(f"{kind} {name}: {errors} requests failed")
-            out[name] = _summary(latencies, args.seconds)
-            out[name]["degraded"] = degraded / len(latencies)
-            out[name]["cpu_us"] = cpu_s / len(latencies) * 1e6
-            if kind == "sluice":
-                out[name]["hit_rate"] = _hit_rate(url)  # cumulative: this and earlier loads
+        yield server
     finally:
         process.terminate()
         process.wait(60)
+
+
+def measure_interleaved(
+    servers: dict[str, ServerProcess],
+    loads: list[tuple[str, int, list[bytes]]],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each (name, clients, bodies) load against every server, in --slices turns each of
+    --seconds / --slices, the servers alternating (A B B A A B ...): a machine whose speed
+    drifts during the run (other work, frequency, the host) moves every server's figures
+    alike, where measuring one server after the other put the drift into the ratio. Bodies:
+    the first share warms each server up, then each slice has rows of its own (cycled within
+    a slice only if a slice answers more requests than it has rows)."""
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in servers}
+    turns = args.slices
+    seconds = args.seconds / turns
+    for load, clients, bodies in loads:
+        share = len(bodies) // (turns + 1)
+        for server in servers.values():
+            uvloop.run(run_load(server.port, 2.0, clients, bodies[:share]))
+        latencies: dict[str, list[float]] = {name: [] for name in servers}
+        degraded = dict.fromkeys(servers, 0)
+        cpu_s = dict.fromkeys(servers, 0.0)
+        order = list(servers)
+        for turn in range(turns):
+            rows = bodies[(turn + 1) * share : (turn + 2) * share]
+            for name in order if turn % 2 == 0 else order[::-1]:
+                server = servers[name]
+                before = tree_cpu_s(server.pid)
+                errors, answered, slow = uvloop.run(run_load(server.port, seconds, clients, rows))
+                cpu_s[name] += tree_cpu_s(server.pid) - before
+                if errors:
+                    raise RuntimeError(f"{name} {load}: {errors} requests failed")
+                latencies[name] += answered
+                degraded[name] += slow
+        for name, server in servers.items():
+            measured = summary(latencies[name], args.seconds)
+            measured["degraded"] = degraded[name] / len(latencies[name])
+            measured["cpu_us"] = cpu_s[name] / len(latencies[name]) * 1e6
+            if server.kind == "sluice":  # cumulative: this and earlier loads
+                measured["hit_rate"] = _hit_rate(server.url)
+            out[name][load] = measured
     return out
 
 
@@ -422,12 +345,27 @@ def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> None:
     ]
     main_clients = 32 if 32 in args.clients else args.clients[0]
     cached = [("zipf", main_clients, zipf)]
-    sluice = measure_server("sluice", config, args, uniform, args.workers)
-    sluice |= measure_server("sluice", config, args, cached, args.workers)
-    sluice_off = measure_server("sluice", no_cache, args, cached, args.workers)
-    heavy_on = measure_server("sluice", heavy, args, cached, args.workers)["zipf"]
-    heavy_off = measure_server("sluice", heavy_no_cache, args, cached, args.workers)["zipf"]
-    baseline = measure_server("baseline", config, args, uniform)
+    workers = args.workers
+    with (
+        running_server("sluice", config, workers) as sluice_server,
+        running_server("baseline", config) as baseline_server,
+    ):
+        pair = {"sluice": sluice_server, "baseline": baseline_server}
+        measured = measure_interleaved(pair, uniform, args)
+    sluice, baseline = measured["sluice"], measured["baseline"]
+    with (
+        running_server("sluice", config, workers) as cache_on,
+        running_server("sluice", no_cache, workers) as cache_off,
+    ):
+        measured = measure_interleaved({"on": cache_on, "off": cache_off}, cached, args)
+    sluice |= measured["on"]
+    sluice_off = measured["off"]
+    with (
+        running_server("sluice", heavy, workers) as cache_on,
+        running_server("sluice", heavy_no_cache, workers) as cache_off,
+    ):
+        measured = measure_interleaved({"on": cache_on, "off": cache_off}, cached, args)
+    heavy_on, heavy_off = measured["on"]["zipf"], measured["off"]["zipf"]
     reads = measure_reads(settings, args.entities)
     objective = settings.latency_objective_ms
 
@@ -504,7 +442,10 @@ def main() -> None:
         "--workers", type=int, default=os.cpu_count() or 1, help="Sluice server processes."
     )
     parser.add_argument("--entities", type=int, default=1000)
-    parser.add_argument("--unique-rows", type=int, default=200_000)
+    parser.add_argument(
+        "--slices", type=int, default=4, help="Turns per server and load, servers alternating."
+    )
+    parser.add_argument("--unique-rows", type=int, default=400_000)
     parser.add_argument("--distinct", type=int, default=10_000, help="Rows of the Zipf load.")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of that load.")
     parser.add_argument(

@@ -126,6 +126,8 @@ class BalancedListener:
         return len(self._connections) + len(self._starting)
 
     def _may_accept(self) -> bool:
+        if self._slot >= self._board.slots:
+            return True  # not on the board (startup's warning): accepts as uvicorn would
         held = self._held()
         self._board.publish(self._slot, held)
         fewest = self._board.fewest_elsewhere(self._slot)
@@ -191,7 +193,6 @@ class BalancedListener:
         if self._tick is not None:
             self._tick.cancel()
         self._watch(False)
-        self._board.publish(self._slot, 0)
 
     async def wait_closed(self) -> None:
         if self._starting:
@@ -229,9 +230,14 @@ class BalancedServer(uvicorn.Server):
             "server_state": self.server_state,
             "app_state": self.lifespan.state,
         }
-        from serving.workers import held_slot  # the slot worker_app claimed
+        from serving.workers import claim_slot
 
         board = ConnectionBoard(Path(directory) / BOARD_FILE)
+        # A slot of this server's board (the prediction log's slots are per log directory,
+        # which several servers may share); a dead worker's slot is free for its successor.
+        slot = claim_slot(Path(directory) / "board")
+        if slot >= board.slots:  # more workers alive at once than the board holds
+            log.warning("worker slot %d beyond the board's %d: not balanced", slot, board.slots)
         # uvicorn's shutdown calls close() and wait_closed() on these, as on asyncio servers.
         listeners: list[Any] = [
             BalancedListener(
@@ -240,7 +246,7 @@ class BalancedServer(uvicorn.Server):
                 arguments,
                 self.server_state.connections,
                 board,
-                held_slot(),
+                slot,
                 config.backlog,
             )
             for sock in sockets
@@ -268,7 +274,8 @@ def balanced_workers(directory: Path, workers: int) -> Iterator[None]:
     uvicorn makes a worker's ``Server`` in ``Process.server`` and names ``Process`` in four
     places of its supervisor, with no setting for either; so the supervisor module's ``Process``
     is replaced by a subclass for the block, in this (the supervisor's) process only."""
-    ConnectionBoard.create(directory / BOARD_FILE, workers)
+    # Twice the workers: uvicorn's restart brings a replacement up before the old one leaves.
+    ConnectionBoard.create(directory / BOARD_FILE, 2 * workers)
     module: Any = multiprocess
     saved = module.Process
     module.Process = BalancedProcess

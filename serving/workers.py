@@ -47,7 +47,6 @@ from serving.metrics import WORKERS_DIR_ENV
 MAX_WORKERS = 256
 HEALTHCHECK_S = 60
 _claimed: list[int] = []  # the claim's file descriptor, held for the process's life
-_claimed_slots: list[int] = []
 
 
 def log_root(settings: Settings) -> Path:
@@ -65,16 +64,8 @@ def claim_slot(root: Path) -> int:
             os.close(fd)
             continue
         _claimed.append(fd)
-        _claimed_slots.append(k)
         return k
     raise UsageError(f"more than {MAX_WORKERS} predictor workers share {root}")
-
-
-def held_slot() -> int:
-    """The worker slot this process claimed (claim_slot)."""
-    if not _claimed_slots:
-        raise UsageError("this process holds no predictor worker slot")
-    return _claimed_slots[0]
 
 
 def worker_settings(settings: Settings) -> Settings:
