@@ -83,8 +83,16 @@ class PeakRss:
     run, and the JVM; a child's last half second before it exits is missed). CPU time, unlike
     wall time, hardly depends on what else the machine runs."""
 
+    # Finding the cluster's processes walks every thread of the JVM (/proc/<pid>/task/*): in
+    # this process, beside a local job's Python workers, that took about 5% of py-spy's samples
+    # when done every half second. The processes live as long as the job: looked up again
+    # every few seconds only.
+    PIDS_EVERY_S = 5.0
+
     def __init__(self) -> None:
         self.peak = 0.0
+        self._pids: list[int] = []
+        self._pids_at = -self.PIDS_EVERY_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._first: dict[int, float] = {}
@@ -94,8 +102,10 @@ class PeakRss:
     def cpu_s(self) -> float:
         return sum(last - self._first.get(pid, 0.0) for pid, last in self._last.items())
 
-    def _take(self) -> None:
-        pids = flink_pids()
+    def _take(self, refresh: bool = False) -> None:
+        if refresh or time.monotonic() - self._pids_at >= self.PIDS_EVERY_S:
+            self._pids, self._pids_at = flink_pids(), time.monotonic()
+        pids = self._pids
         self.peak = max(self.peak, sum(_rss_kb(pid) for pid in pids) / 1024)
         for pid in pids:
             used = _cpu_s(pid)
@@ -114,7 +124,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._take()
+        self._take(refresh=True)
 
 
 def month_view(view: FeatureView) -> FeatureView:
