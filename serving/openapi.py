@@ -17,7 +17,14 @@ from fastapi.openapi.utils import get_openapi
 
 from features.schema import FieldType
 from serving.features import FeaturePlan
-from serving.schemas import EVENT_TIME, EVENT_TIME_DOC, MIN_EVENT_TIME_MS, PredictRequest
+from serving.schemas import (
+    EVENT_TIME,
+    EVENT_TIME_DOC,
+    EVENT_TIME_PATTERN,
+    MAX_EVENT_TIME_MS,
+    MIN_EVENT_TIME_MS,
+    PredictRequest,
+)
 
 if TYPE_CHECKING:
     from serving.predictor import Served
@@ -46,8 +53,8 @@ def row_schema(plan: FeaturePlan) -> dict[str, Any]:
         properties[field.name] = schema
     properties[EVENT_TIME] = {
         "anyOf": [
-            {"type": "integer", "minimum": MIN_EVENT_TIME_MS},
-            {"type": "string", "format": "date-time"},
+            {"type": "integer", "minimum": MIN_EVENT_TIME_MS, "maximum": MAX_EVENT_TIME_MS - 1},
+            {"type": "string", "format": "date-time", "pattern": EVENT_TIME_PATTERN},
             {"type": "null"},
         ],
         "description": EVENT_TIME_DOC,
