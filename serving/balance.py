@@ -117,7 +117,6 @@ class BalancedListener:
         self._watching = False
         self._closed = False
         self._tick: asyncio.TimerHandle | None = None
-        self.accepted = 0
         sock.listen(backlog)  # the supervisor only bound it (uvicorn's Config.bind_socket)
         sock.setblocking(False)
         self._on_tick()
@@ -172,7 +171,6 @@ class BalancedListener:
                     self._tick.cancel()
                 self._tick = self._loop.call_later(RESOURCE_RETRY_S, self._on_tick)
                 return
-            self.accepted += 1
             task = self._loop.create_task(self._start(conn))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
