@@ -183,10 +183,11 @@ def install(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is not None:
             return build_openapi()
         open_routes = []
+        open_scopes = set(authenticator.open_scopes)
         for route in app.routes:
-            if not isinstance(route, APIRoute) or not route_scopes(route):
+            if not isinstance(route, APIRoute) or not (scopes := route_scopes(route)):
                 continue
-            if route_scopes(route) <= set(authenticator.open_scopes):
+            if scopes <= open_scopes:
                 open_routes.append(route)
                 continue
             for status, response in _RESPONSES.items():
