@@ -40,6 +40,10 @@ def app_for(models_dir: Path, fast: bool) -> FastAPI:
         predict_tokens=[TOKEN],
         max_request_rows=3,
         max_request_bytes=4096,
+        # Both paths are compared answer for answer: a first request slowed past the default
+        # 1 s deadline by a loaded CI machine would be answered "degraded" by one path only.
+        request_deadline_ms=60_000,
+        request_deadline_max_ms=60_000,
     )
     app = create_app(
         settings,
