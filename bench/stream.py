@@ -23,9 +23,6 @@ Starts its own broker and Redis on free loopback ports, then measures:
        tiles-hot the tile engine over --events of which half are on one key (the same
                  simulator, every other event's entity replaced; preloaded into a second
                  broker after the rest);
-       tiles-map the tile engine with every view's tiles in MapState, one entry per tile (as
-                 for windows over 240 slides; streaming/tile_state.py), against tiles (one
-                 pickled value per key for the example views' short windows);
        tiles-30d the tile engine with the views' windows all 30 days on 1-minute slides
                  (43,200 tiles per key; bench/stream_jobs.month_view), against tiles-few:
                  the views as they are, on the same events. Both over --events whose entities
@@ -72,7 +69,6 @@ from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
-from streaming import tile_state
 from streaming.job import JobOptions
 from streaming.runner import run as run_stream
 from streaming.sinks import STATS_TOPIC
@@ -185,7 +181,6 @@ ENGINES = {
     "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
     "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
     "tiles-hot": "the tile engine, half the events on one key (a second broker)",
-    "tiles-map": "the tile engine, every view's tiles in MapState (one entry per tile)",
     "tiles-30d": "the tile engine, 30-day windows on 1-minute slides (few keys, a broker)",
     "tiles-few": "the tile engine, the views as they are, on tiles-30d's events",
     "tiles-cluster": "the tile engine on a session cluster of its own",
@@ -227,7 +222,6 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         "tiles-workers",
         "tiles-few",
         "tiles-30d",
-        "tiles-map",
     )
     if engine in ("tiles", "events", *tile_jobs):
         job_options = dataclasses.replace(options, engine=engine.split("-")[0])
@@ -238,16 +232,6 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
             job_options = dataclasses.replace(job_options, python_mode="thread")
 
         def run(offsets: dict[str, dict[int, int]]) -> float:
-            if engine == "tiles-map":
-                # A local job's Python workers run in this process (loopback), where the
-                # tile function picks its layout when it opens.
-                saved = tile_state.MAP_STATE_FROM_TILES
-                tile_state.MAP_STATE_FROM_TILES = 0
-                try:
-                    seconds, found.rows = engine_run(settings, offsets, job_options)
-                finally:
-                    tile_state.MAP_STATE_FROM_TILES = saved
-                return seconds
             if engine != "tiles-workers":
                 seconds, found.rows = engine_run(settings, offsets, job_options, month)
                 return seconds
@@ -409,7 +393,6 @@ def report(
         ("tiles-thread", "tiles", "thread / process mode"),
         ("tiles-workers", "tiles", "own worker processes / loopback"),
         ("tiles-hot", "tiles", "hot key / uniform keys"),
-        ("tiles-map", "tiles", "MapState / one pickled value per key"),
         ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
         ("tiles-cluster", "tiles", "session cluster / local"),

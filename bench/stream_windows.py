@@ -7,11 +7,10 @@ one firing (one end: a tile enters, one leaves):
   old   the key's state as one pickled value (read and written on the tile row and on the
         firing) and every window merged from all its tiles at the end;
   new   one Flink state entry per tile (the tile row writes one tile, the firing removes one
-        and writes next_end; streaming/tile_state.py) and the window's WindowQueue
+        and writes the shard's next end; streaming/tile_state.py) and the window's WindowQueue
         (streaming/windows.py).
 Prints milliseconds per key and minute for both and their ratio, and the same for the views'
-own 1-hour windows (whose windows stay below QUEUE_FROM_TILES: the layout alone; the job keeps
-those in one pickled value, tile_state.tile_layout, since in Flink MapState did not pay there).
+own 1-hour windows (whose windows stay below QUEUE_FROM_TILES: the layout alone).
 Run: `python -m bench.stream_windows` (about 30 s).
 """
 
@@ -27,7 +26,7 @@ from bench.stream_jobs import month_view
 from examples.delivery.features import restaurant_orders, zone_couriers
 from features.aggregations import AGGREGATIONS
 from streaming.compile import CompiledView, compile_view
-from streaming.tile_state import KeyStates
+from streaming.tile_state import ShardStates, fire_shard
 from streaming.windows import WindowEngine, new_state
 
 MINUTE = 60_000
@@ -38,19 +37,16 @@ class _Map:
     """A MapState stand-in that pickles on put, as Flink's state backend serializes."""
 
     def __init__(self) -> None:
-        self.data: dict[int, bytes] = {}
+        self.data: dict[str, bytes] = {}
 
-    def put(self, key: int, value: Any) -> None:
+    def put(self, key: str, value: Any) -> None:
         self.data[key] = pickle.dumps(value)
 
-    def remove(self, key: int) -> None:
+    def remove(self, key: str) -> None:
         del self.data[key]
 
-    def items(self) -> list[tuple[int, Any]]:
+    def items(self) -> list[tuple[str, Any]]:
         return [(k, pickle.loads(v)) for k, v in self.data.items()]
-
-    def clear(self) -> None:
-        self.data.clear()
 
 
 class _Value:
@@ -85,21 +81,21 @@ def per_minute_ms(compiled: CompiledView, minutes: int) -> tuple[float, float, f
     engine = WindowEngine(compiled)
     tiles_per_window = compiled.max_window_ms // compiled.slide_ms
     old = new_state()
-    states = KeyStates(_Map(), _Value())
-    cached = states.get("k")
+    states = ShardStates(_Map(), _Value())
+    shard = states.shard(0)
+    cached = states.entity(shard, "k")
     for i in range(tiles_per_window):
         bucket = START + i * MINUTE
         row = tile(compiled, rng, bucket)
         engine.add_tile(old, bucket, row)
         engine.add_tile(cached.state, bucket, list(row))
-        states.tile_changed("k", cached, bucket)
+        states.tile_changed(shard, "k", cached, bucket, True)
     upto = START + tiles_per_window * MINUTE
     # Every end before ``upto`` emitted already (firing them all here would merge the whole
     # window 43,200 times on the old path); the end at ``upto`` fills the new path's queue.
     old[0] = cached.state[0] = upto
     engine.fire(old, upto)
-    engine.fire(cached.state, upto, cached.memo, cached.queues)
-    states.fired("k", cached)
+    fire_shard(engine, states, shard, upto, lambda *_: None)
     stored = pickle.dumps(old)
     timings: dict[str, list[float]] = {"old": [], "new": []}
     for layout, count in (("old", minutes), ("new", 20 * minutes)):
@@ -115,11 +111,11 @@ def per_minute_ms(compiled: CompiledView, minutes: int) -> tuple[float, float, f
                 engine.fire(state, bucket + MINUTE)
                 stored = pickle.dumps(state)
             else:
-                cached = states.get("k")
+                shard = states.shard(0)
+                cached = states.entity(shard, "k")
                 engine.add_tile(cached.state, bucket, row)
-                states.tile_changed("k", cached, bucket)
-                engine.fire(cached.state, bucket + MINUTE, cached.memo, cached.queues)
-                states.fired("k", cached)
+                states.tile_changed(shard, "k", cached, bucket, True)
+                fire_shard(engine, states, shard, bucket + MINUTE, lambda *_: None)
             timings[layout].append((time.perf_counter() - started) * 1e3)
     return statistics.median(timings["old"]), statistics.median(timings["new"]), max(timings["new"])
 

@@ -32,6 +32,7 @@ from typing import Any
 from core.settings import Settings
 from core.shipping import code_archive
 from core.uris import JvmAccess, S3Options, StorageUri, filesystem, parse
+from streaming import tile_state
 from streaming import tiles as tile_sql
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
@@ -113,7 +114,7 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
     if engine not in (None, "events"):
         definitions += f"engine={engine}".encode()
     if engine == "tiles":  # and the layout of its query's plan
-        definitions += f"/plan={tile_sql.PLAN_VERSION}".encode()
+        definitions += f"/plan={tile_sql.PLAN_VERSION}/shards={tile_state.SHARDS}".encode()
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     root = parse(
         settings.flink_checkpoint_dir or settings.state_dir / "flink", "flink_checkpoint_dir"
@@ -316,14 +317,14 @@ def _tile_pipeline(t_env: Any, compiled: CompiledView, table: str, ctx: JobConte
     """Source -> SQL (decode, filter, late check, tiles; streaming/tiles.py) -> Tiles."""
     from pyflink.common import Types
 
-    from streaming.tile_functions import entity_of, tile_function
+    from streaming.tile_functions import shard_key, tile_function
 
     views, query = tile_query(compiled, table)
     for statement in views:
         t_env.execute_sql(statement)
     rows = t_env.to_data_stream(t_env.sql_query(query))
     (
-        rows.key_by(entity_of, key_type=Types.STRING())
+        rows.key_by(shard_key, key_type=Types.INT())
         .process(tile_function(compiled, ctx))
         .name(f"tiles {compiled.name}")
         .uid(f"tiles-{compiled.name}")

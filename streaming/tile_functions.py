@@ -2,9 +2,10 @@
 
 The SQL of streaming/tiles.py hands over tile rows (partial states of one entity's slide bucket,
 deduplicated, already past the watermark) and side rows (heartbeats, unreadable and late
-events, with their raw bytes). One KeyedProcessFunction keyed by entity (side rows and the
-filtered counts under the key "") merges tiles into the key's state (streaming/windows.py, the
-event engine's window code), fires the same event-time timers and writes rows, dead letters
+events, with their raw bytes). One KeyedProcessFunction keyed by shard of entities (side rows
+and the filtered counts under the key SIDE_KEY) merges tiles into each entity's state
+(streaming/windows.py, the event engine's window code; streaming/tile_state.py), fires one
+event-time timer per shard at the earliest end due in it and writes rows, dead letters
 and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
 (see streaming/functions.py for why that is at least once).
 
@@ -17,7 +18,7 @@ row (filtered, late or rejected, as the event engine's parser decides). Between 
 snapshot carries open tiles to the next run, which closes them (its ``open`` goes below zero
 by as many), so events read over runs add up to what the topic holds and each run balances as
 events == processed + open; a bounded run ends with every tile closed (open == 0). Heartbeats
-arrive as side rows. All of these rows come under the side key "", and the counters are that
+arrive as side rows. All of these rows come under the side key, and the counters are that
 key's state too (streaming/tile_counts.py): a restored run reports the snapshot's counters
 beside its own. The three records per subtask (prepare, windows, publish) come from this one
 function.
@@ -32,17 +33,11 @@ from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming.compile import CompiledView
-from streaming.functions import (
-    ProgressClock,
-    fire_due,
-    flush_writers,
-    on_bundle_end,
-    subtask_slot,
-)
+from streaming.functions import ProgressClock, flush_writers, on_bundle_end, subtask_slot
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tile_counts import CarriedCounts
-from streaming.tile_state import tile_layout
+from streaming.tile_state import SIDE_KEY, ShardStates, fire_shard, shard_of
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -61,17 +56,14 @@ from streaming.tiles import (
     T,
     state_decoder,
 )
-from streaming.windows import Added, WindowEngine, prune_memo
+from streaming.windows import Added, WindowEngine
 
-# The key of every counting row (read, side, closed rows and the filter's tile rows); no
-# entity's tiles live under it, the counters do (streaming/tile_counts.py).
-SIDE_KEY = ""
 END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 
 
-def entity_of(row: Any) -> str:
-    key = row[KEY]
-    return SIDE_KEY if key is None else str(key)
+def shard_key(row: Any) -> int:
+    """A row's key: its entity's shard, or SIDE_KEY for a counting row (tile_state.py)."""
+    return shard_of(row[KEY])
 
 
 def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
@@ -83,14 +75,18 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
     class Tiles(KeyedProcessFunction):  # type: ignore[misc]
         def open(self, runtime_context: Any) -> None:
             from pyflink.common import Types
-            from pyflink.datastream.state import ValueStateDescriptor
+            from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
             self.engine = WindowEngine(compiled)
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
-            # Per key: its tiles, one pickled value or one entry each by window length, and
-            # the window values cached across firings (streaming/tile_state.py).
-            self.states = tile_layout(compiled, runtime_context)
+            # Per shard: its entities' tiles, one entry each, and the first end it has not
+            # fired (streaming/tile_state.py).
+            tiles = MapStateDescriptor("tiles", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+            next_end = ValueStateDescriptor("next_end", Types.LONG())
+            self.states = ShardStates(
+                runtime_context.get_map_state(tiles), runtime_context.get_state(next_end)
+            )
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
@@ -106,14 +102,6 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
             self.ended = False  # the watermark reached its maximum: the input ended
-            # Per key with tiles, the earliest event-time timer this process registered and
-            # has not seen fire: a new tile needs no timer of its own when one is due at or
-            # before its end, since every firing registers the key's next end while it has
-            # tiles (fire_due). PyFlink sends each registration to Java (about a tenth of the
-            # Python worker's time in bench.stream), where a repeat of a registered timer is
-            # dropped anyway. Not state: after a restore it starts empty, and the first tile
-            # of each key registers again (Flink restored its timers; a repeat is harmless).
-            self.pending: dict[str, int] = {}
 
         def process_element(self, row: Any, context: Any) -> None:
             read = self.read
@@ -127,20 +115,23 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.publisher.observe(watermark)
             self.clock.start(context)
             kind = row[KIND]
-            if kind != KIND_TILE or row[KEY] is None:
+            entity = row[KEY]
+            if kind != KIND_TILE or entity is None:
                 self.count(row, kind, watermark)
                 return
             t = row[T]
             bucket = t - t % slide
-            key = context.get_current_key()
-            cached = self.states.get(key)
-            if self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE:
+            shard = self.states.shard(context.get_current_key())
+            cached = self.states.entity(shard, entity)
+            new = self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE
+            if new:
+                # One timer per shard: the earliest end due in it. Every firing registers the
+                # shard's next due end, so a tile ending later needs none of its own.
                 due = bucket + slide
-                pending = self.pending.get(key)
-                if pending is None or due < pending:
+                if shard.pending is None or due < shard.pending:
                     context.timer_service().register_event_time_timer(due)
-                    self.pending[key] = due
-            self.states.tile_changed(key, cached, bucket)
+                    shard.pending = due
+            self.states.tile_changed(shard, entity, cached, bucket, new)
 
         def count(self, row: Any, kind: str, watermark: int) -> None:
             """A row of the side key: count it, then keep the counters in its state."""
@@ -193,30 +184,18 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             if self.clock.tick(context):
                 return
             key = context.get_current_key()
-            cached = self.states.get(key)
-            if not cached.state[1]:
-                self.pending.pop(key, None)
+            if key == SIDE_KEY:
                 return
+            shard = self.states.shard(key)
             watermark = context.timer_service().current_watermark()
             self.ended = watermark == END_OF_INPUT
-            following = fire_due(
-                self.engine,
-                self.publisher,
-                cached.state,
-                key,
-                timestamp,
-                watermark,
-                cached.memo,
-                cached.queues,
-            )
-            if following is None:
-                self.pending.pop(key, None)
-                self.states.clear(key)
-            else:
-                prune_memo(cached.memo, cached.state)
-                context.timer_service().register_event_time_timer(following)
-                self.pending[key] = following
-                self.states.fired(key, cached)
+            self.publisher.observe(watermark)
+            # Every end up to the watermark is final, not only up to this timer: after a jump
+            # of the watermark (end of input, catching up) one firing emits the whole run.
+            upto = max(timestamp, watermark)
+            shard.pending = fire_shard(self.engine, self.states, shard, upto, self.publisher.add)
+            if shard.pending is not None:
+                context.timer_service().register_event_time_timer(shard.pending)
 
         def flush(self) -> int:
             counts = (self.read, self.windows)

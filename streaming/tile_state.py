@@ -1,56 +1,77 @@
-"""The tile engine's keyed state: one Flink state entry per tile, decoded tiles cached in Python.
+"""The tile engine's keyed state: entities grouped into shards, one Flink state entry per tile.
 
-Before, a key's whole window state (streaming/windows.py: [next_end, {bucket: tile}]) was one
-pickled ValueState, read and rewritten on every tile row and every firing: fine for an hour of
-1-minute tiles, but 0.8 MB and about 55 ms per key per minute at 43,200 tiles (30 days on
-1-minute slides). Now:
+Flink keys the tile function by shard (shard_of: a stable hash of the entity, SHARDS of them),
+not by entity. Per shard, in Flink's keyed state:
 
-  tiles      MapState bucket -> tile: a tile row writes its own tile only, a firing removes
-             the tiles it evicted (usually one) and nothing else;
-  next_end   ValueState: the first window end not yet final (an int).
+  tiles      MapState "bucket|entity" -> tile: a tile row writes its own tile only, a firing
+             removes the tiles it evicted and nothing else;
+  next_end   ValueState: the first window end the shard has not fired yet (an int).
 
-That layout does not pay for short windows: bench.stream's tiles-map against tiles (the
-example views' 1-hour and 10-minute windows, 100k events, one run, 2026-12-05, load 6-11):
-CPU per event 0.98x, events/s 0.74x, full run 1.21x, peak RSS 3.3 GB against 2.4 GB (separate
-runs gave 117 and 119 us of CPU per event with MapState, 96-150 us with the one value: the
-shared machine's noise is larger than the difference). A view whose largest window
-has at most MAP_STATE_FROM_TILES slides keeps the one pickled value (WholeKeyStates, the
-previous layout, unchanged); a longer one uses MapState (KeyStates). tile_layout picks.
+and one event-time timer: the earliest end any of its entities has due. A firing walks the
+shard's entities and fires those with an end due (fire_shard). Why shards (issue 11): keyed by
+entity, every entity with a row due took a timer of its own at every watermark step (each a
+Beam round trip into Python with its key switch, state read and write), and every firing
+rewrote the entity's next end. bench.stream's 400k events (212 entities, two views) ran about
+60,000 such timers beside 70,000 tile rows. By shard, a watermark step costs a timer per
+shard, and a firing writes the shard's next end once: an entity's next end is the shard's
+(below), so a firing writes nothing per entity but the tiles it evicts.
 
-Python keeps the decoded state of recently used keys (KeyCache, least recently used out when
-it holds more than ``capacity`` tiles), with the key's window memo and WindowQueues (the
-cached merges of long windows, streaming/windows.py). Every change goes to Flink's state as it
-is made, so the cache is never needed for correctness: a key not in it (a restore, a new
-worker, an evicted key) is read back from the two states and its memo and queues start empty.
+An entity's next end is its shard's. WindowEngine keeps a next end per key (state[0]: the first
+end not yet final); here every entity of a shard is fired at the same firings, to the same end,
+and an entity not due at a firing has nothing before its first tile's end, which is at or past
+the shard's next end, so giving it the shard's changes no row (WindowEngine.fire starts at
+max(next_end, first bucket's end)). Tiles arrive before the watermark reaches their end (the
+SQL's windows emit them before passing the watermark on), so a new tile is never before it.
+
+Python keeps the decoded state of recently used shards (least recently used out when they hold
+more than ``capacity`` tiles), with each entity's window memo and WindowQueues (the cached
+merges of long windows, streaming/windows.py). Every change goes to Flink's state as it is
+made, so the cache is never needed for correctness: a shard not in it (a restore, a new worker,
+an evicted shard) is read back from its two states and its memos and queues start empty.
 Flink's state is scoped to the current key, set by Flink before process_element and on_timer.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from streaming.compile import CompiledView
-from streaming.windows import QUEUE_FROM_TILES, Memo, Queues, SortedTiles, State, new_state
+from streaming.windows import Memo, Queues, SortedTiles, State, WindowEngine, prune_memo
 
-# Decoded tiles kept in Python across keys: about 100-300 bytes each (more for count_distinct).
+# Decoded tiles kept in Python across shards: about 100-300 bytes each (more for count_distinct).
 DEFAULT_CAPACITY_TILES = 500_000
-# Largest windows of more slides than this keep one state entry per tile (module docstring).
-MAP_STATE_FROM_TILES = QUEUE_FROM_TILES
+# Shards per view. The tile function's parallelism cannot usefully exceed it, and it is part of
+# the state's layout (streaming/job.job_dir: a change starts afresh). More shards: more timers
+# per watermark step (one per shard with a row due); fewer: larger shards to walk per firing
+# and to read back after a restore.
+SHARDS = 32
+# The key of the rows that count (read, side, closed and the filter's rows): no entity's tiles
+# live under it, the counters do (streaming/tile_counts.py).
+SIDE_KEY = -1
+_SEPARATOR = "|"
+
+
+def shard_of(entity: str | None) -> int:
+    """The shard of an entity's tiles (SIDE_KEY for rows without one). crc32, not hash(): the
+    same in every process and run (Python salts str hashes per process)."""
+    if entity is None:
+        return SIDE_KEY
+    return zlib.crc32(entity.encode()) % SHARDS
 
 
 class MapLike(Protocol):
-    """What KeyStates uses of PyFlink's MapState (pyflink.datastream.state.MapState)."""
+    """What ShardStates uses of PyFlink's MapState (pyflink.datastream.state.MapState)."""
 
     def put(self, key: Any, value: Any) -> None: ...
     def remove(self, key: Any) -> None: ...
     def items(self) -> Any: ...
-    def clear(self) -> None: ...
 
 
 class ValueLike(Protocol):
-    """What KeyStates uses of PyFlink's ValueState."""
+    """What ShardStates uses of PyFlink's ValueState."""
 
     def value(self) -> Any: ...
     def update(self, value: Any) -> None: ...
@@ -58,7 +79,7 @@ class ValueLike(Protocol):
 
 
 class TrackedTiles(SortedTiles):
-    """A key's tiles, in order (SortedTiles), remembering which buckets were deleted
+    """An entity's tiles, in order (SortedTiles), remembering which buckets were deleted
     (WindowEngine.fire evicts spent tiles by ``del``), so that only those leave the MapState."""
 
     def __init__(self, *args: Any) -> None:
@@ -72,109 +93,138 @@ class TrackedTiles(SortedTiles):
 
 @dataclass
 class Cached:
-    """One key's decoded state and what is derived from it."""
+    """One entity's decoded state and what is derived from it."""
 
     state: State
     memo: Memo = field(default_factory=dict)
     queues: Queues = field(default_factory=dict)
 
 
-class KeyStates:
-    """The current key's window state (see the module docstring)."""
+@dataclass
+class Shard:
+    """One shard's entities (those with tiles), as held in Python."""
+
+    key: int
+    next_end: int | None = None  # the first window end not fired yet (None: never fired)
+    entities: dict[str, Cached] = field(default_factory=dict)
+    # The earliest event-time timer this process registered for the shard and has not seen
+    # fire. Not state: a restored shard starts without, and registers again (Flink restored
+    # its timers; a repeat of one is dropped).
+    pending: int | None = None
+    tiles: int = 0  # tiles held, for the cache's bound
+
+
+def _entry(bucket: int, entity: str) -> str:
+    return f"{bucket}{_SEPARATOR}{entity}"
+
+
+class ShardStates:
+    """The shards' window state (see the module docstring)."""
 
     def __init__(self, tiles: MapLike, next_end: ValueLike, capacity: int | None = None) -> None:
         self._tiles = tiles
         self._next_end = next_end
         self._capacity = DEFAULT_CAPACITY_TILES if capacity is None else capacity
-        self._cache: OrderedDict[str, Cached] = OrderedDict()
-        self._held = 0  # tiles in the cache, as of each key's last use
-        self._sizes: dict[str, int] = {}
-        self.reads = 0  # keys read back from Flink's state (cache misses)
+        self._cache: OrderedDict[int, Shard] = OrderedDict()
+        self._held = 0  # tiles in the cache
+        self.reads = 0  # shards read back from Flink's state (cache misses)
 
-    def get(self, key: str) -> Cached:
-        """The current key's state (an empty one for a new key)."""
-        cached = self._cache.get(key)
-        if cached is None:
-            self.reads += 1
-            stored = sorted(self._tiles.items())
-            state = new_state()
-            state[0] = self._next_end.value() if stored else None
-            state[1] = TrackedTiles(stored)
-            cached = self._cache[key] = Cached(state)
-        else:
+    def shard(self, key: int) -> Shard:
+        """The shard of the current key (read back from Flink's state when not cached)."""
+        shard = self._cache.get(key)
+        if shard is not None:
             self._cache.move_to_end(key)
+            return shard
+        self.reads += 1
+        shard = self._cache[key] = Shard(key, self._next_end.value())
+        by_entity: dict[str, list[tuple[int, Any]]] = {}
+        for entry, tile in self._tiles.items():
+            bucket, _, entity = entry.partition(_SEPARATOR)
+            by_entity.setdefault(entity, []).append((int(bucket), tile))
+        for entity, tiles in by_entity.items():
+            shard.entities[entity] = Cached([shard.next_end, TrackedTiles(tiles)])
+            shard.tiles += len(tiles)
+        self._held += shard.tiles
+        self._bound(shard)
+        return shard
+
+    def entity(self, shard: Shard, entity: str) -> Cached:
+        """An entity's state in its shard (an empty one at the shard's next end when new)."""
+        cached = shard.entities.get(entity)
+        if cached is None:
+            cached = shard.entities[entity] = Cached([shard.next_end, TrackedTiles()])
         return cached
 
-    def tile_changed(self, key: str, cached: Cached, bucket: int) -> None:
-        """A tile row changed (or added) the tile of ``bucket``."""
-        self._tiles.put(bucket, cached.state[1][bucket])
-        self._account(key, cached)
+    def tile_changed(
+        self, shard: Shard, entity: str, cached: Cached, bucket: int, new: bool
+    ) -> None:
+        """A tile row changed (``new``: added) the entity's tile of ``bucket``."""
+        self._tiles.put(_entry(bucket, entity), cached.state[1][bucket])
+        if new:
+            shard.tiles += 1
+            self._held += 1
+            self._bound(shard)
 
-    def fired(self, key: str, cached: Cached) -> None:
-        """A firing advanced next_end and evicted tiles: write both."""
+    def fired(self, shard: Shard, entity: str, cached: Cached) -> None:
+        """A firing evicted tiles of the entity: remove them; an entity left without tiles
+        leaves the shard."""
         tiles: TrackedTiles = cached.state[1]
         for bucket in tiles.deleted:
-            self._tiles.remove(bucket)
+            self._tiles.remove(_entry(bucket, entity))
+        shard.tiles -= len(tiles.deleted)
+        self._held -= len(tiles.deleted)
         tiles.deleted.clear()
-        self._next_end.update(cached.state[0])
-        self._account(key, cached)
+        if not tiles:
+            del shard.entities[entity]
 
-    def clear(self, key: str) -> None:
-        """The key is idle: no tile left, its state goes."""
-        self._tiles.clear()
-        self._next_end.clear()
-        self._held -= self._sizes.pop(key, 0)
-        self._cache.pop(key, None)
+    def shard_fired(self, shard: Shard, next_end: int) -> None:
+        """The shard fired every end before ``next_end``. A shard left without entities
+        forgets it (a new entity's first end is its first tile's, as before any firing; at
+        the end of the input, the end after Flink's last watermark is past a long)."""
+        if not shard.entities:
+            if shard.next_end is not None:
+                shard.next_end = None
+                self._next_end.clear()
+        elif shard.next_end is None or next_end > shard.next_end:
+            shard.next_end = next_end
+            self._next_end.update(next_end)
 
-    def _account(self, key: str, cached: Cached) -> None:
-        size = len(cached.state[1])
-        self._held += size - self._sizes.get(key, 0)
-        self._sizes[key] = size
+    def _bound(self, current: Shard) -> None:
         while self._held > self._capacity and len(self._cache) > 1:
-            old, _ = self._cache.popitem(last=False)
-            self._held -= self._sizes.pop(old, 0)
+            key, oldest = next(iter(self._cache.items()))
+            if oldest is current:
+                self._cache.move_to_end(key)
+                continue
+            del self._cache[key]
+            self._held -= oldest.tiles
 
     def __len__(self) -> int:
         return len(self._cache)
 
 
-class WholeKeyStates:
-    """The current key's window state as one pickled ValueState, read on every tile row and
-    firing (PyFlink caches recent keys' values) and rewritten after: the layout for short
-    windows. The memo of window values is kept per key in Python (a cache)."""
-
-    def __init__(self, value: ValueLike) -> None:
-        self._value = value
-        self._memos: dict[str, Memo] = {}
-
-    def get(self, key: str) -> Cached:
-        return Cached(self._value.value() or new_state(), self._memos.setdefault(key, {}))
-
-    def tile_changed(self, key: str, cached: Cached, bucket: int) -> None:
-        self._value.update(cached.state)
-
-    def fired(self, key: str, cached: Cached) -> None:
-        self._value.update(cached.state)
-
-    def clear(self, key: str) -> None:
-        self._value.clear()
-        self._memos.pop(key, None)
-
-
-def uses_map_state(compiled: CompiledView) -> bool:
-    """Whether the view's tiles go one state entry each (KeyStates) rather than one pickled
-    value per key (WholeKeyStates)."""
-    return compiled.max_window_ms // compiled.slide_ms > MAP_STATE_FROM_TILES
-
-
-def tile_layout(compiled: CompiledView, runtime_context: Any) -> KeyStates | WholeKeyStates:
-    """The keyed state of one view's tile function, in the layout its windows call for."""
-    from pyflink.common import Types
-    from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
-
-    if not uses_map_state(compiled):
-        whole = ValueStateDescriptor("tiles", Types.PICKLED_BYTE_ARRAY())
-        return WholeKeyStates(runtime_context.get_state(whole))
-    tiles = MapStateDescriptor("tiles", Types.LONG(), Types.PICKLED_BYTE_ARRAY())
-    next_end = ValueStateDescriptor("next_end", Types.LONG())
-    return KeyStates(runtime_context.get_map_state(tiles), runtime_context.get_state(next_end))
+def fire_shard(
+    engine: WindowEngine,
+    states: ShardStates,
+    shard: Shard,
+    upto: int,
+    emit: Callable[[str, int, dict[str, Any]], None],
+) -> int | None:
+    """Fire every entity of ``shard`` with an end due by ``upto`` (a timer's time or the
+    watermark: every end at or before it is final), emitting its rows in order; the shard's
+    next timer (None: no entity has tiles left)."""
+    slide = engine.slide
+    following: int | None = None
+    for entity, cached in list(shard.entities.items()):
+        due = engine.next_timer(cached.state)
+        if due is not None and due <= upto:
+            for end, values in engine.fire(cached.state, upto, cached.memo, cached.queues):
+                emit(entity, end, values)
+            states.fired(shard, entity, cached)
+            if entity not in shard.entities:
+                continue
+            prune_memo(cached.memo, cached.state)
+            due = engine.next_timer(cached.state)
+        if due is not None and (following is None or due < following):
+            following = due
+    states.shard_fired(shard, upto - upto % slide + slide)
+    return following

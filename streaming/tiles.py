@@ -171,11 +171,13 @@ READ_INTERVAL_MS = 100
 
 
 # The layout of the tile engine's snapshots. Bump it with every change of the query's plan
-# (an operator added or removed): Flink cannot map an older plan's operator state to the new
-# one (measured: the restore fails, "Cannot map checkpoint/savepoint state for operator"), so
+# (an operator added or removed) or of the Python function's keyed state: Flink cannot map an
+# older plan's operator state to the new one (measured: the restore fails, "Cannot map
+# checkpoint/savepoint state for operator"), and a changed keyed state would be misread, so
 # a new layout starts afresh in a snapshot directory of its own (streaming/job.job_dir), as a
-# changed view does. 2: the closed rows (statistics in the job's state).
-PLAN_VERSION = 2
+# changed view does. 2: the closed rows (statistics in the job's state). 3: keyed by shard of
+# entities, one MapState entry per tile (streaming/tile_state.py).
+PLAN_VERSION = 3
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never

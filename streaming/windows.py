@@ -295,7 +295,7 @@ def prune_memo(memo: Memo, state: State) -> None:
     if not tiles:
         memo.clear()
         return
-    oldest = min(tiles)
+    oldest = tiles.first() if isinstance(tiles, SortedTiles) else min(tiles)
     for key in [k for k in memo if k[2] >= 0 and k[1] < oldest]:
         del memo[key]
 

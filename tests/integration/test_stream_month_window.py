@@ -37,9 +37,10 @@ F = AggregationFunction
 def test_thirty_day_window_on_minute_slides_under_tiles_equals_the_reference(
     stack_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    # A cache of one key's tiles: the two keys push each other out, so each is read back from
-    # Flink's MapState again and again (a local job's Python runs in this process).
+    # A cache of one shard's tiles: the two keys' shards push each other out, so each is read
+    # back from Flink's MapState again and again (a local job's Python runs in this process).
     monkeypatch.setattr(tile_state, "DEFAULT_CAPACITY_TILES", 1)
+    assert tile_state.shard_of("r-a") != tile_state.shard_of("r-b")
     tag = f"m{uuid.uuid4().hex[:8]}"
     settings = stack_settings.model_copy(
         update={

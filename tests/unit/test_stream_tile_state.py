@@ -6,10 +6,15 @@ of a small cache. No JVM: the Flink states are dicts."""
 
 from __future__ import annotations
 
+import ast
 import math
+import os
 import pickle
 import random
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +22,7 @@ import pytest
 from examples.delivery.features import restaurant_orders
 from features.aggregations import AGGREGATIONS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from streaming import windows
+from streaming import tile_state, windows
 from streaming.compile import (
     EVENT_ENGINE_MAX_TILES,
     CompiledView,
@@ -25,10 +30,11 @@ from streaming.compile import (
     compile_view,
 )
 from streaming.errors import UnsupportedViewError
-from streaming.tile_state import KeyStates, WholeKeyStates, uses_map_state
-from streaming.windows import WindowEngine, new_state, prune_memo
+from streaming.tile_state import Shard, ShardStates, fire_shard
+from streaming.windows import WindowEngine, new_state
 
 F = AggregationFunction
+ROOT = Path(__file__).resolve().parents[2]
 MINUTE = 60_000
 
 
@@ -36,36 +42,30 @@ class FakeMap:
     """PyFlink's MapState of the current key, stored pickled (as Flink does)."""
 
     def __init__(self) -> None:
-        self.by_key: dict[str, dict[int, bytes]] = {}
-        self.key = ""
+        self.by_key: dict[int, dict[str, bytes]] = {}
+        self.key = 0
 
-    def _map(self) -> dict[int, bytes]:
-        return self.by_key.setdefault(self.key, {})
+    def put(self, entry: str, tile: Any) -> None:
+        self.by_key.setdefault(self.key, {})[entry] = pickle.dumps(tile)
 
-    def put(self, bucket: int, tile: Any) -> None:
-        self._map()[bucket] = pickle.dumps(tile)
+    def remove(self, entry: str) -> None:
+        del self.by_key[self.key][entry]
 
-    def remove(self, bucket: int) -> None:
-        del self._map()[bucket]
-
-    def items(self) -> list[tuple[int, Any]]:
-        return [(b, pickle.loads(v)) for b, v in self._map().items()]
-
-    def clear(self) -> None:
-        self.by_key.pop(self.key, None)
+    def items(self) -> list[tuple[str, Any]]:
+        return [(e, pickle.loads(v)) for e, v in self.by_key.get(self.key, {}).items()]
 
 
 class FakeValue:
     def __init__(self) -> None:
-        self.by_key: dict[str, Any] = {}
-        self.key = ""
+        self.by_key: dict[int, Any] = {}
+        self.key = 0
 
     def value(self) -> Any:
-        stored = self.by_key.get(self.key)
-        return None if stored is None else pickle.loads(stored)
+        return self.by_key.get(self.key)
 
     def update(self, value: Any) -> None:
-        self.by_key[self.key] = pickle.dumps(value)
+        assert -(2**63) <= value < 2**63, "a LONG state"
+        self.by_key[self.key] = value
 
     def clear(self) -> None:
         self.by_key.pop(self.key, None)
@@ -123,8 +123,11 @@ def same_rows(a: list[Any], b: list[Any]) -> None:
                 assert x[name] == y[name], (end, name, x[name], y[name])
 
 
-@pytest.mark.parametrize(("layout", "seed"), [("map", 1), ("map", 2), ("map", 3), ("whole", 4)])
-def test_both_layouts_and_window_queues_give_the_rows_of_the_plain_path(layout, seed, monkeypatch):
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypatch):
+    """Entities in shards (one timer, one next end each) against one state per entity fired at
+    every step, with restores (the state read back from the fake Flink states) and a cache
+    small enough that shards push each other out."""
     # Queues from 3 tiles, so that 10- and 25-minute windows use them (30 days would be slow
     # on the plain path); the 1-minute window stays on the plain path beside them.
     monkeypatch.setattr(windows, "QUEUE_FROM_TILES", 3)
@@ -135,55 +138,98 @@ def test_both_layouts_and_window_queues_give_the_rows_of_the_plain_path(layout, 
     engine = WindowEngine(compiled)
     tiles, next_end = FakeMap(), FakeValue()
     capacity = rng.choice([30, 10_000])
-
-    def layout_states() -> KeyStates | WholeKeyStates:
-        if layout == "map":
-            return KeyStates(tiles, next_end, capacity=capacity)
-        return WholeKeyStates(next_end)  # the whole state as one pickled value
-
-    states = layout_states()
-    plain: dict[str, bytes] = {}  # the old layout: one pickled state per key
-    keys = ["a", "b", "c"]
+    states = ShardStates(tiles, next_end, capacity=capacity)
+    shard_of = {entity: rng.randrange(3) for entity in "abcdefg"}
+    plain: dict[str, windows.State] = {}  # one state per entity, as keyed by entity
     watermark = 0
     restores = fired = reads = 0
-    for step in range(400):
-        key = rng.choice(keys)
+
+    def current(key: int) -> Shard:
         tiles.key = next_end.key = key
-        cached = states.get(key)
-        old = pickle.loads(plain[key]) if key in plain else new_state()
-        assert cached.state[0] == old[0]
-        assert cached.state[1] == old[1]
+        return states.shard(key)
+
+    for step in range(500):
         if rng.random() < 0.7:
-            # A tile row for an open bucket, in any order (several per bucket merge).
-            first_open = max(watermark - watermark % MINUTE, old[0] or 0)
+            # A tile row for an open bucket (its end after the watermark), in any order, of
+            # any entity; several rows of one bucket merge.
+            entity = rng.choice(list(shard_of))
+            shard = current(shard_of[entity])
+            cached = states.entity(shard, entity)
+            old = plain.setdefault(entity, new_state())
             # Gaps of up to an hour: tiles leave the 25-minute window with nothing after them.
-            bucket = first_open + MINUTE * rng.choice([0, 1, 2, 3, rng.randrange(60)])
+            bucket = watermark - watermark % MINUTE
+            bucket += MINUTE * rng.choice([0, 1, 2, 3, rng.randrange(60)])
             row = random_tile(compiled, rng, bucket)
             copied = [s.copy() if isinstance(s, set) else s for s in row]
-            engine.add_tile(cached.state, bucket, copied)
-            states.tile_changed(key, cached, bucket)
+            new = engine.add_tile(cached.state, bucket, copied) is windows.Added.NEW_TILE
+            states.tile_changed(shard, entity, cached, bucket, new)
             engine.add_tile(old, bucket, row)
         else:
             watermark += rng.choice([0, MINUTE // 2, MINUTE, 5 * MINUTE, 40 * MINUTE])
-            expected = engine.fire(old, watermark)
-            got = engine.fire(cached.state, watermark, cached.memo, cached.queues)
-            same_rows(got, expected)
-            fired += len(got)
-            if engine.next_timer(cached.state) is None:
-                states.clear(key)
-                plain.pop(key, None)
-                continue
-            prune_memo(cached.memo, cached.state)
-            states.fired(key, cached)
-        plain[key] = pickle.dumps(old)
+            got: dict[str, list[Any]] = {}
+
+            def emit(entity: str, end: int, values: dict[str, Any], got: Any = got) -> None:
+                got.setdefault(entity, []).append((end, values))
+
+            for key in sorted(set(shard_of.values())):
+                shard = current(key)
+                timer = fire_shard(engine, states, shard, watermark, emit)
+                with_tiles = [c for c in shard.entities.values() if c.state[1]]
+                assert (timer is None) == (not with_tiles)
+                if timer is not None:  # the earliest end due among the shard's entities
+                    assert timer == min(engine.next_timer(c.state) or 0 for c in with_tiles)
+                    assert timer > watermark
+            for entity in list(plain):
+                expected = engine.fire(plain[entity], watermark)
+                same_rows(got.pop(entity, []), expected)
+                fired += len(expected)
+                if engine.next_timer(plain[entity]) is None:
+                    del plain[entity]
+            assert got == {}
+            held = {e for key in set(shard_of.values()) for e in current(key).entities}
+            assert held == set(plain)  # entities without tiles left their shard
         if step % 37 == 0:  # a restore: a new function, state read back from Flink's
-            reads += states.reads if isinstance(states, KeyStates) else 1
-            states = layout_states()
+            reads += states.reads
+            states = ShardStates(tiles, next_end, capacity=capacity)
             restores += 1
+    # The end of the input: Flink's last watermark is the largest long, every row is due.
+    end_of_input = 2**63 - 1
+    closing: dict[str, list[Any]] = {}
+    for key in sorted(set(shard_of.values())):
+        shard = current(key)
+        fire_shard(
+            engine,
+            states,
+            shard,
+            end_of_input,
+            lambda e, end, v: closing.setdefault(e, []).append((end, v)),
+        )
+        assert shard.entities == {}
+    for entity, state in plain.items():
+        same_rows(closing.pop(entity, []), engine.fire(state, end_of_input))
+    assert closing == {}
+    assert next_end.by_key == {}  # shards without entities keep no next end
+    assert all(entries == {} for entries in tiles.by_key.values())
     assert fired > 100
     assert restores > 5
-    if isinstance(states, KeyStates):
-        assert reads + states.reads > restores  # keys were read back, not only created
+    assert reads + states.reads > restores  # shards were read back, not only created
+    assert len(tiles.by_key) > 1
+
+
+def test_shards_are_the_same_in_every_process():
+    """Rows of an entity reach one shard whatever the process (str hashes are salted per
+    process: a shard from hash() would scatter an entity's tiles after a restart)."""
+    entities = [f"entity-{i}" for i in range(200)]
+    here = [tile_state.shard_of(e) for e in entities]
+    code = f"from streaming.tile_state import shard_of; print([shard_of(e) for e in {entities!r}])"
+    for seed in ("1", "2"):
+        env = os.environ | {"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert ast.literal_eval(out.stdout) == here
+    assert set(here) == set(range(tile_state.SHARDS))  # 200 entities cover every shard
+    assert tile_state.shard_of(None) == tile_state.SIDE_KEY
 
 
 def test_window_queue_counts_distinct_values_out_as_tiles_leave(monkeypatch):
@@ -208,8 +254,6 @@ def test_window_queue_counts_distinct_values_out_as_tiles_leave(monkeypatch):
 
 def test_thirty_days_on_minute_slides_compile_for_tiles_but_not_per_event():
     month = compile_view(view((Window.sliding("30d", "1m"),)))
-    assert uses_map_state(month)
-    assert not uses_map_state(compile_view(restaurant_orders))
     assert month.max_window_ms // month.slide_ms == 43_200 > EVENT_ENGINE_MAX_TILES
     with pytest.raises(UnsupportedViewError, match=r"43200 slides.*SLUICE_STREAM_ENGINE=tiles"):
         check_event_engine(month)
