@@ -20,11 +20,12 @@ wall clock, so the watermark moves on when keys, partitions or the whole topic g
 job drops them right after the source (counted as heartbeats, not as events read). Optional
 Flink idleness for partitions nothing writes: JobOptions.idle_timeout_s (streaming/job.py).
 
-Engines (settings.stream_engine, JobOptions.engine): "events" (the default) hands every event
-to Python (streaming/functions.py); "tiles" decodes, filters, checks lateness and builds each
-(entity, slide bucket)'s partial states in Flink SQL (streaming/tiles.py, with a Java aggregate
-for stddev, streaming/java/) and hands Python one row per tile (streaming/tile_functions.py),
-which assembles windows with the same window code and writes with the same sinks. Both follow
+Engines (settings.stream_engine, JobOptions.engine): "tiles" (the default) decodes, filters,
+checks lateness and builds each (entity, slide bucket)'s partial states in Flink SQL
+(streaming/tiles.py, with Java functions in streaming/java/) and hands Python one row per tile
+(streaming/tile_functions.py), which assembles windows with the same window code and writes
+with the same sinks; "events" hands every event to Python (streaming/functions.py), and runs
+the views the tile engine cannot run exactly (tiles.tile_support) under either setting. Both follow
 the definitions below; the tile engine's late check is end <= W + 1 (Flink's window operators
 fire a window at W >= end - 1), one millisecond stricter.
 

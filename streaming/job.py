@@ -101,8 +101,9 @@ def uses_tiles(compiled: CompiledView, options: JobOptions) -> bool:
 
 
 def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> StorageUri:
-    """Checkpoints and savepoints of one set of view definitions (and engine) live here: under
-    settings.flink_checkpoint_dir (a URI the cluster shares) or <state_dir>/flink.
+    """Checkpoints and savepoints of one set of view definitions (and engine, None: the
+    settings') live here: under settings.flink_checkpoint_dir (a URI the cluster shares) or
+    <state_dir>/flink.
 
     The directory names a hash of the definitions: tiles in a snapshot are laid out for the
     definitions that wrote them, so a changed view starts afresh (from the earliest offsets)
@@ -111,7 +112,8 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
     definitions = b"".join(
         c.view.model_dump_json().encode() for c in sorted(views, key=lambda c: c.name)
     )
-    if engine not in (None, "events"):
+    engine = engine or settings.stream_engine
+    if engine != "events":
         definitions += f"engine={engine}".encode()
     if engine == "tiles":  # and the layout of its query's plan
         definitions += f"/plan={tile_sql.PLAN_VERSION}/shards={tile_state.SHARDS}".encode()

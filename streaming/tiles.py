@@ -54,34 +54,35 @@ engine (tile_support).
 A 30-day window on 1-minute slides (43,200 tiles per key, compile.MAX_TILES_PER_WINDOW; the
 event engine stays at 4,096 and its error names this engine). Hour tiles would not shrink the
 state: they are exact for every aggregation only for the hours wholly inside a window, and the
-old end's partial hour is, in turn, every hour of the last 30 days, so every minute tile is
-kept for 30 days anyway. What made it unworkable was the Python side keeping a key's tiles as
-one pickled value, read and rewritten on every tile row and every firing (0.8 MB per key), and
-merging all 43,200 tiles at every end. Now (streaming/tile_state.py, streaming/windows.py):
-one MapState entry per tile (a tile row writes its tile, a firing removes the tiles it evicted
-and writes next_end), decoded keys cached in Python (least recently used out past 500,000
-tiles; a miss, e.g. after a restore, reads the key back), and windows longer than 240 slides
-assembled by a two-stacks queue of merges (WindowQueue: a firing costs the tiles that entered
-and left, exact for min/max/last, count_distinct by counts per value, float states within
-rounding). Measured with `python -m bench.stream_windows` (Python only, one key, one tile row
-and one firing per minute, median; 2026-12-05, load 3.5): restaurant_orders with 30-day
+old end's partial hour is, in turn, every hour of the last 30 days, so every minute tile is kept
+for 30 days anyway. What made it unworkable was the Python side keeping a key's tiles as one
+pickled value, read and rewritten on every tile row and every firing (0.8 MB per key), and
+merging all 43,200 tiles at every end. Now (streaming/tile_state.py, streaming/windows.py): one
+MapState entry per tile (a tile row writes its tile, a firing removes the tiles it evicted and
+writes its shard's next end), decoded shards cached in Python (least recently used out past
+500,000 tiles; a miss, e.g. after a restore, reads the shard back), and windows longer than 240
+slides assembled by a two-stacks queue of merges (WindowQueue: a firing costs the tiles that
+entered and left, exact for min/max/last, count_distinct by counts per value, float states
+within rounding). Measured with `python -m bench.stream_windows` (Python only, one key, one tile
+row and one firing per minute, median; 2026-12-05, load 3.5): restaurant_orders with 30-day
 windows 189 ms per key and minute before, 0.70 ms now (269x); zone_couriers (stddev,
 count_distinct) 379 ms before, 0.72 ms now (527x); the slowest minute, when a queue turns its
-newer stack into the older one (once per 30 days per key), 146 / 127 ms. What is left is
-linear in the key's tiles but cheap: the sorted bucket list of each firing (most of the
-0.7 ms). The state per key is its open tiles: at most 43,200 per window size, whatever the
-number of events.
-In the job, for the views' own short windows (1 h, 10 min), MapState did not pay (bench.stream's
-tiles-map against tiles, 100k events, one run: CPU per event 0.98x, events/s 0.74x, full run
-1.21x, peak RSS 3.3 against 2.4 GB), so a view keeps one pickled value per key up to 240
-slides and MapState above (tile_state.tile_layout). bench.stream's tiles-30d job (the views
-with 30-day windows, 8 keys a view, against the same views as they are on the same events,
-three runs at load 5-8): 1.5x, 2.0x and 2.1x the CPU per event (60-156 us against 40-73 us),
-much of it the 43,200 closing rows per key at the end of the input, which the marginal rate
+newer stack into the older one (once per 30 days per key), 146 / 127 ms. What is left is linear
+in the key's tiles but cheap: the sorted bucket list of each firing (most of the 0.7 ms). The
+state per key is its open tiles: at most 43,200 per window size, whatever the number of events.
+Every view keeps its tiles so, keyed by shard of entities (tile_state.py): one layout, where
+keyed by entity short windows kept one pickled value per key (MapState, with a next end per key
+written at every firing, did not pay there: 0.74x the events/s). bench.stream's tiles-30d job
+(the views with 30-day windows, 8 keys a view, against the same views as they are on the same
+events, three runs at load 5-8): 1.5x, 2.0x and 2.1x the CPU per event (60-156 us against 40-73
+us), much of it the 43,200 closing rows per key at the end of the input, which the marginal rate
 does not wholly cancel; its events/s was too noisy to quote (once nan: the full run no slower
 than the small one).
 
-Known differences from the event engine (why it is not the default yet). Measured 2026-12-05
+The default engine since 2026-12-06, when the whole test suite (925 tests, CI's `make test`)
+passed with SLUICE_STREAM_ENGINE=tiles but for one test that named the event engine's
+snapshot directory (job_dir now follows the settings' engine).
+Known differences from the event engine. Measured 2026-12-05
 with SLUICE_STREAM_ENGINE=tiles on a shared machine (load 10-16). After the fixes below, under
 tiles: flink parity, tile sums, both restart tests, on-time, CLI stream and the fault test's
 stream SIGKILL (4 runs) pass; test_live_consistency passed 4 times and failed once, at load 16,

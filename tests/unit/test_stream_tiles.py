@@ -189,10 +189,11 @@ def test_snapshots_of_the_two_engines_live_apart(
     monkeypatch.delenv("SLUICE_STREAM_ENGINE", raising=False)
     settings = load_settings(state_dir=tmp_path)
     compiled = [compile_view(v) for v in STREAM_VIEWS]
-    assert job_dir(settings, compiled) == job_dir(settings, compiled, "events")
+    assert settings.stream_engine == "tiles"  # the default
+    assert job_dir(settings, compiled) == job_dir(settings, compiled, "tiles")
     assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "events")
-    assert load_settings(stream_engine="tiles").stream_engine == "tiles"
-    assert load_settings().stream_engine == "events"
+    events = load_settings(state_dir=tmp_path, stream_engine="events")
+    assert job_dir(events, compiled) == job_dir(settings, compiled, "events")
 
 
 def test_a_new_tile_plan_starts_in_a_snapshot_directory_of_its_own(
