@@ -2,15 +2,15 @@
 
 Every counter of a view's prepare and windows records (core/stream_stats.CARRIED: events,
 heartbeats, late, filtered, rejected, aggregated, duplicates, open) changes only on rows the
-SQL (streaming/tiles.py) sends under the side key "": read rows (events read, per partition
-and 100 ms), side rows (heartbeats, late and unreadable events), the filter's rows (events the
-view drops, per partition and slide) and closed rows (per partition and slide, the kept
-events of the tiles that closed: aggregated + duplicates). Tile rows, under their entities'
-keys, count nothing. So one operator instance counts them all, and after each such row it
-writes the job's totals (what it restored + this run's counts) into the side key's keyed
-state: a checkpoint or savepoint holds them as of its barrier, as it holds the SQL's offsets
-and windows. A run that restores the snapshot reads them back with its first side-key row and
-reports them as ``restored`` beside its own counts (which start from zero, as before):
+SQL (streaming/tiles.py) sends under the side key (tile_state.SIDE_KEY): read rows (events
+read, per partition and 100 ms), side rows (heartbeats, late and unreadable events), the
+filter's rows (events the view drops, per partition and slide) and closed rows (per partition
+and slide, the kept events of the tiles that closed: aggregated + duplicates). Tile rows, under
+their entities' shards, count nothing. So one operator instance counts them all, and after each
+such row it writes the job's totals (what it restored + this run's counts) into the side key's
+keyed state: a checkpoint or savepoint holds them as of its barrier, as it holds the SQL's
+offsets and windows. A run that restores the snapshot reads them back with its first side-key
+row and reports them as ``restored`` beside its own counts (which start from zero, as before):
 restored + run = the totals, and both balance (events == processed + open).
 
 Why this design (issue 11):
@@ -24,7 +24,7 @@ Why this design (issue 11):
   - Cumulative counts in a non-windowed SQL GROUP BY would emit an update stream (retractions)
     into the DataStream and could not count what Python decides (late, filtered or rejected
     for an event the SQL decode cannot read, heartbeats).
-Not carried: the rows written (PublishCounts): rows are written by the timers of every entity
+Not carried: the rows written (PublishCounts): rows are written by the timers of every shard
 key, on every instance, and a count kept at a timer under another key (the progress clock's,
 every 200 ms) would miss the rows between its last tick and a barrier, which a restored run
 does not write again. Carrying them exactly needs a write at each bundle's end (the flush

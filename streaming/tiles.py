@@ -105,7 +105,7 @@ and slightly less fresh (below). The event engine passed the same test at the sa
     Python check reads it as of the previous bundle: a record that far out of order is late or
     not by timing in either engine. The test now produces the probe at its time.
 Statistics that survive a restore. Every row that changes a counter (read, side, closed rows
-and the filter's entity-less tile rows) goes to the Python function under the one key "", and
+and the filter's entity-less tile rows) goes to the Python function under the one side key, and
 the counters are that key's keyed state (streaming/tile_counts.py): a snapshot holds them as
 of its barrier, with the offsets and windows, and a restored run continues from them (its
 records name them as ``restored``). Why so, and not otherwise:
@@ -123,7 +123,7 @@ records name them as ``restored``). Why so, and not otherwise:
     alone, the planner pruned its copy of the tile aggregation and ran that copy over every
     level-1 row (about +5 us of CPU per event, measured), instead of sharing the one
     aggregation with the tile rows.
-  - Not carried: rows written (PublishCounts), emitted by the timers of every entity key.
+  - Not carried: rows written (PublishCounts), emitted by the timers of every shard key.
 Other differences:
   - counts: events are counted when read, by read rows (per partition and 100 ms of processing
     time: a branch of the query, a processing-time TUMBLE over the source), and processed
