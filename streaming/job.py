@@ -37,7 +37,7 @@ from streaming import tiles as tile_sql
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
 from streaming.sinks import JobContext
-from streaming.tiles import TABLE_CONFIG, rowtime_column, tile_query
+from streaming.tiles import TABLE_CONFIG, keyed_by_shard, rowtime_column, tile_query
 
 
 @dataclass(frozen=True)
@@ -317,20 +317,47 @@ def build_job(
 
 def _tile_pipeline(t_env: Any, compiled: CompiledView, table: str, ctx: JobContext) -> None:
     """Source -> SQL (decode, filter, late check, tiles; streaming/tiles.py) -> Tiles."""
-    from pyflink.common import Types
 
-    from streaming.tile_functions import shard_key, tile_function
+    from streaming.tile_functions import tile_function
 
     views, query = tile_query(compiled, table)
     for statement in views:
         t_env.execute_sql(statement)
-    rows = t_env.to_data_stream(t_env.sql_query(query))
     (
-        rows.key_by(shard_key, key_type=Types.INT())
+        _keyed_by_shard(t_env, t_env.sql_query(keyed_by_shard(compiled, query)))
         .process(tile_function(compiled, ctx))
         .name(f"tiles {compiled.name}")
         .uid(f"tiles-{compiled.name}")
     )
+
+
+def _keyed_by_shard(t_env: Any, table: Any) -> Any:
+    """A KeyedStream of a table of (shard INT, row ROW<...>) rows, keyed by the shard.
+
+    PyFlink's key_by runs a Python map that builds Row(key, value) for a Java keyBy on the
+    first field: every row would cross into Python and back once more before the keyed
+    function. The SQL hands over that shape itself (tiles.keyed_by_shard), so the Java keyBy
+    follows it directly: key_by's own construction (pyflink/datastream/data_stream.py) minus
+    its map. PyFlink's keyed operator takes a RowTypeInfo input only, so the stream's type is
+    the table's row type in that form (to_data_stream gives an ExternalTypeInfo; the records
+    are the same Row objects).
+    """
+    from pyflink.common import Types
+    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.java_gateway import get_gateway
+
+    gateway = get_gateway()
+    data_type = table._j_table.getResolvedSchema().toPhysicalRowDataType()
+    conversions = gateway.jvm.org.apache.flink.table.types.utils.TypeConversions
+    rows = t_env.to_data_stream(table)
+    rows._j_data_stream.getTransformation().setOutputType(
+        conversions.fromDataTypeToLegacyInfo(data_type)
+    )
+    selector = gateway.jvm.KeyByKeySelector()
+    keyed = rows._j_data_stream.keyBy(selector, Types.ROW([Types.INT()]).get_java_type_info())
+    # The original element type: only KeyedStream's reduce, filter and windows read it, not
+    # process (the Python operator takes its input type from the Java stream).
+    return KeyedStream(keyed, None, rows)
 
 
 def _entity_of(event: tuple[str, int, Any]) -> str:

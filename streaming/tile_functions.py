@@ -2,8 +2,9 @@
 
 The SQL of streaming/tiles.py hands over tile rows (partial states of one entity's slide bucket,
 deduplicated, already past the watermark) and side rows (heartbeats, unreadable and late
-events, with their raw bytes). One KeyedProcessFunction keyed by shard of entities (side rows
-and the filtered counts under the key SIDE_KEY) merges tiles into each entity's state
+events, with their raw bytes), each with its entity's shard (computed in the SQL, keyed in
+Java: job._keyed_by_shard). One KeyedProcessFunction keyed by shard (side rows and the
+filtered counts under the key SIDE_KEY) merges tiles into each entity's state
 (streaming/windows.py, the event engine's window code; streaming/tile_state.py), fires one
 event-time timer per shard at the earliest end due in it and writes rows, dead letters
 and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
@@ -37,7 +38,7 @@ from streaming.functions import ProgressClock, flush_writers, on_bundle_end, sub
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tile_counts import CarriedCounts
-from streaming.tile_state import SIDE_KEY, ShardStates, fire_shard, shard_of
+from streaming.tile_state import SIDE_KEY, ShardStates, fire_shard
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -59,11 +60,6 @@ from streaming.tiles import (
 from streaming.windows import Added, WindowEngine
 
 END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
-
-
-def shard_key(row: Any) -> int:
-    """A row's key: its entity's shard, or SIDE_KEY for a counting row (tile_state.py)."""
-    return shard_of(row[KEY])
 
 
 def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:

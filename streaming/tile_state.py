@@ -1,7 +1,8 @@
 """The tile engine's keyed state: entities grouped into shards, one Flink state entry per tile.
 
-Flink keys the tile function by shard (shard_of: a stable hash of the entity, SHARDS of them),
-not by entity. Per shard, in Flink's keyed state:
+Flink keys the tile function by shard (a CRC-32 of the entity modulo SHARDS, computed in the
+SQL by streaming/java/sluice/Shard.java; shard_of is its Python twin), not by entity. Per
+shard, in Flink's keyed state:
 
   tiles      MapState "bucket|entity" -> tile: a tile row writes its own tile only, a firing
              removes the tiles it evicted and nothing else;
@@ -55,8 +56,8 @@ _SEPARATOR = "|"
 
 
 def shard_of(entity: str | None) -> int:
-    """The shard of an entity's tiles (SIDE_KEY for rows without one). crc32, not hash(): the
-    same in every process and run (Python salts str hashes per process)."""
+    """The shard of an entity's tiles (SIDE_KEY for rows without one), as the SQL's
+    sluice_shard computes it (tests/integration/test_stream_shards.py holds the two equal)."""
     if entity is None:
         return SIDE_KEY
     return zlib.crc32(entity.encode()) % SHARDS

@@ -144,6 +144,7 @@ import orjson
 from features.aggregations import AggregationFunction as F
 from features.expressions import columns_of, parse, to_flink_sql
 from features.schema import FieldType
+from streaming import tile_state
 from streaming.compile import HEARTBEAT_SQL, CompiledView, _quote
 
 _SQL_TYPES = {
@@ -177,8 +178,9 @@ READ_INTERVAL_MS = 100
 # checkpoint/savepoint state for operator"), and a changed keyed state would be misread, so
 # a new layout starts afresh in a snapshot directory of its own (streaming/job.job_dir), as a
 # changed view does. 2: the closed rows (statistics in the job's state). 3: keyed by shard of
-# entities, one MapState entry per tile (streaming/tile_state.py).
-PLAN_VERSION = 3
+# entities, one MapState entry per tile (streaming/tile_state.py). 4: the shard computed in
+# the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard).
+PLAN_VERSION = 4
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
@@ -383,6 +385,18 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
     ]
     branches = (tiles, closed, side, read)
     return views, "\nUNION ALL\n".join(branches)
+
+
+def keyed_by_shard(compiled: CompiledView, query: str) -> str:
+    """The tile query's rows as (shard, row): the shard of the row's entity computed in SQL
+    (sluice_shard, streaming/java/sluice/Shard.java: tile_state.shard_of's CRC-32), -1 for the
+    side rows, and the row's FIXED and slot columns, for a keyBy in Java (job._keyed_by_shard)."""
+    columns = [*FIXED, *(f"s{n}" for n in range(sum(slot_widths(compiled))))]
+    row = ", ".join(f"`{c}`" for c in columns)
+    return (
+        f"SELECT sluice_shard(`k`, {tile_state.SHARDS}) AS `shard`, ROW({row}) AS `row` "
+        f"FROM ({query})"
+    )
 
 
 def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]]:

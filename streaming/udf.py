@@ -23,6 +23,7 @@ FUNCTIONS = {
     "sluice_sum": "sluice.ExactSum",
     "sluice_json_fields": "sluice.JsonFields",
     "sluice_event_id": "sluice.EventId",
+    "sluice_shard": "sluice.Shard",
 }
 COMPILE_TIMEOUT_S = 120
 

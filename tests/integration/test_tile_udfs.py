@@ -127,3 +127,22 @@ def test_event_id_is_equal_for_equal_bytes_only(t_env: Any) -> None:
     assert all(len(i) == 16 for i in ids)
     assert ids[2000:2010] == ids[:10]
     assert len({bytes(i) for i in ids}) == 2001
+
+
+def test_shard_in_sql_is_the_shard_python_computes(t_env: Any) -> None:
+    """sluice_shard keys the tile rows in Java (job._keyed_by_shard); tile_state.shard_of is
+    its Python twin (tests use it to place entities). Same CRC-32, same shard, for ASCII,
+    accented, CJK and emoji entities; -1 (the side key) for rows without an entity."""
+    from streaming import tile_state
+
+    entities = [f"r{i:03d}" for i in range(200)] + ["zoné", "東京", "🚲", "", "a|b"]
+    records = [e.encode() for e in entities]
+    got = query(
+        t_env,
+        records,
+        f"sluice_shard(CAST(v AS STRING), {tile_state.SHARDS}), "
+        f"sluice_shard(CAST(NULL AS STRING), {tile_state.SHARDS})",
+    )
+    assert [row[0] for row in got] == [tile_state.shard_of(e) for e in entities]
+    assert {row[1] for row in got} == {tile_state.SIDE_KEY} == {tile_state.shard_of(None)}
+    assert {row[0] for row in got} >= set(range(tile_state.SHARDS))  # every shard is used

@@ -6,15 +6,10 @@ of a small cache. No JVM: the Flink states are dicts."""
 
 from __future__ import annotations
 
-import ast
 import math
-import os
 import pickle
 import random
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +17,7 @@ import pytest
 from examples.delivery.features import restaurant_orders
 from features.aggregations import AGGREGATIONS
 from features.definitions import Aggregation, AggregationFunction, FeatureView, Window
-from streaming import tile_state, windows
+from streaming import windows
 from streaming.compile import (
     EVENT_ENGINE_MAX_TILES,
     CompiledView,
@@ -34,7 +29,6 @@ from streaming.tile_state import Shard, ShardStates, fire_shard
 from streaming.windows import WindowEngine, new_state
 
 F = AggregationFunction
-ROOT = Path(__file__).resolve().parents[2]
 MINUTE = 60_000
 
 
@@ -214,22 +208,6 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
     assert restores > 5
     assert reads + states.reads > restores  # shards were read back, not only created
     assert len(tiles.by_key) > 1
-
-
-def test_shards_are_the_same_in_every_process():
-    """Rows of an entity reach one shard whatever the process (str hashes are salted per
-    process: a shard from hash() would scatter an entity's tiles after a restart)."""
-    entities = [f"entity-{i}" for i in range(200)]
-    here = [tile_state.shard_of(e) for e in entities]
-    code = f"from streaming.tile_state import shard_of; print([shard_of(e) for e in {entities!r}])"
-    for seed in ("1", "2"):
-        env = os.environ | {"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-        assert ast.literal_eval(out.stdout) == here
-    assert set(here) == set(range(tile_state.SHARDS))  # 200 entities cover every shard
-    assert tile_state.shard_of(None) == tile_state.SIDE_KEY
 
 
 def test_window_queue_counts_distinct_values_out_as_tiles_leave(monkeypatch):
