@@ -63,11 +63,12 @@ StageCounts = PrepareCounts | WindowCounts | PublishCounts
 CARRIED: dict[type, tuple[str, ...]] = {
     PrepareCounts: ("events", "late", "filtered", "rejected", "heartbeats"),
     WindowCounts: ("aggregated", "duplicates", "open"),
+    PublishCounts: ("rows",),
 }
 
 
 def carried(counts: StageCounts) -> dict[str, int]:
-    """The counters of ``counts`` that a snapshot carries (none for PublishCounts)."""
+    """The counters of ``counts`` that a snapshot carries."""
     return {name: getattr(counts, name) for name in CARRIED.get(type(counts), ())}
 
 

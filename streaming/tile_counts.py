@@ -24,13 +24,10 @@ Why this design (issue 11):
   - Cumulative counts in a non-windowed SQL GROUP BY would emit an update stream (retractions)
     into the DataStream and could not count what Python decides (late, filtered or rejected
     for an event the SQL decode cannot read, heartbeats).
-Not carried: the rows written (PublishCounts): rows are written by the timers of every shard
-key, on every instance, and a count kept at a timer under another key (the progress clock's,
-every 200 ms) would miss the rows between its last tick and a barrier, which a restored run
-does not write again. Carrying them exactly needs a write at each bundle's end (the flush
-gauge, functions.on_bundle_end) into the state of a key the instance owns, e.g. its progress
-clock's key: PyFlink offers no key there; its keyed state backend's set_current_key (private
-API, process mode only) would, with the restored keys' values summed on their first timer.
+The rows written (PublishCounts.rows) are carried too, but not here: rows are written by the
+timers of every shard key, and a count kept under another key would miss the rows between its
+last update and a barrier. Each shard counts its own in its state instead (tile_state.ROWS_ENTRY),
+and the run sums them as it reads the shards back (``restored`` of the publish records).
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ by as many), so events read over runs add up to what the topic holds and each ru
 events == processed + open; a bounded run ends with every tile closed (open == 0). Heartbeats
 arrive as side rows. All of these rows come under the side key, and the counters are that
 key's state too (streaming/tile_counts.py): a restored run reports the snapshot's counters
-beside its own. The three records per subtask (prepare, windows, publish) come from this one
-function.
+beside its own. The rows written are counted per shard, in the shard's state
+(tile_state.ROWS_ENTRY), and each shard keeps a processing-time timer (SHARD_TICK_MS), so that
+a restored run reads every shard back, and reports their rows as restored, within a second.
+The three records per subtask (prepare, windows, publish) come from this one function.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from core.kafka import CountingProducer
-from core.stream_stats import PrepareCounts, WindowCounts
+from core.stream_stats import PrepareCounts, PublishCounts, WindowCounts
 from features.validation import Rejection, RejectReason
 from streaming import row_equality
 from streaming.compile import CompiledView
@@ -39,7 +41,7 @@ from streaming.functions import ProgressClock, flush_writers, on_bundle_end, sub
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tile_counts import CarriedCounts
-from streaming.tile_state import SIDE_KEY, ShardStates, fire_shard
+from streaming.tile_state import SIDE_KEY, Shard, ShardStates, fire_shard
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -61,6 +63,11 @@ from streaming.tiles import (
 from streaming.windows import Added, WindowEngine
 
 END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
+# Every shard this instance read keeps a processing-time timer at the next multiple of this:
+# a restore brings the timers back, so a restored run reads every shard within about this
+# long and knows the rows written before the snapshot (tile_state.ROWS_ENTRY), even a shard
+# no tile row or firing would reach soon. Aligned, so two chains on one shard are one timer.
+SHARD_TICK_MS = 1_000
 
 
 def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
@@ -120,6 +127,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             t = row[T]
             bucket = t - t % slide
             shard = self.states.shard(context.get_current_key())
+            self.keep_ticking(shard, context)
             cached = self.states.entity(shard, entity)
             new = self.engine.add_tile(cached.state, bucket, self.decode(row)) is Added.NEW_TILE
             if new:
@@ -177,14 +185,27 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 read.rejected += 1
             self.dead.send(outcome, row[RAW], row[RAW_KEY], row[PART], row[OFF])
 
+        def keep_ticking(self, shard: Shard, context: Any, *, ticked: bool = False) -> None:
+            """The shard's processing-time timer (SHARD_TICK_MS), registered once per process
+            unless ``ticked`` (it just fired: the next one)."""
+            if shard.ticking and not ticked:
+                return
+            service = context.timer_service()
+            now = service.current_processing_time()
+            service.register_processing_time_timer(now - now % SHARD_TICK_MS + SHARD_TICK_MS)
+            shard.ticking = True
+
         def on_timer(self, timestamp: int, context: Any) -> Iterator[Any]:
             yield from ()
-            if self.clock.tick(context):
-                return
             key = context.get_current_key()
+            if self.clock.tick(context):  # a processing-time timer: the clock's, a shard's
+                if key != SIDE_KEY and timestamp % SHARD_TICK_MS == 0:
+                    self.keep_ticking(self.states.shard(key), context, ticked=True)
+                return
             if key == SIDE_KEY:
                 return
             shard = self.states.shard(key)
+            self.keep_ticking(shard, context)
             watermark = context.timer_service().current_watermark()
             self.ended = watermark == END_OF_INPUT
             self.publisher.observe(watermark)
@@ -196,6 +217,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 context.timer_service().register_event_time_timer(shard.pending)
 
         def flush(self) -> int:
+            self.stats.restored(PublishCounts, {"rows": self.states.restored_rows})
             counts = (self.read, self.windows)
             flush_writers(self.producer, self.publisher, self.stats, counts)
             return self.read.events
@@ -209,6 +231,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 # ends (measured), so the count is taken from the closed tiles.
                 self.read.events -= self.windows.open
                 self.windows.open = 0
+            self.stats.restored(PublishCounts, {"rows": self.states.restored_rows})
             counts = (self.read, self.windows)
             flush_writers(self.producer, self.publisher, self.stats, counts, final=True)
 

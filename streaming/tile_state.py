@@ -6,6 +6,8 @@ shard, in Flink's keyed state:
 
   tiles      MapState "bucket|entity" -> tile: a tile row writes its own tile only, a firing
              removes the tiles it evicted and nothing else;
+             Beside the tiles, the entry ROWS_ENTRY: the rows the shard's firings wrote, over
+             every run (statistics that survive a restore, below);
   next_end   ValueState: the first window end the shard has not fired yet (an int).
 
 and one event-time timer: the earliest end any of its entities has due. A firing walks the
@@ -30,6 +32,15 @@ merges of long windows, streaming/windows.py). Every change goes to Flink's stat
 made, so the cache is never needed for correctness: a shard not in it (a restore, a new worker,
 an evicted shard) is read back from its two states and its memos and queues start empty.
 Flink's state is scoped to the current key, set by Flink before process_element and on_timer.
+
+Rows written survive a restore. A firing adds the rows it wrote to its shard's ROWS_ENTRY, in
+the same key's state as the tiles it evicted, so a checkpoint holds, per shard, the rows of
+exactly the firings before its barrier (their rows are written at the bundle's end, before the
+snapshot: streaming/functions.py). A restored run reads a shard's count when it first reads the
+shard back and sums those counts (``restored_rows``), once per shard: a shard read back again
+after the cache dropped it holds this run's rows too. Every shard read back is counted; the
+tile function makes sure each is read back soon after a restore (a processing-time timer per
+shard, tile_functions.py), not only when its next tile or firing comes.
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ SHARDS = 32
 # live under it, the counters do (streaming/tile_counts.py).
 SIDE_KEY = -1
 _SEPARATOR = "|"
+# The tiles map's entry of the shard's rows written: no tile's entry (those start with a bucket).
+ROWS_ENTRY = "#rows"
 
 
 def shard_of(entity: str | None) -> int:
@@ -113,6 +126,10 @@ class Shard:
     # its timers; a repeat of one is dropped).
     pending: int | None = None
     tiles: int = 0  # tiles held, for the cache's bound
+    rows: int = 0  # rows its firings wrote, over every run (its ROWS_ENTRY)
+    # Whether this process registered the shard's processing-time timer (tile_functions.py).
+    # Not state, as ``pending``.
+    ticking: bool = False
 
 
 def _entry(bucket: int, entity: str) -> str:
@@ -129,6 +146,10 @@ class ShardStates:
         self._cache: OrderedDict[int, Shard] = OrderedDict()
         self._held = 0  # tiles in the cache
         self.reads = 0  # shards read back from Flink's state (cache misses)
+        self._read_once: set[int] = set()  # shards whose rows written were read back
+        # Rows written by the shards read back so far, as their state held them at the start
+        # of this run (the snapshot's: 0 for a fresh start).
+        self.restored_rows = 0
 
     def shard(self, key: int) -> Shard:
         """The shard of the current key (read back from Flink's state when not cached)."""
@@ -140,11 +161,17 @@ class ShardStates:
         shard = self._cache[key] = Shard(key, self._next_end.value())
         by_entity: dict[str, list[tuple[int, Any]]] = {}
         for entry, tile in self._tiles.items():
+            if entry == ROWS_ENTRY:
+                shard.rows = int(tile)
+                continue
             bucket, _, entity = entry.partition(_SEPARATOR)
             by_entity.setdefault(entity, []).append((int(bucket), tile))
         for entity, tiles in by_entity.items():
             shard.entities[entity] = Cached([shard.next_end, TrackedTiles(tiles)])
             shard.tiles += len(tiles)
+        if key not in self._read_once:
+            self._read_once.add(key)
+            self.restored_rows += shard.rows
         self._held += shard.tiles
         self._bound(shard)
         return shard
@@ -177,6 +204,12 @@ class ShardStates:
         tiles.deleted.clear()
         if not tiles:
             del shard.entities[entity]
+
+    def rows_written(self, shard: Shard, rows: int) -> None:
+        """A firing of the shard wrote ``rows`` rows."""
+        if rows:
+            shard.rows += rows
+            self._tiles.put(ROWS_ENTRY, shard.rows)
 
     def shard_fired(self, shard: Shard, next_end: int) -> None:
         """The shard fired every end before ``next_end``. A shard left without entities
@@ -215,11 +248,13 @@ def fire_shard(
     next timer (None: no entity has tiles left)."""
     slide = engine.slide
     following: int | None = None
+    rows = 0
     for entity, cached in list(shard.entities.items()):
         due = engine.next_timer(cached.state)
         if due is not None and due <= upto:
             for end, values in engine.fire(cached.state, upto, cached.memo, cached.queues):
                 emit(entity, end, values)
+                rows += 1
             states.fired(shard, entity, cached)
             if entity not in shard.entities:
                 continue
@@ -227,5 +262,6 @@ def fire_shard(
             due = engine.next_timer(cached.state)
         if due is not None and (following is None or due < following):
             following = due
+    states.rows_written(shard, rows)
     states.shard_fired(shard, upto - upto % slide + slide)
     return following

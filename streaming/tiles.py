@@ -123,7 +123,9 @@ records name them as ``restored``). Why so, and not otherwise:
     alone, the planner pruned its copy of the tile aggregation and ran that copy over every
     level-1 row (about +5 us of CPU per event, measured), instead of sharing the one
     aggregation with the tile rows.
-  - Not carried: rows written (PublishCounts), emitted by the timers of every shard key.
+  - Rows written (PublishCounts.rows) are emitted by the timers of every shard key, so each
+    shard counts its own in its state, summed as a restored run reads the shards back
+    (streaming/tile_state.py).
 Other differences:
   - counts: events are counted when read, by read rows (per partition and 100 ms of processing
     time: a branch of the query, a processing-time TUMBLE over the source), and processed
@@ -179,8 +181,9 @@ READ_INTERVAL_MS = 100
 # a new layout starts afresh in a snapshot directory of its own (streaming/job.job_dir), as a
 # changed view does. 2: the closed rows (statistics in the job's state). 3: keyed by shard of
 # entities, one MapState entry per tile (streaming/tile_state.py). 4: the shard computed in
-# the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard).
-PLAN_VERSION = 4
+# the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard). 5: each shard's
+# rows written in its state (tile_state.ROWS_ENTRY) and a processing-time timer per shard.
+PLAN_VERSION = 5
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never

@@ -323,6 +323,7 @@ class RestartRun:
     stopped_at: Any  # streaming.monitor.ViewReport of run 1 (stopped with a savepoint)
     resumed: Any  # ... of run 2 (restored from it)
     final_w: int  # the final watermark: sentinels past it stay in open windows/tiles
+    rows_in_topic: int  # records in the view's features topic (its name is the run's own)
 
 
 def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) -> RestartRun:
@@ -427,7 +428,8 @@ def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) 
         if k[1] <= final_w
     }
     got: dict[tuple[str, int], Any] = {}
-    for msg in read_all(settings, features_topic(view.name)):
+    records = list(read_all(settings, features_topic(view.name)))
+    for msg in records:
         row = FeatureRow.decode(msg.value())
         key = (row.entity_key, row.window_end_ms)
         assert key not in got or got[key] == row.values
@@ -435,7 +437,7 @@ def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) 
     assert row_differences(got, want) == []
     # Windows that were open at the stop, holding events of run 1, were emitted by run 2.
     assert any(stop_w < end <= newest_a + view.max_window.size_ms for _, end in want)
-    return RestartRun(topic, stopped_at, resumed, final_w)
+    return RestartRun(topic, stopped_at, resumed, final_w, len(records))
 
 
 def check_carried_counts(run: RestartRun) -> None:
@@ -452,6 +454,10 @@ def check_carried_counts(run: RestartRun) -> None:
     assert resumed.restored == {name: getattr(at_stop, name) for name in names}
     total = resumed.cumulative()
     assert total.events == len(run.topic.events), "the totals count every event once"
+    # Rows written are carried per shard (streaming/tile_state.ROWS_ENTRY): the totals count
+    # every row of the features topic (a stop with a savepoint writes nothing twice).
+    assert resumed.restored["rows"] == stopped_at.rows > 0
+    assert total.rows == run.rows_in_topic
     assert total.heartbeats == stopped_at.heartbeats + resumed.heartbeats
     assert total.balanced(), total
     processed = total.aggregated + total.duplicates + total.filtered + total.late

@@ -25,7 +25,7 @@ from streaming.compile import (
     compile_view,
 )
 from streaming.errors import UnsupportedViewError
-from streaming.tile_state import Shard, ShardStates, fire_shard
+from streaming.tile_state import ROWS_ENTRY, Shard, ShardStates, fire_shard
 from streaming.windows import WindowEngine, new_state
 
 F = AggregationFunction
@@ -137,6 +137,7 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
     plain: dict[str, windows.State] = {}  # one state per entity, as keyed by entity
     watermark = 0
     restores = fired = reads = 0
+    rows = {"written": 0, "at_restore": 0}  # rows emitted; as of the last restore
 
     def current(key: int) -> Shard:
         tiles.key = next_end.key = key
@@ -164,6 +165,7 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
 
             def emit(entity: str, end: int, values: dict[str, Any], got: Any = got) -> None:
                 got.setdefault(entity, []).append((end, values))
+                rows["written"] += 1
 
             for key in sorted(set(shard_of.values())):
                 shard = current(key)
@@ -186,24 +188,33 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
             reads += states.reads
             states = ShardStates(tiles, next_end, capacity=capacity)
             restores += 1
+            # Every shard read back (the shards' timers do that live): the rows written
+            # before the restore, each counted once.
+            for key in range(3):
+                current(key)
+            assert states.restored_rows == rows["written"]
+            rows["at_restore"] = rows["written"]
     # The end of the input: Flink's last watermark is the largest long, every row is due.
     end_of_input = 2**63 - 1
     closing: dict[str, list[Any]] = {}
+
+    def close(entity: str, end: int, values: dict[str, Any]) -> None:
+        closing.setdefault(entity, []).append((end, values))
+        rows["written"] += 1
+
     for key in sorted(set(shard_of.values())):
         shard = current(key)
-        fire_shard(
-            engine,
-            states,
-            shard,
-            end_of_input,
-            lambda e, end, v: closing.setdefault(e, []).append((end, v)),
-        )
+        fire_shard(engine, states, shard, end_of_input, close)
         assert shard.entities == {}
     for entity, state in plain.items():
         same_rows(closing.pop(entity, []), engine.fire(state, end_of_input))
     assert closing == {}
     assert next_end.by_key == {}  # shards without entities keep no next end
-    assert all(entries == {} for entries in tiles.by_key.values())
+    # Only the rows written are left, per shard: as many as were emitted, and read back once
+    # (shards the small cache dropped and read again add nothing to what was restored).
+    assert all(set(entries) <= {ROWS_ENTRY} for entries in tiles.by_key.values())
+    assert sum(pickle.loads(e[ROWS_ENTRY]) for e in tiles.by_key.values() if e) == rows["written"]
+    assert states.restored_rows == rows["at_restore"] < rows["written"]
     assert fired > 100
     assert restores > 5
     assert reads + states.reads > restores  # shards were read back, not only created
@@ -268,3 +279,39 @@ def test_sorted_tiles_keep_their_buckets_in_order() -> None:
         with pytest.raises(TypeError, match="item assignment and del only"):
             call()
     assert tiles.buckets() == sorted(plain)
+
+
+def test_rows_written_are_restored_once_per_shard_though_read_back_again() -> None:
+    """A shard dropped by the cache and read back holds this run's rows too: not restored."""
+    compiled = compile_view(view((Window.sliding("10m", "1m"),)))
+    engine = WindowEngine(compiled)
+    tiles, next_end = FakeMap(), FakeValue()
+    rng = random.Random(7)
+
+    def current(states: ShardStates, key: int) -> Shard:
+        tiles.key = next_end.key = key
+        return states.shard(key)
+
+    def run(states: ShardStates, watermark: int) -> int:
+        """A tile for each shard's entity at the watermark, then a firing a minute on."""
+        written = []
+        for key in (0, 1):
+            shard = current(states, key)
+            cached = states.entity(shard, f"e{key}")
+            new = engine.add_tile(cached.state, watermark, random_tile(compiled, rng, watermark))
+            states.tile_changed(shard, f"e{key}", cached, watermark, new is windows.Added.NEW_TILE)
+        for key in (0, 1):
+            shard = current(states, key)
+            fire_shard(engine, states, shard, watermark + MINUTE, lambda *row: written.append(row))
+        return len(written)
+
+    first = ShardStates(tiles, next_end, capacity=1)  # one shard pushes the other out
+    before = run(first, 0)
+    assert before == 2
+    assert first.restored_rows == 0  # a fresh start
+    restored = ShardStates(tiles, next_end, capacity=1)
+    after = run(restored, MINUTE)  # reads 0, 1 (0 out), 0 again (1 out), 1 again
+    assert restored.reads >= 4
+    assert restored.restored_rows == before
+    assert after == 2
+    assert {key: pickle.loads(tiles.by_key[key][ROWS_ENTRY]) for key in (0, 1)} == {0: 2, 1: 2}
