@@ -39,6 +39,9 @@ class _Map:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
 
+    def get(self, key: str) -> Any:
+        return pickle.loads(self.data[key]) if key in self.data else None
+
     def put(self, key: str, value: Any) -> None:
         self.data[key] = pickle.dumps(value)
 
@@ -47,20 +50,6 @@ class _Map:
 
     def items(self) -> list[tuple[str, Any]]:
         return [(k, pickle.loads(v)) for k, v in self.data.items()]
-
-
-class _Value:
-    def __init__(self) -> None:
-        self.data: bytes | None = None
-
-    def value(self) -> Any:
-        return None if self.data is None else pickle.loads(self.data)
-
-    def update(self, value: Any) -> None:
-        self.data = pickle.dumps(value)
-
-    def clear(self) -> None:
-        self.data = None
 
 
 def tile(compiled: CompiledView, rng: random.Random, bucket: int) -> list[Any]:
@@ -81,7 +70,7 @@ def per_minute_ms(compiled: CompiledView, minutes: int) -> tuple[float, float, f
     engine = WindowEngine(compiled)
     tiles_per_window = compiled.max_window_ms // compiled.slide_ms
     old = new_state()
-    states = ShardStates(_Map(), _Value())
+    states = ShardStates(_Map())
     shard = states.shard(0)
     cached = states.entity(shard, "k")
     for i in range(tiles_per_window):

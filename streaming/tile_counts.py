@@ -39,9 +39,9 @@ from streaming.sinks import StatsReporter
 
 
 class CarriedCounts:
-    """Keeps one instance's prepare and windows counters in the side key's ValueState
-    (``state``: a PyFlink ValueState of pickled objects, read and written only while the side
-    key is current)."""
+    """Keeps one instance's prepare and windows counters in the side key's state (``state``:
+    value/update of pickled objects, read and written only while the side key is current; the
+    tile function's is an entry of its one MapState, tile_state.MapEntry)."""
 
     def __init__(
         self, state: Any, read: PrepareCounts, windows: WindowCounts, stats: StatsReporter

@@ -41,7 +41,14 @@ from streaming.functions import ProgressClock, flush_writers, on_bundle_end, sub
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.tile_counts import CarriedCounts
-from streaming.tile_state import SIDE_KEY, Shard, ShardStates, fire_shard
+from streaming.tile_state import (
+    COUNTS_ENTRY,
+    SIDE_KEY,
+    MapEntry,
+    Shard,
+    ShardStates,
+    fire_shard,
+)
 from streaming.tiles import (
     COPIES,
     HEARTBEAT,
@@ -79,19 +86,18 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
     class Tiles(KeyedProcessFunction):  # type: ignore[misc]
         def open(self, runtime_context: Any) -> None:
             from pyflink.common import Types
-            from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+            from pyflink.datastream.state import MapStateDescriptor
 
             row_equality.install()  # the keyed operator compares a Row key per element
             self.engine = WindowEngine(compiled)
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)
-            # Per shard: its entities' tiles, one entry each, and the first end it has not
-            # fired (streaming/tile_state.py).
-            tiles = MapStateDescriptor("tiles", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
-            next_end = ValueStateDescriptor("next_end", Types.LONG())
-            self.states = ShardStates(
-                runtime_context.get_map_state(tiles), runtime_context.get_state(next_end)
-            )
+            # The one state of every key. Per shard: its entities' tiles, one entry each, the
+            # first end it has not fired and its rows written; under the side key, the
+            # counters (streaming/tile_state.py).
+            descriptor = MapStateDescriptor("tiles", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+            state = runtime_context.get_map_state(descriptor)
+            self.states = ShardStates(state)
             self.producer = CountingProducer(ctx.settings)
             slot = subtask_slot(runtime_context)
             self.publisher = RowPublisher(self.producer, ctx, compiled.view, slot)
@@ -100,9 +106,8 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.read = PrepareCounts()
             self.windows = WindowCounts()
             self.stats = StatsReporter(self.producer, ctx, compiled.name, slot[0])
-            counts = ValueStateDescriptor("counts", Types.PICKLED_BYTE_ARRAY())
             self.carried = CarriedCounts(
-                runtime_context.get_state(counts), self.read, self.windows, self.stats
+                MapEntry(state, COUNTS_ENTRY), self.read, self.windows, self.stats
             )
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)

@@ -5,10 +5,13 @@ SQL by streaming/java/sluice/Shard.java; shard_of is its Python twin), not by en
 shard, in Flink's keyed state:
 
   tiles      MapState "bucket|entity" -> tile: a tile row writes its own tile only, a firing
-             removes the tiles it evicted and nothing else;
-             Beside the tiles, the entry ROWS_ENTRY: the rows the shard's firings wrote, over
-             every run (statistics that survive a restore, below);
-  next_end   ValueState: the first window end the shard has not fired yet (an int).
+             removes the tiles it evicted and nothing else. Beside the tiles, in the same map
+             (one state per key: PyFlink pays per state at every key switch and every bundle
+             end, a synchronous write per changed state and key):
+               NEXT_ENTRY  the first window end the shard has not fired yet (an int);
+               ROWS_ENTRY  the rows the shard's firings wrote, over every run (statistics that
+                           survive a restore, below);
+               the side key's counters (tile_counts.py), under COUNTS_ENTRY.
 
 and one event-time timer: the earliest end any of its entities has due. A firing walks the
 shard's entities and fires those with an end due (fire_shard). Why shards (issue 11): keyed by
@@ -30,7 +33,7 @@ Python keeps the decoded state of recently used shards (least recently used out 
 more than ``capacity`` tiles), with each entity's window memo and WindowQueues (the cached
 merges of long windows, streaming/windows.py). Every change goes to Flink's state as it is
 made, so the cache is never needed for correctness: a shard not in it (a restore, a new worker,
-an evicted shard) is read back from its two states and its memos and queues start empty.
+an evicted shard) is read back from its map and its memos and queues start empty.
 Flink's state is scoped to the current key, set by Flink before process_element and on_timer.
 
 Rows written survive a restore. A firing adds the rows it wrote to its shard's ROWS_ENTRY, in
@@ -64,8 +67,10 @@ SHARDS = 32
 # live under it, the counters do (streaming/tile_counts.py).
 SIDE_KEY = -1
 _SEPARATOR = "|"
-# The tiles map's entry of the shard's rows written: no tile's entry (those start with a bucket).
+# The map's entries that are not tiles (a tile's starts with its bucket, a number).
+NEXT_ENTRY = "#next"
 ROWS_ENTRY = "#rows"
+COUNTS_ENTRY = "#counts"
 
 
 def shard_of(entity: str | None) -> int:
@@ -79,17 +84,27 @@ def shard_of(entity: str | None) -> int:
 class MapLike(Protocol):
     """What ShardStates uses of PyFlink's MapState (pyflink.datastream.state.MapState)."""
 
+    def get(self, key: Any) -> Any: ...
     def put(self, key: Any, value: Any) -> None: ...
     def remove(self, key: Any) -> None: ...
     def items(self) -> Any: ...
 
 
-class ValueLike(Protocol):
-    """What ShardStates uses of PyFlink's ValueState."""
+class MapEntry:
+    """One entry of a MapState as a ValueState (value, update, clear)."""
 
-    def value(self) -> Any: ...
-    def update(self, value: Any) -> None: ...
-    def clear(self) -> None: ...
+    def __init__(self, state: MapLike, entry: str) -> None:
+        self._state = state
+        self._entry = entry
+
+    def value(self) -> Any:
+        return self._state.get(self._entry)
+
+    def update(self, value: Any) -> None:
+        self._state.put(self._entry, value)
+
+    def clear(self) -> None:
+        self._state.remove(self._entry)
 
 
 class TrackedTiles(SortedTiles):
@@ -139,9 +154,8 @@ def _entry(bucket: int, entity: str) -> str:
 class ShardStates:
     """The shards' window state (see the module docstring)."""
 
-    def __init__(self, tiles: MapLike, next_end: ValueLike, capacity: int | None = None) -> None:
+    def __init__(self, tiles: MapLike, capacity: int | None = None) -> None:
         self._tiles = tiles
-        self._next_end = next_end
         self._capacity = DEFAULT_CAPACITY_TILES if capacity is None else capacity
         self._cache: OrderedDict[int, Shard] = OrderedDict()
         self._held = 0  # tiles in the cache
@@ -158,11 +172,14 @@ class ShardStates:
             self._cache.move_to_end(key)
             return shard
         self.reads += 1
-        shard = self._cache[key] = Shard(key, self._next_end.value())
+        shard = self._cache[key] = Shard(key)
         by_entity: dict[str, list[tuple[int, Any]]] = {}
         for entry, tile in self._tiles.items():
-            if entry == ROWS_ENTRY:
-                shard.rows = int(tile)
+            if entry.startswith("#"):
+                if entry == NEXT_ENTRY:
+                    shard.next_end = int(tile)
+                elif entry == ROWS_ENTRY:
+                    shard.rows = int(tile)
                 continue
             bucket, _, entity = entry.partition(_SEPARATOR)
             by_entity.setdefault(entity, []).append((int(bucket), tile))
@@ -218,10 +235,10 @@ class ShardStates:
         if not shard.entities:
             if shard.next_end is not None:
                 shard.next_end = None
-                self._next_end.clear()
+                self._tiles.remove(NEXT_ENTRY)
         elif shard.next_end is None or next_end > shard.next_end:
             shard.next_end = next_end
-            self._next_end.update(next_end)
+            self._tiles.put(NEXT_ENTRY, next_end)
 
     def _bound(self, current: Shard) -> None:
         while self._held > self._capacity and len(self._cache) > 1:

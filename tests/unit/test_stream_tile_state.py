@@ -25,7 +25,7 @@ from streaming.compile import (
     compile_view,
 )
 from streaming.errors import UnsupportedViewError
-from streaming.tile_state import ROWS_ENTRY, Shard, ShardStates, fire_shard
+from streaming.tile_state import NEXT_ENTRY, ROWS_ENTRY, Shard, ShardStates, fire_shard
 from streaming.windows import WindowEngine, new_state
 
 F = AggregationFunction
@@ -39,30 +39,24 @@ class FakeMap:
         self.by_key: dict[int, dict[str, bytes]] = {}
         self.key = 0
 
+    def get(self, entry: str) -> Any:
+        stored = self.by_key.get(self.key, {}).get(entry)
+        return None if stored is None else pickle.loads(stored)
+
     def put(self, entry: str, tile: Any) -> None:
+        if entry == NEXT_ENTRY:
+            assert -(2**63) <= tile < 2**63, "a long"
         self.by_key.setdefault(self.key, {})[entry] = pickle.dumps(tile)
 
     def remove(self, entry: str) -> None:
         del self.by_key[self.key][entry]
 
+    def entries(self, entry: str) -> dict[int, Any]:
+        """Per key, its value of ``entry`` (when it has one)."""
+        return {k: pickle.loads(e[entry]) for k, e in self.by_key.items() if entry in e}
+
     def items(self) -> list[tuple[str, Any]]:
         return [(e, pickle.loads(v)) for e, v in self.by_key.get(self.key, {}).items()]
-
-
-class FakeValue:
-    def __init__(self) -> None:
-        self.by_key: dict[int, Any] = {}
-        self.key = 0
-
-    def value(self) -> Any:
-        return self.by_key.get(self.key)
-
-    def update(self, value: Any) -> None:
-        assert -(2**63) <= value < 2**63, "a LONG state"
-        self.by_key[self.key] = value
-
-    def clear(self) -> None:
-        self.by_key.pop(self.key, None)
 
 
 def view(windows_: tuple[Window, ...]) -> FeatureView:
@@ -130,9 +124,9 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
     )
     rng = random.Random(seed)
     engine = WindowEngine(compiled)
-    tiles, next_end = FakeMap(), FakeValue()
+    tiles = FakeMap()
     capacity = rng.choice([30, 10_000])
-    states = ShardStates(tiles, next_end, capacity=capacity)
+    states = ShardStates(tiles, capacity=capacity)
     shard_of = {entity: rng.randrange(3) for entity in "abcdefg"}
     plain: dict[str, windows.State] = {}  # one state per entity, as keyed by entity
     watermark = 0
@@ -140,7 +134,7 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
     rows = {"written": 0, "at_restore": 0}  # rows emitted; as of the last restore
 
     def current(key: int) -> Shard:
-        tiles.key = next_end.key = key
+        tiles.key = key
         return states.shard(key)
 
     for step in range(500):
@@ -186,7 +180,7 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
             assert held == set(plain)  # entities without tiles left their shard
         if step % 37 == 0:  # a restore: a new function, state read back from Flink's
             reads += states.reads
-            states = ShardStates(tiles, next_end, capacity=capacity)
+            states = ShardStates(tiles, capacity=capacity)
             restores += 1
             # Every shard read back (the shards' timers do that live): the rows written
             # before the restore, each counted once.
@@ -209,11 +203,11 @@ def test_shards_and_window_queues_give_the_rows_of_the_plain_path(seed, monkeypa
     for entity, state in plain.items():
         same_rows(closing.pop(entity, []), engine.fire(state, end_of_input))
     assert closing == {}
-    assert next_end.by_key == {}  # shards without entities keep no next end
+    assert tiles.entries(NEXT_ENTRY) == {}  # shards without entities keep no next end
     # Only the rows written are left, per shard: as many as were emitted, and read back once
     # (shards the small cache dropped and read again add nothing to what was restored).
     assert all(set(entries) <= {ROWS_ENTRY} for entries in tiles.by_key.values())
-    assert sum(pickle.loads(e[ROWS_ENTRY]) for e in tiles.by_key.values() if e) == rows["written"]
+    assert sum(tiles.entries(ROWS_ENTRY).values()) == rows["written"]
     assert states.restored_rows == rows["at_restore"] < rows["written"]
     assert fired > 100
     assert restores > 5
@@ -285,11 +279,11 @@ def test_rows_written_are_restored_once_per_shard_though_read_back_again() -> No
     """A shard dropped by the cache and read back holds this run's rows too: not restored."""
     compiled = compile_view(view((Window.sliding("10m", "1m"),)))
     engine = WindowEngine(compiled)
-    tiles, next_end = FakeMap(), FakeValue()
+    tiles = FakeMap()
     rng = random.Random(7)
 
     def current(states: ShardStates, key: int) -> Shard:
-        tiles.key = next_end.key = key
+        tiles.key = key
         return states.shard(key)
 
     def run(states: ShardStates, watermark: int) -> int:
@@ -305,13 +299,13 @@ def test_rows_written_are_restored_once_per_shard_though_read_back_again() -> No
             fire_shard(engine, states, shard, watermark + MINUTE, lambda *row: written.append(row))
         return len(written)
 
-    first = ShardStates(tiles, next_end, capacity=1)  # one shard pushes the other out
+    first = ShardStates(tiles, capacity=1)  # one shard pushes the other out
     before = run(first, 0)
     assert before == 2
     assert first.restored_rows == 0  # a fresh start
-    restored = ShardStates(tiles, next_end, capacity=1)
+    restored = ShardStates(tiles, capacity=1)
     after = run(restored, MINUTE)  # reads 0, 1 (0 out), 0 again (1 out), 1 again
     assert restored.reads >= 4
     assert restored.restored_rows == before
     assert after == 2
-    assert {key: pickle.loads(tiles.by_key[key][ROWS_ENTRY]) for key in (0, 1)} == {0: 2, 1: 2}
+    assert tiles.entries(ROWS_ENTRY) == {0: 2, 1: 2}
