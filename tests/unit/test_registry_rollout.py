@@ -41,7 +41,9 @@ def _trainer(root: str, text: str, metadata_json: str, barrier: object, out: obj
 def test_concurrent_trainer_processes_get_distinct_versions(tmp_path, trained):
     text, metadata = trained
     root = f"file://{tmp_path}/models"
-    context = multiprocessing.get_context("fork")
+    # Spawned, not forked: by now the test process runs threads (gRPC's, from earlier tests),
+    # and a forked child can hang on a lock one of them held (seen in CI: no version in 60 s).
+    context = multiprocessing.get_context("spawn")
     barrier, out = context.Barrier(4), context.Queue()
     workers = [
         context.Process(

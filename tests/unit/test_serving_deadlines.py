@@ -146,7 +146,7 @@ def test_a_stuck_store_is_answered_degraded_within_the_deadline(registry, reader
 
 
 def test_reject_mode_answers_504_at_the_deadline(registry, reader, producer):
-    reader.delay_s = 0.5
+    reader.delay_s = 2.0
     app = app_for(registry, reader, producer, serve_store_unavailable="reject")
     with TestClient(app) as client:
         started = time.perf_counter()
@@ -154,7 +154,9 @@ def test_reject_mode_answers_504_at_the_deadline(registry, reader, producer):
         elapsed = time.perf_counter() - started
     assert answer.status_code == 504
     assert answer.json()["error"] == "deadline_exceeded"
-    assert elapsed < 0.4  # the stuck read takes 0.5 s
+    # Answered before the stuck read (2 s) came back; the margin is for a loaded machine
+    # (0.45 s was seen in CI for this 100 ms deadline).
+    assert elapsed < 1.0
     assert producer.delivered == []  # nothing answered, nothing logged
 
 
