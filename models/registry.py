@@ -228,12 +228,25 @@ class ModelRegistry:
         except (OSError, pa.ArrowException) as exc:
             raise ModelRegistryError(f"cannot read {path}: {exc}") from exc
 
-    def _children(self, path: str) -> list[str]:
+    def _list(self, path: str) -> list[pafs.FileInfo]:
+        """The entries of directory ``path``; none when it does not exist.
+
+        FileNotFoundError despite allow_not_found is a race, not an error: pyarrow's local
+        filesystem lists the directory, and when that fails checks whether it exists, so a
+        directory another trainer creates in between (the first save of a new model name) fails
+        the listing with ENOENT (seen in CI). It did not exist when listed: empty."""
         try:
-            infos = self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            infos: list[pafs.FileInfo] = self._fs.get_file_info(
+                pafs.FileSelector(path, allow_not_found=True)
+            )
+        except FileNotFoundError:
+            return []
         except (OSError, pa.ArrowException) as exc:
             raise ModelRegistryError(f"cannot list {path}: {exc}") from exc
-        return [info.base_name for info in infos if info.type == pafs.FileType.Directory]
+        return infos
+
+    def _children(self, path: str) -> list[str]:
+        return [i.base_name for i in self._list(path) if i.type == pafs.FileType.Directory]
 
     def models(self) -> list[str]:
         return sorted(n for n in self._children(self._path) if _NAME.match(n) and self.versions(n))
@@ -250,11 +263,7 @@ class ModelRegistry:
         return complete
 
     def _entries(self, path: str) -> list[str]:
-        try:
-            infos = self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except (OSError, pa.ArrowException) as exc:
-            raise ModelRegistryError(f"cannot list {path}: {exc}") from exc
-        return [info.base_name for info in infos]
+        return [info.base_name for info in self._list(path)]
 
     def _next_free(self, name: str) -> int:
         """One above the highest version directory holding anything (an empty one is a claim

@@ -169,3 +169,47 @@ def test_a_bad_rollout_file_is_a_clear_error(tmp_path, trained):
     (tmp_path / NAME / "rollout.json").write_text('{"canary": {"version": 1, "share": 2}}')
     with pytest.raises(ModelRegistryError, match=r"bad rollout\.json"):
         registry.rollout(NAME)
+
+
+class _ListingRace:
+    """A filesystem whose first listing of a directory fails as pyarrow's local one does when
+    another trainer creates that directory between its listing and its existence check."""
+
+    def __init__(self, fs: object) -> None:
+        self._fs = fs
+        self.raced = 0
+
+    def get_file_info(self, what: object) -> object:
+        import pyarrow.fs as pafs
+
+        if isinstance(what, pafs.FileSelector) and not self.raced:
+            self.raced += 1
+            self._fs.create_dir(what.base_dir, recursive=True)  # type: ignore[attr-defined]
+            raise FileNotFoundError(f"[Errno 2] Cannot list directory '{what.base_dir}'")
+        return self._fs.get_file_info(what)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fs, name)
+
+
+def test_a_directory_created_while_listed_is_an_empty_listing(tmp_path, trained):
+    text, metadata = trained
+    registry = ModelRegistry(str(tmp_path / "models"))
+    race = _ListingRace(registry._fs)
+    registry._fs = race
+    assert registry.save(text, metadata).version == 1
+    assert race.raced == 1
+    assert registry.versions(NAME) == [1]
+
+
+def test_a_listing_that_fails_otherwise_is_a_registry_error(tmp_path, trained, monkeypatch):
+    registry = ModelRegistry(str(tmp_path / "models"))
+
+    def refuse(what: object) -> object:
+        raise PermissionError("[Errno 13] Permission denied")
+
+    monkeypatch.setattr(
+        registry, "_fs", type("Refusing", (), {"get_file_info": staticmethod(refuse)})()
+    )
+    with pytest.raises(ModelRegistryError, match=r"cannot list .*Permission denied"):
+        registry.versions(NAME)
