@@ -271,6 +271,16 @@ def closing_end(view: FeatureView, t: int) -> int:
     return t - t % view.slide_ms + view.max_window.size_ms + view.slide_ms
 
 
+def patient_store(settings: Settings) -> Any:
+    """The online store, read with a 10 s timeout: the predictor's read timeout (100 ms,
+    redis_read_timeout_ms) is a deadline for requests, and tests that check or poll values
+    are not testing it; on a loaded CI machine (two test workers, Flink and Spark beside
+    them) one read took longer (a stream test failed on it once)."""
+    from feature_repo.online_store import open_online_store
+
+    return open_online_store(settings.model_copy(update={"redis_read_timeout_ms": 10_000.0}))
+
+
 def wait_until_reading(log: Path, views: list[str], limit_s: float, max_lag: int = 20) -> float:
     """Wait until `sluice stream` (its ``--report-every`` lines in ``log``) runs and has caught
     up with every view's topic: a progress line that counts ingest's heartbeats (its operators
@@ -336,7 +346,6 @@ def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) 
     emit exactly the reference rows up to the final watermark, windows open at the stop are
     emitted by run 2); the callers check the counts."""
     from examples.delivery.simulate import DeliverySimulator
-    from feature_repo.online_store import open_online_store
     from features.reference import compute_view, with_closing_rows
     from streaming.compile import features_topic
     from streaming.runner import run as run_stream
@@ -361,7 +370,7 @@ def run_restart_scenario(stack_settings: Settings, tmp_path: Path, engine: str) 
     )
 
     def row_is_online(entity: str, end: int) -> bool:
-        with open_online_store(settings) as store:
+        with patient_store(settings) as store:
             row = store.read(view, [entity])[0]
         return row is not None and row.window_end_ms >= end
 

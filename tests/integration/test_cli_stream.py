@@ -22,7 +22,7 @@ from core.records import DeadLetter, is_heartbeat
 from core.settings import load_settings
 from features.reference import compute_view, with_closing_rows
 from infra.stack import free_port
-from tests.helpers.stream import read_all, row_differences
+from tests.helpers.stream import patient_store, read_all, row_differences
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.slow]
@@ -96,10 +96,8 @@ def test_live_stream_keeps_redis_current_and_feast_agrees(tmp_path: Path) -> Non
 
         # Redis keeps up: within a minute of the last event, every stream view holds the rows
         # of windows closed by the watermark (newest event time - allowed lateness).
-        from feature_repo.online_store import open_online_store
-
         deadline = time.monotonic() + 90
-        with open_online_store(settings) as store:
+        with patient_store(settings) as store:
             while True:
                 caught_up, online = _online_state(store, views, raw, late)
                 if caught_up or time.monotonic() > deadline:

@@ -31,7 +31,6 @@ from confluent_kafka import Producer
 from core.kafka import PRODUCER_DEFAULTS, ensure_topics
 from core.settings import Settings
 from examples.delivery.simulate import DeliverySimulator
-from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from features.validation import EventValidator, ValidEvent
@@ -50,6 +49,7 @@ from tests.helpers.stream import (
     Topic,
     closing_end,
     hand_made,
+    patient_store,
     row_differences,
 )
 
@@ -100,7 +100,7 @@ def online_differences(
     for entity, end in want:
         newest[entity] = max(end, newest.get(entity, end))
     entities = sorted(newest)
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         stored = store.read(view, entities)
     problems = []
     for entity, online in zip(entities, stored, strict=True):
@@ -223,7 +223,7 @@ def checkpoints(settings: Settings) -> list[Path]:
 
 
 def row_is_online(settings: Settings, view: FeatureView, entity: str, end: int) -> bool:
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         row = store.read(view, [entity])[0]
     return row is not None and row.window_end_ms >= end
 

@@ -48,6 +48,7 @@ from tests.helpers.stream import (
     Topic,
     closing_end,
     hand_made,
+    patient_store,
     read_all,
     row_differences,
 )
@@ -277,13 +278,11 @@ def test_flink_rows_equal_spark_and_reference_and_late_events_are_dead_lettered(
             assert sum(v["count_5m"] for v in want.values()) == 5 * stats.aggregated
             assert stats.filtered == 0
 
-        from feature_repo.online_store import open_online_store
-
         newest_end: dict[str, int] = {}
         for entity, end in want:
             newest_end[entity] = max(end, newest_end.get(entity, end))
         entities = sorted(newest_end)
-        with open_online_store(settings) as store:
+        with patient_store(settings) as store:
             stored = store.read(view, entities)
         for entity, online in zip(entities, stored, strict=True):
             assert online is not None, entity

@@ -38,7 +38,7 @@ from features.definitions import FeatureService, FeatureView
 from features.reference import empty_row
 from infra.stack import free_port
 from tests.helpers.pipeline import background, stop
-from tests.helpers.stream import wait_until_reading
+from tests.helpers.stream import patient_store, wait_until_reading
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.spark, pytest.mark.slow]
@@ -84,15 +84,11 @@ class Sampler(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from feature_repo.online_store import open_online_store
-
         rng = random.Random(10)
         by_name = {v.name: v for v in VIEWS}
         try:
-            # The predictor's read timeout (100 ms) is a deadline for requests; this sampler
-            # checks values, not latency, and a loaded CI machine may take longer to answer.
-            patient = self.settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
-            with open_online_store(patient) as store:
+            # This sampler checks values, not latency (patient_store).
+            with patient_store(self.settings) as store:
                 while not self.done.is_set():
                     requests = [(v, [rng.choice(KEYS[v.name])]) for v in VIEWS]
                     t_ms = int(time.time() * 1000)

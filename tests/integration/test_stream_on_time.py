@@ -40,7 +40,6 @@ from core.kafka import PRODUCER_DEFAULTS, ensure_topics
 from core.records import DeadLetter, FeatureRow, is_heartbeat
 from core.settings import Settings
 from events.ingest import IngestCounts, run_ingest
-from feature_repo.online_store import open_online_store
 from features.contract import servable_at_ms
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
@@ -50,7 +49,7 @@ from streaming.job import JobOptions
 from streaming.monitor import StreamReport
 from streaming.runner import run as run_stream
 from streaming.sinks import now_ms
-from tests.helpers.stream import PARTITIONS, read_all, row_differences
+from tests.helpers.stream import PARTITIONS, patient_store, read_all, row_differences
 from tests.helpers.stream_definitions import live_restaurant_orders, live_zone_couriers
 
 pytestmark = [
@@ -205,11 +204,9 @@ class Poller:
         self.stop = threading.Event()
 
     def run(self) -> None:
-        # The predictor's read timeout (100 ms) is a deadline for requests; this poller measures
-        # when rows become readable (the time before each read), and a loaded machine may take
-        # longer to answer one read: a timeout would end the poller and lose every later row.
-        patient = self.settings.model_copy(update={"redis_read_timeout_ms": 10_000.0})
-        with open_online_store(patient) as store:
+        # This poller measures when rows become readable (the time before each read): a timed
+        # out read would end it and lose every later row (patient_store).
+        with patient_store(self.settings) as store:
             while not self.stop.is_set():
                 for view, keys in self.views:
                     wall = now_ms()
