@@ -178,13 +178,16 @@ def metric(text: str, name: str) -> float:
 
 
 def test_a_down_store_degrades_opens_the_breaker_and_recovers(registry, reader, producer):
-    # Open for 3 s: the ten requests below fit in it even on a loaded machine (1 s did not,
-    # once in CI: a fourth read, the half-open probe).
-    with TestClient(app_for(registry, reader, producer, breaker_open_ms=3000)) as client:
+    with TestClient(app_for(registry, reader, producer, breaker_open_ms=BREAKER_OPEN_MS)) as client:
         breaker_scenario(client, reader)
 
 
-def breaker_scenario(client: TestClient, reader: FakeReader, open_s: float = 3.0) -> None:
+# The breaker's open period: the ten requests below fit in it even on a loaded machine (1 s did
+# not, once in CI: a fourth read, the half-open probe).
+BREAKER_OPEN_MS = 3000
+
+
+def breaker_scenario(client: TestClient, reader: FakeReader) -> None:
     reader.fail = OnlineStoreUnavailableError("connection refused")
     answers = [client.post("/predict", json={"rows": [row(i)]}) for i in range(10)]
     assert [a.status_code for a in answers] == [200] * 10
@@ -198,7 +201,7 @@ def breaker_scenario(client: TestClient, reader: FakeReader, open_s: float = 3.0
     assert metric(metrics, "sluice_breaker_state ") == 2
     # The store returns; after the open period one probe closes the breaker.
     reader.fail = None
-    time.sleep(open_s)
+    time.sleep(BREAKER_OPEN_MS / 1000)
     answer = client.post("/predict", json={"rows": [row()]})
     assert answer.json()["predictions"][0]["degraded"] == []
     assert client.get("/health").json()["feature_store"] == "closed"
