@@ -21,7 +21,7 @@ from typing import Any
 from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, StageCounts, WindowCounts
 from features.validation import Rejection, RejectReason
-from streaming import row_equality
+from streaming import fast_rows
 from streaming.compile import SOURCE_COLUMNS, CompiledView, check_event_engine
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
@@ -207,7 +207,7 @@ def flink_functions(compiled: CompiledView, ctx: JobContext) -> tuple[Any, Any]:
             from pyflink.common import Types
             from pyflink.datastream.state import ValueStateDescriptor
 
-            row_equality.install()  # the keyed operator compares a Row key per element
+            fast_rows.install()  # the keyed operator builds and reads Row keys per element
 
             self.engine = WindowEngine(compiled)
             descriptor = ValueStateDescriptor("windows", Types.PICKLED_BYTE_ARRAY())

@@ -35,7 +35,7 @@ from typing import Any
 from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, PublishCounts, WindowCounts
 from features.validation import Rejection, RejectReason
-from streaming import row_equality
+from streaming import fast_rows
 from streaming.compile import CompiledView
 from streaming.functions import ProgressClock, flush_writers, on_bundle_end, subtask_slot
 from streaming.prepare import EventPreparer, Filtered
@@ -88,7 +88,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             from pyflink.common import Types
             from pyflink.datastream.state import MapStateDescriptor
 
-            row_equality.install()  # the keyed operator compares a Row key per element
+            fast_rows.install()  # the keyed operator builds and reads Row keys per element
             self.engine = WindowEngine(compiled)
             self.decode = state_decoder(compiled)
             self.preparer = EventPreparer(compiled)

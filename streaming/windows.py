@@ -151,6 +151,7 @@ class WindowEngine:
             )
             for size in compiled.window_sizes_ms
         )
+        self._sizes = tuple(compiled.window_sizes_ms)
 
     def bucket(self, t: int) -> int:
         return t - t % self.slide
@@ -219,13 +220,29 @@ class WindowEngine:
         rows: list[Row] = []
         memo = {} if memo is None else memo
         buckets = tiles.buckets() if isinstance(tiles, SortedTiles) else sorted(tiles)
+        sizes = self._sizes
+        # The values of the row at end - slide (None: no such row, or a closing one).
+        previous: dict[str, Any] | None = None
         if buckets:
             end = buckets[0] + slide if next_end is None else max(next_end, buckets[0] + slide)
             while buckets and end <= ts:
                 first_in_window = bisect_left(buckets, end - largest)
                 if first_in_window < len(buckets) and buckets[first_in_window] < end:
-                    rows.append((end, self.values_at(tiles, buckets, end, memo, queues)))
+                    if (
+                        previous is not None
+                        and rows[-1][0] == end - slide
+                        and end - slide not in tiles
+                        and not any(end - size - slide in tiles for size in sizes)
+                    ):
+                        # No tile entered a window (bucket end - slide) or left one (bucket
+                        # end - size - slide) since the row at end - slide: its values, the
+                        # same object (rows are read, never changed). A quiet key's row.
+                        rows.append((end, previous))
+                    else:
+                        previous = self.values_at(tiles, buckets, end, memo, queues)
+                        rows.append((end, previous))
                 elif buckets[0] == end - largest - slide:
+                    previous = None
                     rows.append((end, dict(self._empty)))
                 # Bucket end - largest stays: the closing check at end + slide looks at it.
                 for bucket in buckets[:first_in_window]:
