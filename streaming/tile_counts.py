@@ -4,8 +4,8 @@ Every counter of a view's prepare and windows records (core/stream_stats.CARRIED
 heartbeats, late, filtered, rejected, aggregated, duplicates, open) changes only on rows the
 SQL (streaming/tiles.py) sends under the side key (tile_state.SIDE_KEY): read rows (events
 read, per partition and 100 ms), side rows (heartbeats, late and unreadable events), the
-filter's rows (events the view drops, per partition and slide) and closed rows (per partition
-and slide, the kept events of the tiles that closed: aggregated + duplicates). Tile rows, under
+filter's rows (events the view drops, per partition and slide) and closed rows (per slide,
+the kept events of the tiles that closed: aggregated + duplicates). Tile rows, under
 their entities' shards, count nothing. So one operator instance counts them all, and after each
 such row it writes the job's totals (what it restored + this run's counts) into the side key's
 keyed state: a checkpoint or savepoint holds them as of its barrier, as it holds the SQL's
@@ -20,7 +20,7 @@ Why this design (issue 11):
     partition and 100 ms, or per slide, not per event.
   - Counters per entity key (aggregated, duplicates on tile rows) could not be summed after a
     restore: keyed state cannot be iterated. The closed rows move that count into the SQL
-    (a window aggregation over the tiles, per partition), so it arrives under the side key.
+    (a window aggregation over the tiles, per slide), so it arrives under the side key.
   - Cumulative counts in a non-windowed SQL GROUP BY would emit an update stream (retractions)
     into the DataStream and could not count what Python decides (late, filtered or rejected
     for an event the SQL decode cannot read, heartbeats).

@@ -12,7 +12,7 @@ and statistics with the event engine's writers (streaming/sinks.py), flushed at 
 
 Counters: events are counted when read, from the read rows (per partition and 100 ms of
 processing time, streaming/tiles.py), and processed when their tile closes: every event is
-then one of: an event of a closed row (the kept events of a partition's tiles of one slide:
+then one of: an event of a closed row (the kept events of the tiles of one slide:
 copies = aggregated + duplicates) or of an entity-less tile row (filtered); an event of a side
 row (filtered, late or rejected, as the event engine's parser decides). Between the two it is
 ``open`` (WindowCounts): read, its tile still open in the SQL window state. A stop with a

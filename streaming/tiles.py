@@ -13,9 +13,12 @@ Per view, one query (one source scan), a UNION ALL of four kinds of rows:
               level 2 groups (bucket, entity, partition)
               and computes each slot's partial state (below). Events the filter drops become
               rows of a NULL entity grouped by partition: only their number and offsets.
-  closed rows per partition and slide, the kept events of the tiles that closed (a window
-              aggregation over the tile rows: copies and unique events summed), so that the
-              aggregated and duplicate counts arrive under one key (below).
+  closed rows per slide, the kept events of the tiles that closed (a window aggregation
+              over the tile rows: copies and unique events summed), so that the aggregated
+              and duplicate counts arrive under one key (below). One row per slide, not per
+              partition and slide as before plan 6: a quarter of the rows into Python with
+              the bench's four partitions, and the offsets they carried come with the tile
+              rows anyway.
   read rows   per partition and 100 ms of processing time, the number of events read (not
               heartbeats) and the last offset: events are counted when read.
   side rows   one row per record that is not aggregated in Java, with its raw bytes: heartbeats
@@ -116,8 +119,8 @@ records name them as ``restored``). Why so, and not otherwise:
   - Cumulative counts in a non-windowed SQL GROUP BY would bring an update stream (retractions)
     into the DataStream, and could not count what Python decides: whether an event the SQL
     could not read is filtered or rejected, and which side rows are heartbeats.
-  - Cost: per partition, one read row per 100 ms, one closed row and at most one filter row per
-    slide, each a small pickled dict written to state; in the JVM, one more window
+  - Cost: per partition, one read row per 100 ms and at most one filter row per slide, and one
+    closed row per slide, each a small pickled dict written to state; in the JVM, one more window
     aggregation over the tile rows (per tile, not per event). The closed rows read every
     column of the tile rows (MIN/MAX of t and the slots, ignored in Python): with the counts
     alone, the planner pruned its copy of the tile aggregation and ran that copy over every
@@ -182,8 +185,9 @@ READ_INTERVAL_MS = 100
 # changed view does. 2: the closed rows (statistics in the job's state). 3: keyed by shard of
 # entities, one MapState entry per tile (streaming/tile_state.py). 4: the shard computed in
 # the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard). 5: each shard's
-# rows written in its state (tile_state.ROWS_ENTRY) and a processing-time timer per shard.
-PLAN_VERSION = 5
+# rows written in its state (tile_state.ROWS_ENTRY) and a processing-time timer per shard. 6: the
+# closed rows grouped by slide only (no partition).
+PLAN_VERSION = 6
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
@@ -358,12 +362,12 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
     shared = "".join(f", MAX(`s{n}`) AS `s{n}`" for n in range(len(slot_sql)))
     closed = (
         f"SELECT '{KIND_CLOSED}' AS `kind`, CAST(NULL AS STRING) AS `k`, "
-        "MIN(`t`) AS `t`, `part`, MAX(`off`) AS `off`, "
+        "MIN(`t`) AS `t`, CAST(NULL AS INT) AS `part`, CAST(NULL AS BIGINT) AS `off`, "
         "SUM(`copies`) AS `copies`, SUM(`uniq`) AS `uniq`, FALSE AS `hb`, FALSE AS `late`, "
         f"CAST(NULL AS BYTES) AS `raw`, CAST(NULL AS BYTES) AS `raw_key`{shared}, "
         "window_time AS `rt` "
         f"FROM TABLE(TUMBLE(TABLE `{table}_l2`, DESCRIPTOR(`rt`), {_interval(slide)})) "
-        "WHERE `k` IS NOT NULL GROUP BY window_start, window_end, window_time, `part`"
+        "WHERE `k` IS NOT NULL GROUP BY window_start, window_end, window_time"
     )
     side = (
         f"SELECT '{KIND_SIDE}' AS `kind`, CAST(NULL AS STRING) AS `k`, `_t` AS `t`, "
