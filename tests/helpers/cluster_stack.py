@@ -22,20 +22,27 @@ from events.history import SourceEvent
 from examples.delivery.features import zone_couriers
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import SOURCES
-from feature_repo.online_store import open_online_store
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from features.schema import EventSource
 from infra.stack import free_port
 from streaming.compile import features_topic
-from tests.helpers.stream import PARTITIONS, START, Topic, closing_end, hand_made, read_all
+from tests.helpers.stream import (
+    PARTITIONS,
+    START,
+    Topic,
+    closing_end,
+    hand_made,
+    patient_store,
+    read_all,
+)
 
 Rows = dict[tuple[str, int], Any]
 
 
 def row_is_online(settings: Settings, view: FeatureView, entity: str, end: int) -> bool:
     """Whether the online store holds the entity's row of the window ending at ``end``."""
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         row = store.read(view, [entity])[0]
     return row is not None and row.window_end_ms >= end
 

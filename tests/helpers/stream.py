@@ -273,9 +273,10 @@ def closing_end(view: FeatureView, t: int) -> int:
 
 def patient_store(settings: Settings) -> Any:
     """The online store, read with a 10 s timeout: the predictor's read timeout (100 ms,
-    redis_read_timeout_ms) is a deadline for requests, and tests that check or poll values
-    are not testing it; on a loaded CI machine (two test workers, Flink and Spark beside
-    them) one read took longer (a stream test failed on it once)."""
+    redis_read_timeout_ms) is a deadline for requests, and tests that check, poll or seed
+    values are not testing it; on a loaded CI machine (two test workers, Flink and Spark
+    beside them) one read took longer (a stream test failed on it once). The monitor,
+    dashboard, serving and cluster tests seed and read through it too."""
     from feature_repo.online_store import open_online_store
 
     return open_online_store(settings.model_copy(update={"redis_read_timeout_ms": 10_000.0}))

@@ -26,13 +26,13 @@ from core.kafka import CountingProducer, ensure_topics
 from core.records import FeedbackRecord
 from core.settings import Settings
 from examples.delivery.features import delivery_eta
-from feature_repo.online_store import open_online_store
 from infra.stack import free_port
 from monitoring.dashboard import DashboardServer
 from monitoring.metrics import MonitorMetrics
 from monitoring.runner import MonitorSummary, run_monitor
 from monitoring.state import MonitorState
 from serving.model import PredictItem, load_model, predict_batch
+from tests.helpers.stream import patient_store
 from tests.integration.test_monitor import (
     RESTAURANTS,
     ZONES,
@@ -79,7 +79,7 @@ def live_traffic(settings: Settings, stop: threading.Event) -> int:
     }
     producer = CountingProducer(settings)
     sent = 0
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         while not stop.is_set():
             items = [
                 PredictItem(

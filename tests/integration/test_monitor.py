@@ -32,7 +32,7 @@ from core.kafka import CountingProducer, read_topics
 from core.records import FeedbackRecord, PredictionRecord
 from core.settings import Settings
 from examples.delivery.features import delivery_eta, restaurant_orders, zone_couriers
-from feature_repo.online_store import OnlineRow, open_online_store
+from feature_repo.online_store import OnlineRow
 from features.contract import window_end_at
 from features.definitions import FeatureSpec, FeatureView, empty_value
 from features.schema import FieldType
@@ -42,6 +42,7 @@ from monitoring.records import AlertRecord, MonitorRecord, decode_monitoring
 from monitoring.runner import MonitorSummary, run_monitor
 from monitoring.skew import in_sample, sample_key
 from serving.model import PredictItem, load_model, predict_batch
+from tests.helpers.stream import patient_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.slow]
 
@@ -131,7 +132,7 @@ def write_window_rows(spark: Any, settings: Settings, at_ms: int) -> dict[str, l
             schema,
         )
         write_offline(settings, view, frame, [stamp.date()])
-        with open_online_store(settings) as store:
+        with patient_store(settings) as store:
             store.write(view, rows)
         out[view.name] = rows
     return out
@@ -222,7 +223,7 @@ def make_traffic(
     models = {v: load_model(registry, services, "delivery_eta", v) for v in (1, 2)}
     predictions: list[PredictionRecord] = []
     feedback: list[FeedbackRecord] = []
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         for t in times:
             items = []
             for i in range(rows_per_time):
@@ -279,7 +280,7 @@ def world(stack_settings: Settings, spark: Any, tmp_path_factory: pytest.TempPat
     # The skew: after training, a wrong 1-hour count in Redis for a few restaurants.
     end = window_end_at(restaurant_orders, SERVE_START)
     original = {r.entity_key: r for r in view_rows(restaurant_orders, RESTAURANTS, end, seed=0)}
-    with open_online_store(settings) as store:
+    with patient_store(settings) as store:
         wrong = []
         for key in sorted(SKEWED):
             values = dict(original[key].values)

@@ -27,13 +27,14 @@ from examples.delivery.features import (
     zone_couriers,
 )
 from feature_repo.config import feature_store
-from feature_repo.online_store import OnlineRow, open_online_store
+from feature_repo.online_store import OnlineRow
 from features.contract import window_end_at
 from features.definitions import FeatureView, empty_value
 from models.registry import ModelRegistry
 from serving.app import create_app
 from tests.helpers.feast import feast_settings
 from tests.helpers.serving import random_row, trained_registry
+from tests.helpers.stream import patient_store
 
 pytestmark = pytest.mark.integration
 VIEWS = (restaurant_orders, zone_couriers, restaurant_prep)
@@ -62,7 +63,7 @@ def settings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         feedback_topic=f"test.feedback.{run}",
     )
     rng = random.Random(11)
-    with open_online_store(settings) as online:
+    with patient_store(settings) as online:
         for view in VIEWS:
             keys = ZONES if view is zone_couriers else RESTAURANTS
             # Every fifth entity has no row: served with defaults, null through Feast. Rows are
@@ -156,7 +157,7 @@ def test_the_row_due_at_t_is_served_newest_or_previous(client, settings):
     rng = random.Random(12)
     older, newer = random_row(restaurant_orders, rng), random_row(restaurant_orders, rng)
     older["count_5m"], newer["count_5m"] = 3, 7
-    with open_online_store(settings) as online:
+    with patient_store(settings) as online:
         online.write(restaurant_orders, [OnlineRow("r-contract", e0, older)])
         online.write(restaurant_orders, [OnlineRow("r-contract", e1, newer)])
     row = request_rows(1)[0] | {"restaurant_id": "r-contract"}
