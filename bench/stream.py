@@ -208,16 +208,25 @@ class Measured:
     seconds: float = 0.0  # the full run
     rows: int | None = None
     peak_rss_mb: float | None = None
-    runs: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (events, CPU s)
+    # (events, CPU s of the cluster, of which Python's)
+    runs: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+
+    def _marginal_us(self, part: int) -> float | None:
+        if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
+            return None
+        small, full = self.runs[-2], self.runs[-1]
+        return (full[part] - small[part]) / (full[0] - small[0]) * 1e6
 
     @property
     def cpu_us(self) -> float | None:
         """Marginal CPU microseconds per event of the local Flink cluster (JVM and Python
         workers), between the small and the full run; robust to a shared machine's load."""
-        if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
-            return None
-        (n0, c0), (n1, c1) = self.runs[-2:]
-        return (c1 - c0) / (n1 - n0) * 1e6
+        return self._marginal_us(1)
+
+    @property
+    def python_us(self) -> float | None:
+        """The Python workers' part of cpu_us."""
+        return self._marginal_us(2)
 
 
 def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
@@ -284,7 +293,8 @@ def measure_engine(
         with PeakRss() as rss:
             seconds = float(run(offsets))
         found.peak_rss_mb = max(found.peak_rss_mb or 0.0, rss.peak)
-        found.runs.append((sum(sum(o.values()) for o in offsets.values()), rss.cpu_s))
+        events = sum(sum(o.values()) for o in offsets.values())
+        found.runs.append((events, rss.cpu_s, rss.python_cpu_s))
         return seconds
 
     found.rate, found.seconds = marginal(job, stop, small)
@@ -404,12 +414,14 @@ def report(
     top = results["ceiling"].rate if "ceiling" in results else 0.0
     print(
         f"{'job':13} {'events/s':>10} {'full run s':>10} {'x baseline':>10} {'x ceiling':>10}"
-        f" {'peak RSS MB':>11} {'CPU us/event':>12}"
+        f" {'peak RSS MB':>11} {'CPU us/event':>12} {'of it Python':>12}"
     )
     for engine, m in results.items():
         ratios = [f"{m.rate / r:10.2f}" if r else f"{'-':>10}" for r in (base, top)]
         rss = f"{m.peak_rss_mb:11,.0f}" if m.peak_rss_mb else f"{'-':>11}"
-        cpu = f"{m.cpu_us:12.1f}" if m.cpu_us is not None else f"{'-':>12}"
+        cpu = " ".join(
+            f"{us:12.1f}" if us is not None else f"{'-':>12}" for us in (m.cpu_us, m.python_us)
+        )
         print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss} {cpu}")
     pairs = (
         ("tiles-p2", "tiles", "parallelism 2 / 1"),
@@ -427,6 +439,8 @@ def report(
             cpu = ""
             if ra.cpu_us and rb.cpu_us:
                 cpu = f", CPU per event {ra.cpu_us / rb.cpu_us:.2f}x"
+            if ra.python_us and rb.python_us:
+                cpu += f" (Python's {ra.python_us / rb.python_us:.2f}x)"
             print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
     for engine, m in results.items():
         if m.rows is not None:
@@ -434,7 +448,7 @@ def report(
     print(
         "  peak RSS and CPU: the Flink JVM and this process (where a local job's Python "
         "workers run), sampled every 0.5 s; CPU per event is marginal (full run - small "
-        "run), and counts every core"
+        "run), and counts every core; of it Python: every process but the JVM"
     )
     readable, emitted, servable = live
     print(

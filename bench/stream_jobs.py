@@ -53,6 +53,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def flink_pids() -> list[int]:
     """The local Flink cluster: this process (PyFlink runs a local job's Python workers inside
     the client, in "loopback" mode: pyflink/datastream/stream_execution_environment._open),
@@ -97,10 +104,22 @@ class PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._java: dict[int, bool] = {}  # pid -> whether it is a JVM
 
     @property
     def cpu_s(self) -> float:
         return sum(last - self._first.get(pid, 0.0) for pid, last in self._last.items())
+
+    @property
+    def python_cpu_s(self) -> float:
+        """The part of cpu_s that Python spent: every process of the cluster but the JVM (this
+        one, with a local job's workers in loopback mode, or the workers' own processes).
+        Python's CPU is what the engine's Python-side work changes; the JVM's is the SQL's."""
+        return sum(
+            last - self._first.get(pid, 0.0)
+            for pid, last in self._last.items()
+            if self._java.get(pid) is False
+        )
 
     def _take(self, refresh: bool = False) -> None:
         if refresh or time.monotonic() - self._pids_at >= self.PIDS_EVERY_S:
@@ -111,6 +130,8 @@ class PeakRss:
             used = _cpu_s(pid)
             if used:
                 self._last[pid] = used
+                if pid not in self._java:
+                    self._java[pid] = _command(pid) == "java"
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
