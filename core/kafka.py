@@ -82,8 +82,17 @@ class CountingProducer:
     """A producer that counts every record from hand-over to acknowledgement."""
 
     def __init__(self, settings: Settings, **config: Any) -> None:
-        self._producer = Producer(settings.kafka_client_config(**(PRODUCER_DEFAULTS | config)))
+        # The delivery callback is the producer's default, set once, not passed with every
+        # record: produce() took 2.5-2.8 us a record with a callback of its own, 1.3-1.4 us
+        # without (100k records to the local broker, 2026-12-06); the stream job writes one
+        # record per feature row. Every record still gets its report (a subclass's override
+        # too: the bound method is looked up here).
         self.counts = DeliveryCounts()
+        self._producer = Producer(
+            settings.kafka_client_config(
+                **(PRODUCER_DEFAULTS | config | {"on_delivery": self._on_delivery})
+            )
+        )
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is None:
@@ -104,12 +113,7 @@ class CountingProducer:
         while True:
             try:
                 self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    timestamp=timestamp_ms,
-                    headers=headers,
-                    on_delivery=self._on_delivery,
+                    topic, value=value, key=key, timestamp=timestamp_ms, headers=headers
                 )
                 break
             except BufferError:

@@ -259,7 +259,6 @@ class IngestProducer(CountingProducer):
                     partition=partition,
                     timestamp=timestamp_ms,
                     headers=HEARTBEAT_HEADERS,
-                    on_delivery=self._on_delivery,
                 )
                 break
             except BufferError:
