@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from core.kafka import CountingProducer, ensure_topics
 from core.records import H_ERROR as H_ERROR
@@ -48,6 +48,7 @@ from features.schema import EventSource
 from features.validation import MAX_EVENT_BYTES, EventValidator, Rejection, RejectReason
 
 log = logging.getLogger("sluice.ingest")
+_EOF = KafkaError._PARTITION_EOF
 JOIN_TIMEOUT_S = 60.0
 # A poll holds its whole batch in memory (librdkafka's prefetch limit does not bound a batch:
 # measured 35 MiB in one poll with a 4 MiB queue). So a poll asks for few records at first and
@@ -236,6 +237,41 @@ class HeartbeatClock:
         return out
 
 
+class CatchUp:
+    """Whether the consumer has read every assigned raw partition to the end the broker last
+    reported: librdkafka's partition EOF event (``enable.partition.eof``) marks a partition
+    read to its end, any record from it marks it behind again until the next EOF.
+
+    Heartbeats wait for this. A poll that returns fewer records than asked says nothing: in a
+    backlog the broker may serve one partition while the others wait (Tansu fills a fetch
+    from one partition before the next), and a loaded machine delays fetches. A heartbeat
+    stamped then would make the events still unread on other raw partitions late.
+    """
+
+    def __init__(self) -> None:
+        self._assigned = False
+        self._behind: set[tuple[str, int]] = set()
+
+    def assigned(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """A (re)balance assigned these partitions: each is behind until its first EOF."""
+        self._assigned = True
+        self._behind = set(partitions)
+
+    def revoked(self) -> None:
+        self._assigned = False
+        self._behind.clear()
+
+    def record(self, topic: str, partition: int) -> None:
+        self._behind.add((topic, partition))
+
+    def end(self, topic: str, partition: int) -> None:
+        self._behind.discard((topic, partition))
+
+    @property
+    def caught_up(self) -> bool:
+        return self._assigned and not self._behind
+
+
 class IngestProducer(CountingProducer):
     """The ingest's producer: reports where each forwarded event landed (its delivery report
     names the partition the keyed partitioner chose) and writes heartbeats to a partition."""
@@ -264,6 +300,11 @@ class IngestProducer(CountingProducer):
             except BufferError:
                 self._producer.poll(0.05)
         self.counts.sent += 1
+
+
+def _is_end(msg: Message) -> bool:
+    err = msg.error()
+    return err is not None and err.code() == _EOF
 
 
 def _partition_counts(consumer: Consumer, topics: Sequence[str]) -> dict[str, int]:
@@ -306,6 +347,8 @@ def run_ingest(
                 # Prefetch about 16 MiB (librdkafka's default is 64 MiB): ~50k ordinary
                 # events, and less memory when records are large.
                 "queued.max.messages.kbytes": 16 * 1024,
+                # End-of-partition events tell when ingest has caught up (CatchUp).
+                "enable.partition.eof": True,
             }
         )
     )
@@ -317,9 +360,25 @@ def run_ingest(
     wait_s = 0.2 if clock.interval_ms <= 0 else min(0.2, clock.interval_ms / 4000)
     # The idle clock starts at partition assignment: joining a new group can take seconds.
     assigned_at: list[float] = []
+    catch_up = CatchUp()
+
+    def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned_at.append(time.monotonic())
+        catch_up.assigned([(tp.topic, tp.partition) for tp in partitions])
+
     consumer.subscribe(
-        router.raw_topics, on_assign=lambda _c, _p: assigned_at.append(time.monotonic())
+        router.raw_topics, on_assign=on_assign, on_revoke=lambda _c, _p: catch_up.revoked()
     )
+
+    def beat() -> None:
+        # Heartbeats only when ingest has read every raw partition to its end and forwarded
+        # what it read: never in the middle of a backlog, where they would make its pending
+        # events late.
+        if catch_up.caught_up:
+            for topic, partition, stamp in clock.due():
+                producer.heartbeat(topic, partition, stamp)
+                router.counts.heartbeats += 1
+
     join_deadline = time.monotonic() + JOIN_TIMEOUT_S
     last_message_at = first_record_at = 0.0
     since_commit = 0
@@ -332,15 +391,18 @@ def run_ingest(
             if budget <= 0:
                 break
             batch = consumer.consume(num_messages=budget, timeout=wait_s)
-            # Heartbeats only when ingest has caught up (the poll ran out of records before it
-            # filled its budget). Reading a backlog, a partition is quiet only because the
-            # broker serves others first (Tansu fills a fetch from one partition); stamping it
-            # then would make its own pending events late.
-            if len(batch) < budget:
-                for topic, partition, stamp in clock.due():
-                    producer.heartbeat(topic, partition, stamp)
-                    router.counts.heartbeats += 1
+            ends = 0
+            for msg in batch:  # before heartbeats: this batch's records and EOFs count
+                err = msg.error()
+                if err is None:
+                    catch_up.record(msg.topic() or "", msg.partition() or 0)
+                elif err.code() == _EOF:
+                    catch_up.end(msg.topic() or "", msg.partition() or 0)
+                    ends += 1
+            if ends:  # EOF events are not records: a poll of nothing else is an idle poll
+                batch = [m for m in batch if not _is_end(m)]
             if not batch:
+                beat()
                 producer.poll(0)  # delivery reports: where events landed
                 now = time.monotonic()
                 if not assigned_at:
@@ -362,8 +424,6 @@ def run_ingest(
             for msg in batch:
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        continue
                     raise KafkaException(err)
                 out = router.route(
                     msg.topic() or "",
@@ -374,6 +434,7 @@ def run_ingest(
                 )
                 producer.produce(out.topic, out.value, out.key, out.timestamp_ms, out.headers)
             producer.poll(0)
+            beat()
             since_commit += len(batch)
             if since_commit >= commit_every:
                 _commit(producer, consumer)

@@ -119,3 +119,25 @@ def test_a_heartbeat_is_recognized_by_its_header_alone():
     assert not is_heartbeat([])
     assert not is_heartbeat([(H_KIND, b"event")])
     assert not is_heartbeat([(H_REASON, b"late")])
+
+
+def test_ingest_is_caught_up_only_once_every_assigned_partition_reached_its_end():
+    from events.ingest import CatchUp
+
+    catch_up = CatchUp()
+    assert not catch_up.caught_up, "nothing assigned yet"
+    catch_up.assigned([("raw.orders", 0), ("raw.orders", 1)])
+    assert not catch_up.caught_up
+    catch_up.record("raw.orders", 0)
+    catch_up.end("raw.orders", 0)
+    assert not catch_up.caught_up, "partition 1 may hold a backlog"
+    catch_up.end("raw.orders", 1)
+    assert catch_up.caught_up
+    catch_up.record("raw.orders", 1)
+    assert not catch_up.caught_up, "a record: more may follow until the next end"
+    catch_up.end("raw.orders", 1)
+    assert catch_up.caught_up
+    catch_up.revoked()
+    assert not catch_up.caught_up
+    catch_up.assigned([])
+    assert catch_up.caught_up, "no partitions: nothing to wait for"
