@@ -20,7 +20,8 @@ partitioner decides). Heartbeats are not events: they are counted apart (``heart
 every reader of an events topic skips them. A heartbeat asserts that the partition's event time
 has moved on: an event forwarded later with an event time more than the source's
 allowed_lateness behind it is late for the stream. Ingest writes heartbeats only while it runs,
-and only while it is caught up with the raw topics: never in the middle of a backlog.
+and never stamps one ahead of a raw partition it has not read to its end (RawProgress): a
+backlog's events are never late because of a heartbeat.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from features.validation import MAX_EVENT_BYTES, EventValidator, Rejection, Reje
 
 log = logging.getLogger("sluice.ingest")
 _EOF = KafkaError._PARTITION_EOF
+NO_CAP = 2**62  # a heartbeat stamp without a bound (ms)
 JOIN_TIMEOUT_S = 60.0
 # A poll holds its whole batch in memory (librdkafka's prefetch limit does not bound a batch:
 # measured 35 MiB in one poll with a 4 MiB queue). So a poll asks for few records at first and
@@ -215,8 +217,9 @@ class HeartbeatClock:
     def _stamp(self, clock: _PartitionClock, now: float) -> int:
         return int(clock.event_ms or 0) + int(now - clock.event_at)
 
-    def due(self) -> list[tuple[str, int, int]]:
-        """(topic, partition, timestamp ms) of each heartbeat due now; marks them written."""
+    def due(self, cap: int = NO_CAP) -> list[tuple[str, int, int]]:
+        """(topic, partition, timestamp ms) of each heartbeat due now, stamped at most cap (a
+        stamp no newer than the partition's last heartbeat is not due); marks them written."""
         if self.interval_ms <= 0:
             return []
         now = self._now()
@@ -230,46 +233,63 @@ class HeartbeatClock:
                 if clock.written_at is not None and now - clock.written_at < self.interval_ms:
                     continue
                 stamp = topic_clock if clock.event_ms is None else self._stamp(clock, now)
-                stamp = max(stamp, clock.last_heartbeat_ms or stamp)
+                stamp = min(stamp, cap)
+                if clock.last_heartbeat_ms is not None and stamp <= clock.last_heartbeat_ms:
+                    continue
                 clock.last_heartbeat_ms = stamp
                 clock.written_at = now
                 out.append((topic, partition, stamp))
         return out
 
 
-class CatchUp:
-    """Whether the consumer has read every assigned raw partition to the end the broker last
-    reported: librdkafka's partition EOF event (``enable.partition.eof``) marks a partition
-    read to its end, any record from it marks it behind again until the next EOF.
+class RawProgress:
+    """How far ingest has read each assigned raw partition, for the heartbeats' stamps.
 
-    Heartbeats wait for this. A poll that returns fewer records than asked says nothing: in a
-    backlog the broker may serve one partition while the others wait (Tansu fills a fetch
-    from one partition before the next), and a loaded machine delays fetches. A heartbeat
-    stamped then would make the events still unread on other raw partitions late.
+    A partition is read to its end when librdkafka's partition EOF event
+    (``enable.partition.eof``) came after its last record; until then its next records may be
+    a backlog, no older (within the sources' lateness) than the newest event read from it. So
+    a heartbeat may carry at most the oldest such newest time, and none may be written while a
+    partition not read to its end has given no event in this run (it may hold a backlog of any
+    age). A poll that returns fewer records than asked says nothing of this: the broker may
+    serve one partition while others wait (Tansu fills a fetch from one partition before the
+    next), and a loaded machine delays fetches.
     """
 
     def __init__(self) -> None:
-        self._assigned = False
-        self._behind: set[tuple[str, int]] = set()
+        self._assigned: set[tuple[str, int]] | None = None
+        self._at_end: set[tuple[str, int]] = set()
+        self._newest: dict[tuple[str, int], int] = {}
 
     def assigned(self, partitions: Sequence[tuple[str, int]]) -> None:
-        """A (re)balance assigned these partitions: each is behind until its first EOF."""
-        self._assigned = True
-        self._behind = set(partitions)
+        """A (re)balance assigned these partitions: none read to its end yet."""
+        self._assigned = set(partitions)
+        self._at_end.clear()
+        self._newest.clear()
 
     def revoked(self) -> None:
-        self._assigned = False
-        self._behind.clear()
+        self._assigned = None
 
-    def record(self, topic: str, partition: int) -> None:
-        self._behind.add((topic, partition))
+    def record(self, topic: str, partition: int, event_ms: int | None) -> None:
+        """A record was read (event_ms: its event time; None: it was dead-lettered)."""
+        where = (topic, partition)
+        self._at_end.discard(where)
+        if event_ms is not None and event_ms > self._newest.get(where, event_ms - 1):
+            self._newest[where] = event_ms
 
     def end(self, topic: str, partition: int) -> None:
-        self._behind.discard((topic, partition))
+        self._at_end.add((topic, partition))
 
-    @property
-    def caught_up(self) -> bool:
-        return self._assigned and not self._behind
+    def cap(self) -> int | None:
+        """The newest stamp a heartbeat may carry now (None: no heartbeat may be written)."""
+        if self._assigned is None:
+            return None
+        cap = NO_CAP
+        for where in self._assigned - self._at_end:
+            newest = self._newest.get(where)
+            if newest is None:
+                return None
+            cap = min(cap, newest)
+        return cap
 
 
 class IngestProducer(CountingProducer):
@@ -300,11 +320,6 @@ class IngestProducer(CountingProducer):
             except BufferError:
                 self._producer.poll(0.05)
         self.counts.sent += 1
-
-
-def _is_end(msg: Message) -> bool:
-    err = msg.error()
-    return err is not None and err.code() == _EOF
 
 
 def _partition_counts(consumer: Consumer, topics: Sequence[str]) -> dict[str, int]:
@@ -347,7 +362,7 @@ def run_ingest(
                 # Prefetch about 16 MiB (librdkafka's default is 64 MiB): ~50k ordinary
                 # events, and less memory when records are large.
                 "queued.max.messages.kbytes": 16 * 1024,
-                # End-of-partition events tell when ingest has caught up (CatchUp).
+                # End-of-partition events tell which raw partitions ingest has read (RawProgress).
                 "enable.partition.eof": True,
             }
         )
@@ -360,22 +375,21 @@ def run_ingest(
     wait_s = 0.2 if clock.interval_ms <= 0 else min(0.2, clock.interval_ms / 4000)
     # The idle clock starts at partition assignment: joining a new group can take seconds.
     assigned_at: list[float] = []
-    catch_up = CatchUp()
+    progress = RawProgress()
 
     def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assigned_at.append(time.monotonic())
-        catch_up.assigned([(tp.topic, tp.partition) for tp in partitions])
+        progress.assigned([(tp.topic, tp.partition) for tp in partitions])
 
     consumer.subscribe(
-        router.raw_topics, on_assign=on_assign, on_revoke=lambda _c, _p: catch_up.revoked()
+        router.raw_topics, on_assign=on_assign, on_revoke=lambda _c, _p: progress.revoked()
     )
 
     def beat() -> None:
-        # Heartbeats only when ingest has read every raw partition to its end and forwarded
-        # what it read: never in the middle of a backlog, where they would make its pending
-        # events late.
-        if catch_up.caught_up:
-            for topic, partition, stamp in clock.due():
+        # After the batch was forwarded: a heartbeat is ordered after the events read before it.
+        cap = progress.cap()
+        if cap is not None:
+            for topic, partition, stamp in clock.due(cap):
                 producer.heartbeat(topic, partition, stamp)
                 router.counts.heartbeats += 1
 
@@ -391,18 +405,22 @@ def run_ingest(
             if budget <= 0:
                 break
             batch = consumer.consume(num_messages=budget, timeout=wait_s)
-            ends = 0
-            for msg in batch:  # before heartbeats: this batch's records and EOFs count
+            records = 0
+            for msg in batch:  # in order: a partition's EOF event follows its last record
+                topic, partition = msg.topic() or "", msg.partition() or 0
                 err = msg.error()
-                if err is None:
-                    catch_up.record(msg.topic() or "", msg.partition() or 0)
-                elif err.code() == _EOF:
-                    catch_up.end(msg.topic() or "", msg.partition() or 0)
-                    ends += 1
-            if ends:  # EOF events are not records: a poll of nothing else is an idle poll
-                batch = [m for m in batch if not _is_end(m)]
-            if not batch:
-                beat()
+                if err is not None:
+                    if err.code() != _EOF:
+                        raise KafkaException(err)
+                    progress.end(topic, partition)
+                    continue
+                out = router.route(topic, msg.value(), msg.key(), partition, msg.offset() or 0)
+                producer.produce(out.topic, out.value, out.key, out.timestamp_ms, out.headers)
+                event = out.topic != router.dead_letter_topic
+                progress.record(topic, partition, out.timestamp_ms if event else None)
+                records += 1
+            beat()
+            if not records:
                 producer.poll(0)  # delivery reports: where events landed
                 now = time.monotonic()
                 if not assigned_at:
@@ -421,21 +439,8 @@ def run_ingest(
             poll_records = max(
                 1, min(2 * poll_records, POLL_RECORDS, POLL_BYTES // max(largest, 1))
             )
-            for msg in batch:
-                err = msg.error()
-                if err is not None:
-                    raise KafkaException(err)
-                out = router.route(
-                    msg.topic() or "",
-                    msg.value(),
-                    msg.key(),
-                    msg.partition() or 0,
-                    msg.offset() or 0,
-                )
-                producer.produce(out.topic, out.value, out.key, out.timestamp_ms, out.headers)
             producer.poll(0)
-            beat()
-            since_commit += len(batch)
+            since_commit += records
             if since_commit >= commit_every:
                 _commit(producer, consumer)
                 since_commit = 0

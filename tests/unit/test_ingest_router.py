@@ -96,7 +96,10 @@ def test_heartbeats_follow_each_partitions_event_time_with_the_wall_clock():
     assert clock.due() == [("events.orders", 0, NOW_MS + 2100), ("events.orders", 2, NOW_MS + 2100)]
     clock.delivered("events.orders", 0, NOW_MS - 50_000)  # an older event: the clock holds
     now[0] += 1000
-    assert ("events.orders", 0, NOW_MS + 2100) in clock.due(), "stamps never go back"
+    due = clock.due()
+    assert [d for d in due if d[1] == 0] == [], "stamps never go back: none at or before 2100"
+    now[0] += 1200  # partition 0's clock: NOW_MS + 2200 now
+    assert ("events.orders", 0, NOW_MS + 2200) in clock.due()
 
 
 def test_heartbeats_can_be_disabled():
@@ -121,23 +124,39 @@ def test_a_heartbeat_is_recognized_by_its_header_alone():
     assert not is_heartbeat([(H_REASON, b"late")])
 
 
-def test_ingest_is_caught_up_only_once_every_assigned_partition_reached_its_end():
-    from events.ingest import CatchUp
+def test_heartbeat_stamps_never_pass_a_raw_partition_not_read_to_its_end():
+    from events.ingest import NO_CAP, RawProgress
 
-    catch_up = CatchUp()
-    assert not catch_up.caught_up, "nothing assigned yet"
-    catch_up.assigned([("raw.orders", 0), ("raw.orders", 1)])
-    assert not catch_up.caught_up
-    catch_up.record("raw.orders", 0)
-    catch_up.end("raw.orders", 0)
-    assert not catch_up.caught_up, "partition 1 may hold a backlog"
-    catch_up.end("raw.orders", 1)
-    assert catch_up.caught_up
-    catch_up.record("raw.orders", 1)
-    assert not catch_up.caught_up, "a record: more may follow until the next end"
-    catch_up.end("raw.orders", 1)
-    assert catch_up.caught_up
-    catch_up.revoked()
-    assert not catch_up.caught_up
-    catch_up.assigned([])
-    assert catch_up.caught_up, "no partitions: nothing to wait for"
+    progress = RawProgress()
+    assert progress.cap() is None, "nothing assigned yet"
+    progress.assigned([("raw.orders", 0), ("raw.orders", 1)])
+    assert progress.cap() is None, "partition 1 may hold a backlog of any age"
+    progress.record("raw.orders", 0, 5_000)
+    progress.record("raw.orders", 0, 4_000)  # out of order: the newest counts
+    progress.end("raw.orders", 0)
+    assert progress.cap() is None, "partition 1 still gave nothing"
+    progress.record("raw.orders", 1, 2_000)
+    assert progress.cap() == 2_000, "its backlog goes on from 2,000"
+    progress.record("raw.orders", 1, None)  # dead-lettered: no event time
+    assert progress.cap() == 2_000
+    progress.end("raw.orders", 1)
+    assert progress.cap() == NO_CAP, "both read to their ends"
+    progress.record("raw.orders", 0, 9_000)
+    assert progress.cap() == 9_000, "a record: more may follow until the next end"
+    progress.revoked()
+    assert progress.cap() is None
+    progress.assigned([])
+    assert progress.cap() == NO_CAP, "no partitions: nothing to wait for"
+
+
+def test_a_capped_heartbeat_is_not_written_until_its_stamp_moves_on():
+    from events.ingest import HeartbeatClock
+
+    now = [0.0]
+    clock = HeartbeatClock({"events.orders": 2}, 1000, lambda: now[0])
+    clock.delivered("events.orders", 0, 10_000)
+    now[0] = 1500.0
+    assert clock.due(cap=7_000) == [("events.orders", 0, 7_000), ("events.orders", 1, 7_000)]
+    now[0] = 3000.0
+    assert clock.due(cap=7_000) == [], "the same stamp again says nothing"
+    assert clock.due(cap=8_000) == [("events.orders", 0, 8_000), ("events.orders", 1, 8_000)]
