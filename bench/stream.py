@@ -184,6 +184,7 @@ ENGINES = {
     "baseline": "PyFlink job that only parses each event",
     "ceiling": "Flink SQL that only reads and decodes (the Java ceiling)",
     "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
+    "tiles-java": "spike: the tile SQL, window assembly in Java (one aggregation), Kafka sink",
     "tiles-p2": "the tile engine at parallelism 2",
     "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
     "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
@@ -263,6 +264,10 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         return run
     if engine == "tiles-sql":
         return lambda o: tiles_sql(settings, o, options)
+    if engine == "tiles-java":
+        from bench.stream_java import tiles_java
+
+        return lambda o: tiles_java(settings, o, options)
     if engine == "baseline":
         return lambda o: baseline(settings, o, options.parallelism)
     if engine == "ceiling":
@@ -430,6 +435,7 @@ def report(
         ("tiles-hot", "tiles", "hot key / uniform keys"),
         ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
+        ("tiles-java", "tiles", "window assembly in Java (spike) / in Python"),
         ("tiles-cluster", "tiles", "session cluster / local"),
     )
     for a, b, what in pairs:
