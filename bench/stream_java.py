@@ -14,10 +14,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from bench.stream_jobs import _source_tables
+from bench.stream_jobs import _source_tables, tile_environment
 from core.kafka import ensure_topics
 from core.settings import Settings
-from streaming.job import JobOptions, _keyed_by_shard, flink_configuration
+from streaming.job import JobOptions, _keyed_by_shard
 
 JAVA_DIR = Path(__file__).resolve().parent / "java"
 TOPIC = "bench.java-windows"
@@ -45,31 +45,18 @@ def spike_jar(state_dir: Path) -> Path:
 
 def tiles_java(settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions) -> float:
     """Wall seconds of the spike job over the bench's events (bounded at ``stop``)."""
-    from pyflink.common import Configuration, Types
+    from pyflink.common import Types
     from pyflink.common.serialization import SimpleStringSchema
-    from pyflink.datastream import DataStream, StreamExecutionEnvironment
+    from pyflink.datastream import DataStream
     from pyflink.datastream.connectors.kafka import KafkaRecordSerializationSchema, KafkaSink
     from pyflink.java_gateway import get_gateway
-    from pyflink.table import StreamTableEnvironment
 
-    from streaming.tiles import TABLE_CONFIG, keyed_by_shard, tile_query
-    from streaming.udf import udf_jar
+    from streaming.tiles import keyed_by_shard, tile_query
 
     started = time.monotonic()
     ensure_topics(settings, [TOPIC])
-    conf = Configuration()
-    base = settings.state_dir / "flink" / "bench-tiles-java"
-    for key, value in flink_configuration(
-        base, "bench-tiles-java", options, bounded=True, restore_from=None
-    ).items():
-        conf.set_string(key, value)
-    jars = [udf_jar(settings.state_dir), spike_jar(settings.state_dir)]
-    conf.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in jars))
-    env = StreamExecutionEnvironment.get_execution_environment(conf)
-    t_env = StreamTableEnvironment.create(env)
-    t_env.get_config().set("table.local-time-zone", "UTC")
-    for key, value in TABLE_CONFIG.items():
-        t_env.get_config().set(key, value)
+    jar = spike_jar(settings.state_dir)
+    env, t_env = tile_environment(settings, "bench-tiles-java", options, (jar,))
     loader = get_gateway().jvm.Thread.currentThread().getContextClassLoader()
     spike_class = loader.loadClass("sluice.TileWindowsSpike")
     sink = (

@@ -216,31 +216,44 @@ def ceiling(settings: Settings, stop: dict[str, dict[int, int]], parallelism: in
     return time.monotonic() - started
 
 
-def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions) -> float:
-    """Wall seconds of the tile engine's whole query (streaming/tiles.py: decode, late check,
-    deduplication, tiles, read counts) into a blackhole, no Python: what the SQL side costs,
-    against the ceiling (decode only) and the full job (the Python operator on top). The
-    job's own Flink configuration (streaming/job.py), so the two differ only in the Python."""
+def tile_environment(
+    settings: Settings, name: str, options: JobOptions, extra_jars: tuple[Path, ...] = ()
+) -> tuple[Any, Any]:
+    """(StreamExecutionEnvironment, StreamTableEnvironment) of a bench job that runs tile
+    queries: the job's own Flink configuration (streaming/job.py) and table settings, the
+    Java functions' jar and ``extra_jars`` on pipeline.jars."""
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    from streaming.tiles import TABLE_CONFIG, tile_query
+    from streaming.tiles import TABLE_CONFIG
     from streaming.udf import udf_jar
 
-    started = time.monotonic()
     conf = Configuration()
-    base = settings.state_dir / "flink" / "bench-tiles-sql"
+    base = settings.state_dir / "flink" / name
     for key, value in flink_configuration(
-        base, "bench-tiles-sql", options, bounded=True, restore_from=None
+        base, name, options, bounded=True, restore_from=None
     ).items():
         conf.set_string(key, value)
-    conf.set_string("pipeline.jars", udf_jar(settings.state_dir).resolve().as_uri())
+    jars = (udf_jar(settings.state_dir), *extra_jars)
+    conf.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in jars))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     for key, value in TABLE_CONFIG.items():
         t_env.get_config().set(key, value)
+    return env, t_env
+
+
+def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobOptions) -> float:
+    """Wall seconds of the tile engine's whole query (streaming/tiles.py: decode, late check,
+    deduplication, tiles, read counts) into a blackhole, no Python: what the SQL side costs,
+    against the ceiling (decode only) and the full job (the Python operator on top). The
+    job's own Flink configuration (streaming/job.py), so the two differ only in the Python."""
+    from streaming.tiles import tile_query
+
+    started = time.monotonic()
+    _, t_env = tile_environment(settings, "bench-tiles-sql", options)
     statements = t_env.create_statement_set()
     for compiled, table in _source_tables(t_env, settings, stop, "tiles_sql"):
         views, query = tile_query(compiled, table)
