@@ -184,7 +184,7 @@ ENGINES = {
     "baseline": "PyFlink job that only parses each event",
     "ceiling": "Flink SQL that only reads and decodes (the Java ceiling)",
     "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
-    "tiles-java": "spike: the tile SQL, window assembly in Java (one aggregation), Kafka sink",
+    "tiles-java": "the tile engine, windows assembled in the JVM (Python per row written online)",
     "tiles-p2": "the tile engine at parallelism 2",
     "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
     "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
@@ -240,8 +240,9 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         "tiles-few",
         "tiles-30d",
     )
-    if engine in ("tiles", "events", *tile_jobs):
-        job_options = dataclasses.replace(options, engine=engine.split("-")[0])
+    if engine in ("tiles", "events", "tiles-java", *tile_jobs):
+        own = engine in ("tiles", "events", "tiles-java")
+        job_options = dataclasses.replace(options, engine=engine if own else "tiles")
         month = engine == "tiles-30d"
         if engine == "tiles-p2":
             job_options = dataclasses.replace(job_options, parallelism=2)
@@ -264,10 +265,6 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         return run
     if engine == "tiles-sql":
         return lambda o: tiles_sql(settings, o, options)
-    if engine == "tiles-java":
-        from bench.stream_java import tiles_java
-
-        return lambda o: tiles_java(settings, o, options)
     if engine == "baseline":
         return lambda o: baseline(settings, o, options.parallelism)
     if engine == "ceiling":
@@ -435,7 +432,7 @@ def report(
         ("tiles-hot", "tiles", "hot key / uniform keys"),
         ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
-        ("tiles-java", "tiles", "window assembly in Java (spike) / in Python"),
+        ("tiles-java", "tiles", "windows assembled in the JVM / in Python"),
         ("tiles-cluster", "tiles", "session cluster / local"),
     )
     for a, b, what in pairs:

@@ -105,7 +105,9 @@ class Settings(ServingSettings):
     # "tiles": Flink SQL decodes, filters and pre-aggregates per (entity, slide) in Java and
     # Python sees one row per tile; "events": the stream's Python sees every event (a view
     # the tile engine cannot run exactly runs per event under either).
-    stream_engine: Literal["events", "tiles"] = "tiles"
+    # "tiles-java": the tile engine with windows assembled in the JVM (Python per row written
+    # online only; streaming/java_windows.py).
+    stream_engine: Literal["events", "tiles", "tiles-java"] = "tiles"
     # Seconds a `sluice up` waits for each component to answer.
     startup_timeout_s: float = Field(default=30.0, gt=0)
     # Model registry: a local directory or an object-store URI (s3://bucket/prefix), read and

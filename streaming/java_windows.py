@@ -8,9 +8,16 @@ window size), as streaming/compile.CompiledView holds them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
-from streaming.compile import CompiledView
+from core.settings import Settings
+from streaming.compile import CompiledView, features_topic
+
+# The engines that run the tile query (streaming/tiles.py): "tiles" assembles windows in Python
+# (streaming/tile_functions.py), "tiles-java" in the JVM (below).
+TILE_ENGINES = ("tiles", "tiles-java")
 
 
 def window_plan(compiled: CompiledView) -> str:
@@ -32,3 +39,66 @@ def window_plan(compiled: CompiledView) -> str:
         "specs": specs,
     }
     return orjson.dumps(plan).decode()
+
+
+def java_windows(keyed: Any, compiled: CompiledView, settings: Settings) -> Any:
+    """The shard-keyed tile rows through sluice.TileWindows (window assembly in the JVM): its
+    feature rows to the view's features topic by Flink's Kafka sink, at least once (flushed at
+    every checkpoint); its other rows, keyed by shard again, for the Python tile function."""
+    from pyflink.datastream import DataStream
+    from pyflink.java_gateway import get_gateway
+
+    from streaming.job import key_by_shard
+
+    gateway = get_gateway()
+    jvm = gateway.jvm
+    # The classes are in the job's jar of streaming/java (pipeline.jars): the job's class
+    # loader sees them, py4j's gateway.jvm does not.
+    loader = jvm.Thread.currentThread().getContextClassLoader()
+    j_keyed = keyed._j_data_stream
+    row_type = j_keyed.getType()
+    arity = row_type.getTypeAt(1).getArity()
+    windows_class = loader.loadClass("sluice.TileWindows")
+    text = jvm.java.lang.String._java_lang_class
+    function = _construct(
+        windows_class, (text, window_plan(compiled)), (jvm.java.lang.Integer.TYPE, arity)
+    )
+    windows = (
+        j_keyed.process(function, row_type)
+        .name(f"windows {compiled.name}")
+        .uid(f"windows-java-{compiled.name}")
+    )
+    tag = windows_class.getField("FEATURE_ROWS").get(None)
+    records = _construct(
+        loader.loadClass("sluice.FeatureRowRecords"),
+        (text, features_topic(compiled.name)),
+    )
+    kafka = jvm.org.apache.flink.connector.kafka.sink
+    properties = jvm.java.util.Properties()
+    for key, value in settings.kafka_config.items():
+        properties.setProperty(key, str(value))
+    sink = (
+        kafka.KafkaSink.builder()
+        .setBootstrapServers(settings.kafka_bootstrap)
+        .setRecordSerializer(records)
+        .setDeliveryGuarantee(jvm.org.apache.flink.connector.base.DeliveryGuarantee.AT_LEAST_ONCE)
+        .setKafkaProducerConfig(properties)
+        .build()
+    )
+    windows.getSideOutput(tag).sinkTo(sink).name(f"features {compiled.name}").uid(
+        f"features-{compiled.name}"
+    )
+    return key_by_shard(DataStream(windows))
+
+
+def _construct(java_class: Any, *arguments: tuple[Any, Any]) -> Any:
+    """new java_class(arguments...) through reflection; each argument: (its Java class, value)."""
+    from pyflink.java_gateway import get_gateway
+
+    gateway = get_gateway()
+    lang = gateway.jvm.java.lang
+    types = gateway.new_array(lang.Class, len(arguments))
+    values = gateway.new_array(lang.Object, len(arguments))
+    for i, (java_type, value) in enumerate(arguments):
+        types[i], values[i] = java_type, value
+    return java_class.getConstructor(types).newInstance(values)

@@ -36,6 +36,7 @@ from streaming import tile_state
 from streaming import tiles as tile_sql
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
+from streaming.java_windows import TILE_ENGINES
 from streaming.sinks import JobContext
 from streaming.tiles import TABLE_CONFIG, keyed_by_shard, rowtime_column, tile_query
 
@@ -71,7 +72,9 @@ class JobOptions:
     # "host:port" of a Flink JobManager's REST endpoint; empty: a local mini-cluster.
     jobmanager: str = ""
     # "events": Python per event (streaming/functions.py); "tiles": SQL per event, Python per
-    # tile (streaming/tiles.py). A view the tile engine cannot run exactly runs per event.
+    # tile (streaming/tiles.py); "tiles-java": the same SQL, windows assembled in the JVM and
+    # Python per row written online (streaming/java_windows.py). A view the tile engines
+    # cannot run exactly runs per event.
     # None: settings.stream_engine (streaming.runner.run resolves it).
     engine: str | None = None
     # PyFlink's python.execution-mode: "process" (Beam workers; the default and the only mode
@@ -97,7 +100,7 @@ def job_name(views: list[CompiledView]) -> str:
 def uses_tiles(compiled: CompiledView, options: JobOptions) -> bool:
     from streaming.tiles import tile_support
 
-    return options.engine == "tiles" and tile_support(compiled) is None
+    return options.engine in TILE_ENGINES and tile_support(compiled) is None
 
 
 def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> StorageUri:
@@ -115,7 +118,7 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
     engine = engine or settings.stream_engine
     if engine != "events":
         definitions += f"engine={engine}".encode()
-    if engine == "tiles":  # and the layout of its query's plan
+    if engine in TILE_ENGINES:  # and the layout of its query's plan
         definitions += f"/plan={tile_sql.PLAN_VERSION}/shards={tile_state.SHARDS}".encode()
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     root = parse(
@@ -296,7 +299,7 @@ def build_job(
             )
         )
         if uses_tiles(compiled, options):
-            _tile_pipeline(t_env, compiled, table, ctx)
+            _tile_pipeline(t_env, compiled, table, ctx, java=options.engine == "tiles-java")
             continue
         prepare, windows = flink_functions(compiled, ctx)
         records = t_env.to_data_stream(t_env.sql_query(source_query(table)))
@@ -315,17 +318,24 @@ def build_job(
     return env
 
 
-def _tile_pipeline(t_env: Any, compiled: CompiledView, table: str, ctx: JobContext) -> None:
-    """Source -> SQL (decode, filter, late check, tiles; streaming/tiles.py) -> Tiles."""
+def _tile_pipeline(
+    t_env: Any, compiled: CompiledView, table: str, ctx: JobContext, *, java: bool
+) -> None:
+    """Source -> SQL (decode, filter, late check, tiles; streaming/tiles.py) -> Tiles; with
+    ``java``, window assembly in the JVM between the two (streaming/java_windows.py)."""
 
     from streaming.tile_functions import tile_function
 
     views, query = tile_query(compiled, table)
     for statement in views:
         t_env.execute_sql(statement)
+    keyed = _keyed_by_shard(t_env, t_env.sql_query(keyed_by_shard(compiled, query)))
+    if java:
+        from streaming.java_windows import java_windows
+
+        keyed = java_windows(keyed, compiled, ctx.settings)
     (
-        _keyed_by_shard(t_env, t_env.sql_query(keyed_by_shard(compiled, query)))
-        .process(tile_function(compiled, ctx))
+        keyed.process(tile_function(compiled, ctx, java_windows=java))
         .name(f"tiles {compiled.name}")
         .uid(f"tiles-{compiled.name}")
     )
@@ -342,8 +352,6 @@ def _keyed_by_shard(t_env: Any, table: Any) -> Any:
     the table's row type in that form (to_data_stream gives an ExternalTypeInfo; the records
     are the same Row objects).
     """
-    from pyflink.common import Types
-    from pyflink.datastream.data_stream import KeyedStream
     from pyflink.java_gateway import get_gateway
 
     gateway = get_gateway()
@@ -353,7 +361,17 @@ def _keyed_by_shard(t_env: Any, table: Any) -> Any:
     rows._j_data_stream.getTransformation().setOutputType(
         conversions.fromDataTypeToLegacyInfo(data_type)
     )
-    selector = gateway.jvm.KeyByKeySelector()
+    return key_by_shard(rows)
+
+
+def key_by_shard(rows: Any) -> Any:
+    """A DataStream of (shard INT, row ROW<...>) rows, of a RowTypeInfo, keyed by the shard in
+    Java (_keyed_by_shard)."""
+    from pyflink.common import Types
+    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.java_gateway import get_gateway
+
+    selector = get_gateway().jvm.KeyByKeySelector()
     keyed = rows._j_data_stream.keyBy(selector, Types.ROW([Types.INT()]).get_java_type_info())
     # The original element type: only KeyedStream's reduce, filter and windows read it, not
     # process (the Python operator takes its input type from the Java stream).

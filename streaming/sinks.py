@@ -146,12 +146,19 @@ class RowPublisher:
     def add(self, entity_key: str, window_end_ms: int, values: dict[str, Any]) -> None:
         record = self._encode(self._view.name, entity_key, window_end_ms, values, now_ms())
         self._producer.produce(self._topic, record, entity_key, window_end_ms)
+        self.hold(entity_key, window_end_ms, values)
+
+    def hold(
+        self, entity_key: str, window_end_ms: int, values: dict[str, Any], rows: int = 1
+    ) -> None:
+        """A row for the online store, the newest of ``rows`` rows written to the features
+        topic (by ``add``, or by the JVM: engine "tiles-java")."""
         # Rows of one key arrive oldest first. Within a bundle only the newest per entity
         # matters online: the store would refuse the older ones right after anyway.
         held = self._newest.get(entity_key)
         if held is None or held[0] <= window_end_ms:
             self._newest[entity_key] = (window_end_ms, values)
-        self.counts.rows += 1
+        self.counts.rows += rows
         if self.counts.max_end_ms is None or window_end_ms > self.counts.max_end_ms:
             self.counts.max_end_ms = window_end_ms
 

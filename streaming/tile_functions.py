@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, PublishCounts, WindowCounts
 from features.validation import Rejection, RejectReason
@@ -56,8 +58,10 @@ from streaming.tiles import (
     KIND,
     KIND_CLOSED,
     KIND_READ,
+    KIND_RESTORED,
     KIND_SIDE,
     KIND_TILE,
+    KIND_WINDOW,
     LATE,
     OFF,
     PART,
@@ -77,8 +81,10 @@ END_OF_INPUT = 2**63 - 1  # Flink's watermark at the end of a bounded input
 SHARD_TICK_MS = 1_000
 
 
-def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
-    """The KeyedProcessFunction of one view's tile rows."""
+def tile_function(compiled: CompiledView, ctx: JobContext, *, java_windows: bool = False) -> Any:
+    """The KeyedProcessFunction of one view's tile rows; ``java_windows``: of the rows of the
+    JVM's window assembly instead of the tile rows (engine "tiles-java": windows, counts and
+    side rows; streaming/java/sluice/TileWindows.java)."""
     from pyflink.datastream import KeyedProcessFunction
 
     slide = compiled.slide_ms
@@ -112,6 +118,9 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.late_counter = runtime_context.get_metrics_group().counter("late_events")
             on_bundle_end(runtime_context, "sluice_tiles_flush", self.flush)
             self.ended = False  # the watermark reached its maximum: the input ended
+            # Rows written before a restore, as the JVM's shards report them (tiles-java).
+            self.restored_rows = 0
+            self.end_timer = False  # tiles-java: a timer set to see the end of the input
 
         def process_element(self, row: Any, context: Any) -> None:
             read = self.read
@@ -126,6 +135,9 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             self.clock.start(context)
             kind = row[KIND]
             entity = row[KEY]
+            if java_windows:
+                self.from_java(row, kind, watermark, context)
+                return
             if kind != KIND_TILE or entity is None:
                 self.count(row, kind, watermark)
                 return
@@ -143,6 +155,22 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                     context.timer_service().register_event_time_timer(due)
                     shard.pending = due
             self.states.tile_changed(shard, entity, cached, bucket, new)
+
+        def from_java(self, row: Any, kind: str, watermark: int, context: Any) -> None:
+            """A row of the JVM's window assembly: a window row to hold for the online store,
+            a shard's rows written before a restore, or a row to count as below."""
+            if not self.end_timer:
+                # The end of the input, seen by a timer (no row comes after it; close() needs
+                # it): the last event time a long holds fires only at the maximal watermark.
+                context.timer_service().register_event_time_timer(END_OF_INPUT - 1)
+                self.end_timer = True
+            if kind == KIND_WINDOW:
+                values = orjson.loads(row[RAW])["values"]
+                self.publisher.hold(row[KEY], row[T], values, row[COPIES])
+            elif kind == KIND_RESTORED:
+                self.restored_rows += row[COPIES]
+            else:
+                self.count(row, kind, watermark)
 
         def count(self, row: Any, kind: str, watermark: int) -> None:
             """A row of the side key: count it, then keep the counters in its state."""
@@ -204,8 +232,13 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
             yield from ()
             key = context.get_current_key()
             if self.clock.tick(context):  # a processing-time timer: the clock's, a shard's
-                if key != SIDE_KEY and timestamp % SHARD_TICK_MS == 0:
+                if key != SIDE_KEY and timestamp % SHARD_TICK_MS == 0 and not java_windows:
                     self.keep_ticking(self.states.shard(key), context, ticked=True)
+                return
+            if java_windows:  # the end-of-input timer: windows fire in the JVM
+                watermark = context.timer_service().current_watermark()
+                self.ended = watermark == END_OF_INPUT
+                self.publisher.observe(watermark)
                 return
             if key == SIDE_KEY:
                 return
@@ -222,10 +255,14 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 context.timer_service().register_event_time_timer(shard.pending)
 
         def flush(self) -> int:
-            self.stats.restored(PublishCounts, {"rows": self.states.restored_rows})
+            self.stats.restored(PublishCounts, {"rows": self.restored()})
             counts = (self.read, self.windows)
             flush_writers(self.producer, self.publisher, self.stats, counts)
             return self.read.events
+
+        def restored(self) -> int:
+            """Rows written before the snapshot this run restored, as far as read back."""
+            return self.states.restored_rows + self.restored_rows
 
         def close(self) -> None:
             if self.ended:
@@ -236,7 +273,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext) -> Any:
                 # ends (measured), so the count is taken from the closed tiles.
                 self.read.events -= self.windows.open
                 self.windows.open = 0
-            self.stats.restored(PublishCounts, {"rows": self.states.restored_rows})
+            self.stats.restored(PublishCounts, {"rows": self.restored()})
             counts = (self.read, self.windows)
             flush_writers(self.producer, self.publisher, self.stats, counts, final=True)
 

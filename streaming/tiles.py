@@ -172,6 +172,10 @@ KIND, KEY, T, PART, OFF, COPIES, UNIQUE, HEARTBEAT, LATE, RAW, RAW_KEY = range(1
 FIXED = ("kind", "k", "t", "part", "off", "copies", "uniq", "hb", "late", "raw", "raw_key")
 SLOTS_FROM = len(FIXED)
 KIND_TILE, KIND_SIDE, KIND_READ, KIND_CLOSED = "T", "S", "R", "C"
+# Rows of the JVM's window assembly (engine "tiles-java", streaming/java/sluice/TileWindows.java)
+# in the same shape: an entity's newest row of a firing (KEY, T its end, RAW its features-topic
+# record, COPIES the rows the firing wrote) and a shard's rows written before a restore (COPIES).
+KIND_WINDOW, KIND_RESTORED = "W", "X"
 # Read rows: per partition, how many events (not heartbeats) the source read in each interval
 # of processing time, so that events are counted when read, not when their tile closes.
 READ_INTERVAL_MS = 100

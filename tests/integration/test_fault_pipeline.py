@@ -34,6 +34,7 @@ from examples.delivery.simulate import DeliverySimulator
 from features.definitions import FeatureView
 from features.reference import compute_view, with_closing_rows
 from features.validation import EventValidator, ValidEvent
+from streaming.java_windows import TILE_ENGINES
 from streaming.runner import run as run_stream
 from tests.helpers.pipeline import (
     SLUICE,
@@ -336,7 +337,7 @@ def test_stream_sigkill_restores_the_latest_checkpoint(stack_settings: Settings,
     # beyond that were read again, unless the first run had not read them).
     after_kill = len(topic.events) - produced_at_kill
     assert reread >= after_kill
-    if settings.stream_engine == "tiles":
+    if settings.stream_engine in TILE_ENGINES:
         # Its counters are job state: the second run continued from the checkpoint's, so over
         # both runs every event was read once (`sluice stream`'s "(all runs)" row).
         totals = re.findall(rf"{name} \(all runs\)[\s│|]+(\d+)", text)
