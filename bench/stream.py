@@ -231,7 +231,8 @@ class Measured:
 
 
 def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
-    """offsets -> wall seconds of one run of the engine's job."""
+    """offsets -> wall seconds of one run of the engine's job (the tile variants, tiles-p2 and
+    the others, run on options.engine: --tile-engine)."""
     tile_jobs = (
         "tiles-p2",
         "tiles-thread",
@@ -242,7 +243,7 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
     )
     if engine in ("tiles", "events", "tiles-java", *tile_jobs):
         own = engine in ("tiles", "events", "tiles-java")
-        job_options = dataclasses.replace(options, engine=engine if own else "tiles")
+        job_options = dataclasses.replace(options, engine=engine if own else options.engine)
         month = engine == "tiles-30d"
         if engine == "tiles-p2":
             job_options = dataclasses.replace(job_options, parallelism=2)
@@ -286,7 +287,7 @@ def measure_engine(
         found.rate, found.seconds = on_cluster(
             settings,
             lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
-            dataclasses.replace(options, engine="tiles"),
+            options,
         )
         return found
     run = _job(engine, settings, options, found)
@@ -343,7 +344,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured full runs first")
-    parser.add_argument("--live-engine", default="tiles", choices=("tiles", "events"))
+    engine_names = ("tiles", "tiles-java", "events")
+    parser.add_argument("--live-engine", default="tiles", choices=engine_names)
+    # The engine of the tile variants (tiles-p2, -thread, -workers, -hot, -30d, -few, -cluster).
+    parser.add_argument("--tile-engine", default="tiles", choices=engine_names[:2])
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument("--python-mode", default="process", choices=("process", "thread"))
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python
@@ -356,6 +360,7 @@ def main() -> None:
         bundle_time_ms=args.bundle_ms,
         watermark_interval_ms=args.watermark_ms,
         python_mode=args.python_mode,
+        engine=args.tile_engine,
     )
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in engines:
@@ -406,7 +411,8 @@ def report(
 ) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nthroughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
+        f"\ntile variants on {args.tile_engine}; "
+        f"throughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
         f"(marginal over the first {args.small:.0%}), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
         f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores, "
@@ -425,15 +431,17 @@ def report(
             f"{us:12.1f}" if us is not None else f"{'-':>12}" for us in (m.cpu_us, m.python_us)
         )
         print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss} {cpu}")
+    on = args.tile_engine  # what the tile variants run
     pairs = (
-        ("tiles-p2", "tiles", "parallelism 2 / 1"),
-        ("tiles-thread", "tiles", "thread / process mode"),
-        ("tiles-workers", "tiles", "own worker processes / loopback"),
-        ("tiles-hot", "tiles", "hot key / uniform keys"),
+        ("tiles-p2", on, "parallelism 2 / 1"),
+        ("tiles-thread", on, "thread / process mode"),
+        ("tiles-workers", on, "own worker processes / loopback"),
+        ("tiles-hot", on, "hot key / uniform keys"),
         ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
+        ("tiles-java", "tiles-sql", "tiles-java / its SQL alone"),
         ("tiles-java", "tiles", "windows assembled in the JVM / in Python"),
-        ("tiles-cluster", "tiles", "session cluster / local"),
+        ("tiles-cluster", on, "session cluster / local"),
     )
     for a, b, what in pairs:
         if a in results and b in results and results[b].rate:

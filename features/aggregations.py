@@ -25,7 +25,10 @@ is checked against the reference by the parity tests.
 Adding an aggregation touches two files: this one (an ``AggregationFunction`` member, an
 ``Aggregator`` subclass, its ``AGGREGATIONS`` entry) and ``batch/compile.py`` (its Spark
 partial, merge and result columns in ``_BUILDERS``). Everything else follows, and compiling
-a view that uses a function Spark has no mapping for raises UnsupportedAggregationError.
+a view that uses a function Spark has no mapping for raises UnsupportedAggregationError. The
+stream engine "tiles-java" assembles windows in the JVM and needs the merge and result there
+too (streaming/java/sluice/Aggregation.java, held equal to these objects by
+tests/integration/test_java_windows.py).
 
 Pure Python, no dependencies: engines import it, and states are small tuples (a set for
 count_distinct) so that they pickle cheaply into Flink state.

@@ -149,10 +149,21 @@ class RowPublisher:
         self.hold(entity_key, window_end_ms, values)
 
     def hold(
-        self, entity_key: str, window_end_ms: int, values: dict[str, Any], rows: int = 1
+        self,
+        entity_key: str,
+        window_end_ms: int,
+        values: dict[str, Any],
+        rows: int = 1,
+        fired_by: int | None = None,
     ) -> None:
         """A row for the online store, the newest of ``rows`` rows written to the features
-        topic (by ``add``, or by the JVM: engine "tiles-java")."""
+        topic (by ``add``, or by the JVM: engine "tiles-java", where ``fired_by`` is the
+        watermark that fired them; this operator sees it only after their rows)."""
+        known = self.counts.watermark
+        if fired_by is not None and (known is None or fired_by > known):
+            # Statistics only ("the watermark that fired the newest rows"): progress waits
+            # for the watermark itself (observe), since other shards' rows may still come.
+            self.counts.watermark = fired_by
         # Rows of one key arrive oldest first. Within a bundle only the newest per entity
         # matters online: the store would refuse the older ones right after anyway.
         held = self._newest.get(entity_key)
@@ -166,7 +177,8 @@ class RowPublisher:
         """The operator saw ``watermark`` (with an element or a timer)."""
         if watermark > self._watermark:
             self._settled, self._watermark = self._watermark, watermark
-        self.counts.watermark = watermark
+        if self.counts.watermark is None or watermark > self.counts.watermark:
+            self.counts.watermark = watermark
 
     def flush(self, final: bool = False) -> None:
         """Write the held rows, then the progress they complete; raise (failing the bundle, so

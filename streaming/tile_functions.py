@@ -166,7 +166,7 @@ def tile_function(compiled: CompiledView, ctx: JobContext, *, java_windows: bool
                 self.end_timer = True
             if kind == KIND_WINDOW:
                 values = orjson.loads(row[RAW])["values"]
-                self.publisher.hold(row[KEY], row[T], values, row[COPIES])
+                self.publisher.hold(row[KEY], row[T], values, row[COPIES], fired_by=row[OFF])
             elif kind == KIND_RESTORED:
                 self.restored_rows += row[COPIES]
             else:

@@ -174,7 +174,8 @@ SLOTS_FROM = len(FIXED)
 KIND_TILE, KIND_SIDE, KIND_READ, KIND_CLOSED = "T", "S", "R", "C"
 # Rows of the JVM's window assembly (engine "tiles-java", streaming/java/sluice/TileWindows.java)
 # in the same shape: an entity's newest row of a firing (KEY, T its end, RAW its features-topic
-# record, COPIES the rows the firing wrote) and a shard's rows written before a restore (COPIES).
+# record, COPIES the rows the firing wrote, OFF the watermark that fired it) and a shard's rows
+# written before a restore (COPIES).
 KIND_WINDOW, KIND_RESTORED = "W", "X"
 # Read rows: per partition, how many events (not heartbeats) the source read in each interval
 # of processing time, so that events are counted when read, not when their tile closes.

@@ -35,7 +35,8 @@ import org.apache.flink.util.OutputTag;
  *       the Python engine's rows): every row goes to the side output {@link #FEATURE_ROWS}, a
  *       features-topic record (Flink's Kafka sink writes it), and the newest row of each
  *       entity of the firing goes on, as a row of kind "W" (entity, end, its record in
- *       ``raw``, the rows of the firing in ``copies``), to the Python function, which writes
+ *       ``raw``, the rows of the firing in ``copies``, the watermark that fired them in
+ *       ``off``), to the Python function, which writes
  *       the online store (only the newest row per entity matters there) and counts.
  *   <li>Every other row (read, side, closed and the filter's rows, under the side key) goes on
  *       to the Python function unchanged: it counts them and dead-letters events.
@@ -131,7 +132,8 @@ public class TileWindows extends KeyedProcessFunction<Row, Row, Row> {
         }
         touch(key, ctx.timerService(), out);
         // Every end up to the watermark is final, not only up to this timer.
-        long upto = Math.max(timestamp, ctx.timerService().currentWatermark());
+        long watermark = ctx.timerService().currentWatermark();
+        long upto = Math.max(timestamp, watermark);
         long following = WindowAssembler.NONE;
         long now = System.currentTimeMillis();
         long written = 0;
@@ -159,6 +161,7 @@ public class TileWindows extends KeyedProcessFunction<Row, Row, Row> {
                 if (rows > 0) {
                     written += rows;
                     Row online = record("W", entity, end[0], (long) rows, newest[0]);
+                    online.setField(4, watermark); // the watermark that fired it, in ``off``
                     out.collect(Row.of(key.getField(0), online));
                 }
                 changed.add(new Object[] {entity, state});
