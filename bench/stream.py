@@ -194,7 +194,8 @@ ENGINES = {
     "tiles-cluster": "the tile engine on a session cluster of its own",
 }
 DEFAULT_ENGINES = (
-    "tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot,tiles-few,tiles-30d"
+    "tiles-java,tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot,tiles-few,"
+    "tiles-30d"
 )
 # Jobs over preloads of their own (a broker each): hot key; few keys (tiles-30d's).
 OWN_BROKER = {"tiles-hot": "hot", "tiles-few": "few", "tiles-30d": "few"}
@@ -345,9 +346,9 @@ def main() -> None:
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured full runs first")
     engine_names = ("tiles", "tiles-java", "events")
-    parser.add_argument("--live-engine", default="tiles", choices=engine_names)
+    parser.add_argument("--live-engine", default="tiles-java", choices=engine_names)
     # The engine of the tile variants (tiles-p2, -thread, -workers, -hot, -30d, -few, -cluster).
-    parser.add_argument("--tile-engine", default="tiles", choices=engine_names[:2])
+    parser.add_argument("--tile-engine", default="tiles-java", choices=engine_names[:2])
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument("--python-mode", default="process", choices=("process", "thread"))
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python

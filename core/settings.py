@@ -102,12 +102,12 @@ class Settings(ServingSettings):
     flink_parallelism: int = Field(default=1, ge=1, le=1024)
     # Seconds between checkpoints: the most a restart re-reads, and how long rows may repeat.
     flink_checkpoint_interval_s: float = Field(default=10.0, ge=1, le=3600)
-    # "tiles": Flink SQL decodes, filters and pre-aggregates per (entity, slide) in Java and
-    # Python sees one row per tile; "events": the stream's Python sees every event (a view
-    # the tile engine cannot run exactly runs per event under either).
-    # "tiles-java": the tile engine with windows assembled in the JVM (Python per row written
-    # online only; streaming/java_windows.py).
-    stream_engine: Literal["events", "tiles", "tiles-java"] = "tiles"
+    # "tiles-java": Flink SQL decodes, filters and pre-aggregates per (entity, slide) in Java,
+    # and windows are assembled in the JVM too; Python sees the newest row per entity and
+    # firing, for the online store (streaming/java_windows.py). "tiles": the same SQL, Python
+    # assembles windows from one row per tile. "events": the stream's Python sees every event
+    # (a view the tile engines cannot run exactly runs per event under any).
+    stream_engine: Literal["events", "tiles", "tiles-java"] = "tiles-java"
     # Seconds a `sluice up` waits for each component to answer.
     startup_timeout_s: float = Field(default=30.0, gt=0)
     # Model registry: a local directory or an object-store URI (s3://bucket/prefix), read and

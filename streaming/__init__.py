@@ -20,14 +20,15 @@ wall clock, so the watermark moves on when keys, partitions or the whole topic g
 job drops them right after the source (counted as heartbeats, not as events read). Optional
 Flink idleness for partitions nothing writes: JobOptions.idle_timeout_s (streaming/job.py).
 
-Engines (settings.stream_engine, JobOptions.engine): "tiles" (the default) decodes, filters,
+Engines (settings.stream_engine, JobOptions.engine): "tiles" decodes, filters,
 checks lateness and builds each (entity, slide bucket)'s partial states in Flink SQL
 (streaming/tiles.py, with Java functions in streaming/java/) and hands Python one row per tile
 (streaming/tile_functions.py), which assembles windows with the same window code and writes
 with the same sinks; "tiles-java" runs the same SQL and assembles the windows in the JVM
 (streaming/java_windows.py, sluice.TileWindows: the Python window code ported and held equal to
 it), writing the features topic with Flink's Kafka sink, and hands Python only the newest row of
-each entity per firing, for the online store, and the rows it counts; "events" hands every event
+each entity per firing, for the online store, and the rows it counts (the default since
+2026-12-06, when the whole suite passed under it); "events" hands every event
 to Python (streaming/functions.py), and runs the views the tile engines cannot run exactly
 (tiles.tile_support) under any setting. All follow
 the definitions below; the tile engine's late check is end <= W + 1 (Flink's window operators

@@ -189,9 +189,10 @@ def test_snapshots_of_the_two_engines_live_apart(
     monkeypatch.delenv("SLUICE_STREAM_ENGINE", raising=False)
     settings = load_settings(state_dir=tmp_path)
     compiled = [compile_view(v) for v in STREAM_VIEWS]
-    assert settings.stream_engine == "tiles"  # the default
-    assert job_dir(settings, compiled) == job_dir(settings, compiled, "tiles")
+    assert settings.stream_engine == "tiles-java"  # the default
+    assert job_dir(settings, compiled) == job_dir(settings, compiled, "tiles-java")
     assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "events")
+    assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "tiles-java")
     events = load_settings(state_dir=tmp_path, stream_engine="events")
     assert job_dir(events, compiled) == job_dir(settings, compiled, "events")
 
