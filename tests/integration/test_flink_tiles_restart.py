@@ -1,5 +1,5 @@
-"""The tile engines (tiles, tiles-java) stopped and resumed from their savepoint: offsets, open
-tiles (in the SQL window state) and open windows (in Python; tiles-java: in the JVM) carry over.
+"""The tile engine with windows in Python (stream_engine=tiles) stopped and resumed from its
+savepoint: offsets, open tiles (in the SQL window state) and open windows (in Python) carry over.
 
 The scenario of test_flink_restart.py (tests/helpers/stream.run_restart_scenario), on the tile
 engine, plus its own count: events are counted when read, and processed when their tile closes;
@@ -20,11 +20,11 @@ from tests.helpers.stream import PARTITIONS, check_carried_counts, run_restart_s
 pytestmark = [pytest.mark.integration, pytest.mark.flink, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("engine", ["tiles", "tiles-java"])
 def test_tile_engine_restart_resumes_offsets_open_tiles_and_windows(
-    stack_settings: Settings, tmp_path: Path, engine: str
+    stack_settings: Settings, tmp_path: Path
 ):
-    run = run_restart_scenario(stack_settings, tmp_path, engine)
+    # The default engine, tiles-java, runs this scenario in test_flink_restart.py.
+    run = run_restart_scenario(stack_settings, tmp_path, "tiles")
     stopped_at, resumed = run.stopped_at, run.resumed
     time_field = run.topic.source.event_time_field
     sentinels = [e for e in run.topic.events if e[time_field] >= run.final_w]
@@ -34,4 +34,4 @@ def test_tile_engine_restart_resumes_offsets_open_tiles_and_windows(
     assert resumed.balanced()
     # Counted when read, whatever their tile: what is still open is what is past the end.
     assert stopped_at.open + resumed.open == len(sentinels)
-    check_carried_counts(run)  # rows written included: the JVM's shards carry them
+    check_carried_counts(run)
