@@ -10,6 +10,12 @@ event-time timer per shard at the earliest end due in it and writes rows, dead l
 and statistics with the event engine's writers (streaming/sinks.py), flushed at bundle ends
 (see streaming/functions.py for why that is at least once).
 
+Engine "tiles-java" (``java_windows``): the JVM assembles the windows between the SQL and this
+function (streaming/java/sluice/TileWindows.java) and writes the features topic; this function
+gets the side key's rows as above, the newest row of each entity per firing (KIND_WINDOW: held
+for the online store, its rows counted) and each shard's rows written before a restore
+(KIND_RESTORED), and no tile rows; it fires no windows.
+
 Counters: events are counted when read, from the read rows (per partition and 100 ms of
 processing time, streaming/tiles.py), and processed when their tile closes: every event is
 then one of: an event of a closed row (the kept events of the tiles of one slide:
