@@ -109,7 +109,8 @@ public abstract class Aggregation implements java.io.Serializable {
         };
     }
 
-    static final class Sum extends Aggregation {
+    /** sum and mean: a tile's state from (COUNT(x), sluice_sum(x)); null without values. */
+    abstract static class CountedSum extends Aggregation {
         @Override
         public int width() {
             return 2;
@@ -118,7 +119,16 @@ public abstract class Aggregation implements java.io.Serializable {
         @Override
         public Object decode(List<Object> row, int at) {
             Long n = (Long) row.get(at);
-            return n == null || n == 0 ? null : decodeSum((String) row.get(at + 1));
+            return n == null || n == 0 ? null : state(n, decodeSum((String) row.get(at + 1)));
+        }
+
+        abstract Object state(long n, double[] sum);
+    }
+
+    static final class Sum extends CountedSum {
+        @Override
+        Object state(long n, double[] sum) {
+            return sum;
         }
 
         @Override
@@ -142,16 +152,10 @@ public abstract class Aggregation implements java.io.Serializable {
         }
     }
 
-    static final class MeanOf extends Aggregation {
+    static final class MeanOf extends CountedSum {
         @Override
-        public int width() {
-            return 2;
-        }
-
-        @Override
-        public Object decode(List<Object> row, int at) {
-            Long n = (Long) row.get(at);
-            return n == null || n == 0 ? null : new Mean(n, decodeSum((String) row.get(at + 1)));
+        Object state(long n, double[] sum) {
+            return new Mean(n, sum);
         }
 
         @Override
