@@ -42,15 +42,15 @@ Partial states per slot, from the deduplicated events of a tile (features/aggreg
   sum, mean       COUNT(x), sluice_sum(x)              -> (n, (hi, lo))
   min, max        MIN(x), MAX(x)
   last            MAX(19-digit t || sortable value)    -> (t, value): greatest t, then value
-  stddev          sluice_moments(x)                    -> the reference's (n, c, d, M2)
+  stddev          sluice_moments(x) ("n c d m2")       -> the reference's (n, c, d, M2)
   count_distinct  JSON_STRING(ARRAY_AGG(DISTINCT x))   -> set
-Sums and moments are exact in the JVM (Java aggregates over BigDecimal sums: ExactSum.java,
-Moments.java in streaming/java/sluice), then rounded once: Flink SQL's SUM(DOUBLE) rounds at
-every addition in an order that is not fixed (the window aggregate's local/global phases
-flush at watermarks and checkpoint barriers, a cascaded window emits in its timer queue's
-order), so a tile summed again after a restore could differ in its last bits and a replayed
-row differ from the row emitted before (seen in test_fault_pipeline). A tile's state depends
-only on its events. Python merges the tiles of a window in bucket order, as before.
+Sums and moments are exact in the JVM (Java aggregates over exact binary sums, BinarySum.java:
+ExactSum.java, Moments.java in streaming/java/sluice), then rounded once: Flink SQL's
+SUM(DOUBLE) rounds at every addition in an order that is not fixed (the window aggregate's
+local/global phases flush at watermarks and checkpoint barriers, a cascaded window emits in
+its timer queue's order), so a tile summed again after a restore could differ in its last bits
+and a replayed row differ from the row emitted before (seen in test_fault_pipeline). A tile's
+state depends only on its events. Python merges the tiles of a window in bucket order, as before.
 A view the tile engine cannot express exactly (last over a float column) runs on the event
 engine (tile_support).
 
@@ -161,8 +161,8 @@ _SQL_TYPES = {
 }
 LAST_TIME_DIGITS = 19
 # streaming/java/sluice/Moments.java: the Stddev state (n, c, d, M2) of features/aggregations.py,
-# as a JSON object (JSON_STRING; Java's double to text round-trips exactly). Arrays and rows
-# do not cross to PyFlink's DataStream (its type conversion fails on them), text does.
+# as the text "n c d m2" (Java's double to text round-trips exactly). Arrays and rows do not
+# cross to PyFlink's DataStream (its type conversion fails on them), text does.
 # BIGINT values sort as strings once shifted to non-negative: "1" + 19 digits for x >= 0,
 # "0" + 19 digits of x + (2^63 - 1) for x < 0.
 _LONG_MAX = 9_223_372_036_854_775_807
@@ -191,8 +191,9 @@ READ_INTERVAL_MS = 100
 # entities, one MapState entry per tile (streaming/tile_state.py). 4: the shard computed in
 # the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard). 5: each shard's
 # rows written in its state (tile_state.ROWS_ENTRY) and a processing-time timer per shard. 6: the
-# closed rows grouped by slide only (no partition).
-PLAN_VERSION = 6
+# closed rows grouped by slide only (no partition). 7: the sums' and moments' accumulators
+# exact in binary (BinarySum.java), the moments as text.
+PLAN_VERSION = 7
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
 # no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
@@ -281,7 +282,7 @@ def _slot_sql(
     if function is F.MAX:
         return [(f"MAX({x})", "DOUBLE")]
     if function is F.STDDEV:
-        return [(f"JSON_STRING(sluice_moments({x}))", "STRING")]
+        return [(f"sluice_moments({x})", "STRING")]
     assert field_type is not None
     if function is F.LAST:
         stamp = f"LPAD(CAST(`_t` AS STRING), {LAST_TIME_DIGITS}, '0')"
@@ -437,8 +438,7 @@ def state_decoder(compiled: CompiledView) -> Callable[[Sequence[Any]], list[Any]
                 assert field_type is not None
                 states.append(None if first is None else decode_last(first, field_type))
             elif function is F.STDDEV:
-                moments = None if first is None else orjson.loads(first)
-                states.append(None if moments is None else decode_moments(moments))
+                states.append(None if first is None else decode_moments(first))
             else:
                 values = () if first is None else orjson.loads(first) or ()
                 states.append({v for v in values if v is not None} or None)
@@ -454,7 +454,8 @@ def decode_sum(text: str) -> tuple[float, float]:
     return float(hi), float(lo)
 
 
-def decode_moments(state: dict[str, Any]) -> tuple[int, float, float, float]:
-    """sluice_moments' JSON object as the Stddev state; float() reads a non-finite value that
-    JSON_STRING wrote as text."""
-    return int(state["n"]), float(state["c"]), float(state["d"]), float(state["m2"])
+def decode_moments(text: str) -> tuple[int, float, float, float]:
+    """sluice_moments' "n c d m2" as the Stddev state; float() reads the non-finite values that
+    Java writes by name ("NaN", "Infinity")."""
+    n, c, d, m2 = text.split(" ")
+    return int(n), float(c), float(d), float(m2)

@@ -63,16 +63,15 @@ def exact_sum_text(values: list[Any]) -> str:
     return f"{hi!r} {float(exact - Fraction(hi))!r}"
 
 
-def exact_moments_json(values: list[Any]) -> str:
-    """What JSON_STRING(sluice_moments(x)) returns (streaming/java/sluice/Moments.java): the
+def exact_moments_text(values: list[Any]) -> str:
+    """What sluice_moments(x) returns (streaming/java/sluice/Moments.java): the
     state (n, c, d, M2) from the exact mean and the exact sum of squared deviations."""
     exact = [Fraction(float(v)) for v in values]
     n = len(exact)
     mean = sum(exact) / n
     c = float(mean)
     m2 = sum((x - mean) ** 2 for x in exact)
-    fields = {"n": n, "c": c, "d": float(mean - Fraction(c)), "m2": float(m2)}
-    return orjson.dumps(fields).decode()
+    return f"{n} {c!r} {float(mean - Fraction(c))!r} {float(m2)!r}"
 
 
 def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
@@ -100,7 +99,7 @@ def tile_row(compiled: CompiledView, events: list[dict[str, Any]]) -> list[Any]:
             ]
             columns.append(max(encoded, default=None))
         elif function is F.STDDEV:
-            columns.append(exact_moments_json(present) if present else None)
+            columns.append(exact_moments_text(present) if present else None)
         else:
             columns.append(orjson.dumps(list(dict.fromkeys(present))).decode())
     assert len(columns) == sum(slot_widths(compiled))
@@ -224,11 +223,11 @@ def test_exact_sum_and_moments_texts_decode_as_java_writes_them() -> None:
     total, error = decode_sum("Infinity 0.0")
     assert math.isinf(total)
     assert error == 0.0
-    n, c, d, m2 = decode_moments({"n": 3, "c": "NaN", "d": 0.0, "m2": "NaN"})
+    n, c, d, m2 = decode_moments("3 NaN 0.0 NaN")
     assert (n, d) == (3, 0.0)
     assert math.isnan(c)
     assert math.isnan(m2)
-    assert decode_moments({"n": 2, "c": 1.5, "d": -1e-17, "m2": 0.5}) == (2, 1.5, -1e-17, 0.5)
+    assert decode_moments("2 1.5 -1.0E-17 0.5") == (2, 1.5, -1e-17, 0.5)
 
 
 @pytest.mark.parametrize("view", STREAM_VIEWS, ids=lambda v: v.name)

@@ -294,31 +294,23 @@ public abstract class Aggregation implements java.io.Serializable {
         }
     }
 
-    static double number(JsonNode node) {
-        // JSON_STRING writes a non-finite double as text ("NaN", "Infinity").
-        return node.isTextual() ? Double.parseDouble(node.asText()) : node.asDouble();
-    }
-
     static final class Stddev extends Aggregation {
         @Override
         public Object decode(List<Object> row, int at) {
-            String json = (String) row.get(at);
-            if (json == null) {
+            // Moments.java's "n c d m2" (Java's doubles: NaN and Infinity by name).
+            String text = (String) row.get(at);
+            if (text == null) {
                 return null;
             }
-            try {
-                JsonNode node = JSON.readTree(json);
-                if (node == null || node.isNull()) {
-                    return null;
-                }
-                return new Moments4(
-                        node.get("n").asLong(),
-                        number(node.get("c")),
-                        number(node.get("d")),
-                        number(node.get("m2")));
-            } catch (IOException e) {
-                throw new IllegalStateException("unreadable stddev state " + json, e);
+            String[] parts = text.split(" ");
+            if (parts.length != 4) {
+                throw new IllegalStateException("unreadable stddev state " + text);
             }
+            return new Moments4(
+                    Long.parseLong(parts[0]),
+                    Double.parseDouble(parts[1]),
+                    Double.parseDouble(parts[2]),
+                    Double.parseDouble(parts[3]));
         }
 
         @Override

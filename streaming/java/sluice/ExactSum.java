@@ -1,6 +1,6 @@
 package sluice;
 
-import java.math.BigDecimal;
+import java.math.BigInteger;
 import org.apache.flink.table.annotation.DataTypeHint;
 import org.apache.flink.table.functions.AggregateFunction;
 
@@ -11,8 +11,8 @@ import org.apache.flink.table.functions.AggregateFunction;
  * (a local pre-aggregation whose buffers flush at watermarks and checkpoint barriers, merged by
  * a global one) and a cascaded window emits its rows in the order of its timer queue, so the
  * same tile summed twice (a replay after a restore) could differ in its last bits, and a row
- * emitted again with other values. Each double is exactly a decimal, so their BigDecimal sum is
- * the exact sum.
+ * emitted again with other values. Each double is an integer times a power of two, so their
+ * BinarySum is the exact sum.
  *
  * <p>Result: the text "hi lo", two doubles as Java prints them (round-trip exact): hi the exact
  * sum rounded to the nearest double (what math.fsum returns), lo the rest rounded, so that hi +
@@ -23,10 +23,10 @@ import org.apache.flink.table.functions.AggregateFunction;
  */
 public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
 
-    /** The accumulator: the exact sum (a RAW field: any scale and precision), the count. */
+    /** The accumulator: the exact sum (a RAW field), the count. */
     public static class Acc {
-        public @DataTypeHint(value = "RAW", bridgedTo = BigDecimal.class) BigDecimal sum =
-                BigDecimal.ZERO;
+        public @DataTypeHint(value = "RAW", bridgedTo = BinarySum.class) BinarySum sum =
+                new BinarySum();
         public long n;
         public double nonFinite;
     }
@@ -43,7 +43,7 @@ public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
         double x = value;
         acc.n += 1;
         if (Double.isFinite(x)) {
-            acc.sum = acc.sum.add(new BigDecimal(x));
+            acc.sum.add(x);
         } else {
             acc.nonFinite += x;
         }
@@ -52,7 +52,7 @@ public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
     public void merge(Acc acc, Iterable<Acc> others) {
         for (Acc b : others) {
             acc.n += b.n;
-            acc.sum = acc.sum.add(b.sum);
+            acc.sum.add(b.sum);
             acc.nonFinite += b.nonFinite;
         }
     }
@@ -69,13 +69,14 @@ public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
     }
 
     /** "hi lo" of an exact value: hi the nearest double, lo the rest's nearest double. */
-    static String split(BigDecimal exact) {
-        // doubleValue() rounds to nearest (JDK 9+: exact division or Double.parseDouble).
-        double hi = exact.doubleValue();
+    static String split(BinarySum exact) {
+        double hi = exact.value();
         if (!Double.isFinite(hi)) {
             return hi + " 0.0";
         }
-        double lo = exact.subtract(new BigDecimal(hi)).doubleValue();
+        BinarySum high = BinarySum.of(hi);
+        int to = BinarySum.least(exact, high);
+        double lo = BinarySum.round(exact.at(to).subtract(high.at(to)), BigInteger.ONE, to);
         return hi + " " + lo;
     }
 }
