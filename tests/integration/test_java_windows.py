@@ -14,6 +14,7 @@ import math
 import random
 import subprocess
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from features.definitions import FeatureView, Window
 from features.reference import prepare
 from streaming.compile import CompiledView, compile_view
 from streaming.java_windows import window_plan
-from streaming.tiles import SLOTS_FROM, state_decoder, tile_support
+from streaming.tiles import SLOTS_FROM, decode_moments, decode_sum, state_decoder, tile_support
 from streaming.windows import Memo, Queues, SortedTiles, WindowEngine, prune_memo
 from tests.helpers.stream import MAX_WM, STREAM_VIEWS
 from tests.unit.test_stream_tile_state import view as all_functions
@@ -142,3 +143,48 @@ def test_java_windows_equal_the_python_engine(classpath: str, view: FeatureView,
     want = python_rows(compiled, ops)
     assert sum(map(len, want.values())) > 100  # windows of several tiles, closing rows
     assert differences(java_rows(classpath, compiled, ops), want) == []
+
+
+def random_double(rng: random.Random) -> float:
+    """Subnormals, everyday values, exact ties and cancellations, and a wide range."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return rng.getrandbits(52) * 2.0**-1074 * rng.choice((1, -1))  # subnormal
+    if kind == 1:
+        return rng.uniform(-1e3, 1e3)
+    if kind == 2:
+        return rng.choice((0.1, 0.2, 7.8, -7.8, 1e16, -1e16, 1.0, 2.0**-1022, 0.0, -0.0))
+    if kind == 3:
+        return rng.randint(-10, 10) * 0.5
+    # Up to 1e150: squares and their sums stay finite (an overflow is not compared here).
+    return rng.uniform(-1.0, 1.0) * 10.0 ** rng.randint(-320, 150)
+
+
+def test_exact_sums_and_moments_round_the_exact_values_once(classpath: str) -> None:
+    """ExactSum and Moments (streaming/java/sluice/BinarySum.java) against rational arithmetic:
+    hi, lo, c, d and M2 are each the exact value rounded to the nearest double."""
+    rng = random.Random(3)
+    sets = [[random_double(rng) for _ in range(rng.randint(1, 8))] for _ in range(2_000)]
+    sets += [[5e-324, 5e-324], [5e-324, -1e-323, 2.5e-323], [0.1] * 10, [1e16, 1.0, -1e16]]
+    done = subprocess.run(
+        ["java", "-cp", classpath, "sluice.SumsCheck"],
+        input="".join(" ".join(map(repr, s)) + "\n" for s in sets),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(sets)
+    for values, line in zip(sets, lines, strict=True):
+        exact = [Fraction(v) for v in values]
+        total = sum(exact, Fraction(0))
+        mean = total / len(exact)
+        m2 = sum(((x - mean) ** 2 for x in exact), Fraction(0))
+        sum_text, moments_text = line.split("|")
+        expected_sum = (float(total), float(total - Fraction(float(total))))
+        assert decode_sum(sum_text) == expected_sum, (values, line)
+        c = float(mean)
+        expected = (len(values), c, float(mean - Fraction(c)), float(m2))
+        assert decode_moments(moments_text) == expected, (values, line)
