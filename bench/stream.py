@@ -32,6 +32,15 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  the marginal rate cancels them, the full run's seconds do not;
        tiles-cluster  the tiles job submitted to a `up --cluster` session cluster of its
                  own (bench/stream_jobs.on_cluster; off by default): cluster against local.
+       tiles-live  the tile engine over the same events at a live density (a broker of its
+                 own): every event's time fields moved towards the first event's, so that
+                 the events span --events / --density seconds of event time. The replay
+                 above is a backlog: the simulator's 200k events span 25.5 hours (about 2
+                 events per second of event time), so nearly every event opens a tile of its
+                 own and closes windows (about 1.1 rows written per event). A job that keeps
+                 up with a live stream of D events/s sees D events per second of event time:
+                 its tiles hold many events each, and rows per event fall with D. The tile
+                 ratio the issue speaks of is this, and both ends are reported.
      For every local job: the peak RSS and the marginal CPU per event of the Flink JVM and of
      this process (a local job's Python workers run inside it: PyFlink's loopback mode).
   2. freshness: events are produced live at --rate/s with event time = now into a view of
@@ -61,7 +70,7 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +83,7 @@ from core.settings import Settings, load_settings
 from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.simulate import DeliverySimulator
 from examples.delivery.sources import COURIER_PINGS, ORDERS
+from features.schema import FieldType
 from features.validation import EventValidator, ValidEvent
 from infra.stack import free_port, stack_down, stack_up
 from streaming.job import JobOptions
@@ -88,13 +98,58 @@ HOT_KEYS = {ORDERS.name: "restaurant_id", COURIER_PINGS.name: "zone_id"}
 FEW_KEYS = 8  # entities per view of tiles-30d and tiles-few
 
 
+def simulated(n: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The simulator's first n orders and courier pings: (source, payload)."""
+    sources = (ORDERS.name, COURIER_PINGS.name)
+    events = DeliverySimulator(seed=5, start_ms=START_MS).events()
+    picked = ((e.source, e.payload) for e in events if e.source in sources)
+    return itertools.islice(picked, n)
+
+
+def _validated(n: int) -> Iterator[ValidEvent]:
+    validators = {s.name: EventValidator(s) for s in (ORDERS, COURIER_PINGS)}
+    for source, payload in simulated(n):
+        valid = validators[source].validate_object(payload, START_MS + 365 * 86_400_000)
+        assert isinstance(valid, ValidEvent)
+        yield valid
+
+
+def compress_time(n: int, density: float) -> Callable[[str, ValidEvent], ValidEvent]:
+    """A map of events that moves every time field towards START_MS by one factor, so that
+    the first n events span n / density seconds of event time (their order kept)."""
+    span_ms = max(max(v.event_time_ms for v in _validated(n)) - START_MS, 1)
+    scale = min(n / density * 1000 / span_ms, 1.0)
+    fields = {
+        s.name: [f.name for f in s.fields if f.type is FieldType.TIMESTAMP]
+        for s in (ORDERS, COURIER_PINGS)
+    }
+
+    def moved(t: int) -> int:
+        return START_MS + round((t - START_MS) * scale)
+
+    def compress(source: str, event: ValidEvent) -> ValidEvent:
+        values = dict(event.values)
+        for name in fields[source]:
+            if isinstance(values.get(name), int):
+                values[name] = moved(values[name])
+        return dataclasses.replace(event, values=values, event_time_ms=moved(event.event_time_ms))
+
+    return compress
+
+
 def preload(
-    settings: Settings, n: int, hot: bool = False, keys: int | None = None
+    settings: Settings,
+    n: int,
+    hot: bool = False,
+    keys: int | None = None,
+    density: float | None = None,
 ) -> dict[str, dict[int, int]]:
     """n canonical events into events.orders / events.courier_pings; stop offsets per topic.
     ``hot``: every other event of each source belongs to one entity ("hot"); ``keys``: the
-    events' entities are folded onto that many ("k0", "k1", ...), in turn."""
+    events' entities are folded onto that many ("k0", "k1", ...), in turn; ``density``: the
+    events' times compressed to that many events per second of event time (compress_time)."""
     validators = {s.name: EventValidator(s) for s in (ORDERS, COURIER_PINGS)}
+    compress = compress_time(n, density) if density else None
     producer = Producer(settings.kafka_client_config(**PRODUCER_DEFAULTS))
     ends: dict[str, dict[int, int]] = {s.topic: {} for s in (ORDERS, COURIER_PINGS)}
 
@@ -103,17 +158,16 @@ def preload(
         topic_ends = ends[msg.topic()]
         topic_ends[msg.partition()] = max(topic_ends.get(msg.partition(), 0), msg.offset() + 1)
 
-    events = (e for e in DeliverySimulator(seed=5, start_ms=START_MS).events())
-    picked = (e for e in events if e.source in validators)
-    for i, event in enumerate(itertools.islice(picked, n)):
-        payload = event.payload
+    for i, (source, payload) in enumerate(simulated(n)):
         if hot and i % 2 == 0:
-            payload = payload | {HOT_KEYS[event.source]: "hot"}
+            payload = payload | {HOT_KEYS[source]: "hot"}
         if keys:
-            payload = payload | {HOT_KEYS[event.source]: f"k{i % keys}"}
-        valid = validators[event.source].validate_object(payload, START_MS + 365 * 86_400_000)
+            payload = payload | {HOT_KEYS[source]: f"k{i % keys}"}
+        valid = validators[source].validate_object(payload, START_MS + 365 * 86_400_000)
         assert isinstance(valid, ValidEvent)
-        topic = f"events.{event.source}"
+        if compress:
+            valid = compress(source, valid)
+        topic = f"events.{source}"
         while True:
             try:
                 producer.produce(
@@ -192,13 +246,17 @@ ENGINES = {
     "tiles-30d": "the tile engine, 30-day windows on 1-minute slides (few keys, a broker)",
     "tiles-few": "the tile engine, the views as they are, on tiles-30d's events",
     "tiles-cluster": "the tile engine on a session cluster of its own",
+    "tiles-live": "the tile engine, the events at --density events/s of event time (a broker)",
 }
 DEFAULT_ENGINES = (
     "tiles-java,tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot,tiles-few,"
-    "tiles-30d"
+    "tiles-30d,tiles-live"
 )
 # Jobs over preloads of their own (a broker each): hot key; few keys (tiles-30d's).
-OWN_BROKER = {"tiles-hot": "hot", "tiles-few": "few", "tiles-30d": "few"}
+OWN_BROKER = {"tiles-hot": "hot", "tiles-few": "few", "tiles-30d": "few", "tiles-live": "live"}
+# The issue's target rate, as events per second of event time: what a job that keeps up with
+# a live stream at that rate sees.
+LIVE_DENSITY = 40_000.0
 # pyflink/datastream/stream_execution_environment._open reads it: unset, a local job runs its
 # Python workers in this process ("loopback"); "process": in processes of their own.
 LOOPBACK_VARIABLE = "_python_worker_execution_mode"
@@ -241,6 +299,7 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         "tiles-workers",
         "tiles-few",
         "tiles-30d",
+        "tiles-live",
     )
     if engine in ("tiles", "events", "tiles-java", *tile_jobs):
         own = engine in ("tiles", "events", "tiles-java")
@@ -345,6 +404,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured full runs first")
+    parser.add_argument(
+        "--density", type=float, default=LIVE_DENSITY, help="tiles-live: events/s of event time"
+    )
     engine_names = ("tiles", "tiles-java", "events")
     parser.add_argument("--live-engine", default="tiles-java", choices=engine_names)
     # The engine of the tile variants (tiles-p2, -thread, -workers, -hot, -30d, -few, -cluster).
@@ -390,13 +452,16 @@ def main() -> None:
                     partitions=PARTITIONS,
                     start_ms=START_MS,
                 )
-        for broker in ("hot", "few"):
+        for broker in ("hot", "few", "live"):
             own = [e for e in engines if OWN_BROKER.get(e) == broker]
             if not own:
                 continue
             with local_stack(Path(state) / broker) as settings:
                 keys = FEW_KEYS if broker == "few" else None
-                stop = preload(settings, args.events, hot=broker == "hot", keys=keys)
+                density = args.density if broker == "live" else None
+                stop = preload(
+                    settings, args.events, hot=broker == "hot", keys=keys, density=density
+                )
                 small = share(stop, args.small)
                 for engine in own:
                     results[engine] = measure_engine(engine, settings, stop, small, options)
@@ -438,6 +503,7 @@ def report(
         ("tiles-thread", on, "thread / process mode"),
         ("tiles-workers", on, "own worker processes / loopback"),
         ("tiles-hot", on, "hot key / uniform keys"),
+        ("tiles-live", on, f"{args.density:,.0f} events per event-time second / the replay"),
         ("tiles-30d", "tiles-few", f"30-day / the views' windows, {FEW_KEYS} keys a view"),
         ("tiles", "tiles-sql", "tiles (with Python) / its SQL alone"),
         ("tiles-java", "tiles-sql", "tiles-java / its SQL alone"),
@@ -456,7 +522,8 @@ def report(
             print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
     for engine, m in results.items():
         if m.rows is not None:
-            print(f"  {engine}: {m.rows:,} rows to Redis and features.* in the full run")
+            per_event = f", {m.rows / m.runs[-1][0]:.3f} per event" if m.runs else ""
+            print(f"  {engine}: {m.rows:,} rows to Redis and features.* in the full run{per_event}")
     print(
         "  peak RSS and CPU: the Flink JVM and this process (where a local job's Python "
         "workers run), sampled every 0.5 s; CPU per event is marginal (full run - small "
