@@ -6,13 +6,20 @@ windows from them with the same window code as the event engine (streaming/windo
 
 Per view, one query (one source scan), a UNION ALL of four kinds of rows:
 
-  tile rows   TUMBLE(slide) windows on the event time, two cascaded aggregations:
-              level 1 groups (bucket, entity, event id = a 128-bit hash of the record's bytes,
-              streaming/java/sluice/EventId.java): one row per distinct event with its copies
-              counted (ingest is at least once; a repeat counts once, as in the event engine);
-              level 2 groups (bucket, entity, partition)
-              and computes each slot's partial state (below). Events the filter drops become
-              rows of a NULL entity grouped by partition: only their number and offsets.
+  tile rows   TUMBLE(slide) windows on the event time, one aggregation per (bucket, entity,
+              partition) computing each slot's partial state (below) over the tile's distinct
+              events: ingest is at least once, and a repeat counts once, as in the event engine.
+              An event is identified by a 128-bit hash of the record's bytes
+              (streaming/java/sluice/EventId.java); sluice_distinct_sums (DistinctSums.java)
+              keeps the tile's ids and computes the states a repeat would change (the distinct
+              events, sums, moments), and min, max, last and count_distinct, which a repeat of
+              the same bytes does not change, are plain aggregates over every copy. Ingest keys
+              every record by its entity, so a repeat lands in its original's partition (a
+              repeat in another partition, after the topic's partitions changed, would count
+              in each). Until plan 8 a first aggregation per event id deduplicated: its keyed
+              state and timer per event cost more than the rest of the query once tiles hold
+              many events (bench.stream's tiles-live). Events the filter drops become rows of
+              a NULL entity grouped by partition: only their number and offsets.
   closed rows per slide, the kept events of the tiles that closed (a window aggregation
               over the tile rows: copies and unique events summed), so that the aggregated
               and duplicate counts arrive under one key (below). One row per slide, not per
@@ -38,11 +45,11 @@ SQL lets through countable by the window operator, whose watermark is never ahea
 the check saw, so nothing is lost silently; counts in == counts out.
 
 Partial states per slot, from the deduplicated events of a tile (features/aggregations.py):
-  count           COUNT(*)
-  sum, mean       COUNT(x), sluice_sum(x)              -> (n, (hi, lo))
+  count           distinct events (sluice_distinct_sums)
+  sum, mean       its count of x and ExactSum's text   -> (n, (hi, lo))
   min, max        MIN(x), MAX(x)
   last            MAX(19-digit t || sortable value)    -> (t, value): greatest t, then value
-  stddev          sluice_moments(x) ("n c d m2")       -> the reference's (n, c, d, M2)
+  stddev          its Moments' text ("n c d m2")       -> the reference's (n, c, d, M2)
   count_distinct  JSON_STRING(ARRAY_AGG(DISTINCT x))   -> set
 Sums and moments are exact in the JVM (Java aggregates over exact binary sums, BinarySum.java:
 ExactSum.java, Moments.java in streaming/java/sluice), then rounded once: Flink SQL's
@@ -124,7 +131,7 @@ records name them as ``restored``). Why so, and not otherwise:
     aggregation over the tile rows (per tile, not per event). The closed rows read every
     column of the tile rows (MIN/MAX of t and the slots, ignored in Python): with the counts
     alone, the planner pruned its copy of the tile aggregation and ran that copy over every
-    level-1 row (about +5 us of CPU per event, measured), instead of sharing the one
+    event (about +5 us of CPU per event, measured then), instead of sharing the one
     aggregation with the tile rows.
   - Rows written (PublishCounts.rows) are emitted by the timers of every shard key, so each
     shard counts its own in its state, summed as a restored run reads the shards back
@@ -192,14 +199,16 @@ READ_INTERVAL_MS = 100
 # the SQL and keyed in Java, without PyFlink's key_by map (job._keyed_by_shard). 5: each shard's
 # rows written in its state (tile_state.ROWS_ENTRY) and a processing-time timer per shard. 6: the
 # closed rows grouped by slide only (no partition). 7: the sums' and moments' accumulators
-# exact in binary (BinarySum.java), the moments as text.
-PLAN_VERSION = 7
+# exact in binary (BinarySum.java), the moments as text. 8: one window aggregation per tile,
+# deduplicating in it (sluice_distinct_sums), not a first aggregation per event id.
+PLAN_VERSION = 8
 
 # Table settings of a job that runs tile queries (streaming/job.py applies them). ONE_PHASE:
-# no local pre-aggregation before each window aggregation's shuffle. Before level 1 it never
-# combines anything (one row per distinct event either way) and only costs; before level 2 it
-# would combine an event's rows into its tile's. Measured (SQL alone into a blackhole, 300k
-# events, CPU of the JVM per event): 29.2 us one phase against 32.4 us two phases.
+# no local pre-aggregation before each window aggregation's shuffle. Measured with the two
+# aggregations before plan 8 (SQL alone into a blackhole, 300k events, CPU of the JVM per
+# event): 29.2 us one phase against 32.4 us two phases. The tile aggregation could not run in
+# two now: sluice_distinct_sums has no merge (a merge of two parts could not take a repeat out
+# of both), and Flink's two-phase rules apply only when every aggregate can merge.
 TABLE_CONFIG = {"table.optimizer.agg-phase-strategy": "ONE_PHASE"}
 
 
@@ -268,21 +277,32 @@ def decode_last(encoded: str, field_type: FieldType) -> tuple[int, object]:
 
 
 def _slot_sql(
-    function: F, column: str | None, field_type: FieldType | None
+    function: F, column: str | None, field_type: FieldType | None, sums: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """(aggregate, SQL type) of each column of one slot's state, over level-1 rows."""
+    """(SQL, SQL type) of each column of one slot's state, over the tile's events. The states a
+    repeated event would change are fields of sluice_distinct_sums' text `_d` (DistinctSums.java:
+    its distinct events first, then per entry of ``sums``, which this appends to, kind and value);
+    the others are aggregates over every copy, which a repeat does not change."""
+
+    def field(at: int, sql_type: str) -> str:
+        text = f"NULLIF(SPLIT_INDEX(`_d`, ';', {at}), '')"
+        return text if sql_type == "STRING" else f"CAST({text} AS {sql_type})"
+
+    at = 1 + sum(2 if kind == "s" else 1 for kind, _ in sums)  # the next field of `_d`
     if function is F.COUNT or column is None:
-        return [("COUNT(*)", "BIGINT")]
+        return [(field(0, "BIGINT"), "BIGINT")]
     c = f"`{column}`"
     x = f"CAST({c} AS DOUBLE)"
     if function in (F.SUM, F.MEAN):
-        return [(f"COUNT({c})", "BIGINT"), (f"sluice_sum({x})", "STRING")]
+        sums.append(("s", x))
+        return [(field(at, "BIGINT"), "BIGINT"), (field(at + 1, "STRING"), "STRING")]
+    if function is F.STDDEV:
+        sums.append(("m", x))
+        return [(field(at, "STRING"), "STRING")]
     if function is F.MIN:
         return [(f"MIN({x})", "DOUBLE")]
     if function is F.MAX:
         return [(f"MAX({x})", "DOUBLE")]
-    if function is F.STDDEV:
-        return [(f"sluice_moments({x})", "STRING")]
     assert field_type is not None
     if function is F.LAST:
         stamp = f"LPAD(CAST(`_t` AS STRING), {LAST_TIME_DIGITS}, '0')"
@@ -337,34 +357,41 @@ def tile_query(compiled: CompiledView, table: str) -> tuple[list[str], str]:
         f"{eid} AS `_eid` FROM `{table}_marked` WHERE NOT `_side`"
     )
     columns = [None if i is None else compiled.columns[i] for i, _ in compiled.slots]
+    sums: list[tuple[str, str]] = []
     slot_sql = [
         s
         for (_, function), column in zip(compiled.slots, columns, strict=True)
-        for s in _slot_sql(function, column, types.get(column) if column else None)
+        for s in _slot_sql(function, column, types.get(column) if column else None, sums)
     ]
     assert len(slot_sql) == sum(slot_widths(compiled))
-    firsts = "".join(f", MIN(`{c}`) AS `{c}`" for c in sorted({c for c in columns if c}))
-    level1 = (
-        "SELECT window_time AS `rt`, `_k`, MIN(`_part`) AS `_part`, "
-        f"MAX(`_off`) AS `_off`, COUNT(*) AS `_copies`, MIN(`_t`) AS `_t`{firsts} "
-        f"FROM TABLE(TUMBLE(TABLE `{table}_agg`, DESCRIPTOR(`rt`), {_interval(slide)})) "
-        "GROUP BY window_start, window_end, window_time, `_k`, `_eid`"
+    kinds = "".join(kind for kind, _ in sums)
+    values = "".join(f", {x}" for _, x in sums)
+    # The aggregates of the tile's events (the slots' fields of `_d` are split out below).
+    aggregates = "".join(
+        f", {sql} AS `a{n}`" for n, (sql, _) in enumerate(slot_sql) if "`_d`" not in sql
     )
-    states = "".join(f", {s} AS `s{n}`" for n, (s, _) in enumerate(slot_sql))
-    level2 = (
-        f"SELECT '{KIND_TILE}' AS `kind`, `_k` AS `k`, MIN(`_t`) AS `t`, `_part` AS `part`, "
-        "MAX(`_off`) AS `off`, SUM(`_copies`) AS `copies`, COUNT(*) AS `uniq`, "
-        "FALSE AS `hb`, FALSE AS `late`, "
-        "CAST(NULL AS BYTES) AS `raw`, CAST(NULL AS BYTES) AS `raw_key`"
-        f"{states}, window_time AS `rt` "
-        f"FROM TABLE(TUMBLE(TABLE `{table}_l1`, DESCRIPTOR(`rt`), {_interval(slide)})) "
+    level1 = (
+        "SELECT window_time AS `rt`, `_k`, `_part`, MIN(`_t`) AS `_t`, MAX(`_off`) AS `_off`, "
+        f"COUNT(*) AS `_copies`, sluice_distinct_sums('{kinds}', `_eid`{values}) AS `_d`"
+        f"{aggregates} "
+        f"FROM TABLE(TUMBLE(TABLE `{table}_agg`, DESCRIPTOR(`rt`), {_interval(slide)})) "
         "GROUP BY window_start, window_end, window_time, `_k`, `_part`"
+    )
+    states = "".join(
+        f", {sql if '`_d`' in sql else f'`a{n}`'} AS `s{n}`" for n, (sql, _) in enumerate(slot_sql)
+    )
+    level2 = (
+        f"SELECT '{KIND_TILE}' AS `kind`, `_k` AS `k`, `_t` AS `t`, `_part` AS `part`, "
+        "`_off` AS `off`, `_copies` AS `copies`, "
+        "CAST(SPLIT_INDEX(`_d`, ';', 0) AS BIGINT) AS `uniq`, FALSE AS `hb`, FALSE AS `late`, "
+        "CAST(NULL AS BYTES) AS `raw`, CAST(NULL AS BYTES) AS `raw_key`"
+        f"{states}, `rt` FROM `{table}_l1`"
     )
     nulls = "".join(f", CAST(NULL AS {t}) AS `s{n}`" for n, (_, t) in enumerate(slot_sql))
     tiles = f"SELECT * FROM `{table}_l2`"
     # Closed rows read every column of the tile rows (their t and slots: MIN and MAX, which
     # tile_functions.py ignores), so that the planner shares the tile aggregation with them
-    # instead of running a copy of it, pruned to the counts, over every level-1 row.
+    # instead of running a copy of it, pruned to the counts, over every event.
     shared = "".join(f", MAX(`s{n}`) AS `s{n}`" for n in range(len(slot_sql)))
     closed = (
         f"SELECT '{KIND_CLOSED}' AS `kind`, CAST(NULL AS STRING) AS `k`, "

@@ -24,6 +24,7 @@ FUNCTIONS = {
     "sluice_json_fields": "sluice.JsonFields",
     "sluice_event_id": "sluice.EventId",
     "sluice_shard": "sluice.Shard",
+    "sluice_distinct_sums": "sluice.DistinctSums",
 }
 COMPILE_TIMEOUT_S = 120
 

@@ -146,3 +146,63 @@ def test_shard_in_sql_is_the_shard_python_computes(t_env: Any) -> None:
     assert [row[0] for row in got] == [tile_state.shard_of(e) for e in entities]
     assert {row[1] for row in got} == {tile_state.SIDE_KEY} == {tile_state.shard_of(None)}
     assert {row[0] for row in got} >= set(range(tile_state.SHARDS))  # every shard is used
+
+
+def test_distinct_sums_count_each_event_once(t_env: Any) -> None:
+    """sluice_distinct_sums (DistinctSums.java) deduplicates in the tile's one aggregation: per
+    group, its distinct events and the sums and moments of their values must equal ExactSum's
+    and Moments' over the records made distinct by SQL's DISTINCT, whatever the repeats. Ids of
+    16 bytes (sluice_event_id), the all-zero id, and short ids (the query's stand-in for
+    filtered events) are all kept apart; 3,000 ids in a group make its set grow."""
+    import math
+    import random
+
+    from pyflink.table import DataTypes
+
+    draw = random.Random(11)
+    distinct: list[tuple[int, bytes, float | None]] = []  # (group, record, value)
+    for g in range(4):
+        for i in range(3000 if g == 0 else 40):
+            x = None if i % 17 == 0 else draw.uniform(-1e3, 1e3) * 10 ** draw.randint(-8, 8)
+            distinct.append((g, f'{{"g": {g}, "i": {i}}}'.encode(), x))
+    distinct += [(1, b"", 1.0), (1, b"7", 2.0), (1, b"\x00" * 15, 4.0), (2, b"\x00" * 16, 8.0)]
+    records = distinct + [draw.choice(distinct) for _ in range(2000)]
+    draw.shuffle(records)
+    schema = DataTypes.ROW(
+        [
+            DataTypes.FIELD("g", DataTypes.INT()),
+            DataTypes.FIELD("v", DataTypes.BYTES()),
+            DataTypes.FIELD("x", DataTypes.DOUBLE()),
+            DataTypes.FIELD("h", DataTypes.BOOLEAN()),
+        ]
+    )
+    rows = [(g, bytearray(v), x, v.startswith(b"{")) for g, v, x in records]
+    t_env.create_temporary_view("repeated", t_env.from_elements(rows, schema))
+    # Records by their event id, as the tile query does; the others are ids themselves.
+    eid = "CASE WHEN h THEN sluice_event_id(v) ELSE v END"
+    try:
+        got = t_env.execute_sql(
+            f"SELECT g, sluice_distinct_sums('ms', {eid}, x, x) FROM repeated GROUP BY g"
+        )
+        want = t_env.execute_sql(
+            "SELECT g, COUNT(*), sluice_moments(x), COUNT(x), sluice_sum(x) "
+            "FROM (SELECT DISTINCT g, v, x FROM repeated) GROUP BY g"
+        )
+        with got.collect() as a, want.collect() as b:
+            found = {row[0]: row[1] for row in a}
+            expected = {row[0]: row[1:] for row in b}
+    finally:
+        t_env.drop_temporary_view("repeated")
+    assert sorted(found) == sorted(expected) == [0, 1, 2, 3]
+    for g, text in found.items():
+        events, moments, n, total = text.split(";")
+        count, want_moments, want_n, want_total = expected[g]
+        assert (int(events), moments, int(n), total) == (
+            count,
+            want_moments,
+            want_n,
+            want_total,
+        ), g
+        values = [x for h, _, x in distinct if h == g and x is not None]
+        assert float(total.split(" ")[0]) == math.fsum(values)
+    assert int(found[0].split(";")[0]) == 3000

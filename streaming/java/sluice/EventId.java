@@ -74,7 +74,7 @@ public class EventId extends ScalarFunction {
         return out;
     }
 
-    private static long getLong(byte[] b, int at) {
+    static long getLong(byte[] b, int at) {
         long v = 0;
         for (int i = 7; i >= 0; i--) {
             v = (v << 8) | (b[at + i] & 0xffL);

@@ -37,6 +37,10 @@ public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
     }
 
     public void accumulate(Acc acc, Double value) {
+        add(acc, value);
+    }
+
+    static void add(Acc acc, Double value) {
         if (value == null) {
             return;
         }
@@ -59,6 +63,10 @@ public class ExactSum extends AggregateFunction<String, ExactSum.Acc> {
 
     @Override
     public String getValue(Acc acc) {
+        return text(acc);
+    }
+
+    static String text(Acc acc) {
         if (acc.n == 0) {
             return null;
         }

@@ -40,6 +40,10 @@ public class Moments extends AggregateFunction<String, Moments.Acc> {
     }
 
     public void accumulate(Acc acc, Double value) {
+        add(acc, value);
+    }
+
+    static void add(Acc acc, Double value) {
         if (value == null) {
             return;
         }
@@ -64,6 +68,10 @@ public class Moments extends AggregateFunction<String, Moments.Acc> {
 
     @Override
     public String getValue(Acc acc) {
+        return text(acc);
+    }
+
+    static String text(Acc acc) {
         if (acc.n == 0) {
             return null;
         }
