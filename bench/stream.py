@@ -268,8 +268,8 @@ class Measured:
     seconds: float = 0.0  # the full run
     rows: int | None = None
     peak_rss_mb: float | None = None
-    # (events, CPU s of the cluster, of which Python's)
-    runs: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    # (events, CPU s of the cluster, of which Python's, of which the JIT's)
+    runs: list[tuple[int, float, float, float]] = dataclasses.field(default_factory=list)
 
     def _marginal_us(self, part: int) -> float | None:
         if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
@@ -287,6 +287,12 @@ class Measured:
     def python_us(self) -> float | None:
         """The Python workers' part of cpu_us."""
         return self._marginal_us(2)
+
+    @property
+    def jit_us(self) -> float | None:
+        """The JIT compiler threads' part of cpu_us (PeakRss.jit_cpu_s): cpu_us - jit_us is
+        the job's own work, which varies far less from run to run."""
+        return self._marginal_us(3)
 
 
 def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) -> Any:
@@ -357,7 +363,7 @@ def measure_engine(
             seconds = float(run(offsets))
         found.peak_rss_mb = max(found.peak_rss_mb or 0.0, rss.peak)
         events = sum(sum(o.values()) for o in offsets.values())
-        found.runs.append((events, rss.cpu_s, rss.python_cpu_s))
+        found.runs.append((events, rss.cpu_s, rss.python_cpu_s, rss.jit_cpu_s))
         return seconds
 
     found.rate, found.seconds = marginal(job, stop, small)
@@ -488,7 +494,7 @@ def report(
     top = results["ceiling"].rate if "ceiling" in results else 0.0
     print(
         f"{'job':13} {'events/s':>10} {'full run s':>10} {'x baseline':>10} {'x ceiling':>10}"
-        f" {'peak RSS MB':>11} {'CPU us/event':>12} {'of it Python':>12}"
+        f" {'peak RSS MB':>11} {'CPU us/event':>12} {'of it Python':>12} {'of it JIT':>9}"
     )
     for engine, m in results.items():
         ratios = [f"{m.rate / r:10.2f}" if r else f"{'-':>10}" for r in (base, top)]
@@ -496,6 +502,7 @@ def report(
         cpu = " ".join(
             f"{us:12.1f}" if us is not None else f"{'-':>12}" for us in (m.cpu_us, m.python_us)
         )
+        cpu += f" {m.jit_us:9.1f}" if m.jit_us is not None else f" {'-':>9}"
         print(f"{engine:13} {m.rate:10,.0f} {m.seconds:10.1f} {' '.join(ratios)} {rss} {cpu}")
     on = args.tile_engine  # what the tile variants run
     pairs = (
@@ -519,6 +526,9 @@ def report(
                 cpu = f", CPU per event {ra.cpu_us / rb.cpu_us:.2f}x"
             if ra.python_us and rb.python_us:
                 cpu += f" (Python's {ra.python_us / rb.python_us:.2f}x)"
+            own = [m.cpu_us - m.jit_us for m in (ra, rb) if m.cpu_us and m.jit_us is not None]
+            if len(own) == 2 and own[1] > 0:
+                cpu += f", without the JIT's {own[0] / own[1]:.2f}x"
             print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
     for engine, m in results.items():
         if m.rows is not None:
@@ -527,7 +537,8 @@ def report(
     print(
         "  peak RSS and CPU: the Flink JVM and this process (where a local job's Python "
         "workers run), sampled every 0.5 s; CPU per event is marginal (full run - small "
-        "run), and counts every core; of it Python: every process but the JVM"
+        "run), and counts every core; of it Python: every process but the JVM; of it JIT: "
+        "the JVM's compiler threads (each run is a new job, its generated classes compiled anew)"
     )
     readable, emitted, servable = live
     print(

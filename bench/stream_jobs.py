@@ -46,11 +46,7 @@ def _rss_kb(pid: int) -> int:
 
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def _command(pid: int) -> str:
@@ -58,6 +54,32 @@ def _command(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+# HotSpot's JIT compiler threads, as Linux names them (15 characters at most).
+JIT_THREADS = ("C1 CompilerThre", "C2 CompilerThre")
+
+
+def _jit_threads(pid: int) -> list[Path]:
+    """The /proc stat files of a JVM's JIT compiler threads (HotSpot starts and stops them
+    with the compile queue's length, so they are looked up again from time to time)."""
+    found: list[Path] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if task.joinpath("comm").read_text().strip() in JIT_THREADS:
+                found.append(task / "stat")
+        except OSError:
+            continue
+    return found
+
+
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds of a process or thread (its /proc stat file) so far."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def flink_pids() -> list[int]:
@@ -105,6 +127,9 @@ class PeakRss:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._java: dict[int, bool] = {}  # pid -> whether it is a JVM
+        self._jit: list[Path] = []  # the JVMs' JIT compiler threads
+        self._jit_first: dict[Path, float] = {}
+        self._jit_last: dict[Path, float] = {}
 
     @property
     def cpu_s(self) -> float:
@@ -121,9 +146,23 @@ class PeakRss:
             if self._java.get(pid) is False
         )
 
+    @property
+    def jit_cpu_s(self) -> float:
+        """The part of cpu_s that the JVMs' JIT compiler threads spent. Every bounded run is a
+        new job whose generated classes are compiled anew: this is what the runs pay for it,
+        which a long-running job pays once (a thread's last half second before it stops is
+        missed)."""
+        return sum(last - self._jit_first.get(t, 0.0) for t, last in self._jit_last.items())
+
     def _take(self, refresh: bool = False) -> None:
         if refresh or time.monotonic() - self._pids_at >= self.PIDS_EVERY_S:
             self._pids, self._pids_at = flink_pids(), time.monotonic()
+            jvms = [pid for pid in self._pids if self._java.get(pid, _command(pid) == "java")]
+            self._jit = [t for pid in jvms for t in _jit_threads(pid)]
+        for thread in self._jit:
+            used = _stat_cpu_s(thread)
+            if used:
+                self._jit_last[thread] = used
         pids = self._pids
         self.peak = max(self.peak, sum(_rss_kb(pid) for pid in pids) / 1024)
         for pid in pids:
@@ -139,6 +178,8 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self._first = {pid: _cpu_s(pid) for pid in flink_pids()}
+        jvms = [pid for pid in self._first if _command(pid) == "java"]
+        self._jit_first = {t: _stat_cpu_s(t) for pid in jvms for t in _jit_threads(pid)}
         self._thread.start()
         return self
 
