@@ -40,13 +40,6 @@ public final class BinarySum implements Serializable {
         add(BigInteger.valueOf(bits < 0 ? -mantissa : mantissa), e + zeros);
     }
 
-    /** Adds x * x of the finite double x (its exact square). */
-    public void addSquare(double x) {
-        BinarySum one = new BinarySum();
-        one.add(x);
-        add(one.m.multiply(one.m), 2 * one.exp);
-    }
-
     /** Adds v * 2^e. */
     public void add(BigInteger v, int e) {
         if (v.signum() == 0) {

@@ -53,8 +53,10 @@ public class Moments extends AggregateFunction<String, Moments.Acc> {
             acc.nonFinite = true;
             return;
         }
-        acc.sum.add(x);
-        acc.squares.addSquare(x);
+        // x decomposed once (m * 2^e), for the sum and for its exact square.
+        BinarySum one = BinarySum.of(x);
+        acc.sum.add(one);
+        acc.squares.add(one.m.multiply(one.m), 2 * one.exp);
     }
 
     public void merge(Acc acc, Iterable<Acc> others) {
