@@ -1,9 +1,11 @@
 """bench.stream's freshness run: a live view at a steady rate, seconds from window close to
-readable in Redis (and to emitted by the window operator), and from servable time."""
+readable in Redis (and to emitted by the window operator), and from servable time, once the
+job serves; and how long it took to serve (start-up, apart)."""
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import statistics
 import threading
@@ -49,6 +51,22 @@ def live_view() -> FeatureView:
     )
 
 
+# Windows that close within this long of the first row readable are start-up, not measured.
+WARM_UP_MS = 10_000
+
+
+@dataclasses.dataclass
+class Freshness:
+    """Seconds, one sample per (entity, window end) once the job serves: from window close to
+    readable online and to emitted by the window operator, and from servable time to
+    readable; ``start_s``: from the first event produced to the first row readable."""
+
+    readable: list[float] = dataclasses.field(default_factory=list)
+    emitted: list[float] = dataclasses.field(default_factory=list)
+    servable: list[float] = dataclasses.field(default_factory=list)
+    start_s: float | None = None
+
+
 def freshness(
     settings: Settings,
     rate: float,
@@ -57,9 +75,11 @@ def freshness(
     *,
     partitions: int,
     start_ms: int,
-) -> tuple[list[float], list[float], list[float]]:
-    """Seconds from window close to (readable online, emitted by the window operator), and
-    from servable time to readable online, one sample per (entity, window end)."""
+) -> Freshness:
+    """The live view's freshness (Freshness). Start-up is left out by time since the first
+    row was readable, not since the job's submission: the job's first rows (its Python
+    worker's first bundle, the producer's first connection) took 2-4 s more than the rest on
+    this machine (2026-12-07), 10 s after submission, and one window end is 1% of samples."""
     view = live_view()
     ensure_topics(settings, [view.source.topic], partitions=partitions)
     validator = EventValidator(view.source)
@@ -101,15 +121,15 @@ def freshness(
 
     began = 0.0
     threads = [threading.Thread(target=f, daemon=True) for f in (produce, poll_redis)]
-    warm_until_ms = 0
+    began_ms = 0
 
     def should_stop() -> bool:
         # Called by run() once the job is submitted: traffic starts when the job is up, so
         # no backlog from the JVM's start-up skews the first windows.
-        nonlocal began, warm_until_ms
+        nonlocal began, began_ms
         if not began:
             began = time.monotonic()
-            warm_until_ms = now_ms() + 10_000
+            began_ms = now_ms()
             for thread in threads:
                 thread.start()
         return time.monotonic() - began > seconds
@@ -126,8 +146,11 @@ def freshness(
     for thread in threads:
         thread.join(10)
     lateness = int(LIVE_LATENESS.total_seconds() * 1000)
-    # Windows that closed in the first 10 s of traffic are left out (warm-up).
-    first_end = warm_until_ms - lateness
+    if not seen:
+        return Freshness()
+    first_readable_ms = min(seen.values())
+    # Windows that closed before the job had served for WARM_UP_MS are left out (start-up).
+    first_end = first_readable_ms + WARM_UP_MS - lateness
 
     def since_close(end: int, wall: int) -> float | None:
         if end < first_end:
@@ -152,10 +175,11 @@ def freshness(
             FeatureRow.decode(m.value()) for m in read_all(settings, features_topic(view.name))
         )
     ]
-    return (
+    return Freshness(
         [x for x in readable if x is not None],
         [x for x in emitted if x is not None],
         servable,
+        (first_readable_ms - began_ms) / 1000,
     )
 
 
