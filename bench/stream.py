@@ -447,6 +447,12 @@ def report(
     print(f"  emitted by the window  {quantiles_ms(live.emitted)}")
     print("from servable time (end + lateness; negative: early):")
     print(f"  readable in Redis      {quantiles_ms(live.servable)}")
+    print("the broker's part (a plain consumer of the same topic, the same run):")
+    print(f"  produced to consumed   {quantiles_ms(live.delivered)}")
+    print(
+        f"  close consumed to readable in Redis (the job's part) "
+        f"{quantiles_ms(live.readable_after_delivery)}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ class Freshness:
     emitted: list[float] = dataclasses.field(default_factory=list)
     servable: list[float] = dataclasses.field(default_factory=list)
     start_s: float | None = None
+    # The broker's part, measured by a plain consumer of the same topic in the same run: per
+    # record, produced to consumed; per sample, from the close as that consumer saw it (the
+    # last partition's closing record consumed) to readable: the job's part.
+    delivered: list[float] = dataclasses.field(default_factory=list)
+    readable_after_delivery: list[float] = dataclasses.field(default_factory=list)
 
 
 def freshness(
@@ -89,6 +94,9 @@ def freshness(
     stop = threading.Event()
     stamps: list[list[int]] = [[] for _ in range(partitions)]  # event times per partition
     seen: dict[tuple[str, int], int] = {}  # (entity, end) -> wall ms first readable
+    # Per partition, as a plain consumer got them: event times and wall ms consumed.
+    consumed_t: list[list[int]] = [[] for _ in range(partitions)]
+    consumed_at: list[list[int]] = [[] for _ in range(partitions)]
 
     def produce() -> None:
         producer = Producer(settings.kafka_client_config(**(PRODUCER_DEFAULTS | {"linger.ms": 2})))
@@ -119,8 +127,24 @@ def freshness(
                         seen.setdefault((key, row.window_end_ms), wall)
                 time.sleep(0.01)
 
+    def consume() -> None:
+        # The local broker's own delivery, for comparison: Tansu's latency grew with the
+        # topic's length (500 events/s, a consumer alone: p50 165 ms in the first 15 s,
+        # 1,005 ms after 75 s; 2026-12-07).
+        group = f"b-{uuid.uuid4().hex}"
+        consumer = Consumer(settings.kafka_client_config(**{"group.id": group}))
+        topic = view.source.topic
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        while not stop.is_set():
+            for message in consumer.consume(500, timeout=0.1):
+                partition = message.partition()
+                if message.error() is None and partition is not None:
+                    consumed_t[partition].append(message.timestamp()[1])
+                    consumed_at[partition].append(now_ms())
+        consumer.close()
+
     began = 0.0
-    threads = [threading.Thread(target=f, daemon=True) for f in (produce, poll_redis)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (produce, poll_redis, consume)]
     began_ms = 0
 
     def should_stop() -> bool:
@@ -163,6 +187,24 @@ def freshness(
             closes.append(times[i])
         return (wall - max(closes)) / 1000
 
+    def since_delivered(end: int, wall: int) -> float | None:
+        if end < first_end:
+            return None
+        closes = []
+        for times, walls in zip(consumed_t, consumed_at, strict=True):
+            i = bisect.bisect_left(times, end + lateness)
+            if i == len(times):
+                return None
+            closes.append(walls[i])
+        return (wall - max(closes)) / 1000
+
+    after_delivery = [since_delivered(end, wall) for (_, end), wall in seen.items()]
+    delivered = [
+        (at - t) / 1000
+        for times, walls in zip(consumed_t, consumed_at, strict=True)
+        for t, at in zip(times, walls, strict=True)
+        if t >= first_end
+    ]
     readable = [since_close(end, wall) for (_, end), wall in seen.items()]
     servable = [
         (wall - servable_at_ms(view, end)) / 1000
@@ -180,6 +222,8 @@ def freshness(
         [x for x in emitted if x is not None],
         servable,
         (first_readable_ms - began_ms) / 1000,
+        delivered,
+        [x for x in after_delivery if x is not None],
     )
 
 
