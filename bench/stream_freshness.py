@@ -176,33 +176,30 @@ def freshness(
     # Windows that closed before the job had served for WARM_UP_MS are left out (start-up).
     first_end = first_readable_ms + WARM_UP_MS - lateness
 
-    def since_close(end: int, wall: int) -> float | None:
+    # Per partition, (event times, when each arrived): as produced, and as consumed.
+    produced = [(times, times) for times in stamps]
+    consumed = list(zip(consumed_t, consumed_at, strict=True))
+
+    def since_close(
+        end: int, wall: int, arrivals: list[tuple[list[int], list[int]]] = produced
+    ) -> float | None:
+        """Seconds from the window's close (every partition's first record at or past
+        end + lateness arrived) to ``wall``; None before first_end or not closed yet."""
         if end < first_end:
             return None
         closes = []
-        for times in stamps:
+        for times, arrived in arrivals:
             i = bisect.bisect_left(times, end + lateness)
             if i == len(times):
                 return None
-            closes.append(times[i])
+            closes.append(arrived[i])
         return (wall - max(closes)) / 1000
 
-    def since_delivered(end: int, wall: int) -> float | None:
-        if end < first_end:
-            return None
-        closes = []
-        for times, walls in zip(consumed_t, consumed_at, strict=True):
-            i = bisect.bisect_left(times, end + lateness)
-            if i == len(times):
-                return None
-            closes.append(walls[i])
-        return (wall - max(closes)) / 1000
-
-    after_delivery = [since_delivered(end, wall) for (_, end), wall in seen.items()]
+    after_delivery = [since_close(end, wall, consumed) for (_, end), wall in seen.items()]
     delivered = [
         (at - t) / 1000
-        for times, walls in zip(consumed_t, consumed_at, strict=True)
-        for t, at in zip(times, walls, strict=True)
+        for times, arrived in consumed
+        for t, at in zip(times, arrived, strict=True)
         if t >= first_end
     ]
     readable = [since_close(end, wall) for (_, end), wall in seen.items()]
