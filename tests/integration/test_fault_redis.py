@@ -25,6 +25,7 @@ from core.settings import Settings
 from examples.delivery.features import delivery_eta, zone_couriers
 from feature_repo.online_store import OnlineRow, open_online_store
 from features.contract import window_end_at
+from serving.deadlines import ANSWER_RESERVE_S
 from tests.helpers.faults import own_redis, predictor
 from tests.helpers.load import (
     Outcome,
@@ -50,6 +51,11 @@ DEADLINE_MS = 250
 # top of their deadline) would make every answer of the stop late, 59% of the run.
 SERVER_SLACK_MS = 50
 LATE_SHARE = 0.25
+# Before the stop a row is degraded only when the server spent its whole budget on it (the
+# deadline's answer; under the other test worker's Flink jobs the server's p99 before the
+# stop has reached 316 ms): at most this share of the rows before the stop.
+STARVED_SHARE = 0.05
+RESERVE_MS = ANSWER_RESERVE_S * 1000
 # Client-side answers beyond the deadline plus SLACK_S (the connection, uvicorn's parsing
 # before the route's clock starts, the machine) are reported; asserted on the client side:
 # every request answered, 200, within CLIENT_TIMEOUT_S (a request held by the stopped Redis
@@ -183,7 +189,23 @@ def test_redis_sigstop_under_load_answers_within_deadlines(
         for s in during
         if degraded(s) != VIEWS
     ][:5]
-    assert all(degraded(s) == [] for s in before)
+    # Redis up: no row is degraded, except where the server could not finish the row within
+    # its deadline at all (a starved machine; logged with the whole budget spent, answered
+    # "deadline" as the server promises) - those are few, and none is answered early.
+    starved = [
+        s
+        for s in before
+        if degraded(s) and logged[str(s.prediction_id)].latency_ms >= DEADLINE_MS - RESERVE_MS
+    ]
+    assert sum(bool(degraded(s)) for s in before) == len(starved), [
+        (round(s.started - stopped_at, 3), s.latency_s, logged[str(s.prediction_id)].latency_ms)
+        for s in before
+        if degraded(s)
+    ][:10]
+    assert len(starved) <= STARVED_SHARE * len(before), [
+        (round(s.started - stopped_at, 3), s.lag_s, logged[str(s.prediction_id)].latency_ms)
+        for s in starved
+    ]
     # Full service within RECOVERY_S of Redis returning.
     assert all(degraded(s) == [] for s in after), [
         (round(s.started - continued_at, 3), degraded(s)) for s in after if degraded(s)
