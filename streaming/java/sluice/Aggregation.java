@@ -47,6 +47,15 @@ public abstract class Aggregation implements java.io.Serializable {
         return newer == null ? older : merge(older, newer);
     }
 
+    /** The merge of every tile's state at {@code slot}, oldest first (nulls: no values). */
+    public Object fold(Iterable<Object[]> tiles, int slot) {
+        Object merged = null;
+        for (Object[] tile : tiles) {
+            merged = mergeNullable(merged, tile[slot]);
+        }
+        return merged;
+    }
+
     /** The aggregation of {@code function} over a column of {@code type} (FieldType values). */
     public static Aggregation of(String function, String type) {
         switch (function) {
@@ -384,6 +393,30 @@ public abstract class Aggregation implements java.io.Serializable {
             Set<Object> union = new HashSet<>((Set<Object>) older);
             union.addAll((Set<Object>) newer);
             return union;
+        }
+
+        /** One union for the whole window: merge's copy per tile made a window of k tiles
+         * copy its values k times (a tenth of the window assembly's time in a profile). */
+        @Override
+        @SuppressWarnings("unchecked")
+        public Object fold(Iterable<Object[]> tiles, int slot) {
+            Set<Object> first = null;
+            Set<Object> union = null;
+            for (Object[] tile : tiles) {
+                Set<Object> values = (Set<Object>) tile[slot];
+                if (values == null) {
+                    continue;
+                }
+                if (first == null) {
+                    first = values; // shared with the tile, never changed: no copy for one
+                } else {
+                    if (union == null) {
+                        union = new HashSet<>(first);
+                    }
+                    union.addAll(values);
+                }
+            }
+            return union != null ? union : first;
         }
 
         @Override

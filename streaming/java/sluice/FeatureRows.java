@@ -8,22 +8,30 @@ package sluice;
 public final class FeatureRows {
     public static final int VERSION = 1;
 
-    private FeatureRows() {}
+    private final String head; // {"v":1,"view":"<view>","entity_key":
+    private final String[] keys; // "<name>": (the first), ,"<name>": (the others)
 
-    public static String encode(
-            String view, String entity, long end, String[] names, Object[] values, long emittedAt) {
-        StringBuilder json = new StringBuilder(96 + 24 * names.length);
-        json.append("{\"v\":").append(VERSION).append(",\"view\":");
+    /** The rows of one view: its name and feature names are escaped once, not per row (a
+     * fifth of the row's encoding in a profile of the window assembly). */
+    public FeatureRows(String view, String[] names) {
+        StringBuilder json = new StringBuilder("{\"v\":").append(VERSION).append(",\"view\":");
         text(json, view);
-        json.append(",\"entity_key\":");
+        head = json.append(",\"entity_key\":").toString();
+        keys = new String[names.length];
+        for (int i = 0; i < names.length; i++) {
+            StringBuilder key = new StringBuilder(i > 0 ? "," : "");
+            text(key, names[i]);
+            keys[i] = key.append(':').toString();
+        }
+    }
+
+    public String encode(String entity, long end, Object[] values, long emittedAt) {
+        StringBuilder json = new StringBuilder(head.length() + 64 + 24 * keys.length);
+        json.append(head);
         text(json, entity);
         json.append(",\"window_end_ms\":").append(end).append(",\"values\":{");
-        for (int i = 0; i < names.length; i++) {
-            if (i > 0) {
-                json.append(',');
-            }
-            text(json, names[i]);
-            json.append(':');
+        for (int i = 0; i < keys.length; i++) {
+            json.append(keys[i]);
             value(json, values[i]);
         }
         return json.append("},\"emitted_at_ms\":").append(emittedAt).append('}').toString();
@@ -44,16 +52,19 @@ public final class FeatureRows {
 
     static void text(StringBuilder json, String text) {
         json.append('"');
+        int from = 0; // the text up to here is in json: the runs between escapes go in whole
         for (int i = 0; i < text.length(); i++) {
             char c = text.charAt(i);
-            if (c == '"' || c == '\\') {
-                json.append('\\').append(c);
-            } else if (c < 0x20) {
-                json.append(String.format("\\u%04x", (int) c));
-            } else {
-                json.append(c);
+            if (c == '"' || c == '\\' || c < 0x20) {
+                json.append(text, from, i);
+                from = i + 1;
+                if (c < 0x20) {
+                    json.append(String.format("\\u%04x", (int) c));
+                } else {
+                    json.append('\\').append(c);
+                }
             }
         }
-        json.append('"');
+        json.append(text, from, text.length()).append('"');
     }
 }

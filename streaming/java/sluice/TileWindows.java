@@ -57,6 +57,7 @@ public class TileWindows extends KeyedProcessFunction<Row, Row, Row> {
     private final String plan;
     private final int arity; // columns of the tile query's row
     private transient WindowAssembler windows;
+    private transient FeatureRows encoder;
     private transient MapState<String, WindowAssembler.EntityWindows> entities;
     private transient ValueState<Long> rowsWritten;
     private transient Set<Object> touched;
@@ -69,6 +70,7 @@ public class TileWindows extends KeyedProcessFunction<Row, Row, Row> {
     @Override
     public void open(OpenContext context) {
         windows = new WindowAssembler(plan);
+        encoder = new FeatureRows(windows.view, windows.names);
         entities =
                 getRuntimeContext()
                         .getMapState(
@@ -152,9 +154,7 @@ public class TileWindows extends KeyedProcessFunction<Row, Row, Row> {
                                 state,
                                 upto,
                                 (rowEnd, values) -> {
-                                    newest[0] =
-                                            FeatureRows.encode(
-                                                    windows.view, entity, rowEnd, windows.names, values, now);
+                                    newest[0] = encoder.encode(entity, rowEnd, values, now);
                                     end[0] = rowEnd;
                                     ctx.output(FEATURE_ROWS, Tuple3.of(entity, rowEnd, newest[0]));
                                 });

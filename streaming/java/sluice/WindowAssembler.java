@@ -202,17 +202,19 @@ public final class WindowAssembler implements Serializable {
                 queue.values(state.tiles, end - size, end, out);
                 continue;
             }
+            // Walked once per size, not once per feature (a tree map's iterator each time; and
+            // not by ArrayList(collection): a sub-map's toArray walks it twice, for its size).
+            List<Object[]> tiles = new ArrayList<>();
+            for (Object[] tile : window.values()) {
+                tiles.add(tile);
+            }
             for (int spec = 0; spec < names.length; spec++) {
                 if (specWindow[spec] != size) {
                     continue;
                 }
                 int slot = specSlot[spec];
                 Aggregation aggregation = slots[slot];
-                Object merged = null;
-                for (Object[] tile : window.values()) {
-                    merged = aggregation.mergeNullable(merged, tile[slot]);
-                }
-                out[spec] = aggregation.result(merged);
+                out[spec] = aggregation.result(aggregation.fold(tiles, slot));
             }
         }
         return out;

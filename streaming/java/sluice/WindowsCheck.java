@@ -25,6 +25,7 @@ public final class WindowsCheck {
         BufferedReader in =
                 new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
         WindowAssembler plan = new WindowAssembler(in.readLine());
+        FeatureRows rows = new FeatureRows(plan.view, plan.names);
         Map<String, WindowAssembler.EntityWindows> entities = new HashMap<>();
         StringBuilder out = new StringBuilder();
         for (String line = in.readLine(); line != null; line = in.readLine()) {
@@ -48,8 +49,7 @@ public final class WindowsCheck {
                         state,
                         op.get(2).asLong(),
                         (end, values) ->
-                                out.append(FeatureRows.encode(plan.view, entity, end, plan.names, values, 0))
-                                        .append('\n'));
+                                out.append(rows.encode(entity, end, values, 0)).append('\n'));
             }
         }
         System.out.print(out);
