@@ -59,8 +59,13 @@ Measured 2026-12-06, 200k events, two tile jobs per process (its Python workers 
 and in processes of their own), each order once, no warm-up: 15,896 and 12,374 events/s as the
 first job, 17,324 and 19,084 as the second: the order, not the setting, made the difference.
 With the warm-up, tiles and baseline in both orders: tiles 15,450 first and 16,163 second.
-Run: `python -m bench.stream` (200k events and every local figure in one run: about 15 minutes
-on 2 cores); `--engines tiles --events 1000000 --live-seconds 0` for the RSS at 1M events.
+Defaults: 1M events, marginal over the second half. At 200k events with a 10% small run the
+marginal time was about 5 s of a 20 s run and the rest varied by seconds: tiles-java measured
+73,632, 42,173 and 26,290 events/s within an hour on an idle machine (2026-12-07), and once
+288,709 (a slow small run); at 1M over the second 500k, five runs the same day 58,226 to
+80,703. The peak RSS at 1M events comes with it.
+Run: `python -m bench.stream` (every local figure in one run); `--events 200000 --small 0.1`
+for a quicker, noisier one.
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -164,18 +171,28 @@ LOOPBACK_VARIABLE = "_python_worker_execution_mode"
 
 @dataclasses.dataclass
 class Measured:
-    rate: float = 0.0  # marginal events/s
-    seconds: float = 0.0  # the full run
+    rate: float = 0.0  # marginal events/s, the median of the rounds'
+    seconds: float = 0.0  # the full run, the median of the rounds'
     rows: int | None = None
     peak_rss_mb: float | None = None
     # (events, CPU s of the cluster, of which Python's, of which the JIT's)
     runs: list[tuple[int, float, float, float]] = dataclasses.field(default_factory=list)
+    rounds: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (rate, s)
+
+    def add_round(self, rate: float, seconds: float) -> None:
+        self.rounds.append((rate, seconds))
+        self.rate = statistics.median(r for r, _ in self.rounds)
+        self.seconds = statistics.median(s for _, s in self.rounds)
 
     def _marginal_us(self, part: int) -> float | None:
-        if len(self.runs) < 2 or self.runs[-1][0] == self.runs[-2][0]:
-            return None
-        small, full = self.runs[-2], self.runs[-1]
-        return (full[part] - small[part]) / (full[0] - small[0]) * 1e6
+        """The median over the rounds of (full run - small run) / their events' difference:
+        each round's runs are small, small, full (marginal)."""
+        found = [
+            (full[part] - small[part]) / (full[0] - small[0]) * 1e6
+            for small, full in itertools.pairwise(self.runs)
+            if full[0] > small[0]
+        ]
+        return statistics.median(found) if found else None
 
     @property
     def cpu_us(self) -> float | None:
@@ -245,15 +262,19 @@ def measure_engine(
     stop: dict[str, dict[int, int]],
     small: dict[str, dict[int, int]],
     options: JobOptions,
+    found: Measured | None = None,
 ) -> Measured:
-    """One engine's marginal rate over the preloaded events (see marginal), with the peak RSS
-    and the CPU time of the local Flink cluster in each run."""
-    found = Measured()
+    """One round of an engine's marginal rate over the preloaded events (see marginal), with
+    the peak RSS and the CPU time of the local Flink cluster in each run; added to ``found``'s
+    earlier rounds."""
+    found = found or Measured()
     if engine == "tiles-cluster":
-        found.rate, found.seconds = on_cluster(
-            settings,
-            lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
-            options,
+        found.add_round(
+            *on_cluster(
+                settings,
+                lambda s, o: marginal(lambda x: engine_run(s, x, o)[0], stop, small),
+                options,
+            )
         )
         return found
     run = _job(engine, settings, options, found)
@@ -266,8 +287,16 @@ def measure_engine(
         found.runs.append((events, rss.cpu_s, rss.python_cpu_s, rss.jit_cpu_s))
         return seconds
 
-    found.rate, found.seconds = marginal(job, stop, small)
+    found.add_round(*marginal(job, stop, small))
     return found
+
+
+def in_rounds(engines: list[str], rounds: int) -> list[str]:
+    """The order of the measurements: every round runs each engine once, every other round in
+    the reverse order (A B C, C B A, ...), so that a job's place in the JVM's life (the first
+    after the warm-up ran slower: tiles-java 51,657 events/s first, its thread-mode twin 79,525
+    sixth, 2026-12-07) and a drift of the machine's speed reach each engine alike."""
+    return [e for r in range(rounds) for e in (engines if r % 2 == 0 else engines[::-1])]
 
 
 def warm_up(
@@ -303,13 +332,16 @@ def local_stack(state: Path) -> Iterator[Settings]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--small", type=float, default=0.1, help="share of the short runs")
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--small", type=float, default=0.5, help="share of the short runs")
     parser.add_argument("--hot-key", action="store_true", help="half the events on one key")
     parser.add_argument("--engines", default=DEFAULT_ENGINES, help=",".join(ENGINES))
     parser.add_argument("--rate", type=float, default=500.0, help="live events/s")
     parser.add_argument("--live-seconds", type=float, default=90.0)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured full runs first")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measurements of the main broker's jobs (median)"
+    )
     parser.add_argument(
         "--density", type=float, default=LIVE_DENSITY, help="tiles-live: events/s of event time"
     )
@@ -343,9 +375,11 @@ def main() -> None:
             stop = preload(settings, args.events, args.hot_key)
             small = share(stop, args.small)
             warm_up(engines, settings, stop, options, args.warmup)
-            for engine in (e for e in engines if e not in OWN_BROKER):
-                results[engine] = measure_engine(engine, settings, stop, small, options)
-                print(f"{engine}: {results[engine].rate:,.0f} events/s", flush=True)
+            main = [e for e in engines if e not in OWN_BROKER]
+            for engine in in_rounds(main, args.rounds):
+                found = measure_engine(engine, settings, stop, small, options, results.get(engine))
+                results[engine] = found
+                print(f"{engine}: {found.rounds[-1][0]:,.0f} events/s", flush=True)
             if args.live_seconds > 0:
                 live = freshness(
                     settings,
@@ -382,7 +416,7 @@ def report(
     print(
         f"\ntile variants on {args.tile_engine}; "
         f"throughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
-        f"(marginal over the first {args.small:.0%}), "
+        f"(marginal over the first {args.small:.0%}; the median of {args.rounds} rounds), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
         f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores, "
         f"load average at the end {load}, bench {seconds:.0f} s"
@@ -427,6 +461,10 @@ def report(
             if len(own) == 2 and own[1] > 0:
                 cpu += f", without the JIT's {own[0] / own[1]:.2f}x"
             print(f"{what}: events/s {rate:.2f}x, full run {full:.2f}x{cpu}")
+    for engine, m in results.items():
+        if len(m.rounds) > 1:
+            each = ", ".join(f"{r:,.0f}" for r, _ in m.rounds)
+            print(f"  {engine}: events/s in each round {each} (in_rounds' order)")
     for engine, m in results.items():
         if m.rows is not None:
             per_event = f", {m.rows / m.runs[-1][0]:.3f} per event" if m.runs else ""
