@@ -293,9 +293,9 @@ def measure_engine(
 
 def in_rounds(engines: list[str], rounds: int) -> list[str]:
     """The order of the measurements: every round runs each engine once, every other round in
-    the reverse order (A B C, C B A, ...), so that a job's place in the JVM's life (the first
-    after the warm-up ran slower: tiles-java 51,657 events/s first, its thread-mode twin 79,525
-    sixth, 2026-12-07) and a drift of the machine's speed reach each engine alike."""
+    the reverse order (A B C, C B A, ...), so that a drift of the machine's speed and a job's
+    place in the JVM's life reach each engine alike (on an idle machine, 2026-12-07, the same
+    tiles-java job measured 72,711 and 46,659 events/s in two rounds 12 minutes apart)."""
     return [e for r in range(rounds) for e in (engines if r % 2 == 0 else engines[::-1])]
 
 

@@ -11,8 +11,8 @@ public final class FeatureRows {
     private final String head; // {"v":1,"view":"<view>","entity_key":
     private final String[] keys; // "<name>": (the first), ,"<name>": (the others)
 
-    /** The rows of one view: its name and feature names are escaped once, not per row (a
-     * fifth of the row's encoding in a profile of the window assembly). */
+    /** The rows of one view: its name and feature names are escaped once, not per row
+     * (escaping, char by char, was half of the row's encoding in a profile of a 1M replay). */
     public FeatureRows(String view, String[] names) {
         StringBuilder json = new StringBuilder("{\"v\":").append(VERSION).append(",\"view\":");
         text(json, view);
