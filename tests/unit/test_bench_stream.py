@@ -7,7 +7,7 @@ import pytest
 from bench.stream import Measured, in_rounds
 
 
-def test_rounds_alternate_the_order_so_each_engine_takes_each_place() -> None:
+def test_every_other_round_runs_the_engines_in_reverse_order() -> None:
     assert in_rounds(["a", "b", "c"], 1) == ["a", "b", "c"]
     assert in_rounds(["a", "b", "c"], 2) == ["a", "b", "c", "c", "b", "a"]
     order = in_rounds(["a", "b", "c"], 3)
