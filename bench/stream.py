@@ -15,8 +15,8 @@ Starts its own broker and Redis on free loopback ports, then measures:
                  sink, no Python: the Java ceiling.
        tiles-sql the tile engine's query alone into a blackhole (no Python): what its SQL
                  side costs, between the ceiling and the full job;
-       tiles-p2, tiles-thread  the tile engine at parallelism 2, and with its Python in
-                 thread mode (PEMJA), each against tiles;
+       tiles-p2, tiles-process  the tile engine at parallelism 2, and with its Python in
+                 process mode (Beam workers; the default is thread mode), each against tiles;
        tiles-workers  the tile engine with its Python workers in processes of their own
                  instead of inside this process (PyFlink's loopback mode for local jobs; off
                  by default);
@@ -147,7 +147,7 @@ ENGINES = {
     "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
     "tiles-java": "the tile engine, windows assembled in the JVM (Python per row written online)",
     "tiles-p2": "the tile engine at parallelism 2",
-    "tiles-thread": "the tile engine, Python in thread mode (PEMJA)",
+    "tiles-process": "the tile engine, Python in process mode (Beam workers, not PEMJA)",
     "tiles-workers": "the tile engine, Python workers in processes of their own (not loopback)",
     "tiles-hot": "the tile engine, half the events on one key (a second broker)",
     "tiles-30d": "the tile engine, 30-day windows on 1-minute slides (few keys, a broker)",
@@ -156,7 +156,7 @@ ENGINES = {
     "tiles-live": "the tile engine, the events at --density events/s of event time (a broker)",
 }
 DEFAULT_ENGINES = (
-    "tiles-java,tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-thread,tiles-hot,tiles-few,"
+    "tiles-java,tiles,baseline,ceiling,tiles-sql,tiles-p2,tiles-process,tiles-hot,tiles-few,"
     "tiles-30d,tiles-live"
 )
 # Jobs over preloads of their own (a broker each): hot key; few keys (tiles-30d's).
@@ -217,7 +217,7 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
     the others, run on options.engine: --tile-engine)."""
     tile_jobs = (
         "tiles-p2",
-        "tiles-thread",
+        "tiles-process",
         "tiles-hot",
         "tiles-workers",
         "tiles-few",
@@ -230,8 +230,8 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         month = engine == "tiles-30d"
         if engine == "tiles-p2":
             job_options = dataclasses.replace(job_options, parallelism=2)
-        if engine == "tiles-thread":
-            job_options = dataclasses.replace(job_options, python_mode="thread")
+        if engine in ("tiles-process", "tiles-workers"):  # loopback: a process-mode choice
+            job_options = dataclasses.replace(job_options, python_mode="process")
 
         def run(offsets: dict[str, dict[int, int]]) -> float:
             if engine != "tiles-workers":
@@ -347,10 +347,11 @@ def main() -> None:
     )
     engine_names = ("tiles", "tiles-java", "events")
     parser.add_argument("--live-engine", default="tiles-java", choices=engine_names)
-    # The engine of the tile variants (tiles-p2, -thread, -workers, -hot, -30d, -few, -cluster).
+    # The engine of the tile variants (tiles-p2, -process, -workers, -hot, -30d, -few, -cluster).
     parser.add_argument("--tile-engine", default="tiles-java", choices=engine_names[:2])
     parser.add_argument("--parallelism", type=int, default=1)
-    parser.add_argument("--python-mode", default="process", choices=("process", "thread"))
+    # Default: settings.flink_python_mode (thread).
+    parser.add_argument("--python-mode", default=None, choices=("process", "thread"))
     # Throughput against freshness: longer bundles and watermark intervals mean fewer Python
     # round trips per event, and rows that wait longer (the freshness run keeps the defaults).
     parser.add_argument("--bundle-ms", type=int, default=JobOptions.bundle_time_ms)
@@ -418,7 +419,8 @@ def report(
         f"throughput: {args.events:,} events{' (half on one hot key)' if args.hot_key else ''} "
         f"(marginal over the first {args.small:.0%}; the median of {args.rounds} rounds), "
         f"parallelism {args.parallelism}, bundles {args.bundle_ms} ms, watermarks every "
-        f"{args.watermark_ms} ms, Python {args.python_mode} mode, {os.cpu_count()} cores, "
+        f"{args.watermark_ms} ms, Python {args.python_mode or Settings().flink_python_mode} "
+        f"mode, {os.cpu_count()} cores, "
         f"load average at the end {load}, bench {seconds:.0f} s"
     )
     base = results["baseline"].rate if "baseline" in results else 0.0
@@ -438,7 +440,7 @@ def report(
     on = args.tile_engine  # what the tile variants run
     pairs = (
         ("tiles-p2", on, "parallelism 2 / 1"),
-        ("tiles-thread", on, "thread / process mode"),
+        ("tiles-process", on, "process / thread mode"),
         ("tiles-workers", on, "own worker processes / loopback"),
         ("tiles-hot", on, "hot key / uniform keys"),
         ("tiles-live", on, f"{args.density:,.0f} events per event-time second / the replay"),

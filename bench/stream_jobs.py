@@ -320,7 +320,8 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
     run_id = uuid.uuid4().hex[:12]
     ctx = JobContext(settings, run_id)
     conf = Configuration()
-    options = JobOptions(parallelism=parallelism)
+    # PyFlink's default mode: the reference (a parse-only job as PyFlink runs it).
+    options = JobOptions(parallelism=parallelism, python_mode="process")
     base = settings.state_dir / "flink" / "bench-baseline"
     for key, value in flink_configuration(
         base, "bench-baseline", options, bounded=True, restore_from=None

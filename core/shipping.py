@@ -29,6 +29,23 @@ def _code_roots() -> list[Path]:
     ]
 
 
+def import_roots(modules: tuple[str, ...] = ()) -> list[Path]:
+    """The folders a Python interpreter needs on sys.path to import the job's code here: the
+    checkout's root, and where each of ``modules`` (a definitions module, a package or a plain
+    module) is found. For an interpreter that does not run this venv's .pth files (PyFlink's
+    thread mode embeds one in the JVM), so an editable install alone does not reach it."""
+    roots = [Path(__file__).resolve().parents[1]]
+    for name in modules:
+        spec = importlib.util.find_spec(name.split(".")[0])
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            roots.append(Path(next(iter(spec.submodule_search_locations))).parent)
+        elif spec.origin:
+            roots.append(Path(spec.origin).parent)
+    return list(dict.fromkeys(r.resolve() for r in roots))
+
+
 def code_archive(directory: Path, extra_packages: tuple[str, ...] = ()) -> Path:
     """A zip of the job's Python code, named by its content's hash (made once per content)."""
     roots = _code_roots()

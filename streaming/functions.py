@@ -10,7 +10,8 @@ functions no "bundle finished" callback. It does read every registered gauge whe
 finishes (Operation.finish -> _update_gauge), synchronously and before reporting the bundle
 done; a gauge is therefore the hook where the writers flush. An exception there fails the
 bundle, and Flink restarts from the last checkpoint: nothing is acknowledged that was not
-written.
+written. Thread mode has no bundles of its own: streaming/python_operators.py gives it the
+same bundle ends (streaming/bundle_ends.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 from core.kafka import CountingProducer
 from core.stream_stats import PrepareCounts, StageCounts, WindowCounts
 from features.validation import Rejection, RejectReason
-from streaming import fast_rows
+from streaming import bundle_ends, fast_rows
 from streaming.compile import SOURCE_COLUMNS, CompiledView, check_event_engine
+from streaming.errors import StreamJobError
 from streaming.prepare import EventPreparer, Filtered
 from streaming.sinks import DeadLetters, JobContext, RowPublisher, StatsReporter, now_ms
 from streaming.windows import Added, Memo, Queues, State, WindowEngine, new_state
@@ -32,8 +34,19 @@ KEY, VALUE, PARTITION, OFFSET, HEARTBEAT = range(len(SOURCE_COLUMNS))
 
 
 def on_bundle_end(runtime_context: Any, name: str, callback: Callable[[], int]) -> None:
-    """Call ``callback`` at the end of every bundle (see the module docstring for why a gauge)."""
-    runtime_context.get_metrics_group().gauge(name, callback)
+    """Call ``callback`` at the end of every bundle: in process mode a gauge (see the module
+    docstring for why), in thread mode by the operator (streaming/bundle_ends.py)."""
+    token = runtime_context.get_job_parameter(bundle_ends.TOKEN, None)
+    if token is not None:
+        bundle_ends.register(token, callback)
+    elif ".embedded." in type(runtime_context).__module__:
+        # PyFlink's own thread-mode operator: nothing would ever call the flush.
+        raise StreamJobError(
+            f"{name}: a Python function runs in thread mode outside sluice's operators "
+            "(build it with streaming.python_operators.process)"
+        )
+    else:
+        runtime_context.get_metrics_group().gauge(name, callback)
 
 
 def subtask_index(runtime_context: Any) -> int:

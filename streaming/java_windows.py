@@ -49,18 +49,17 @@ def java_windows(keyed: Any, compiled: CompiledView, settings: Settings) -> Any:
     from pyflink.java_gateway import get_gateway
 
     from streaming.job import key_by_shard
+    from streaming.udf import construct, jar_loader
 
     gateway = get_gateway()
     jvm = gateway.jvm
-    # The classes are in the job's jar of streaming/java (pipeline.jars): the job's class
-    # loader sees them, py4j's gateway.jvm does not.
-    loader = jvm.Thread.currentThread().getContextClassLoader()
+    loader = jar_loader()
     j_keyed = keyed._j_data_stream
     row_type = j_keyed.getType()
     arity = row_type.getTypeAt(1).getArity()
     windows_class = loader.loadClass("sluice.TileWindows")
     text = jvm.java.lang.String._java_lang_class
-    function = _construct(
+    function = construct(
         windows_class, (text, window_plan(compiled)), (jvm.java.lang.Integer.TYPE, arity)
     )
     windows = (
@@ -69,7 +68,7 @@ def java_windows(keyed: Any, compiled: CompiledView, settings: Settings) -> Any:
         .uid(f"windows-java-{compiled.name}")
     )
     tag = windows_class.getField("FEATURE_ROWS").get(None)
-    records = _construct(
+    records = construct(
         loader.loadClass("sluice.FeatureRowRecords"),
         (text, features_topic(compiled.name)),
     )
@@ -89,16 +88,3 @@ def java_windows(keyed: Any, compiled: CompiledView, settings: Settings) -> Any:
         f"features-{compiled.name}"
     )
     return key_by_shard(DataStream(windows))
-
-
-def _construct(java_class: Any, *arguments: tuple[Any, Any]) -> Any:
-    """new java_class(arguments...) through reflection; each argument: (its Java class, value)."""
-    from pyflink.java_gateway import get_gateway
-
-    gateway = get_gateway()
-    lang = gateway.jvm.java.lang
-    types = gateway.new_array(lang.Class, len(arguments))
-    values = gateway.new_array(lang.Object, len(arguments))
-    for i, (java_type, value) in enumerate(arguments):
-        types[i], values[i] = java_type, value
-    return java_class.getConstructor(types).newInstance(values)

@@ -14,8 +14,8 @@ operator forwards it at its bundle's end (at most bundle_time_ms), the timer fir
 are written at the end of that bundle. So a row is readable about allowed_lateness + (up to one
 heartbeat interval when quiet) + 3 x 100 ms after E: 2 s + ~1.5 s against a lateness of 5 s by
 default (measured: tests/integration/test_stream_on_time.py).
-Python operators run in PyFlink's process mode: thread mode (PEMJA) loses the bundle-end
-flush that makes the writers at least once (JobOptions.python_mode).
+Python operators run in PyFlink's thread mode by default (settings.flink_python_mode), with the
+bundle ends of streaming/python_operators.py that keep the writers at least once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from core.shipping import code_archive
+from core.shipping import code_archive, import_roots
 from core.uris import JvmAccess, S3Options, StorageUri, filesystem, parse
-from streaming import tile_state
+from streaming import python_operators, tile_state
 from streaming import tiles as tile_sql
 from streaming.compile import CompiledView, source_query, source_table_sql
 from streaming.errors import StreamJobError
@@ -77,22 +78,13 @@ class JobOptions:
     # cannot run exactly runs per event.
     # None: settings.stream_engine (streaming.runner.run resolves it).
     engine: str | None = None
-    # PyFlink's python.execution-mode: "process" (Beam workers; the default and the only mode
-    # for real runs) or "thread" (PEMJA: the interpreter embedded in the TaskManager's JVM;
-    # the venv's site-packages go on its python.pythonpath). Thread mode is for measuring
-    # only (bench.stream --python-mode thread): it has no bundles, and the writers' flush hook
-    # (functions.on_bundle_end, a gauge PyFlink reads when a bundle finishes, before a
-    # checkpoint barrier passes) becomes a Java gauge that only metric reporters read, from
-    # their own thread and never before a barrier. Rows, dead letters and statistics would
-    # then wait in the writers' buffers until the operator closes and a checkpoint could
-    # complete before they were written: not at least once, and not fresh. Re-checked in
-    # Flink 2.0.0's bytecode: AbstractPythonFunctionOperator.prepareSnapshotPreBarrier calls
-    # invokeFinishBundle, which AbstractEmbeddedPythonFunctionOperator (thread mode) leaves
-    # empty. Thread mode is faster for tiles-java (1M events, 2026-12-07: 15.6-17.6 us CPU per
-    # event against 30-37 in process mode, the difference nearly all in the JVM, though the
-    # Python function sees few rows); what it would take: an operator of its own whose
-    # invokeFinishBundle calls the function's flush.
-    python_mode: str = "process"
+    # PyFlink's python.execution-mode: "thread" (PEMJA: the interpreter embedded in the
+    # TaskManager's JVM; the venv's site-packages go on its python.pythonpath) or "process"
+    # (Beam workers). Both are at least once: Python functions run in
+    # streaming/python_operators.py's operators, which in thread mode end a bundle before
+    # every checkpoint barrier (Flink 2.0's own embedded operators never do). None:
+    # settings.flink_python_mode (streaming.runner.run resolves it).
+    python_mode: str | None = None
     # Where a remote job's code archive (python.files) is built; None: a temporary folder.
     code_dir: Path | None = None
     # Packages shipped beside the checkout's own (the definitions module's, when elsewhere).
@@ -109,14 +101,20 @@ def uses_tiles(compiled: CompiledView, options: JobOptions) -> bool:
     return options.engine in TILE_ENGINES and tile_support(compiled) is None
 
 
-def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = None) -> StorageUri:
-    """Checkpoints and savepoints of one set of view definitions (and engine, None: the
-    settings') live here: under settings.flink_checkpoint_dir (a URI the cluster shares) or
-    <state_dir>/flink.
+def job_dir(
+    settings: Settings,
+    views: list[CompiledView],
+    engine: str | None = None,
+    python_mode: str | None = None,
+) -> StorageUri:
+    """Checkpoints and savepoints of one set of view definitions (and engine and Python mode,
+    None: the settings') live here: under settings.flink_checkpoint_dir (a URI the cluster
+    shares) or <state_dir>/flink.
 
     The directory names a hash of the definitions: tiles in a snapshot are laid out for the
     definitions that wrote them, so a changed view starts afresh (from the earliest offsets)
-    instead of restoring state it would misread. So does a change of engine (their state differs).
+    instead of restoring state it would misread. So does a change of engine (their state differs),
+    and one to thread mode (its Python state has other serializers than process mode's).
     """
     definitions = b"".join(
         c.view.model_dump_json().encode() for c in sorted(views, key=lambda c: c.name)
@@ -126,6 +124,8 @@ def job_dir(settings: Settings, views: list[CompiledView], engine: str | None = 
         definitions += f"engine={engine}".encode()
     if engine in TILE_ENGINES:  # and the layout of its query's plan
         definitions += f"/plan={tile_sql.PLAN_VERSION}/shards={tile_state.SHARDS}".encode()
+    if (python_mode or settings.flink_python_mode) == "thread":  # process: as before it existed
+        definitions += b"/python=thread"
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     root = parse(
         settings.flink_checkpoint_dir or settings.state_dir / "flink", "flink_checkpoint_dir"
@@ -200,13 +200,19 @@ def flink_configuration(
         "restart-strategy.fixed-delay.attempts": str(options.restart_attempts),
         "restart-strategy.fixed-delay.delay": "5 s",
     }
-    if options.python_mode not in ("process", "thread"):
+    if options.python_mode not in (None, "process", "thread"):
         raise StreamJobError(f"python_mode {options.python_mode!r} is not process or thread")
-    conf["python.execution-mode"] = options.python_mode
+    if options.python_mode is not None:  # None: PyFlink's default (process)
+        conf["python.execution-mode"] = options.python_mode
     if options.python_mode == "thread":
         import sysconfig
 
-        conf["python.pythonpath"] = sysconfig.get_paths()["purelib"]
+        # The interpreter embedded in the JVM reads no .pth file: the venv's packages, and
+        # (local runs) the job's own code by path; a cluster's comes in python.files below.
+        roots = [] if options.jobmanager else import_roots(options.ship_packages)
+        conf["python.pythonpath"] = os.pathsep.join(
+            [sysconfig.get_paths()["purelib"], *map(str, roots)]
+        )
     if restore_from is not None:
         conf["execution.state-recovery.path"] = jvm.for_flink(restore_from)
     if options.jobmanager:
@@ -247,13 +253,17 @@ def build_job(
     name = job_name(views)
     conf = Configuration()
     bounded = stop_offsets is not None
-    base = job_dir(settings, views, options.engine)
+    if options.python_mode is None:
+        options = dataclasses.replace(options, python_mode=settings.flink_python_mode)
+    base = job_dir(settings, views, options.engine, options.python_mode)
     if options.jobmanager and options.code_dir is None:
         options = dataclasses.replace(
             options,
             code_dir=settings.state_dir / "flink",
             ship_packages=(settings.definitions_module,),
         )
+    elif not options.ship_packages:  # thread mode's interpreter imports it by path
+        options = dataclasses.replace(options, ship_packages=(settings.definitions_module,))
     for key, value in flink_configuration(
         base,
         name,
@@ -264,7 +274,7 @@ def build_job(
     ).items():
         conf.set_string(key, value)
     tiles = any(uses_tiles(c, options) for c in views)
-    if tiles:
+    if tiles or options.python_mode == "thread":  # the thread-mode operators are in it too
         from streaming.udf import udf_jar
 
         # Beside the Python runtime jar a session cluster needs (flink_configuration).
@@ -317,13 +327,12 @@ def build_job(
         records = t_env.to_data_stream(t_env.sql_query(source_query(table)))
         # uids keep state assignable to operators across restarts from a checkpoint.
         events = (
-            records.process(prepare, output_type=Types.PICKLED_BYTE_ARRAY())
+            python_operators.process(records, prepare, Types.PICKLED_BYTE_ARRAY())
             .name(f"prepare {compiled.name}")
             .uid(f"prepare-{compiled.name}")
         )
         (
-            events.key_by(_entity_of, key_type=Types.STRING())
-            .process(windows)
+            python_operators.process(events.key_by(_entity_of, key_type=Types.STRING()), windows)
             .name(f"windows {compiled.name}")
             .uid(f"windows-{compiled.name}")
         )
@@ -347,7 +356,7 @@ def _tile_pipeline(
 
         keyed = java_windows(keyed, compiled, ctx.settings)
     (
-        keyed.process(tile_function(compiled, ctx, java_windows=java))
+        python_operators.process(keyed, tile_function(compiled, ctx, java_windows=java))
         .name(f"tiles {compiled.name}")
         .uid(f"tiles-{compiled.name}")
     )

@@ -53,6 +53,8 @@ def run(
     options = options or JobOptions()
     if options.engine is None:
         options = dataclasses.replace(options, engine=settings.stream_engine)
+    if options.python_mode is None:
+        options = dataclasses.replace(options, python_mode=settings.flink_python_mode)
     compiled = [compile_view(v) for v in views]
     if not compiled:
         raise StreamJobError("no views to run")
@@ -67,7 +69,8 @@ def run(
     name = job_name(compiled)
     restore_from = (
         latest_snapshot(
-            job_dir(settings, compiled, options.engine), S3Options.from_settings(settings)
+            job_dir(settings, compiled, options.engine, options.python_mode),
+            S3Options.from_settings(settings),
         )
         if restore and not bounded
         else None
@@ -100,7 +103,7 @@ def run(
             interrupted,
             should_stop,
             savepoint_dir=jvm.for_flink(
-                job_dir(settings, compiled, options.engine).join("savepoints")
+                job_dir(settings, compiled, options.engine, options.python_mode).join("savepoints")
             ),
         )
         # Operators send their final counts as they close; wait for them a little.

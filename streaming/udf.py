@@ -8,11 +8,13 @@ job ships it with ``pipeline.jars`` and registers each function by name (FUNCTIO
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from streaming.errors import StreamJobError
 
@@ -48,10 +50,13 @@ def udf_jar(state_dir: Path) -> Path:
         )
     import pyflink
 
-    flink_lib = Path(pyflink.__file__).resolve().parent / "lib"
+    flink = Path(pyflink.__file__).resolve().parent
+    # PyFlink's jars, and its Python runtime's (the thread-mode operators extend its classes).
+    runtime = sorted(str(j) for j in (flink / "opt").glob("flink-python-*.jar"))
+    classpath = os.pathsep.join([f"{flink / 'lib'}/*", *runtime])
     jar.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as build:
-        command = [javac, "-nowarn", "-d", build, "-cp", f"{flink_lib}/*", *map(str, sources)]
+        command = [javac, "-nowarn", "-d", build, "-cp", classpath, *map(str, sources)]
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
         )
@@ -63,3 +68,24 @@ def udf_jar(state_dir: Path) -> Path:
                 archive.write(path, path.relative_to(build).as_posix())
         partial.replace(jar)  # whole or absent, also with concurrent jobs
     return jar
+
+
+def jar_loader() -> Any:
+    """The class loader that sees the jar's classes once the job's environment exists (its
+    pipeline.jars): the gateway thread's context loader; py4j's gateway.jvm does not."""
+    from pyflink.java_gateway import get_gateway
+
+    return get_gateway().jvm.Thread.currentThread().getContextClassLoader()
+
+
+def construct(java_class: Any, *arguments: tuple[Any, Any]) -> Any:
+    """new java_class(arguments...) through reflection; each argument: (its Java class, value)."""
+    from pyflink.java_gateway import get_gateway
+
+    gateway = get_gateway()
+    lang = gateway.jvm.java.lang
+    types = gateway.new_array(lang.Class, len(arguments))
+    values = gateway.new_array(lang.Object, len(arguments))
+    for i, (java_type, value) in enumerate(arguments):
+        types[i], values[i] = java_type, value
+    return java_class.getConstructor(types).newInstance(values)

@@ -186,6 +186,7 @@ def test_snapshots_of_the_two_engines_live_apart(
     from streaming.job import job_dir
 
     monkeypatch.delenv("SLUICE_STREAM_ENGINE", raising=False)
+    monkeypatch.delenv("SLUICE_FLINK_PYTHON_MODE", raising=False)
     settings = load_settings(state_dir=tmp_path)
     compiled = [compile_view(v) for v in STREAM_VIEWS]
     assert settings.stream_engine == "tiles-java"  # the default
@@ -194,6 +195,13 @@ def test_snapshots_of_the_two_engines_live_apart(
     assert job_dir(settings, compiled, "tiles") != job_dir(settings, compiled, "tiles-java")
     events = load_settings(state_dir=tmp_path, stream_engine="events")
     assert job_dir(events, compiled) == job_dir(settings, compiled, "events")
+    # Python state has other serializers in thread mode: a snapshot of its own.
+    assert job_dir(settings, compiled) == job_dir(settings, compiled, python_mode="thread")
+    process = job_dir(settings, compiled, python_mode="process")
+    assert process != job_dir(settings, compiled)
+    assert process == job_dir(
+        load_settings(state_dir=tmp_path, flink_python_mode="process"), compiled
+    )
 
 
 def test_a_new_tile_plan_starts_in_a_snapshot_directory_of_its_own(
