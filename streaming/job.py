@@ -124,7 +124,8 @@ def job_dir(
         definitions += f"engine={engine}".encode()
     if engine in TILE_ENGINES:  # and the layout of its query's plan
         definitions += f"/plan={tile_sql.PLAN_VERSION}/shards={tile_state.SHARDS}".encode()
-    if (python_mode or settings.flink_python_mode) == "thread":  # process: as before it existed
+    # A process-mode job keeps the directory it had before the setting existed.
+    if (python_mode or settings.flink_python_mode) == "thread":
         definitions += b"/python=thread"
     digest = hashlib.sha256(definitions).hexdigest()[:12]
     root = parse(
