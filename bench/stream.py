@@ -10,7 +10,9 @@ Starts its own broker and Redis on free loopback ports, then measures:
        tiles     the tile engine (streaming/tiles.py: SQL per event, Python per tile);
        events    the per-event engine (--engines events,...; slow, off by default);
        baseline  a PyFlink job with the same Kafka source whose Python function only parses
-                 each event: the cost of getting events into Python at all;
+                 each event: the cost of getting events into Python at all (PyFlink's
+                 default process mode, the issue's reference; baseline-thread: the same job
+                 in thread mode, off by default);
        ceiling   a Flink SQL job that reads and decodes the same columns into a blackhole
                  sink, no Python: the Java ceiling.
        tiles-sql the tile engine's query alone into a blackhole (no Python): what its SQL
@@ -143,6 +145,7 @@ ENGINES = {
     "tiles": "the tile engine (SQL per event, Python per tile)",
     "events": "the per-event engine",
     "baseline": "PyFlink job that only parses each event",
+    "baseline-thread": "the same parse-only job in PyFlink's thread mode (PEMJA)",
     "ceiling": "Flink SQL that only reads and decodes (the Java ceiling)",
     "tiles-sql": "the tile engine's SQL alone, into a blackhole (no Python)",
     "tiles-java": "the tile engine, windows assembled in the JVM (Python per row written online)",
@@ -249,8 +252,9 @@ def _job(engine: str, settings: Settings, options: JobOptions, found: Measured) 
         return run
     if engine == "tiles-sql":
         return lambda o: tiles_sql(settings, o, options)
-    if engine == "baseline":
-        return lambda o: baseline(settings, o, options.parallelism)
+    if engine in ("baseline", "baseline-thread"):
+        mode = "thread" if engine == "baseline-thread" else "process"
+        return lambda o: baseline(settings, o, options.parallelism, mode)
     if engine == "ceiling":
         return lambda o: ceiling(settings, o, options.parallelism)
     raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
@@ -441,6 +445,7 @@ def report(
     pairs = (
         ("tiles-p2", on, "parallelism 2 / 1"),
         ("tiles-process", on, "process / thread mode"),
+        ("baseline-thread", "baseline", "parse-only baseline, thread / process mode"),
         ("tiles-workers", on, "own worker processes / loopback"),
         ("tiles-hot", on, "hot key / uniform keys"),
         ("tiles-live", on, f"{args.density:,.0f} events per event-time second / the replay"),

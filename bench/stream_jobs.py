@@ -310,8 +310,11 @@ def tiles_sql(settings: Settings, stop: dict[str, dict[int, int]], options: JobO
     return time.monotonic() - started
 
 
-def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: int) -> float:
-    """Wall seconds of the same source into a Python function that only parses each event."""
+def baseline(
+    settings: Settings, stop: dict[str, dict[int, int]], parallelism: int, python_mode: str
+) -> float:
+    """Wall seconds of the same source into a Python function that only parses each event;
+    ``python_mode`` "process" (PyFlink's default: the issue's reference) or "thread"."""
     from pyflink.common import Configuration
     from pyflink.datastream import ProcessFunction, StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
@@ -320,8 +323,7 @@ def baseline(settings: Settings, stop: dict[str, dict[int, int]], parallelism: i
     run_id = uuid.uuid4().hex[:12]
     ctx = JobContext(settings, run_id)
     conf = Configuration()
-    # PyFlink's default mode: the issue's reference (a parse-only job as PyFlink runs it).
-    options = JobOptions(parallelism=parallelism, python_mode="process")
+    options = JobOptions(parallelism=parallelism, python_mode=python_mode)
     base = settings.state_dir / "flink" / "bench-baseline"
     for key, value in flink_configuration(
         base, "bench-baseline", options, bounded=True, restore_from=None
