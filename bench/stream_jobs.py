@@ -19,6 +19,7 @@ from examples.delivery.features import restaurant_orders, zone_couriers
 from examples.delivery.sources import COURIER_PINGS, ORDERS
 from features.definitions import FeatureView, Window
 from streaming.compile import CompiledView, compile_view, source_table_sql
+from streaming.functions import subtask_index
 from streaming.job import JobOptions, flink_configuration
 from streaming.monitor import StatsBoard
 from streaming.sinks import JobContext, StatsReporter, now_ms
@@ -344,7 +345,7 @@ def baseline(
             self.loads = orjson.loads
             self.counts = PrepareCounts()
             self.producer = CountingProducer(settings)
-            index = runtime_context.get_index_of_this_subtask()
+            index = subtask_index(runtime_context)  # also in thread mode
             self.stats = StatsReporter(self.producer, ctx, self.view, index)
 
         def process_element(self, row: Any, context: Any) -> None:
