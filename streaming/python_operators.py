@@ -17,7 +17,6 @@ from typing import Any
 from streaming.errors import StreamJobError
 
 THREAD = "thread"
-PROCESS = "process"
 
 
 def execution_mode(stream: Any) -> str:

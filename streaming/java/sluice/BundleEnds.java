@@ -40,7 +40,7 @@ final class BundleEnds {
     return withToken;
   }
 
-  /** After the interpreter opened the operation: the registry's functions in its globals. */
+  /** After the interpreter opened the operation: the registry module in its globals. */
   void opened(PythonInterpreter interpreter) {
     interpreter.exec("import streaming.bundle_ends as " + REGISTRY);
   }
